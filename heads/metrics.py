@@ -1,0 +1,106 @@
+"""Challenge metrics: UAR for TYPE, CCC and Pearson's r for the regression tasks.
+
+Computed as the challenge computes them (`avb-format.md`): CCC with population (1/N) moments per column, then
+the plain mean over a task's columns; UAR as the mean recall over the classes that occur in the ground truth.
+Everything is computed in float64 so a score does not depend on the dtype a model produced.
+
+Label convention used across the project: `labels[task]` is a float array of shape [N, task.label_dim] with
+NaN where unknown; for TYPE it holds the class index. Predictions: `preds[task]` is [N, k] for regression
+tasks and, for TYPE, either class indices [N] / [N, 1] or scores [N, n_classes] (probabilities or logits;
+the arg-max is taken).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from heads.tasks import TASKS, Task
+
+EPS = 1e-12  # keeps CCC/Pearson finite when both inputs are constant
+
+
+def _as_columns(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x[:, None] if x.ndim == 1 else x
+
+
+def ccc_per_column(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """Concordance correlation coefficient of each column, population moments (1/N)."""
+    t, p = _as_columns(y_true), _as_columns(y_pred)
+    if t.shape != p.shape:
+        raise ValueError(f"CCC needs equal shapes, got labels {t.shape} and predictions {p.shape}")
+    mt, mp = t.mean(0), p.mean(0)
+    vt, vp = t.var(0), p.var(0)
+    cov = ((t - mt) * (p - mp)).mean(0)
+    return 2.0 * cov / (vt + vp + (mt - mp) ** 2 + EPS)
+
+
+def pearson_per_column(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """Pearson's r of each column; 0 where either side is constant (r is undefined there)."""
+    t, p = _as_columns(y_true), _as_columns(y_pred)
+    if t.shape != p.shape:
+        raise ValueError(f"Pearson needs equal shapes, got labels {t.shape} and predictions {p.shape}")
+    tc, pc = t - t.mean(0), p - p.mean(0)
+    denom = np.sqrt((tc**2).sum(0) * (pc**2).sum(0))
+    return np.where(denom > EPS, (tc * pc).sum(0) / np.maximum(denom, EPS), 0.0)
+
+
+def uar(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Unweighted average recall over the classes present in `y_true` (the challenge's definition).
+
+    Equals sklearn's macro recall whenever every predicted class also occurs in the ground truth; unlike
+    sklearn it does not count a class that is only predicted as a zero-recall class.
+    """
+    t = np.asarray(y_true).astype(np.int64).ravel()
+    p = np.asarray(y_pred).astype(np.int64).ravel()
+    if t.shape != p.shape:
+        raise ValueError(f"UAR needs equal lengths, got {t.shape[0]} labels and {p.shape[0]} predictions")
+    if t.size == 0:
+        raise ValueError("UAR of an empty set is undefined")
+    recalls = [float(np.mean(p[t == c] == c)) for c in np.unique(t)]
+    return float(np.mean(recalls))
+
+
+def type_indices(pred: np.ndarray) -> np.ndarray:
+    """Class indices from TYPE predictions given as indices ([N] or [N, 1]) or class scores ([N, C])."""
+    pred = np.asarray(pred)
+    if pred.ndim == 2 and pred.shape[1] > 1:
+        return pred.argmax(1)
+    return pred.reshape(-1).astype(np.int64)
+
+
+def labelled_rows(task: Task, labels: np.ndarray) -> np.ndarray:
+    """Boolean mask of rows whose labels for `task` are all known."""
+    labels = _as_columns(labels)
+    return ~np.isnan(labels).any(axis=1)
+
+
+def score_task(task: Task, labels: np.ndarray, preds: np.ndarray) -> dict[str, float]:
+    """The challenge metrics of one task, on the rows whose labels are known.
+
+    Returns {"type_uar"} for TYPE and {"<task>_ccc", "<task>_pearson"} for the regression tasks.
+    """
+    keep = labelled_rows(task, labels)
+    if not keep.any():
+        raise ValueError(f"no labelled rows to score {task.title} on")
+    y = _as_columns(labels)[keep]
+    if task.is_classification:
+        return {"type_uar": uar(y[:, 0], type_indices(np.asarray(preds)[keep]))}
+    p = _as_columns(preds)[keep]
+    return {
+        f"{task.name}_ccc": float(ccc_per_column(y, p).mean()),
+        f"{task.name}_pearson": float(pearson_per_column(y, p).mean()),
+    }
+
+
+def score_all(labels: Mapping[str, np.ndarray], preds: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Scores of every task present in `preds`, plus `mean` of the headline scores when all four are there."""
+    out: dict[str, float] = {}
+    for name in TASKS:
+        if name in preds:
+            out.update(score_task(TASKS[name], labels[name], preds[name]))
+    headline = [out[k] for k in ("type_uar", "two_ccc", "high_ccc", "culture_ccc") if k in out]
+    if len(headline) == len(TASKS):
+        out["mean"] = float(np.mean(headline))
+    return out

@@ -1,0 +1,183 @@
+"""The official submission CSV format, written and read in one place.
+
+One file per task, `A-VB-<High|Two|Culture|Type>_<team>_<n>.csv`: `File_ID` with square brackets, then the
+task's columns in the official order (TYPE: `Voc_Type` holding the class name), one row per clip, sorted by
+File_ID. Runs additionally write TYPE class probabilities (`type_probs.csv`, File_ID then one column per
+class), which ensembles average.
+
+Ids are kept without brackets inside the project ("00001"); brackets are added and removed only here.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cache.atomic import write_text_atomic
+from heads.metrics import type_indices
+from heads.tasks import TASKS, TYPE, Task
+
+PROBS_FILE = "type_probs.csv"
+
+
+def bracket_id(clip_id: str) -> str:
+    return f"[{clip_id}]"
+
+
+def strip_brackets(file_id: str, where: str = "") -> str:
+    """'[00001]' -> '00001'. Unbracketed ids are accepted as they are."""
+    text = file_id.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1].strip()
+    if not text:
+        raise ValueError(f"{where}empty File_ID")
+    return text
+
+
+def submission_name(task: Task, team: str, number: int) -> str:
+    return f"A-VB-{task.file_stem}_{team}_{number}.csv"
+
+
+def _format_value(value: float) -> str:
+    if not math.isfinite(value):
+        raise ValueError(f"refusing to write a non-finite prediction ({value})")
+    return f"{value:.9g}"
+
+
+def submission_text(task: Task, ids: Sequence[str], values: np.ndarray) -> str:
+    """The CSV text of one task's submission, rows sorted by File_ID."""
+    values = np.asarray(values)
+    if len(ids) != len(values):
+        raise ValueError(f"{task.title}: {len(ids)} ids but {len(values)} prediction rows")
+    order = sorted(range(len(ids)), key=lambda i: ids[i])
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(("File_ID",) + task.columns)
+    if task.is_classification:
+        classes = type_indices(values)
+        for i in order:
+            writer.writerow((bracket_id(ids[i]), task.classes[int(classes[i])]))
+    else:
+        if values.ndim != 2 or values.shape[1] != len(task.columns):
+            raise ValueError(f"{task.title}: expected {len(task.columns)} columns, got shape {values.shape}")
+        for i in order:
+            writer.writerow([bracket_id(ids[i])] + [_format_value(float(v)) for v in values[i]])
+    return out.getvalue()
+
+
+def write_submission(task: Task, path: str | os.PathLike, ids: Sequence[str], values: np.ndarray) -> None:
+    write_text_atomic(path, submission_text(task, ids, values))
+
+
+def write_submissions(
+    folder: str | os.PathLike, ids: Sequence[str], preds: Mapping[str, np.ndarray], team: str, number: int
+) -> list[Path]:
+    """Write the official file of every task in `preds` into `folder`; returns the paths written."""
+    paths = []
+    for name, values in preds.items():
+        task = TASKS[name]
+        path = Path(folder) / submission_name(task, team, number)
+        write_submission(task, path, ids, values)
+        paths.append(path)
+    return paths
+
+
+def write_type_probs(path: str | os.PathLike, ids: Sequence[str], probs: np.ndarray) -> None:
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.shape != (len(ids), len(TYPE.classes)):
+        raise ValueError(f"type probabilities must have shape ({len(ids)}, {len(TYPE.classes)}), got {probs.shape}")
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(("File_ID",) + TYPE.classes)
+    for i in sorted(range(len(ids)), key=lambda i: ids[i]):
+        writer.writerow([bracket_id(ids[i])] + [_format_value(v) for v in probs[i]])
+    write_text_atomic(path, out.getvalue())
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # tolerate a BOM
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a UTF-8 text file") from None
+    rows = [row for row in csv.reader(io.StringIO(text)) if row]  # csv handles CRLF
+    if not rows:
+        raise ValueError(f"{path}: empty file")
+    return [h.strip() for h in rows[0]], rows[1:]
+
+
+def detect_task(header: Sequence[str], path: Path) -> Task:
+    """The task whose submission columns are exactly `header` (after File_ID)."""
+    if not header or header[0] != "File_ID":
+        raise ValueError(f"{path}: first column must be 'File_ID', found {header[0] if header else 'nothing'!r}")
+    for task in TASKS.values():
+        if tuple(header[1:]) == task.columns:
+            return task
+    raise ValueError(
+        f"{path}: columns {', '.join(header[1:5])}{'...' if len(header) > 5 else ''} match no A-VB task "
+        "(expected the official columns in the official order)"
+    )
+
+
+def _parse_ids(rows: list[list[str]], path: Path) -> list[str]:
+    ids, seen = [], set()
+    for n, row in enumerate(rows, start=2):
+        clip = strip_brackets(row[0], where=f"{path}, row {n}: ")
+        if clip in seen:
+            raise ValueError(f"{path}, row {n}: duplicate File_ID {row[0]!r}")
+        seen.add(clip)
+        ids.append(clip)
+    return ids
+
+
+def read_submission(path: str | os.PathLike) -> tuple[Task, list[str], np.ndarray]:
+    """Read one submission CSV: (task, ids without brackets, values).
+
+    Values are float [N, k] for regression tasks and class indices [N] for TYPE. Errors name the file, the
+    row (1-based, header = row 1) and the column.
+    """
+    path = Path(path)
+    header, rows = _read_rows(path)
+    task = detect_task(header, path)
+    for n, row in enumerate(rows, start=2):
+        if len(row) != len(header):
+            raise ValueError(f"{path}, row {n}: {len(row)} cells, expected {len(header)}")
+    ids = _parse_ids(rows, path)
+    if task.is_classification:
+        values = np.empty(len(rows), dtype=np.int64)
+        for n, row in enumerate(rows, start=2):
+            name = row[1].strip()
+            if name not in task.classes:
+                raise ValueError(f"{path}, row {n}, column Voc_Type: unknown class {name!r}")
+            values[n - 2] = task.classes.index(name)
+        return task, ids, values
+    values = np.empty((len(rows), len(task.columns)), dtype=np.float64)
+    for n, row in enumerate(rows, start=2):
+        for j, cell in enumerate(row[1:]):
+            try:
+                values[n - 2, j] = float(cell)
+            except ValueError:
+                raise ValueError(f"{path}, row {n}, column {task.columns[j]}: not a number: {cell!r}") from None
+            if not math.isfinite(values[n - 2, j]):
+                raise ValueError(f"{path}, row {n}, column {task.columns[j]}: not a finite number: {cell!r}")
+    return task, ids, values
+
+
+def read_type_probs(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+    """Read a `type_probs.csv`: (ids without brackets, probabilities [N, n_classes])."""
+    path = Path(path)
+    header, rows = _read_rows(path)
+    if tuple(header) != ("File_ID",) + TYPE.classes:
+        raise ValueError(f"{path}: expected columns File_ID,{','.join(TYPE.classes)}")
+    ids = _parse_ids(rows, path)
+    try:
+        probs = np.array([[float(c) for c in row[1:]] for row in rows], dtype=np.float64)
+    except ValueError as err:
+        raise ValueError(f"{path}: non-numeric probability ({err})") from None
+    return ids, probs.reshape(len(rows), len(TYPE.classes))

@@ -1,0 +1,37 @@
+"""The task definitions carry the official column names and order (avb-format.md)."""
+import pytest
+
+from heads.tasks import COUNTRIES, EMOTIONS, TASKS, TYPE_CLASSES, get_task, parse_task_order
+
+
+def test_high_and_two_columns_are_official():
+    assert TASKS["high"].columns == (
+        "Awe", "Excitement", "Amusement", "Awkwardness", "Fear",
+        "Horror", "Distress", "Triumph", "Sadness", "Surprise",
+    )
+    assert TASKS["two"].columns == ("Valence", "Arousal")
+
+
+def test_culture_columns_have_surprise_last_and_spaces_in_countries():
+    cols = TASKS["culture"].columns
+    assert len(cols) == 40 and len(set(cols)) == 40
+    assert cols[:9] == tuple(f"China_{e}" for e in EMOTIONS[:9])
+    assert cols[9] == "United States_Awe" and cols[18] == "South Africa_Awe" and cols[27] == "Venezuela_Awe"
+    assert cols[-4:] == ("China_Surprise", "United States_Surprise", "South Africa_Surprise", "Venezuela_Surprise")
+
+
+def test_type_task():
+    task = TASKS["type"]
+    assert task.classes == ("Gasp", "Laugh", "Cry", "Scream", "Grunt", "Groan", "Pant", "Other")
+    assert task.out_dim == 8 and task.label_dim == 1 and task.columns == ("Voc_Type",)
+    assert TYPE_CLASSES == task.classes and len(COUNTRIES) == 4
+
+
+def test_task_order_is_the_papers_and_lookup_errors_are_clear():
+    assert tuple(TASKS) == ("type", "two", "high", "culture")
+    assert get_task("HIGH").name == "high"
+    with pytest.raises(ValueError, match="unknown task 'tone'; expected one of type, two, high, culture"):
+        get_task("tone")
+    assert parse_task_order("culture, high,two,type") == ("culture", "high", "two", "type")
+    with pytest.raises(ValueError, match="exactly once"):
+        parse_task_order("type,two,high,high")
