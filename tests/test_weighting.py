@@ -1,0 +1,213 @@
+"""Loss weightings against hand-computed values of the paper's eqs. 3-6."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from heads.weighting import (
+    WEIGHTINGS,
+    DRUWWeighting,
+    DWAWeighting,
+    RRUWWeighting,
+    UniformWeighting,
+    WeightingError,
+    build_weighting,
+    weighting_options,
+)
+
+torch.set_num_threads(1)
+
+
+def hand_dwa(prev: list[float], prev2: list[float], temperature: float = 2.0) -> list[float]:
+    """Eq. 3 written out: K * exp(w_k / T) / sum_j exp(w_j / T), w_k = L_k(t-1) / L_k(t-2)."""
+    e = [math.exp(a / b / temperature) for a, b in zip(prev, prev2)]
+    return [len(e) * x / sum(e) for x in e]
+
+
+def hand_rruw_regs(alphas: list[float], phi: float = 1.0) -> float:
+    return sum(math.log(1 + a * a) for a in alphas) + abs(phi - sum(abs(math.log(a)) for a in alphas))
+
+
+def set_alphas(m: RRUWWeighting, alphas: list[list[float]]) -> None:
+    with torch.no_grad():
+        m.log_alpha_sq.copy_(torch.log(torch.tensor(alphas, dtype=torch.float32) ** 2))
+
+
+def test_registry_and_build():
+    assert list(WEIGHTINGS) == ["uniform", "dwa", "rruw", "druw"]
+    assert isinstance(build_weighting("DWA", 2), DWAWeighting)
+    m = build_weighting("druw", 3, 4, temperature=5.0, phi=2.0)
+    assert isinstance(m, DRUWWeighting) and m.dwa.temperature == 5.0 and m.phi == 2.0
+    assert weighting_options("rruw") == {"phi": 1.0, "alpha_init": 1.0, "alpha_min": 1e-3, "alpha_max": 1e3}
+    assert weighting_options("dwa") == {"temperature": 2.0}
+
+
+def test_build_errors_are_clear():
+    with pytest.raises(WeightingError, match=r"^unknown loss weighting 'gradnorm'; expected one of "
+                                             r"uniform, dwa, rruw, druw$"):
+        build_weighting("gradnorm", 1)
+    with pytest.raises(WeightingError, match=r"^loss weighting 'dwa' has no option 'phi'; its options: temperature$"):
+        build_weighting("dwa", 1, phi=1.0)
+    with pytest.raises(WeightingError, match=r"^option temperature must be finite and > 0, got 0$"):
+        build_weighting("dwa", 1, temperature=0)
+    with pytest.raises(WeightingError, match=r"alpha_min <= alpha_init <= alpha_max"):
+        build_weighting("rruw", 1, alpha_init=1e-5)
+    with pytest.raises(WeightingError, match=r"^uniform weighting expects losses of shape \[2, 4\] \(runs, tasks\), "
+                                             r"got \(4,\)$"):
+        build_weighting("uniform", 2)(torch.ones(4))
+
+
+def test_uniform_sums_losses():
+    m = UniformWeighting(2)
+    losses = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.5]])
+    torch.testing.assert_close(m(losses), torch.tensor([10.0, 2.0]))
+    torch.testing.assert_close(m.weights(), torch.ones(2, 4))
+
+
+def test_dwa_first_two_epochs_are_one_then_eq3():
+    m = DWAWeighting(1)
+    losses = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    torch.testing.assert_close(m.weights(), torch.ones(1, 4))
+    torch.testing.assert_close(m(losses), torch.tensor([10.0]))
+    m.end_epoch(torch.tensor([[2.0, 2.0, 2.0, 2.0]]))          # epoch 0 done: epoch 1 still uses 1
+    torch.testing.assert_close(m.weights(), torch.ones(1, 4))
+    m.end_epoch(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))          # epoch 1 done: eq. 3 with w = (0.5, 1, 1.5, 2)
+    lam = hand_dwa([1, 2, 3, 4], [2, 2, 2, 2])
+    assert lam == pytest.approx([0.6612, 0.8490, 1.0901, 1.3997], abs=1e-3)  # the numbers worked by hand
+    torch.testing.assert_close(m.weights(), torch.tensor([lam]))
+    assert m.weights().sum().item() == pytest.approx(4.0, abs=1e-5)
+    # eq. 4: total = sum_k lambda_k L_k
+    assert m(losses).item() == pytest.approx(sum(l * x for l, x in zip(lam, [1, 2, 3, 4])), abs=1e-5)
+    assert m.weights().requires_grad is False and m.lambdas.requires_grad is False
+    m.end_epoch(torch.tensor([[1.0, 1.0, 1.0, 1.0]]))          # the ratio uses the last two epochs only
+    torch.testing.assert_close(m.weights(), torch.tensor([hand_dwa([1, 1, 1, 1], [1, 2, 3, 4])]))
+
+
+def test_dwa_temperature_and_runs_get_their_own_lambdas():
+    m = DWAWeighting(2, 3, temperature=0.5)
+    m.end_epoch(torch.tensor([[2.0, 2.0, 2.0], [1.0, 1.0, 1.0]]))
+    m.end_epoch(torch.tensor([[1.0, 2.0, 4.0], [1.0, 1.0, 1.0]]))
+    expected = torch.tensor([hand_dwa([1, 2, 4], [2, 2, 2], 0.5), [1.0, 1.0, 1.0]])
+    torch.testing.assert_close(m.weights(), expected)
+    torch.testing.assert_close(m.weights().sum(-1), torch.tensor([3.0, 3.0]))
+    losses = torch.tensor([[1.0, 1.0, 1.0], [2.0, 0.0, 1.0]])
+    torch.testing.assert_close(m(losses), torch.tensor([3.0, 3.0]))
+
+
+def test_dwa_zero_or_nonfinite_epoch_losses_stay_finite():
+    m = DWAWeighting(2)
+    m.end_epoch(torch.tensor([[0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]))
+    m.end_epoch(torch.tensor([[0.5, 1.0, 1.0, 1.0], [float("nan"), float("inf"), 1.0, 1.0]]))
+    w = m.weights()
+    assert torch.isfinite(w).all()
+    torch.testing.assert_close(w.sum(-1), torch.tensor([4.0, 4.0]))
+    assert w[0, 0] > 3.99  # 0.5 / ~0 dominates the softmax
+
+
+def test_rruw_total_matches_eq5_with_log1p_regulariser():
+    alphas = [[0.5, 1.0, 2.0, 4.0], [1.0, 1.0, 1.0, 1.0]]
+    losses = [[0.3, 0.7, 1.2, 2.0], [1.0, 2.0, 3.0, 4.0]]
+    m = RRUWWeighting(2)
+    set_alphas(m, alphas)
+    expected = [sum(l / a**2 for l, a in zip(ls, al)) + hand_rruw_regs(al) for ls, al in zip(losses, alphas)]
+    # run 0 by hand: 1.2 + 0.7 + 0.3 + 0.125 + log(1.25 * 2 * 5 * 17) + |1 - 4 log 2|
+    assert expected[0] == pytest.approx(2.325 + math.log(212.5) + 4 * math.log(2) - 1, abs=1e-12)
+    torch.testing.assert_close(m(torch.tensor(losses)), torch.tensor(expected))
+    torch.testing.assert_close(m.weights(), 1 / torch.tensor(alphas) ** 2)
+    torch.testing.assert_close(m.alphas(), torch.tensor(alphas))
+
+
+def test_rruw_phi_option():
+    m = RRUWWeighting(1, 2, phi=3.0)
+    set_alphas(m, [[2.0, 0.5]])
+    expected = 1 / 4 + 2 / 0.25 + math.log(5) + math.log(1.25) + abs(3 - 2 * math.log(2))
+    assert m(torch.tensor([[1.0, 2.0]])).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_rruw_gradient_matches_hand_derivative():
+    # d total / d s_k with s = log alpha^2: -L_k e^{-s_k} + sigmoid(s_k) + d|phi - sum|s_j/2|| / d s_k
+    alphas, losses = [0.5, 1.5, 2.0, 3.0], [0.3, 0.7, 1.2, 2.0]
+    m = RRUWWeighting(1)
+    set_alphas(m, [alphas])
+    m(torch.tensor([losses])).sum().backward()
+    s = [2 * math.log(a) for a in alphas]
+    outer = math.copysign(1.0, 1.0 - sum(abs(x) / 2 for x in s))
+    expected = [-l * math.exp(-x) + 1 / (1 + math.exp(-x)) - outer * math.copysign(0.5, x) for l, x in zip(losses, s)]
+    torch.testing.assert_close(m.log_alpha_sq.grad, torch.tensor([expected]))
+
+
+def test_rruw_larger_loss_grows_alpha():
+    m = RRUWWeighting(1, 2)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    for _ in range(5):
+        opt.zero_grad()
+        m(torch.tensor([[5.0, 0.05]])).sum().backward()
+        opt.step()
+    a = m.alphas()[0]
+    assert a[0] > 1.0 > a[1]
+    w = m.weights()[0]
+    assert w[0] < 1.0 < w[1]  # the hard (large-loss) task is down-weighted
+
+
+@pytest.mark.parametrize("s_value", [-200.0, 200.0])
+def test_rruw_extreme_alpha_is_clamped_finite_and_can_come_back(s_value):
+    m = RRUWWeighting(1, 2)
+    with torch.no_grad():
+        m.log_alpha_sq.fill_(s_value)
+    losses = torch.tensor([[1.0, 1.0]])
+    total = m(losses)
+    total.sum().backward()
+    assert torch.isfinite(total).all() and torch.isfinite(m.log_alpha_sq.grad).all()
+    bound = 1e-3 if s_value < 0 else 1e3
+    torch.testing.assert_close(m.alphas(), torch.full((1, 2), bound))
+    torch.testing.assert_close(m.weights(), torch.full((1, 2), 1 / bound**2))
+    torch.testing.assert_close(m.log_alpha_sq.detach(), torch.full((1, 2), 2 * math.log(bound)))  # projected
+    # At alpha_min a loss of 1 is weighted 1e6: the gradient pushes alpha up; at alpha_max the regulariser
+    # (~ sigmoid(s) = 1) pulls it down. The straight-through clamp lets both act.
+    grad = m.log_alpha_sq.grad
+    assert (grad < 0).all() if s_value < 0 else (grad > 0).all()
+
+
+def test_rruw_single_task_zero_loss_stays_bounded():
+    m = RRUWWeighting(1, 2)
+    opt = torch.optim.Adam(m.parameters(), lr=1.0)
+    for _ in range(50):
+        opt.zero_grad()
+        m(torch.tensor([[0.0, 1.0]])).sum().backward()
+        opt.step()
+    w = m.weights()
+    assert torch.isfinite(w).all() and w.max().item() <= 1e6 * (1 + 1e-5)
+
+
+def test_druw_total_matches_eq6():
+    m = DRUWWeighting(2)
+    m.end_epoch(torch.tensor([[2.0, 2.0, 2.0, 2.0], [1.0, 1.0, 1.0, 1.0]]))
+    # before two epochs: lambda = 1 -> weights = 1/alpha^2 + 1
+    set_alphas(m, [[0.5, 1.0, 2.0, 4.0], [1.0, 2.0, 1.0, 0.5]])
+    torch.testing.assert_close(m.weights()[1], torch.tensor([2.0, 1.25, 2.0, 5.0]))
+    m.end_epoch(torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0]]))
+    lam = [hand_dwa([1, 2, 3, 4], [2, 2, 2, 2]), [1.0, 1.0, 1.0, 1.0]]
+    alphas = [[0.5, 1.0, 2.0, 4.0], [1.0, 2.0, 1.0, 0.5]]
+    losses = [[0.3, 0.7, 1.2, 2.0], [1.0, 2.0, 3.0, 4.0]]
+    expected = [sum((1 / a**2 + lk) * l for a, lk, l in zip(al, lr, ls)) + hand_rruw_regs(al)
+                for al, lr, ls in zip(alphas, lam, losses)]
+    torch.testing.assert_close(m(torch.tensor(losses)), torch.tensor(expected))
+    expected_w = [[1 / a**2 + lk for a, lk in zip(al, lr)] for al, lr in zip(alphas, lam)]
+    torch.testing.assert_close(m.weights(), torch.tensor(expected_w))
+    assert m.weights().requires_grad is False
+
+
+def test_runs_are_independent_and_state_has_run_dim():
+    for name in WEIGHTINGS:
+        m = build_weighting(name, 3)
+        losses = torch.tensor([[0.3, 0.7, 1.2, 2.0], [1.0, 2.0, 3.0, 4.0], [0.1, 0.1, 0.1, 0.1]])
+        m.end_epoch(losses)
+        m.end_epoch(losses * torch.tensor([1.0, 0.5, 2.0, 1.0]))
+        totals = m(losses)
+        solo = build_weighting(name, 1)
+        solo.load_state_dict({k: v[1:2] for k, v in m.state_dict().items()})
+        torch.testing.assert_close(solo(losses[1:2]), totals[1:2])
+        for key, value in m.state_dict().items():
+            assert value.shape[0] == 3, (name, key)
