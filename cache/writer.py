@@ -1,0 +1,546 @@
+"""Write a feature cache (one process) and merge the per-rank shards of a distributed dump into one file.
+
+The writer buffers appended rows and writes them in blocks of `chunk_rows` into resizable datasets that
+grow in whole-chunk steps: the dump hands over a handful of clips per batch, and writing those one small
+slice at a time into 1.5 MB chunks would rewrite every chunk dozens of times. The file is written under a
+temporary name and renamed only by a successful `close()`, and `n_clips` is the last attribute written, so
+a crash never leaves something at the final path that a reader would take for a complete cache.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from cache.atomic import atomic_path
+from cache.reader import label_meta, read_attrs
+from cache.format import (
+    DTYPES, FORMAT_NAME, FORMAT_VERSION, FRAME_OFFSETS, FRAMES, IDS, LABELS, N_FRAMES, POOLED, POOLING,
+    RESERVED_ATTRS, SPLITS, SPLITS_DS, CacheError, check_name, chunk_rows_for, code_version, encode_attr,
+    frame_chunk_rows, n_frames_kept, read_ranges, read_rows,
+)
+
+# Attributes a cache needs that only the caller knows (the dump fills them from the backbone and audio config).
+CALLER_ATTRS: tuple[str, ...] = ("backbone", "sample_rate", "clip_seconds")
+# Flush the buffer early once it holds this much, so frame-level dumps do not buffer gigabytes.
+FLUSH_BYTES = 64 << 20
+# Bytes of features one merge step handles at most.
+MERGE_BLOCK_BYTES = 128 << 20
+
+
+class CacheWriter:
+    """Context manager that writes one cache file; see FORMAT.md for what ends up on disk.
+
+    Usage::
+
+        with CacheWriter(path, layer_dims={"cnn": 512, "hidden_0": 768}, label_columns={"two": ["Valence", "Arousal"]},
+                         attrs={"backbone": {...}, "sample_rate": 16000, "clip_seconds": 2.5}) as w:
+            w.append(ids, splits, labels, n_frames, pooled)
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        layer_dims: Mapping[str, int],
+        label_columns: Mapping[str, Sequence[str]],
+        attrs: Mapping[str, Any],
+        frame_layers: Sequence[str] = (),
+        frame_stride: int = 1,
+        dtype: str = "float16",
+        label_classes: Mapping[str, Sequence[str]] | None = None,
+        chunk_rows: int = 1024,
+        compression: str | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.layer_dims = _check_layer_dims(layer_dims)
+        self.label_columns = _check_label_columns(label_columns)
+        self.label_classes = _check_label_classes(label_classes or {}, self.label_columns)
+        self.frame_layers = list(frame_layers)
+        for layer in self.frame_layers:
+            if layer not in self.layer_dims:
+                raise CacheError(f"frame layer '{layer}' is not in layer_dims ({', '.join(self.layer_dims)})")
+        if len(set(self.frame_layers)) != len(self.frame_layers):
+            raise CacheError(f"frame_layers lists a layer twice: {self.frame_layers}")
+        if isinstance(frame_stride, bool) or not isinstance(frame_stride, (int, np.integer)) or frame_stride < 1:
+            raise CacheError(f"frame_stride must be an integer >= 1, got {frame_stride!r}")
+        self.frame_stride = int(frame_stride)
+        if dtype not in DTYPES:
+            raise CacheError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.dtype = np.dtype(dtype)
+        if not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
+            raise CacheError(f"chunk_rows must be an integer >= 1, got {chunk_rows!r}")
+        self.chunk_rows = int(chunk_rows)
+        self.compression = compression
+        root_attrs = self._root_attrs(attrs)
+
+        self._n = 0                 # rows written to disk
+        self._frame_n = 0           # frame rows written to disk
+        self._seen: set[str] = set()
+        self._buffer: list[dict[str, Any]] = []
+        self._buffer_rows = 0
+        self._buffer_bytes = 0
+        self._created = False
+        self._closed = False
+        self._atomic = atomic_path(self.path, suffix=".h5")
+        self._tmp = self._atomic.__enter__()
+        try:
+            # A generous chunk cache keeps a partly written chunk in memory between flushes.
+            self._h5 = h5py.File(self._tmp, "w", rdcc_nbytes=FLUSH_BYTES)
+            for key, value in root_attrs.items():
+                self._h5.attrs[key] = value
+        except BaseException as err:
+            self._abort(err)
+            raise
+
+    # ------------------------------------------------------------------ public API
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is not None:
+            self._abort(exc)
+        elif not self._closed:
+            self.close()
+        return False
+
+    @property
+    def n_clips(self) -> int:
+        """Clips appended so far (written or buffered)."""
+        return self._n + self._buffer_rows
+
+    def append(
+        self,
+        ids: Sequence[str],
+        splits: Sequence[str],
+        labels: Mapping[str, np.ndarray],
+        n_frames: np.ndarray | Sequence[int],
+        pooled: Mapping[str, np.ndarray],
+        frames: Mapping[str, Sequence[np.ndarray]] | None = None,
+    ) -> None:
+        """Add a batch of B clips. Everything is validated before anything is buffered, so a bad batch
+        raises CacheError and leaves the writer as it was."""
+        if self._closed:
+            raise CacheError(f"{self.path}: append after close")
+        block = self._validate(ids, splits, labels, n_frames, pooled, frames)
+        self._seen.update(block[IDS])
+        self._buffer.append(block)
+        self._buffer_rows += len(block[IDS])
+        self._buffer_bytes += block["nbytes"]
+        if self._buffer_rows >= self.chunk_rows or self._buffer_bytes >= FLUSH_BYTES:
+            self._flush(final=False)
+
+    def close(self) -> Path:
+        """Write what is buffered, trim the datasets, set `n_clips` and rename the file into place."""
+        if self._closed:
+            return self.path
+        try:
+            self._flush(final=True)
+            self._trim()
+            self._h5.attrs["n_clips"] = int(self._n)
+            self._h5.close()
+        except BaseException as err:
+            self._abort(err)
+            raise
+        self._closed = True
+        self._atomic.__exit__(None, None, None)
+        return self.path
+
+    def abort(self) -> None:
+        """Give up: close and delete the temporary file; nothing appears at the final path."""
+        self._abort(CacheError("aborted"))
+
+    # ------------------------------------------------------------------ internals
+    def _root_attrs(self, attrs: Mapping[str, Any]) -> dict[str, Any]:
+        for key in RESERVED_ATTRS:
+            if key in attrs:
+                raise CacheError(f"attrs may not set '{key}': the writer derives it from its own arguments")
+        for key in CALLER_ATTRS:
+            if key not in attrs:
+                raise CacheError(f"attrs lacks '{key}' (required: {', '.join(CALLER_ATTRS)})")
+        if not isinstance(attrs["backbone"], Mapping):
+            raise CacheError(f"attrs['backbone'] must be a dict, got {type(attrs['backbone']).__name__}")
+        out: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "code_version": code_version(),
+            "layers": encode_attr("layers", list(self.layer_dims)),
+            "layer_dims": encode_attr("layer_dims", self.layer_dims),
+            "pooling": POOLING,
+            "dtype": self.dtype.name,
+            "frame_layers": encode_attr("frame_layers", self.frame_layers),
+            "frame_stride": self.frame_stride,
+        }
+        for key, value in attrs.items():
+            if not isinstance(key, str) or not key:
+                raise CacheError(f"attribute names must be non-empty strings, got {key!r}")
+            out[key] = encode_attr(key, value)
+        return out
+
+    def _validate(
+        self,
+        ids: Sequence[str],
+        splits: Sequence[str],
+        labels: Mapping[str, np.ndarray],
+        n_frames: np.ndarray | Sequence[int],
+        pooled: Mapping[str, np.ndarray],
+        frames: Mapping[str, Sequence[np.ndarray]] | None,
+    ) -> dict[str, Any]:
+        ids = list(ids)
+        b = len(ids)
+        batch_seen: set[str] = set()
+        for clip_id in ids:
+            if not isinstance(clip_id, str) or not clip_id:
+                raise CacheError(f"append: ids must be non-empty strings, got {clip_id!r}")
+            if clip_id.startswith("["):
+                raise CacheError(f"append: id {clip_id!r} has brackets; the cache stores ids without them")
+            if clip_id in self._seen or clip_id in batch_seen:
+                raise CacheError(f"append: duplicate id '{clip_id}' in {self.path}")
+            batch_seen.add(clip_id)
+        splits = list(splits)
+        if len(splits) != b:
+            raise CacheError(f"append: {len(splits)} splits for {b} ids")
+        for clip_id, split in zip(ids, splits):
+            if split not in SPLITS:
+                raise CacheError(f"append: split {split!r} of id '{clip_id}' is not one of {', '.join(SPLITS)}")
+
+        nf = np.asarray(n_frames)
+        if nf.shape != (b,) or (b and not np.issubdtype(nf.dtype, np.integer)):
+            raise CacheError(f"append: n_frames must be an integer array of shape ({b},), "
+                             f"got {nf.dtype} {tuple(nf.shape)}")
+        nf = nf.astype(np.int32)
+        if b and nf.min() < 1:
+            bad = int(np.argmin(nf))
+            raise CacheError(f"append: n_frames of id '{ids[bad]}' is {int(nf[bad])}; every clip needs >= 1 valid frame")
+
+        _check_keys("labels", labels, self.label_columns)
+        label_block: dict[str, np.ndarray] = {}
+        for name, columns in self.label_columns.items():
+            arr = np.asarray(labels[name], dtype=np.float32)
+            if arr.shape != (b, len(columns)):
+                raise CacheError(f"append: labels['{name}'] has shape {tuple(arr.shape)}, expected ({b}, {len(columns)})")
+            if name in self.label_classes:
+                known = arr[~np.isnan(arr)]
+                n_cls = len(self.label_classes[name])
+                bad = (known != np.round(known)) | (known < 0) | (known >= n_cls)
+                if bad.any():
+                    raise CacheError(f"append: labels['{name}'] holds {float(known[bad][0])!r}, "
+                                     f"not a class index in 0..{n_cls - 1} (or NaN)")
+            label_block[name] = arr
+
+        _check_keys("pooled", pooled, self.layer_dims)
+        pooled_block: dict[str, np.ndarray] = {}
+        nbytes = 0
+        for layer, dim in self.layer_dims.items():
+            arr = np.asarray(pooled[layer])
+            if arr.shape != (b, dim):
+                raise CacheError(f"append: pooled['{layer}'] has shape {tuple(arr.shape)}, expected ({b}, {dim})")
+            arr = _cast_finite(arr, self.dtype, f"pooled['{layer}']", ids)
+            pooled_block[layer] = arr
+            nbytes += arr.nbytes
+
+        frame_block: dict[str, list[np.ndarray]] = {}
+        if self.frame_layers:
+            if frames is None:
+                raise CacheError(f"append: frames are required for frame layers {', '.join(self.frame_layers)}")
+            _check_keys("frames", frames, dict.fromkeys(self.frame_layers))
+            want = n_frames_kept(nf.astype(np.int64), self.frame_stride)
+            for layer in self.frame_layers:
+                clips = list(frames[layer])
+                if len(clips) != b:
+                    raise CacheError(f"append: frames['{layer}'] has {len(clips)} clips for {b} ids")
+                dim = self.layer_dims[layer]
+                cast = []
+                for i, clip in enumerate(clips):
+                    arr = np.asarray(clip)
+                    if arr.shape != (int(want[i]), dim):
+                        raise CacheError(
+                            f"append: frames['{layer}'] of id '{ids[i]}' has shape {tuple(arr.shape)}, expected "
+                            f"({int(want[i])}, {dim}) = (ceil(n_frames {int(nf[i])} / stride {self.frame_stride}), dim)")
+                    arr = _cast_finite(arr, self.dtype, f"frames['{layer}']", [ids[i]] * len(arr))
+                    cast.append(arr)
+                    nbytes += arr.nbytes
+                frame_block[layer] = cast
+        elif frames:
+            raise CacheError("append: frames given but the writer has no frame_layers")
+        return {IDS: ids, SPLITS_DS: splits, N_FRAMES: nf, LABELS: label_block, POOLED: pooled_block,
+                FRAMES: frame_block, "nbytes": nbytes}
+
+    def _create(self, final: bool) -> None:
+        """Create the datasets on the first flush; if that flush is the last, chunks fit the whole file."""
+        rows = chunk_rows_for(self._buffer_rows, self.chunk_rows) if final else self.chunk_rows
+        self.chunk_rows = rows
+        h5 = self._h5
+        text = h5py.string_dtype("utf-8")
+        h5.create_dataset(IDS, shape=(0,), maxshape=(None,), dtype=text, chunks=(rows,))
+        h5.create_dataset(SPLITS_DS, shape=(0,), maxshape=(None,), dtype=text, chunks=(rows,))
+        h5.create_dataset(N_FRAMES, shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(rows,))
+        group = h5.create_group(LABELS)
+        for name, columns in self.label_columns.items():
+            ds = group.create_dataset(name, shape=(0, len(columns)), maxshape=(None, len(columns)),
+                                      dtype=np.float32, chunks=(rows, len(columns)))
+            ds.attrs["columns"] = encode_attr("columns", list(columns))
+            if name in self.label_classes:
+                ds.attrs["classes"] = encode_attr("classes", list(self.label_classes[name]))
+        group = h5.create_group(POOLED)
+        for layer, dim in self.layer_dims.items():
+            group.create_dataset(layer, shape=(0, dim), maxshape=(None, dim), dtype=self.dtype,
+                                 chunks=(rows, dim), compression=self.compression)
+        if self.frame_layers:
+            total = sum(len(c) for blk in self._buffer for c in next(iter(blk[FRAMES].values()))) if final else None
+            group = h5.create_group(FRAMES)
+            for layer in self.frame_layers:
+                dim = self.layer_dims[layer]
+                # Byte-sized, but never much more than a block of clips (~124 frames each at stride 1).
+                frows = min(frame_chunk_rows(dim * self.dtype.itemsize, total), 128 * rows)
+                group.create_dataset(layer, shape=(0, dim), maxshape=(None, dim), dtype=self.dtype,
+                                     chunks=(frows, dim), compression=self.compression)
+            h5.create_dataset(FRAME_OFFSETS, data=np.zeros(1, np.int64), maxshape=(None,),
+                              chunks=(max(rows, 2),))
+        self._created = True
+
+    def _flush(self, final: bool) -> None:
+        if not self._created:
+            self._create(final)
+        if not self._buffer:
+            return
+        blocks, self._buffer = self._buffer, []
+        b = self._buffer_rows
+        self._buffer_rows = self._buffer_bytes = 0
+        n0, n1 = self._n, self._n + b
+        h5 = self._h5
+        _write(h5[IDS], n0, np.array([i for blk in blocks for i in blk[IDS]], dtype=object), self.chunk_rows)
+        _write(h5[SPLITS_DS], n0, np.array([s for blk in blocks for s in blk[SPLITS_DS]], dtype=object),
+               self.chunk_rows)
+        _write(h5[N_FRAMES], n0, np.concatenate([blk[N_FRAMES] for blk in blocks]), self.chunk_rows)
+        for name in self.label_columns:
+            _write(h5[LABELS][name], n0, np.concatenate([blk[LABELS][name] for blk in blocks]), self.chunk_rows)
+        for layer in self.layer_dims:
+            _write(h5[POOLED][layer], n0, np.concatenate([blk[POOLED][layer] for blk in blocks]), self.chunk_rows)
+        if self.frame_layers:
+            lengths = np.array([len(c) for blk in blocks for c in blk[FRAMES][self.frame_layers[0]]], np.int64)
+            offsets = self._frame_n + np.cumsum(lengths)
+            _write(h5[FRAME_OFFSETS], n0 + 1, offsets, self.chunk_rows)
+            for layer in self.frame_layers:
+                ds = h5[FRAMES][layer]
+                data = np.concatenate([c for blk in blocks for c in blk[FRAMES][layer]], axis=0)
+                _write(ds, self._frame_n, data, ds.chunks[0])
+            self._frame_n = int(offsets[-1]) if len(offsets) else self._frame_n
+        self._n = n1
+
+    def _trim(self) -> None:
+        """Shrink the datasets from their chunk-rounded capacity to the rows actually written."""
+        h5 = self._h5
+        per_clip = [h5[IDS], h5[SPLITS_DS], h5[N_FRAMES]] + [h5[LABELS][n] for n in self.label_columns] \
+            + [h5[POOLED][layer] for layer in self.layer_dims]
+        for ds in per_clip:
+            ds.resize(self._n, axis=0)
+        if self.frame_layers:
+            h5[FRAME_OFFSETS].resize(self._n + 1, axis=0)
+            for layer in self.frame_layers:
+                h5[FRAMES][layer].resize(self._frame_n, axis=0)
+
+    def _abort(self, err: BaseException) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            h5 = getattr(self, "_h5", None)
+            if h5 is not None and h5.id.valid:
+                h5.close()
+        finally:
+            # Hands the exception to atomic_path, whose cleanup deletes the temporary file.
+            self._atomic.__exit__(type(err), err, err.__traceback__)
+
+
+def _write(ds: h5py.Dataset, start: int, data: np.ndarray, step: int) -> None:
+    """ds[start:start+len(data)] = data, growing the dataset to the next multiple of `step` rows if needed."""
+    end = start + len(data)
+    if end > ds.shape[0]:
+        ds.resize(-(-end // step) * step, axis=0)
+    if len(data):
+        ds[start:end] = data
+
+
+def _cast_finite(arr: np.ndarray, dtype: np.dtype, what: str, ids: Sequence[str]) -> np.ndarray:
+    if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
+        raise CacheError(f"append: {what} has dtype {arr.dtype}, expected a float array")
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, with the clip id
+        out = np.ascontiguousarray(arr, dtype=dtype)
+    finite = np.isfinite(out)
+    if not finite.all():
+        row = int(np.argwhere(~finite)[0][0])
+        raise CacheError(f"append: {what} of id '{ids[row]}' is not finite after casting to {dtype} "
+                         f"(source value {arr[np.unravel_index(int(np.argmin(finite)), arr.shape)]!r})")
+    return out
+
+
+def _check_keys(what: str, given: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+    if not isinstance(given, Mapping):
+        raise CacheError(f"append: {what} must be a dict, got {type(given).__name__}")
+    missing = [k for k in expected if k not in given]
+    extra = [k for k in given if k not in expected]
+    if missing:
+        raise CacheError(f"append: {what} lacks {', '.join(repr(k) for k in missing)}")
+    if extra:
+        raise CacheError(f"append: {what} has unexpected {', '.join(repr(k) for k in extra)}")
+
+
+def _check_layer_dims(layer_dims: Mapping[str, int]) -> dict[str, int]:
+    if not layer_dims:
+        raise CacheError("layer_dims is empty: a cache needs at least one layer")
+    out = {}
+    for layer, dim in layer_dims.items():
+        check_name("layer", layer)
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise CacheError(f"layer_dims['{layer}'] must be a positive integer, got {dim!r}")
+        out[layer] = int(dim)
+    return out
+
+
+def _check_label_columns(label_columns: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    out = {}
+    for name, columns in label_columns.items():
+        check_name("label", name)
+        columns = list(columns) if not isinstance(columns, str) else [columns]
+        if not columns or not all(isinstance(c, str) and c for c in columns):
+            raise CacheError(f"label_columns['{name}'] must be a non-empty list of column names, got {columns!r}")
+        out[name] = columns
+    return out
+
+
+def _check_label_classes(label_classes: Mapping[str, Sequence[str]],
+                         label_columns: Mapping[str, list[str]]) -> dict[str, list[str]]:
+    out = {}
+    for name, classes in label_classes.items():
+        if name not in label_columns:
+            raise CacheError(f"label_classes names '{name}', which is not in label_columns")
+        if len(label_columns[name]) != 1:
+            raise CacheError(f"label '{name}' has classes, so it must have exactly one column (the class index)")
+        classes = list(classes)
+        if not classes:
+            raise CacheError(f"label_classes['{name}'] is empty")
+        out[name] = classes
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- merge
+def merge_shards(
+    shard_paths: Sequence[str | os.PathLike],
+    out_path: str | os.PathLike,
+    *,
+    order: Sequence[str] | None = None,
+    chunk_rows: int = 1024,
+    compression: str | None = None,
+) -> Path:
+    """Concatenate the caches written by the ranks of a distributed dump into one cache.
+
+    Rows end up in `order` (every id exactly once) or, by default, sorted by id, so the merged file does
+    not depend on how many ranks wrote it. Shards must agree on every attribute except `n_clips` and
+    `code_version` and on their label columns. Features are copied in blocks of at most `chunk_rows` clips
+    and MERGE_BLOCK_BYTES, so memory stays bounded whatever the size of the shards.
+    """
+    paths = [Path(p) for p in shard_paths]
+    if not paths:
+        raise CacheError("merge_shards: no shard files given")
+    attrs = [read_attrs(p) for p in paths]
+    ref = attrs[0]
+    ignore = {"n_clips", "code_version"}
+    for path, other in zip(paths[1:], attrs[1:]):
+        for key in sorted((set(ref) | set(other)) - ignore):
+            if ref.get(key) != other.get(key):
+                raise CacheError(f"{path} differs from {paths[0]} in attribute '{key}': "
+                                 f"{other.get(key)!r} vs {ref.get(key)!r}")
+
+    files = [h5py.File(p, "r") for p in paths]
+    try:
+        label_columns, label_classes = label_meta(files[0], paths[0])
+        for path, f in zip(paths[1:], files[1:]):
+            cols, classes = label_meta(f, path)
+            if cols != label_columns:
+                raise CacheError(f"{path} differs from {paths[0]} in its labels: {cols} vs {label_columns}")
+            if classes != label_classes:
+                raise CacheError(f"{path} differs from {paths[0]} in its label classes: {classes} vs {label_classes}")
+
+        ids = [f[IDS].asstr()[()] for f in files]
+        shard_of = np.concatenate([np.full(len(x), s, np.int64) for s, x in enumerate(ids)])
+        row_of = np.concatenate([np.arange(len(x), dtype=np.int64) for x in ids])
+        all_ids = [str(i) for x in ids for i in x]
+        where: dict[str, int] = {}
+        for k, clip_id in enumerate(all_ids):
+            if clip_id in where:
+                first, second = paths[shard_of[where[clip_id]]], paths[shard_of[k]]
+                place = f"twice in {first}" if first == second else f"in {first} and {second}"
+                raise CacheError(f"duplicate id '{clip_id}' {place}")
+            where[clip_id] = k
+        if order is None:
+            out_ids = sorted(all_ids)
+        else:
+            out_ids = [str(i) for i in order]
+            seen: set[str] = set()
+            for clip_id in out_ids:
+                if clip_id not in where:
+                    raise CacheError(f"order lists id '{clip_id}', which is in none of the shards")
+                if clip_id in seen:
+                    raise CacheError(f"order lists id '{clip_id}' twice")
+                seen.add(clip_id)
+            if len(out_ids) != len(all_ids):
+                missing = next(i for i in all_ids if i not in seen)
+                raise CacheError(f"order lacks id '{missing}' (and {len(all_ids) - len(out_ids) - 1} more) "
+                                 f"that the shards hold")
+        perm = np.array([where[i] for i in out_ids], dtype=np.int64)
+        src_shard, src_row = shard_of[perm], row_of[perm]
+
+        splits = [f[SPLITS_DS].asstr()[()] for f in files]
+        n_frames = [f[N_FRAMES][()] for f in files]
+        labels = {name: [f[LABELS][name][()] for f in files] for name in label_columns}
+        frame_layers = list(ref["frame_layers"])
+        offsets = [f[FRAME_OFFSETS][()] for f in files] if frame_layers else []
+
+        layer_dims = dict(ref["layer_dims"])
+        dtype = np.dtype(ref["dtype"])
+        n_total = len(out_ids)
+        per_clip = sum(layer_dims.values()) * dtype.itemsize
+        if frame_layers:
+            total_frames = sum(int(o[-1]) for o in offsets)
+            per_clip += (total_frames / max(1, n_total)) * sum(layer_dims[x] for x in frame_layers) * dtype.itemsize
+        block = int(max(1, min(chunk_rows, MERGE_BLOCK_BYTES // max(1.0, per_clip))))
+
+        extra = {k: v for k, v in ref.items() if k not in RESERVED_ATTRS}
+        writer = CacheWriter(out_path, layer_dims=layer_dims, label_columns=label_columns, attrs=extra,
+                             frame_layers=frame_layers, frame_stride=int(ref["frame_stride"]), dtype=ref["dtype"],
+                             label_classes=label_classes, chunk_rows=chunk_rows_for(n_total, chunk_rows),
+                             compression=compression)
+        with writer:
+            for b0 in range(0, n_total, block):
+                sh, rw = src_shard[b0:b0 + block], src_row[b0:b0 + block]
+                n = len(sh)
+                pooled = {layer: np.empty((n, dim), dtype) for layer, dim in layer_dims.items()}
+                frames: dict[str, list[Any]] = {layer: [None] * n for layer in frame_layers}
+                for s in np.unique(sh):
+                    sel = np.flatnonzero(sh == s)
+                    rows = rw[sel]
+                    for layer in layer_dims:
+                        pooled[layer][sel] = read_rows(files[s][POOLED][layer], rows)
+                    for layer in frame_layers:
+                        parts = read_ranges(files[s][FRAMES][layer], offsets[s][rows], offsets[s][rows + 1])
+                        for k, part in zip(sel, parts):
+                            frames[layer][k] = part
+                writer.append(
+                    ids=out_ids[b0:b0 + n],
+                    splits=[str(splits[s][r]) for s, r in zip(sh, rw)],
+                    labels={name: np.stack([labels[name][s][r] for s, r in zip(sh, rw)]).reshape(n, -1)
+                            for name in label_columns},
+                    n_frames=np.array([n_frames[s][r] for s, r in zip(sh, rw)], dtype=np.int32),
+                    pooled=pooled,
+                    frames=frames if frame_layers else None,
+                )
+        return Path(out_path)
+    finally:
+        for f in files:
+            f.close()
+
