@@ -1,0 +1,479 @@
+"""`avb ensemble`: combine trained runs into one prediction per task and write the challenge submission.
+
+Three strategies, all chosen on the validation split only (the test labels are hidden):
+
+- `combined` (the paper's Table II "combined"): per task, the single run with the best validation score of
+  that task. Its Val score per task is therefore exactly the best member's.
+- `mean`: equal-weight average of the top-k runs ranked by their overall validation `mean`.
+- `greedy`: Caruana et al. (2004) forward selection *with replacement*, done **per task**: the four tasks are
+  scored and submitted separately, so each task gets the member mix that is best for it (a selection on the
+  overall mean would trade one task against another for nothing). Starting from the empty set, each round adds
+  the run that most improves the task's validation score of the averaged prediction; it stops after `rounds`
+  steps or when no addition improves the score strictly. The first step picks the best single run, so the
+  result is never worse than the best member on Val (it can overfit Val; that is the known cost of the method).
+
+Regression outputs are averaged with the members' weights; TYPE averages class probabilities
+(`type_probs.csv`) and takes the arg-max, instead of the reference code's majority vote over labels.
+Rows are always matched by File_ID, never by position, and members must come from the same cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from cache.atomic import write_json_atomic
+from heads.metrics import score_all
+from heads.submission import (
+    PROBS_FILE, bracket_id, read_submission, read_type_probs, submission_name, write_submission,
+    write_type_probs,
+)
+from heads.tasks import HEADLINE_KEYS, METRIC_KEYS, TASK_NAMES, TASKS, TYPE
+
+STRATEGIES: tuple[str, ...] = ("combined", "mean", "greedy")
+# Cache attributes a run records in config.json that must agree for runs to be ensembled.
+CACHE_KEYS: tuple[str, ...] = ("backbone", "layers", "layer_dims")
+
+
+class EnsembleError(ValueError):
+    """A run set that cannot be ensembled; the message names the run, file or id at fault."""
+
+
+@dataclass
+class EnsembleConfig:
+    """Settings of one ensemble; defaults reproduce the paper's "combined" submission."""
+
+    strategy: str = "combined"
+    top_k: int = 5            # `mean`: how many runs (by overall val mean) to average
+    rounds: int = 20          # `greedy`: maximum forward-selection steps per task
+    team: str = "avb"
+    submission: int = 1
+    cache: str | None = None  # overrides the cache named in the runs' config.json (labels only)
+
+
+@dataclass
+class SplitPredictions:
+    """One run's predictions of one split: sorted ids and, per task, values in that id order.
+
+    TYPE holds class probabilities [N, 8]; regression tasks hold [N, k].
+    """
+
+    ids: list[str]
+    preds: dict[str, np.ndarray]
+
+    def reindexed(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        pos = {clip: i for i, clip in enumerate(self.ids)}
+        rows = np.array([pos[clip] for clip in ids], dtype=np.int64)
+        return {name: values[rows] for name, values in self.preds.items()}
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    val: SplitPredictions
+    test: SplitPredictions | None
+    scores: dict[str, float] = field(default_factory=dict)  # re-scored on the cache's Val labels
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+# --------------------------------------------------------------------------------------------- finding runs
+
+def is_run_dir(path: Path) -> bool:
+    """A run dir holds its config plus weights or predictions (an ablation dir holds only a config)."""
+    return (path / "config.json").is_file() and (
+        (path / "head.safetensors").is_file() or (path / "predictions").is_dir())
+
+
+def find_runs(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[str]]:
+    """Expand run and ablation dirs into complete run dirs; returns (runs, warnings about skipped ones).
+
+    A run without `metrics.json` is incomplete (it is written last) and is skipped with a warning.
+    """
+    runs: list[Path] = []
+    warnings: list[str] = []
+    for given in paths:
+        path = Path(given)
+        if not path.is_dir():
+            raise EnsembleError(f"{path}: not a directory")
+        if is_run_dir(path):
+            candidates = [path]
+        else:
+            candidates = sorted({p.parent for p in path.rglob("config.json") if is_run_dir(p.parent)})
+            if not candidates:
+                raise EnsembleError(f"{path}: neither a run dir nor an ablation dir with run dirs inside")
+        for run in candidates:
+            if not (run / "metrics.json").is_file():
+                warnings.append(f"skipping incomplete run {run} (no metrics.json)")
+            elif run.resolve() not in {r.resolve() for r in runs}:
+                runs.append(run)
+    return runs, warnings
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EnsembleError(f"{path}: no such file") from None
+    except json.JSONDecodeError as err:
+        raise EnsembleError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(data, dict):
+        raise EnsembleError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_split_predictions(folder: Path) -> SplitPredictions | None:
+    """Read a run's `predictions/<split>/` folder; None when it has no prediction files.
+
+    TYPE probabilities come from `type_probs.csv`; a run that only wrote the label file gets one-hot
+    probabilities, so averaging them is a majority vote (ties to the lowest class index).
+    """
+    if not folder.is_dir():
+        return None
+    preds: dict[str, np.ndarray] = {}
+    ids_of: dict[str, list[str]] = {}
+    for path in sorted(folder.glob("A-VB-*.csv")):
+        task, ids, values = read_submission(path)
+        if task.name in preds:
+            raise EnsembleError(f"{path}: a second {task.title} file in {folder}")
+        if task.is_classification:
+            values = np.eye(len(TYPE.classes))[values]
+        ids_of[task.name], preds[task.name] = ids, values
+    if (folder / PROBS_FILE).is_file():
+        ids, probs = read_type_probs(folder / PROBS_FILE)
+        ids_of["type"], preds["type"] = ids, probs
+    if not preds:
+        return None
+    names = [n for n in TASK_NAMES if n in preds]
+    ref = sorted(ids_of[names[0]])
+    for name in names:
+        ids = ids_of[name]
+        if sorted(ids) != ref:
+            missing = sorted(set(ref) - set(ids)) or sorted(set(ids) - set(ref))
+            raise EnsembleError(f"{folder}: {TASKS[name].title} predictions and {TASKS[names[0]].title} "
+                                f"predictions differ in File_ID {bracket_id(missing[0])}")
+        order = np.argsort(np.array(ids, dtype=object), kind="stable")
+        preds[name] = np.asarray(preds[name], dtype=np.float64)[order]
+    return SplitPredictions(ref, {n: preds[n] for n in names})
+
+
+def load_run(path: Path) -> Run:
+    config = _read_json(path / "config.json")
+    metrics = _read_json(path / "metrics.json")
+    val = read_split_predictions(path / "predictions" / "val")
+    if val is None:
+        raise EnsembleError(f"{path}: no Val predictions in {path / 'predictions' / 'val'}")
+    missing = [TASKS[n].title for n in TASK_NAMES if n not in val.preds]
+    if missing:
+        raise EnsembleError(f"{path}: Val predictions lack {', '.join(missing)}")
+    return Run(path, config, metrics, val, read_split_predictions(path / "predictions" / "test"))
+
+
+# ------------------------------------------------------------------------------------------- cache identity
+
+def _cache_attrs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The cache facts a run recorded: its path, backbone and layers (flat or under a "cache_attrs" key)."""
+    cache = config.get("cache")
+    nested = config.get("cache_attrs") if isinstance(config.get("cache_attrs"), dict) else {}
+    if isinstance(cache, dict):  # tolerate {"cache": {"path": ..., "backbone": ...}}
+        nested, cache = cache, cache.get("path")
+    return {
+        "path": cache,
+        "backbone": nested.get("backbone", config.get("backbone")),
+        "layers": nested.get("layers", config.get("layers")),
+        "layer_dims": nested.get("layer_dims", config.get("layer_dims")),
+    }
+
+
+def check_same_cache(runs: Sequence[Run]) -> None:
+    """Refuse runs trained on different caches: different backbones, layers or Val id sets."""
+    first = runs[0]
+    a = _cache_attrs(first.config)
+    for run in runs[1:]:
+        b = _cache_attrs(run.config)
+        for key in CACHE_KEYS:
+            if a[key] is not None and b[key] is not None and a[key] != b[key]:
+                raise EnsembleError(f"runs {first.path} and {run.path} come from different caches "
+                                    f"({key} {a[key]!r} vs {b[key]!r})")
+        if set(run.val.ids) != set(first.val.ids):
+            only = sorted(set(first.val.ids) ^ set(run.val.ids))[0]
+            raise EnsembleError(f"runs {first.path} and {run.path} come from different caches "
+                                f"(Val File_ID {bracket_id(only)} is in one and not the other)")
+
+
+def check_run_matches_cache(run: Run, attrs: Mapping[str, Any], cache_path: str | os.PathLike) -> None:
+    """Refuse a label cache (e.g. from --cache) that is not the one the runs were trained on."""
+    recorded = _cache_attrs(run.config)
+    for key in CACHE_KEYS:
+        if recorded[key] is not None and key in attrs and _plain(attrs[key]) != recorded[key]:
+            raise EnsembleError(f"run {run.path} was trained on a different cache than {cache_path} "
+                                f"({key} {recorded[key]!r} vs {_plain(attrs[key])!r})")
+
+
+def _plain(value: Any) -> Any:
+    """JSON round trip, so cache attributes compare equal to what a run stored in config.json."""
+    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+@dataclass
+class CacheLabels:
+    """What the ensemble needs from a cache: Val ids and labels, and the Test ids."""
+
+    val_ids: list[str]
+    val_labels: dict[str, np.ndarray]
+    test_ids: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def read_cache_labels(path: str | os.PathLike) -> CacheLabels:
+    """Label-only read of a feature cache (`load_cache` with no layers): Val ids and labels, Test ids."""
+    from cache.reader import load_cache  # noqa: PLC0415 - keeps `avb --help` light
+
+    if not Path(path).is_file():
+        raise EnsembleError(f"{path}: no such cache file (pass --cache to point at it)")
+    data = load_cache(path, layers=[], splits=["Val", "Test"])
+    missing = [name for name in TASK_NAMES if name not in data.labels]
+    if missing:
+        raise EnsembleError(f"{path}: the cache has no labels for {', '.join(missing)}")
+    val_rows = data.indices("Val")
+    if val_rows.size == 0:
+        raise EnsembleError(f"{path}: the cache has no Val rows to score the ensemble on")
+    order = val_rows[np.argsort(data.ids[val_rows], kind="stable")]
+    return CacheLabels(
+        val_ids=[str(i) for i in data.ids[order]],
+        val_labels={name: np.asarray(data.labels[name], dtype=np.float64)[order] for name in TASK_NAMES},
+        test_ids=sorted(str(i) for i in data.ids[data.indices("Test")]),
+        attrs=data.attrs,
+    )
+
+
+def _align(run: Run, split: str, preds: SplitPredictions, ids: Sequence[str]) -> dict[str, np.ndarray]:
+    """The run's predictions in the order of `ids`; refuses when the id sets differ (naming one id)."""
+    have, want = set(preds.ids), set(ids)
+    missing = sorted(want - have)
+    if missing:
+        raise EnsembleError(f"{run.path}: {split} predictions lack File_ID {bracket_id(missing[0])} "
+                            f"of the cache's {split} split ({len(missing)} missing)")
+    extra = sorted(have - want)
+    if extra:
+        raise EnsembleError(f"{run.path}: {split} predictions have File_ID {bracket_id(extra[0])}, which is not "
+                            f"in the cache's {split} split ({len(extra)} such ids)")
+    return preds.reindexed(ids)
+
+
+# ------------------------------------------------------------------------------------------------ strategies
+
+Members = dict[str, list[tuple[int, float]]]  # task -> [(run index, weight)], weights sum to 1
+
+
+def blend(preds: Sequence[Mapping[str, np.ndarray]], members: Members) -> dict[str, np.ndarray]:
+    """Weighted average of the members' predictions per task (TYPE: of class probabilities)."""
+    out: dict[str, np.ndarray] = {}
+    for name, chosen in members.items():
+        out[name] = sum(weight * preds[i][name] for i, weight in chosen)
+    return out
+
+
+def _headline(name: str, labels: Mapping[str, np.ndarray], values: np.ndarray) -> float:
+    return score_all(labels, {name: values})[HEADLINE_KEYS[name]]
+
+
+def select_combined(scores: Sequence[Mapping[str, float]]) -> Members:
+    """Per task the run with the best Val headline score (ties: the earlier run)."""
+    members: Members = {}
+    for name in TASK_NAMES:
+        best = max(range(len(scores)), key=lambda i: (scores[i][HEADLINE_KEYS[name]], -i))
+        members[name] = [(best, 1.0)]
+    return members
+
+
+def select_mean(scores: Sequence[Mapping[str, float]], top_k: int) -> Members:
+    """The top-k runs by overall Val mean, equal weights, the same set for every task."""
+    if top_k < 1:
+        raise EnsembleError(f"--top-k must be at least 1, got {top_k}")
+    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i]["mean"], i))[:top_k]
+    return {name: [(i, 1.0 / len(ranked)) for i in ranked] for name in TASK_NAMES}
+
+
+def select_greedy(preds: Sequence[Mapping[str, np.ndarray]], labels: Mapping[str, np.ndarray],
+                  rounds: int) -> Members:
+    """Caruana forward selection with replacement, per task, on Val; stops when nothing improves."""
+    if rounds < 1:
+        raise EnsembleError(f"--rounds must be at least 1, got {rounds}")
+    members: Members = {}
+    for name in TASK_NAMES:
+        counts = np.zeros(len(preds), dtype=np.int64)
+        total = np.zeros_like(preds[0][name])
+        best_score = -np.inf
+        for _ in range(rounds):
+            n = counts.sum() + 1
+            trial = [_headline(name, labels, (total + p[name]) / n) for p in preds]
+            pick = int(np.argmax(trial))  # first maximum: ties go to the earlier run
+            if trial[pick] <= best_score:
+                break
+            best_score = trial[pick]
+            counts[pick] += 1
+            total = total + preds[pick][name]
+        members[name] = [(int(i), counts[i] / counts.sum()) for i in np.flatnonzero(counts)]
+    return members
+
+
+# ----------------------------------------------------------------------------------------------- the driver
+
+@dataclass
+class EnsembleResult:
+    runs: list[Run]
+    members: Members
+    metrics: dict[str, float]
+    warnings: list[str]
+    files: list[Path]
+
+
+def _short_metrics(scores: Mapping[str, float]) -> dict[str, float]:
+    return {key: float(scores[key]) for key in (*METRIC_KEYS, "mean") if key in scores}
+
+
+def build_ensemble(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
+                   config: EnsembleConfig | None = None) -> EnsembleResult:
+    """Select members on Val, write Val predictions, metrics, members and the Test submission files."""
+    config = config or EnsembleConfig()
+    if config.strategy not in STRATEGIES:
+        raise EnsembleError(f"unknown strategy {config.strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    paths, warnings = find_runs(run_dirs)
+    if not paths:
+        raise EnsembleError("no complete runs to ensemble" + (f" ({warnings[0]})" if warnings else ""))
+    runs = [load_run(p) for p in paths]
+    check_same_cache(runs)
+
+    cache_path = config.cache or _cache_attrs(runs[0].config)["path"]
+    if not cache_path:
+        raise EnsembleError(f"{runs[0].path / 'config.json'}: no \"cache\" path recorded; pass --cache")
+    labels = read_cache_labels(cache_path)
+    check_run_matches_cache(runs[0], labels.attrs, cache_path)
+
+    val_preds = [_align(run, "Val", run.val, labels.val_ids) for run in runs]
+    for run, preds in zip(runs, val_preds):
+        run.scores = score_all(labels.val_labels, preds)
+        recorded = run.metrics.get("mean")
+        if isinstance(recorded, (int, float)) and abs(recorded - run.scores["mean"]) > 1e-3:
+            warnings.append(f"{run.path}: metrics.json says mean {recorded:.4f} but its Val predictions score "
+                            f"{run.scores['mean']:.4f} (predictions not from the best epoch?)")
+
+    if config.strategy == "combined":
+        members = select_combined([r.scores for r in runs])
+    elif config.strategy == "mean":
+        members = select_mean([r.scores for r in runs], config.top_k)
+    else:
+        members = select_greedy(val_preds, labels.val_labels, config.rounds)
+
+    out = Path(out)
+    (out / "metrics.json").unlink(missing_ok=True)  # written last: never leave an old one beside new files
+    files: list[Path] = []
+    val = blend(val_preds, members)
+    files += _write_predictions(out / "predictions" / "val", labels.val_ids, val, config)
+    metrics = _rescore_written(out / "predictions" / "val", labels, config)
+
+    test_ids = labels.test_ids or (runs[0].test.ids if runs[0].test else [])
+    if test_ids:
+        test_preds = []
+        for run in runs:
+            if run.test is None:
+                raise EnsembleError(f"{run.path}: no Test predictions in {run.path / 'predictions' / 'test'}")
+            test_preds.append(_align(run, "Test", run.test, test_ids))
+        test = blend(test_preds, members)
+        for name in TASK_NAMES:
+            path = out / submission_name(TASKS[name], config.team, config.submission)
+            write_submission(TASKS[name], path, test_ids, test[name])
+            files.append(path)
+        write_type_probs(out / "predictions" / "test" / PROBS_FILE, test_ids, test["type"])
+        files.append(out / "predictions" / "test" / PROBS_FILE)
+    else:
+        warnings.append(f"{cache_path}: no Test rows in the cache or the runs; no submission files written")
+
+    write_json_atomic(out / "members.json", _members_json(runs, members, config))
+    write_json_atomic(out / "metrics.json", metrics)
+    files += [out / "members.json", out / "metrics.json"]
+    return EnsembleResult(runs, members, metrics, warnings, files)
+
+
+def _write_predictions(folder: Path, ids: Sequence[str], preds: Mapping[str, np.ndarray],
+                       config: EnsembleConfig) -> list[Path]:
+    paths = []
+    for name in TASK_NAMES:
+        path = folder / submission_name(TASKS[name], config.team, config.submission)
+        write_submission(TASKS[name], path, ids, preds[name])
+        paths.append(path)
+    write_type_probs(folder / PROBS_FILE, ids, preds["type"])
+    return paths + [folder / PROBS_FILE]
+
+
+def _rescore_written(folder: Path, labels: CacheLabels, config: EnsembleConfig) -> dict[str, float]:
+    """Score the Val files as written, so metrics.json equals what `avb score` reports on them."""
+    preds = {}
+    for name in TASK_NAMES:
+        _, ids, values = read_submission(folder / submission_name(TASKS[name], config.team, config.submission))
+        preds[name] = SplitPredictions(ids, {name: values}).reindexed(labels.val_ids)[name]
+    return _short_metrics(score_all(labels.val_labels, preds))
+
+
+def _members_json(runs: Sequence[Run], members: Members, config: EnsembleConfig) -> dict[str, Any]:
+    return {
+        "strategy": config.strategy,
+        "top_k": config.top_k if config.strategy == "mean" else None,
+        "rounds": config.rounds if config.strategy == "greedy" else None,
+        "tasks": {name: [{"run": str(runs[i].path), "weight": float(w)} for i, w in members[name]]
+                  for name in TASK_NAMES},
+        "runs": [{"run": str(r.path), "val": _short_metrics(r.scores)} for r in runs],
+    }
+
+
+def format_table(result: EnsembleResult) -> str:
+    """Each member's Val headline score per task, then the ensemble's."""
+    keys = [HEADLINE_KEYS[n] for n in TASK_NAMES] + ["mean"]
+    used = {i for chosen in result.members.values() for i, _ in chosen}
+    width = max([len("ensemble")] + [len(r.name) for r in result.runs]) + 2
+    lines = [f"{'run':<{width}}" + "".join(f"{k:>13}" for k in keys)]
+    for i, run in enumerate(result.runs):
+        if i in used:
+            lines.append(f"{run.name:<{width}}" + "".join(f"{run.scores[k]:>13.4f}" for k in keys))
+    lines.append(f"{'ensemble':<{width}}" + "".join(f"{result.metrics[k]:>13.4f}" for k in keys))
+    return "\n".join(lines)
+
+
+@click.command("ensemble")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: metrics.json, members.json, predictions/ and the submission CSVs.")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="combined", show_default=True,
+              help="combined: best run per task; mean: average of the top-k; greedy: forward selection per task.")
+@click.option("--top-k", default=EnsembleConfig.top_k, show_default=True, help="Runs averaged by --strategy mean.")
+@click.option("--rounds", default=EnsembleConfig.rounds, show_default=True,
+              help="Maximum selection steps per task for --strategy greedy.")
+@click.option("--team", default=EnsembleConfig.team, show_default=True, help="Team name in the file names.")
+@click.option("--submission", default=EnsembleConfig.submission, show_default=True,
+              help="Submission number in the file names.")
+@click.option("--cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Cache to read Val labels and Test ids from (default: the one in the runs' config.json).")
+def ensemble_command(run_dirs: tuple[Path, ...], out: Path, strategy: str, top_k: int, rounds: int, team: str,
+                     submission: int, cache: Path | None) -> None:
+    """Ensemble RUN_DIRS (run dirs, or ablation dirs meaning every complete run inside) on Val."""
+    config = EnsembleConfig(strategy, top_k, rounds, team, submission, str(cache) if cache else None)
+    try:
+        result = build_ensemble(run_dirs, out, config)
+    except (ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+    for warning in result.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+    click.echo(format_table(result))
+    used = len({i for chosen in result.members.values() for i, _ in chosen})
+    click.echo(f"{strategy} ensemble of {used} of {len(result.runs)} runs; wrote {len(result.files)} files to {out}")

@@ -1,0 +1,458 @@
+"""`avb report`: PNG figures and one `index.html` that make a set of runs, ablations and ensembles readable.
+
+Figures (each written only when its data exists):
+- `curves.png`: the validation headline score per epoch of every run, one panel per task;
+- `weights_<weighting>.png`: the per-epoch loss weights the weighting logged (DWA λ_k, RRUW 1/α_k², DRUW their
+  sum), one panel per run and one line per task -- the figure that shows whether a weighting collapses;
+- `ablation.png`: the arch × weighting grid per task (mean over seeds), as heatmaps annotated with the score;
+- `ensemble_<name>.png`: every single run's Val score per task beside the ensemble's.
+
+matplotlib is an optional extra (`plot`), imported only here and only when a report is made; figures are drawn
+with the Agg canvas directly (no pyplot, so no global backend state and no display needed).
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from cache.atomic import atomic_path, write_text_atomic
+from heads.tasks import HEADLINE_KEYS, TASK_NAMES, TASKS
+
+# What each weighting logs as its per-task weight (the y-axis label of its figure).
+WEIGHT_MEANING: dict[str, str] = {
+    "uniform": "weight (constant 1)",
+    "dwa": "DWA weight λ_k",
+    "rruw": "RRUW weight 1/α_k²",
+    "druw": "DRUW weight λ_k + 1/α_k²",
+}
+PLOT_EXTRA_HINT = "pip install 'avb-heads[plot]'"
+
+
+class ReportError(ValueError):
+    """Inputs a report cannot be made from; the message names the folder or file."""
+
+
+# ----------------------------------------------------------------------------------------------- the inputs
+
+@dataclass
+class RunInfo:
+    path: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+
+    @property
+    def train(self) -> dict[str, Any]:
+        """The resolved TrainConfig (`config.json` keeps it under "train"; a flat config is accepted too)."""
+        train = self.config.get("train")
+        return train if isinstance(train, dict) else self.config
+
+    @property
+    def arch(self) -> str:
+        return str(self.train.get("arch", "?"))
+
+    @property
+    def weighting(self) -> str:
+        return str(self.train.get("weighting", "?"))
+
+    @property
+    def seed(self) -> Any:
+        return self.train.get("seed")
+
+    @property
+    def label(self) -> str:
+        if "arch" in self.train and "weighting" in self.train:
+            return f"{self.arch}-{self.weighting}" + (f"-s{self.seed}" if self.seed is not None else "")
+        return self.path.name
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        history = self.metrics.get("history") or []
+        return [h for h in history if isinstance(h, dict)]
+
+
+@dataclass
+class EnsembleInfo:
+    path: Path
+    metrics: dict[str, Any]
+    members: dict[str, Any]
+
+
+@dataclass
+class ReportInputs:
+    runs: list[RunInfo] = field(default_factory=list)
+    ensembles: list[EnsembleInfo] = field(default_factory=list)
+    ablations: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(data, dict):
+        raise ReportError(f"{path}: expected a JSON object")
+    return data
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and (
+        (path / "head.safetensors").is_file() or (path / "predictions").is_dir())
+
+
+def collect_inputs(dirs: Iterable[str | os.PathLike]) -> ReportInputs:
+    """Classify each folder as a run, an ensemble (members.json) or an ablation (runs inside)."""
+    found = ReportInputs()
+    seen: set[Path] = set()
+
+    def add_run(path: Path) -> None:
+        if path.resolve() in seen:
+            return
+        seen.add(path.resolve())
+        if not (path / "metrics.json").is_file():
+            found.warnings.append(f"skipping incomplete run {path} (no metrics.json)")
+            return
+        found.runs.append(RunInfo(path, _read_json(path / "config.json"), _read_json(path / "metrics.json")))
+
+    for given in dirs:
+        path = Path(given)
+        if not path.is_dir():
+            raise ReportError(f"{path}: not a directory")
+        if _is_run_dir(path):
+            add_run(path)
+        elif (path / "members.json").is_file():
+            found.ensembles.append(EnsembleInfo(path, _read_json(path / "metrics.json")
+                                                if (path / "metrics.json").is_file() else {},
+                                                _read_json(path / "members.json")))
+        else:
+            runs = sorted({p.parent for p in path.rglob("config.json") if _is_run_dir(p.parent)})
+            if not runs:
+                raise ReportError(f"{path}: not a run, ensemble or ablation dir (no run dirs inside)")
+            found.ablations.append(path)
+            for run in runs:
+                add_run(run)
+    if not found.runs and not found.ensembles:
+        raise ReportError("nothing to report: no complete runs or ensembles")
+    return found
+
+
+def _epoch_value(entry: Mapping[str, Any], key: str) -> float | None:
+    """A Val metric of one history entry, flat (`type_uar`, `val_type_uar`) or nested (`val: {...}`)."""
+    for holder, name in ((entry, key), (entry, f"val_{key}"), (entry.get("val"), key),
+                         (entry.get("val_metrics"), key), (entry.get("metrics"), key)):
+        if isinstance(holder, Mapping) and isinstance(holder.get(name), (int, float)):
+            return float(holder[name])
+    return None
+
+
+def _epoch_weights(entry: Mapping[str, Any]) -> list[float] | None:
+    weights = entry.get("weights")
+    if isinstance(weights, Mapping):  # {"type": w, ...}
+        weights = [weights.get(n) for n in TASK_NAMES]
+    if isinstance(weights, Sequence) and len(weights) == len(TASK_NAMES) and all(
+            isinstance(w, (int, float)) for w in weights):
+        return [float(w) for w in weights]
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- plotting
+
+def _figure_factory():
+    """matplotlib's Figure with an Agg canvas; a clear install hint when the extra is missing."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ReportError(f"avb report needs matplotlib: {PLOT_EXTRA_HINT}") from None
+
+    def make(nrows: int, ncols: int, width: float, height: float):
+        fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        return fig, axes
+
+    return make
+
+
+def _save(fig: Any, path: Path) -> Path:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def _integer_locator() -> Any:
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415 - matplotlib is optional
+
+    return MaxNLocator(integer=True)
+
+
+def plot_curves(make: Any, runs: Sequence[RunInfo], path: Path) -> Path | None:
+    """Validation headline score per epoch, one panel per task, one line per run."""
+    plotted = False
+    fig, axes = make(1, len(TASK_NAMES), 4.2 * len(TASK_NAMES), 3.6)
+    for ax, name in zip(axes[0], TASK_NAMES):
+        key = HEADLINE_KEYS[name]
+        for run in runs:
+            points = [(h.get("epoch", i), _epoch_value(h, key)) for i, h in enumerate(run.history)]
+            points = [(e, v) for e, v in points if v is not None]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=run.label)
+                plotted = True
+            if isinstance(run.metrics.get("best_epoch"), int) and isinstance(run.metrics.get(key), (int, float)):
+                ax.plot([run.metrics["best_epoch"]], [run.metrics[key]], marker="*", color="black", ms=8)
+        ax.set_title(f"{TASKS[name].title} (Val {key.split('_')[1].upper()})")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(_integer_locator())
+        ax.grid(alpha=0.3)
+    if not plotted:
+        return None
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if len(runs) <= 24:
+        fig.legend(handles, labels, loc="outside right upper", fontsize="small")
+    return _save(fig, path)
+
+
+def plot_weights(make: Any, weighting: str, runs: Sequence[RunInfo], path: Path) -> Path | None:
+    """One panel per run of this weighting, one line per task: the logged loss weight per epoch."""
+    runs = [r for r in runs if any(_epoch_weights(h) for h in r.history)]
+    if not runs:
+        return None
+    ncols = min(3, len(runs))
+    nrows = -(-len(runs) // ncols)
+    fig, axes = make(nrows, ncols, 4.5 * ncols, 3.2 * nrows)
+    for ax in axes.flat[len(runs):]:
+        ax.set_visible(False)
+    for ax, run in zip(axes.flat, runs):
+        rows = [(h.get("epoch", i), _epoch_weights(h)) for i, h in enumerate(run.history)]
+        rows = [(e, w) for e, w in rows if w is not None]
+        epochs = [e for e, _ in rows]
+        values = np.array([w for _, w in rows])
+        for k, name in enumerate(TASK_NAMES):
+            ax.plot(epochs, values[:, k], marker=".", label=TASKS[name].title)
+        ax.set_title(run.label, fontsize="medium")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(_integer_locator())
+        ax.set_ylabel(WEIGHT_MEANING.get(weighting, f"{weighting} weight"))
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize="small")
+    fig.suptitle(f"loss weights per task: {weighting}")
+    return _save(fig, path)
+
+
+def ablation_grid(runs: Sequence[RunInfo]) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
+    """Mean Val headline score over seeds per (arch, weighting), per task; NaN where no run exists."""
+    archs = sorted({r.arch for r in runs})
+    weightings = sorted({r.weighting for r in runs})
+    grids = {}
+    for name in (*TASK_NAMES, "mean"):
+        key = HEADLINE_KEYS.get(name, "mean")
+        grid = np.full((len(archs), len(weightings)), np.nan)
+        for i, arch in enumerate(archs):
+            for j, weighting in enumerate(weightings):
+                values = [float(r.metrics[key]) for r in runs if r.arch == arch and r.weighting == weighting
+                          and isinstance(r.metrics.get(key), (int, float))]
+                if values:
+                    grid[i, j] = float(np.mean(values))
+        grids[name] = grid
+    return archs, weightings, grids
+
+
+def plot_ablation(make: Any, runs: Sequence[RunInfo], path: Path) -> Path | None:
+    archs, weightings, grids = ablation_grid(runs)
+    if np.isnan(grids["type"]).all():
+        return None
+    panels = (*TASK_NAMES, "mean")
+    fig, axes = make(1, len(panels), 3.4 * len(panels), 1.2 + 0.6 * len(archs))
+    for ax, name in zip(axes[0], panels):
+        grid = grids[name]
+        ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(weightings)), weightings, rotation=30)
+        ax.set_yticks(range(len(archs)), archs)
+        ax.set_title(TASKS[name].title if name in TASKS else "mean of the four", fontsize="medium")
+        finite = grid[np.isfinite(grid)]
+        mid = float(finite.mean()) if finite.size else 0.0
+        for i in range(len(archs)):
+            for j in range(len(weightings)):
+                if np.isfinite(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize="small",
+                            color="black" if grid[i, j] >= mid else "white")
+    fig.suptitle("Val score by architecture × loss weighting (mean over seeds)")
+    return _save(fig, path)
+
+
+def plot_ensemble(make: Any, ensemble: EnsembleInfo, path: Path) -> Path | None:
+    """Per task: every single run's Val score (dots; the task's members in orange) and the ensemble's (red line)."""
+    runs = [r for r in ensemble.members.get("runs", []) if isinstance(r, Mapping) and isinstance(r.get("val"), Mapping)]
+    if not runs and not ensemble.metrics:
+        return None
+    names = (*TASK_NAMES, "mean")
+    fig, axes = make(1, len(names), 2.6 * len(names), 3.4)
+    rng = np.random.default_rng(0)  # fixed jitter: the same inputs give the same picture
+    jitter = rng.uniform(-0.3, 0.3, len(runs))
+    tasks = ensemble.members.get("tasks", {})
+    for ax, name in zip(axes[0], names):
+        key = HEADLINE_KEYS.get(name, "mean")
+        chosen = {m.get("run") for m in tasks.get(name, [])} if name in TASKS else \
+            {m.get("run") for ms in tasks.values() for m in ms}
+        for is_member, colour, label in ((False, "tab:blue", "single run"), (True, "tab:orange", "member")):
+            points = [(x, float(r["val"][key])) for x, r in zip(jitter, runs)
+                      if (r.get("run") in chosen) == is_member and isinstance(r["val"].get(key), (int, float))]
+            if points:
+                ax.scatter(*zip(*points), s=20, color=colour, label=label, zorder=3)
+        if isinstance(ensemble.metrics.get(key), (int, float)):
+            ax.axhline(float(ensemble.metrics[key]), color="tab:red", lw=2.5, label="ensemble", zorder=2)
+        ax.set_xlim(-0.5, 0.5)
+        ax.set_xticks([])
+        ax.set_title(TASKS[name].title if name in TASKS else "mean", fontsize="medium")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize="x-small", loc="best")
+    fig.suptitle(f"{ensemble.path.name}: {ensemble.members.get('strategy', '?')} ensemble vs single runs (Val)")
+    return _save(fig, path)
+
+
+# -------------------------------------------------------------------------------------------------- tables
+
+def results_table(inputs: ReportInputs) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of every run's and ensemble's Val scores (computed from their metrics.json)."""
+    keys = [HEADLINE_KEYS[n] for n in TASK_NAMES] + ["mean"]
+    header = ["run", "arch", "weighting", "seed", "best_epoch", *keys]
+    rows = []
+    for run in inputs.runs:
+        rows.append([run.path.name, run.arch, run.weighting, str(run.seed), str(run.metrics.get("best_epoch", ""))]
+                    + [_fmt(run.metrics.get(k)) for k in keys])
+    for ens in inputs.ensembles:
+        rows.append([ens.path.name, "ensemble", str(ens.members.get("strategy", "")), "", ""]
+                    + [_fmt(ens.metrics.get(k)) for k in keys])
+    return header, rows
+
+
+def markdown_table_html(text: str) -> str:
+    """The ablation's results.md (a pipe table, **bold**/*italic* cells, then notes) as HTML."""
+    table: list[list[str]] = []
+    notes: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("|") and line.endswith("|"):
+            cells = [c.strip() for c in line[1:-1].split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):  # skip the |---| separator row
+                table.append(cells)
+        elif line:
+            notes.append(line)
+    if not table:
+        return "".join(f"<p>{_inline_md(n)}</p>" for n in notes)
+    head = "".join(f"<th>{_inline_md(c)}</th>" for c in table[0])
+    body = "\n".join("<tr>" + "".join(f"<td>{_inline_md(c)}</td>" for c in row) + "</tr>" for row in table[1:])
+    return (f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+            + "".join(f"<p>{_inline_md(n)}</p>" for n in notes))
+
+
+def _inline_md(text: str) -> str:
+    out = html.escape(text)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
+    return re.sub(r"\*(.+?)\*", r"<i>\1</i>", out)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else ""
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+
+
+def _data_links(inputs: ReportInputs, out: Path) -> list[Path]:
+    files: list[Path] = []
+    for ablation in inputs.ablations:
+        files += [ablation / n for n in ("results.csv", "results.json", "results.md", "config.json")]
+    for ens in inputs.ensembles:
+        files += [ens.path / "metrics.json", ens.path / "members.json"]
+    for run in inputs.runs:
+        files += [run.path / "metrics.json", run.path / "config.json"]
+    return [f for f in files if f.is_file()]
+
+
+def _rel(path: Path, out: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), out.resolve())).as_posix()
+
+
+def write_index(out: Path, inputs: ReportInputs, figures: Sequence[tuple[str, Path]]) -> Path:
+    header, rows = results_table(inputs)
+    parts = ["<!doctype html>", "<html><head><meta charset='utf-8'><title>A-VB results</title>",
+             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}</style>",
+             "</head><body>", "<h1>A-VB results</h1>"]
+    for ablation in inputs.ablations:
+        if (ablation / "results.md").is_file():
+            parts += [f"<h2>Ablation {html.escape(ablation.name)} (Table I layout, validation)</h2>",
+                      markdown_table_html((ablation / "results.md").read_text(encoding="utf-8"))]
+    parts += ["<h2>Runs and ensembles (validation)</h2>", _html_table(header, rows)]
+    for title, path in figures:
+        src = html.escape(_rel(path, out))
+        parts += [f"<h2>{html.escape(title)}</h2>", f"<a href='{src}'><img src='{src}' alt='{html.escape(title)}'></a>"]
+    parts.append("<h2>Data</h2><ul>")
+    for path in _data_links(inputs, out):
+        href = html.escape(_rel(path, out))
+        parts.append(f"<li><a href='{href}'>{href}</a></li>")
+    parts += ["</ul>", "</body></html>", ""]
+    path = out / "index.html"
+    write_text_atomic(path, "\n".join(parts))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- the driver
+
+def make_report(dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> tuple[list[Path], list[str]]:
+    """Draw every figure the inputs allow and the index page; returns (files written, warnings)."""
+    make = _figure_factory()
+    inputs = collect_inputs(dirs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures: list[tuple[str, Path]] = []
+
+    def add(title: str, path: Path | None) -> None:
+        if path is not None:
+            figures.append((title, path))
+
+    if inputs.runs:
+        add("Validation score per epoch", plot_curves(make, inputs.runs, out / "curves.png"))
+        for weighting in sorted({r.weighting for r in inputs.runs}):
+            runs = [r for r in inputs.runs if r.weighting == weighting]
+            add(f"Loss weights: {weighting}", plot_weights(make, weighting, runs, out / f"weights_{weighting}.png"))
+        if len({(r.arch, r.weighting) for r in inputs.runs}) > 1:
+            add("Ablation grid", plot_ablation(make, inputs.runs, out / "ablation.png"))
+    for ens in inputs.ensembles:
+        add(f"Ensemble {ens.path.name} vs single runs",
+            plot_ensemble(make, ens, out / f"ensemble_{_safe(ens.path.name)}.png"))
+    index = write_index(out, inputs, figures)
+    return [p for _, p in figures] + [index], inputs.warnings
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "ensemble"
+
+
+@click.command("report")
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the PNG figures and index.html.")
+def report_command(dirs: tuple[Path, ...], out: Path) -> None:
+    """Plot DIRS (run, ablation and ensemble dirs): Val curves, loss weights, the ablation grid, ensembles."""
+    try:
+        files, warnings = make_report(dirs, out)
+    except (ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+    for warning in warnings:
+        click.echo(f"Warning: {warning}", err=True)
+    for path in files:
+        click.echo(str(path))
