@@ -1,7 +1,8 @@
 """Atomic file writes: write under a temporary name in the same folder, then rename over the final path.
 
-A crash or `kill -9` therefore never leaves a half-written file at a final path; at worst a `*.tmp-*` file
-is left beside it, which every reader ignores and the next write replaces.
+A crash or `kill -9` therefore never leaves a half-written file at a final path; at worst a hidden
+`.<name>.tmp-*` file is left beside it. No reader looks at those names, a rerun writes a fresh one, and a
+stale one can be deleted at any time.
 """
 from __future__ import annotations
 

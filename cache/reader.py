@@ -51,6 +51,8 @@ def open_cache(path: str | os.PathLike) -> Iterator[h5py.File]:
         raise CacheError(f"{p} cannot be opened: the HDF5 file is truncated or corrupt ({reason})") from None
     try:
         yield f
+    except (OSError, RuntimeError) as err:  # a damaged chunk or B-tree surfaces only when the data is read
+        raise CacheError(f"{p} is corrupt: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     finally:
         f.close()
 
@@ -328,7 +330,10 @@ class FrameReader:
                              f"out of range for {len(self)} clips")
         f = self._file()
         starts, ends = self.offsets[idx], self.offsets[idx + 1]
-        return {layer: read_ranges(f[FRAMES][layer], starts, ends) for layer in self.layers}
+        try:
+            return {layer: read_ranges(f[FRAMES][layer], starts, ends) for layer in self.layers}
+        except (OSError, RuntimeError) as err:  # damaged chunks are found only when read
+            raise CacheError(f"{self.path} is corrupt: {str(err).splitlines()[0]}") from None
 
     def nbytes(self, layers: Sequence[str] | None = None) -> int:
         """Bytes that load_all(layers) would allocate."""
@@ -347,7 +352,10 @@ class FrameReader:
             raise CacheError(f"{self.path}: frames of {', '.join(layers)} need {need / 2**30:.2f} GiB, "
                              f"more than the allowed {max_bytes / 2**30:.2f} GiB; read them with get() instead")
         f = self._file()
-        return {layer: f[FRAMES][layer][()] for layer in layers}, self.offsets.copy()
+        try:
+            return {layer: f[FRAMES][layer][()] for layer in layers}, self.offsets.copy()
+        except (OSError, RuntimeError) as err:
+            raise CacheError(f"{self.path} is corrupt: {str(err).splitlines()[0]}") from None
 
     def close(self) -> None:
         if self._h5 is not None and self._pid == os.getpid():

@@ -222,6 +222,8 @@ def read_corpus(root: str | os.PathLike, *, check_audio: bool = False) -> Corpus
     With `check_audio`, every clip's wav must exist (existence only; `avb corpus check` also decodes headers).
     """
     root = Path(root)
+    if not root.is_dir():  # say so, rather than the misleading "no label files found" under a missing root
+        raise CorpusError(f"{root}: {'not a directory' if root.exists() else 'no such corpus directory'}")
     labels_dir = root / LABELS_DIR
     sources, data_info = _label_sources(labels_dir)
     paths = list(dict.fromkeys(list(sources.values()) + ([data_info] if data_info else [])))
