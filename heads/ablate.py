@@ -1,0 +1,252 @@
+"""The ablation grid: every architecture x loss weighting x seed, resumable, summarised like the paper's Table I.
+
+All runs of one architecture train jointly in one `train_runs` call (one stacked head), so the grid costs
+about one run per architecture rather than one per cell. A run folder whose `metrics.json` exists (written
+last) and whose `config.json` equals the config it would get now is finished and is not trained again, so an
+interrupted grid resumes where it stopped and a grown grid (more seeds) trains only the new runs.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from cache.atomic import write_json_atomic, write_text_atomic
+from heads.models import HeadConfig
+from heads.tasks import METRIC_KEYS
+from heads.train import CONFIG_FILE, METRICS_FILE, SELECTION_KEY, TrainConfig, run_config_record, train_runs
+
+ARCHS: tuple[str, ...] = ("vanilla", "chain", "branch")
+WEIGHTINGS: tuple[str, ...] = ("uniform", "dwa", "rruw", "druw")
+# Group titles as the paper's Table I prints them.
+WEIGHTING_TITLES: dict[str, str] = {
+    "uniform": "Uniform Weighting",
+    "dwa": "Dynamic Weight Average",
+    "rruw": "Restrained Revised Uncertainty Weighting",
+    "druw": "Dynamic Restrained Uncertainty Weighting",
+}
+# Table columns: (metric key, header); the headline score of each task first, Pearson's r beside it.
+TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("type_uar", "A-VB-TYPE UAR"),
+    ("two_ccc", "A-VB-TWO CCC"), ("two_pearson", "A-VB-TWO ρ"),
+    ("high_ccc", "A-VB-HIGH CCC"), ("high_pearson", "A-VB-HIGH ρ"),
+    ("culture_ccc", "A-VB-CULTURE CCC"), ("culture_pearson", "A-VB-CULTURE ρ"),
+    (SELECTION_KEY, "Mean"),
+)
+RESULT_FIELDS: tuple[str, ...] = ("arch", "weighting", "seed", *METRIC_KEYS, SELECTION_KEY, "best_epoch")
+
+
+class AblationError(ValueError):
+    """A bad grid specification or an output folder that cannot be used."""
+
+
+@dataclass
+class GridConfig:
+    """The grid and the settings every run in it shares (defaults = the paper's)."""
+
+    cache: str = ""
+    archs: tuple[str, ...] = ARCHS
+    weightings: tuple[str, ...] = WEIGHTINGS
+    seeds: tuple[int, ...] = (0,)
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 1e-3
+    head: HeadConfig = field(default_factory=HeadConfig)   # template; `arch` is set per run
+    weighting_options: dict = field(default_factory=dict)  # weighting name -> its options
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON types; the head template's `arch` is left out (each run sets its own)."""
+        data = json.loads(json.dumps(asdict(self)))
+        data["head"].pop("arch", None)
+        return data
+
+    def run_configs(self, arch: str) -> list[TrainConfig]:
+        return [
+            TrainConfig(arch=arch, weighting=w, seed=s, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                        head=replace(self.head, arch=arch), weighting_options=dict(self.weighting_options.get(w, {})))
+            for w in self.weightings for s in self.seeds
+        ]
+
+
+def _unique(kind: str, values: Sequence[Any], valid: Sequence[Any] | None = None) -> tuple[Any, ...]:
+    out = tuple(values)
+    if not out:
+        raise AblationError(f"the grid needs at least one {kind}")
+    if len(set(out)) != len(out):
+        raise AblationError(f"{kind}s listed twice: {', '.join(map(str, out))}")
+    if valid is not None:
+        for v in out:
+            if v not in valid:
+                raise AblationError(f"unknown {kind} {v!r}; expected one of {', '.join(valid)}")
+    return out
+
+
+def _is_finished(run_dir: Path, record: dict[str, Any]) -> bool:
+    """metrics.json present (written last) and the stored config equal to the one the run would get now."""
+    if not (run_dir / METRICS_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
+        return False
+    try:
+        stored = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+        json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return stored == json.loads(json.dumps(record))
+
+
+def _row(cfg: TrainConfig, metrics: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {"arch": cfg.arch, "weighting": cfg.weighting, "seed": cfg.seed}
+    for key in (*METRIC_KEYS, SELECTION_KEY):
+        row[key] = float(metrics[key])
+    row["best_epoch"] = int(metrics["best_epoch"])
+    return row
+
+
+def run_grid(
+    cache_path: str | Path,
+    out_dir: str | Path,
+    archs: Sequence[str] = ARCHS,
+    weightings: Sequence[str] = WEIGHTINGS,
+    seeds: Sequence[int] = (0,),
+    epochs: int = 30,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    head: HeadConfig | None = None,
+    weighting_options: dict[str, dict] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train (or reuse) every arch x weighting x seed run under `out_dir` and write the result tables.
+
+    Returns one row per run (RESULT_FIELDS), in grid order. Writes `config.json` (the resolved grid),
+    `results.csv`, `results.json` and `results.md` (Table I layout) into `out_dir`.
+    """
+    from cache.reader import load_cache  # noqa: PLC0415 - h5py only when a grid actually runs
+
+    grid = GridConfig(
+        cache=str(Path(cache_path).resolve()),
+        archs=_unique("architecture", [a.lower() for a in archs], ARCHS),
+        weightings=_unique("weighting", [w.lower() for w in weightings], WEIGHTINGS),
+        seeds=_unique("seed", [int(s) for s in seeds]),
+        epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
+        head=head if head is not None else HeadConfig(),
+        weighting_options={k.lower(): dict(v) for k, v in (weighting_options or {}).items()},
+    )
+    unknown = sorted(set(grid.weighting_options) - set(WEIGHTINGS))
+    if unknown:
+        raise AblationError(f"options given for unknown weighting(s) {', '.join(unknown)}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise AblationError(f"{out}: exists and is not a directory")
+    cache = load_cache(cache_path)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "config.json", grid.to_dict())
+    frames = None
+    if grid.head.branch_use_frames and "branch" in grid.archs:
+        from cache.reader import FrameReader  # noqa: PLC0415
+
+        frames = FrameReader(cache_path)
+    try:
+        rows = _train_grid(grid, cache, Path(cache_path), out, frames, progress)
+    finally:
+        if frames is not None:
+            frames.close()
+
+    summary = summarise(rows)
+    write_text_atomic(out / "results.csv", results_csv(rows))
+    write_json_atomic(out / "results.json", {"config": grid.to_dict(), "runs": rows, "summary": summary})
+    write_text_atomic(out / "results.md", results_markdown(summary))
+    return rows
+
+
+def _train_grid(grid: GridConfig, cache: Any, cache_path: Path, out: Path, frames: Any, progress: bool) -> list[dict]:
+    """Train the unfinished runs, one joint `train_runs` call per architecture; rows of all runs."""
+    all_configs = {arch: grid.run_configs(arch) for arch in grid.archs}
+    rows: list[dict] = []
+    bar = tqdm(total=sum(len(c) for c in all_configs.values()), desc="ablation", unit="run", disable=not progress)
+    for arch, configs in all_configs.items():
+        dirs = [out / cfg.name for cfg in configs]
+        records = [run_config_record(cfg, cache, cache_path) for cfg in configs]
+        todo = [i for i, (d, rec) in enumerate(zip(dirs, records)) if not _is_finished(d, rec)]
+        bar.update(len(configs) - len(todo))
+        if todo:
+            bar.set_postfix(arch=arch, training=len(todo))
+            train_runs(cache, [configs[i] for i in todo], [dirs[i] for i in todo], progress=progress,
+                       frames=frames if arch == "branch" else None, cache_path=cache_path)
+            bar.update(len(todo))
+        for cfg, d in zip(configs, dirs):
+            rows.append(_row(cfg, json.loads((d / METRICS_FILE).read_text(encoding="utf-8"))))
+    bar.close()
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- tables
+
+def results_csv(rows: Sequence[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row[k] for k in RESULT_FIELDS})  # floats in full (repr) precision
+    return buf.getvalue()
+
+
+def summarise(rows: Sequence[dict]) -> list[dict]:
+    """One entry per (weighting, arch) in table order: the best seed's metrics (by Val mean) and mean/std."""
+    out = []
+    weightings = [w for w in WEIGHTINGS if any(r["weighting"] == w for r in rows)]
+    archs = [a for a in ARCHS if any(r["arch"] == a for r in rows)]
+    for w in weightings:
+        for a in archs:
+            cell = [r for r in rows if r["weighting"] == w and r["arch"] == a]
+            if not cell:
+                continue
+            best = max(cell, key=lambda r: r[SELECTION_KEY])  # first seed wins a tie
+            keys = [k for k, _ in TABLE_COLUMNS]
+            values = {k: np.array([r[k] for r in cell], dtype=np.float64) for k in keys}
+            out.append({
+                "weighting": w, "arch": a, "n_seeds": len(cell), "best_seed": best["seed"],
+                "best": {k: best[k] for k in keys},
+                "mean": {k: float(values[k].mean()) for k in keys},
+                # sample std over seeds (ddof=1); undefined for one seed
+                "std": {k: float(values[k].std(ddof=1)) if len(cell) > 1 else None for k in keys},
+            })
+    return out
+
+
+def _fmt(x: float) -> str:
+    """Scores as the paper prints them: four decimals without the leading zero (.5686, -.0123)."""
+    text = f"{x:.4f}"
+    return text.replace("0.", ".", 1) if abs(x) < 1 else text
+
+
+def results_markdown(summary: Sequence[dict]) -> str:
+    """Table I of the paper: grouped by weighting, one row per architecture, best value per column in bold."""
+    keys = [k for k, _ in TABLE_COLUMNS]
+    best_per_col = {k: max(round(s["best"][k], 4) for s in summary) for k in keys} if summary else {}
+    several = any(s["n_seeds"] > 1 for s in summary)
+    lines = ["| Model | " + " | ".join(h for _, h in TABLE_COLUMNS) + " |",
+             "|---|" + "---|" * len(TABLE_COLUMNS)]
+    current = None
+    for s in summary:
+        if s["weighting"] != current:
+            current = s["weighting"]
+            lines.append(f"| **{WEIGHTING_TITLES[current]}** |" + " |" * len(TABLE_COLUMNS))
+        cells = []
+        for k in keys:
+            text = _fmt(s["best"][k])
+            if round(s["best"][k], 4) == best_per_col[k]:
+                text = f"**{text}**"
+            if s["n_seeds"] > 1:
+                text += f" ({_fmt(s['mean'][k])} ± {_fmt(s['std'][k])})"
+            cells.append(text)
+        lines.append(f"| *{s['arch'].upper()}* | " + " | ".join(cells) + " |")
+    note = ("Validation scores. Each cell: the run with the best validation mean of the four headline scores"
+            + (" (over seeds), then the mean ± sample std over seeds in parentheses." if several else ".")
+            + " Best value per column in bold.")
+    return "\n".join(lines) + "\n\n" + note + "\n"

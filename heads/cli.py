@@ -1,0 +1,139 @@
+"""`avb heads train` (one run) and `avb heads ablate` (the grid) from a feature cache.
+
+Heavy imports (torch, h5py) happen inside the commands, so `avb heads --help` stays fast.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from heads.tasks import METRIC_KEYS
+
+ARCH_CHOICES = ("vanilla", "chain", "branch")
+WEIGHTING_CHOICES = ("uniform", "dwa", "rruw", "druw")
+INPUT_LAYER_HELP = "Pooled layer feeding VANILLA/CHAIN: 'last', 'weighted' (learned mix of all layers) or a name."
+
+
+def _csv_list(text: str, what: str, choices: tuple[str, ...] | None = None) -> list[str]:
+    items = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if not items:
+        raise click.BadParameter(f"give at least one {what}")
+    for item in items:
+        if choices is not None and item not in choices:
+            raise click.BadParameter(f"unknown {what} {item!r}; expected one of {', '.join(choices)}")
+    return items
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _csv_list(text, "seed")]
+    except ValueError:
+        raise click.BadParameter(f"seeds must be integers separated by commas, got {text!r}") from None
+
+
+def _head_config(hidden: int, dropout: float, input_layer: str, chain_order: str, n_heads: int,
+                 branch_blocks: int, branch_frames: bool):
+    from heads.models import HeadConfig  # noqa: PLC0415
+    from heads.tasks import parse_task_order  # noqa: PLC0415
+
+    if not 0.0 <= dropout < 1.0:
+        raise click.BadParameter(f"dropout must be in [0, 1), got {dropout}", param_hint="--dropout")
+    try:
+        order = parse_task_order(chain_order)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--chain-order") from None
+    return HeadConfig(hidden=hidden, dropout=dropout, input_layer=input_layer, chain_order=order,
+                      n_heads=n_heads, branch_blocks=branch_blocks, branch_use_frames=branch_frames)
+
+
+def _head_options(func):
+    """Options shared by `train` and `ablate` that shape the head (defaults = the paper's)."""
+    options = [
+        click.option("--hidden", default=256, show_default=True, help="Task-network hidden width / attention dim."),
+        click.option("--dropout", default=0.3, show_default=True, help="Dropout in the heads."),
+        click.option("--input-layer", default="last", show_default=True, help=INPUT_LAYER_HELP),
+        click.option("--chain-order", default="type,two,high,culture", show_default=True,
+                     help="CHAIN task order (a permutation of type,two,high,culture)."),
+        click.option("--n-heads", default=8, show_default=True, help="BRANCH attention heads."),
+        click.option("--branch-blocks", default=4, show_default=True, help="BRANCH attention blocks per task."),
+        click.option("--branch-frames/--branch-layers", default=False, show_default=True,
+                     help="BRANCH attends over frames (needs a frame-level cache) or per-layer pooled tokens."),
+        click.option("--epochs", default=30, show_default=True, help="Training epochs."),
+        click.option("--batch-size", default=8, show_default=True, help="Training batch size."),
+        click.option("--lr", default=1e-3, show_default=True, help="Head learning rate (AdamW)."),
+        click.option("--progress/--no-progress", default=True, help="Show progress bars."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.group("heads", context_settings={"help_option_names": ["-h", "--help"]})
+def heads_group() -> None:
+    """Train heads x loss weightings from a feature cache (stage 2)."""
+
+
+@heads_group.command("train")
+@click.option("--cache", "cache_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="HDF5 feature cache written by `avb dump`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder: config.json, head.safetensors, predictions/, metrics.json.")
+@click.option("--arch", type=click.Choice(ARCH_CHOICES, case_sensitive=False), default="vanilla", show_default=True)
+@click.option("--weighting", type=click.Choice(WEIGHTING_CHOICES, case_sensitive=False), default="uniform",
+              show_default=True, help="Loss weighting across the four tasks.")
+@click.option("--seed", default=0, show_default=True, help="Seeds the head's initialisation, shuffling and dropout.")
+@_head_options
+def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: int, hidden: int, dropout: float,
+                  input_layer: str, chain_order: str, n_heads: int, branch_blocks: int, branch_frames: bool,
+                  epochs: int, batch_size: int, lr: float, progress: bool) -> None:
+    """Train one head run on the cache's Train split, select its best epoch on Val, predict Val and Test."""
+    head = _head_config(hidden, dropout, input_layer, chain_order, n_heads, branch_blocks, branch_frames)
+    try:
+        from cache.reader import load_cache  # noqa: PLC0415
+        from heads.train import TrainConfig, train_runs  # noqa: PLC0415
+
+        cfg = TrainConfig(arch=arch, weighting=weighting, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
+                          head=head)
+        cache = load_cache(cache_path)
+        frames = None
+        if arch == "branch" and branch_frames:
+            from cache.reader import FrameReader  # noqa: PLC0415
+
+            frames = FrameReader(cache_path)
+        metrics = train_runs(cache, [cfg], [out], progress=progress, frames=frames, cache_path=cache_path)[0]
+    except (ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"best epoch {metrics['best_epoch']} of {epochs} (Val):")
+    for key in (*METRIC_KEYS, "mean"):
+        click.echo(f"  {key:<16} {metrics[key]:.4f}")
+    click.echo(f"wrote {out}")
+
+
+@heads_group.command("ablate")
+@click.option("--cache", "cache_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="HDF5 feature cache written by `avb dump`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Grid folder: one run folder per arch-weighting-seed, results.csv/.json/.md, config.json.")
+@click.option("--archs", default=",".join(ARCH_CHOICES), show_default=True, help="Architectures, comma-separated.")
+@click.option("--weightings", default=",".join(WEIGHTING_CHOICES), show_default=True,
+              help="Loss weightings, comma-separated.")
+@click.option("--seeds", default="0", show_default=True, help="Seeds, comma-separated (e.g. 0,1,2).")
+@_head_options
+def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, seeds: str, hidden: int,
+                   dropout: float, input_layer: str, chain_order: str, n_heads: int, branch_blocks: int,
+                   branch_frames: bool, epochs: int, batch_size: int, lr: float, progress: bool) -> None:
+    """Train every arch x weighting x seed (runs of one arch jointly), resumably; print a Table I-style summary."""
+    arch_list = _csv_list(archs, "architecture", ARCH_CHOICES)
+    weighting_list = _csv_list(weightings, "weighting", WEIGHTING_CHOICES)
+    seed_list = _seed_list(seeds)
+    head = _head_config(hidden, dropout, input_layer, chain_order, n_heads, branch_blocks, branch_frames)
+    try:
+        from heads.ablate import run_grid  # noqa: PLC0415
+
+        run_grid(cache_path, out, archs=arch_list, weightings=weighting_list, seeds=seed_list, epochs=epochs,
+                 batch_size=batch_size, lr=lr, head=head, progress=progress)
+    except (ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo((out / "results.md").read_text(encoding="utf-8"), nl=False)
+    click.echo(f"wrote {out / 'results.csv'}, {out / 'results.json'} and {out / 'results.md'}")

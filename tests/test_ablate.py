@@ -1,0 +1,185 @@
+"""The ablation grid: one run folder per cell, resumable, Table I-style results, and the `avb heads` CLI."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from extract.cli import main as avb
+from heads import ablate as ablate_mod
+from heads.ablate import results_markdown, run_grid, summarise
+from heads.models import HeadConfig
+from heads.tasks import METRIC_KEYS
+from test_train import make_signal_cache
+
+torch.set_num_threads(1)
+
+HEAD = HeadConfig(hidden=32, n_heads=4, branch_blocks=2)
+GRID = dict(archs=("vanilla", "chain"), weightings=("uniform", "rruw"), seeds=(0, 1), epochs=2, head=HEAD,
+            progress=False)
+
+
+@pytest.fixture(scope="module")
+def cache_file(tmp_path_factory) -> Path:
+    return make_signal_cache(tmp_path_factory.mktemp("cache") / "signal.h5", sizes=(160, 100, 40))
+
+
+@pytest.fixture(scope="module")
+def grid_dir(cache_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("grid")
+    run_grid(cache_file, out, **GRID)
+    return out
+
+
+class CountingTrainRuns:
+    """Stands in for train_runs and records what the grid asked it to train."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, []
+
+    def __call__(self, cache, configs, out_dirs, **kw):
+        self.calls.append([c.name for c in configs])
+        return self.real(cache, configs, out_dirs, **kw)
+
+
+def test_grid_writes_one_folder_per_run_and_results(grid_dir):
+    names = sorted(p.name for p in grid_dir.iterdir() if p.is_dir())
+    assert names == sorted(f"{a}-{w}-s{s}" for a in ("vanilla", "chain") for w in ("uniform", "rruw") for s in (0, 1))
+    with open(grid_dir / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["arch", "weighting", "seed", *METRIC_KEYS, "mean", "best_epoch"]
+    assert [(r["arch"], r["weighting"], r["seed"]) for r in rows][:4] == [
+        ("vanilla", "uniform", "0"), ("vanilla", "uniform", "1"), ("vanilla", "rruw", "0"), ("vanilla", "rruw", "1")]
+    for row in rows:  # every row is its run's metrics.json
+        metrics = json.loads((grid_dir / f"{row['arch']}-{row['weighting']}-s{row['seed']}" / "metrics.json")
+                             .read_text())
+        for key in (*METRIC_KEYS, "mean"):
+            assert float(row[key]) == metrics[key]
+        assert int(row["best_epoch"]) == metrics["best_epoch"]
+    results = json.loads((grid_dir / "results.json").read_text())
+    assert len(results["runs"]) == 8 and len(results["summary"]) == 4
+    config = json.loads((grid_dir / "config.json").read_text())
+    assert config["archs"] == ["vanilla", "chain"] and config["seeds"] == [0, 1] and config["epochs"] == 2
+    assert config["head"]["hidden"] == 32 and "arch" not in config["head"]
+
+
+def test_summary_takes_the_best_seed_and_mean_std(grid_dir):
+    results = json.loads((grid_dir / "results.json").read_text())
+    for cell in results["summary"]:
+        runs = [r for r in results["runs"] if (r["arch"], r["weighting"]) == (cell["arch"], cell["weighting"])]
+        best = max(runs, key=lambda r: r["mean"])
+        assert cell["best_seed"] == best["seed"] and cell["best"]["two_ccc"] == best["two_ccc"]
+        values = np.array([r["high_pearson"] for r in runs])
+        assert cell["mean"]["high_pearson"] == pytest.approx(values.mean(), abs=1e-12)
+        assert cell["std"]["high_pearson"] == pytest.approx(values.std(ddof=1), abs=1e-12)
+
+
+def test_results_markdown_is_grouped_like_table_one(grid_dir):
+    text = (grid_dir / "results.md").read_text()
+    lines = text.splitlines()
+    assert lines[0].startswith("| Model | A-VB-TYPE UAR | A-VB-TWO CCC |")
+    groups = [i for i, line in enumerate(lines) if line.startswith("| **")]
+    assert [lines[i].split("|")[1].strip() for i in groups] == ["**Uniform Weighting**",
+                                                                "**Restrained Revised Uncertainty Weighting**"]
+    assert [lines[i].split("|")[1].strip() for i in (groups[0] + 1, groups[0] + 2)] == ["*VANILLA*", "*CHAIN*"]
+    # exactly the best value of each column is bold (ties aside), and it is the column maximum
+    results = json.loads((grid_dir / "results.json").read_text())
+    body = [line for line in lines if line.startswith("| *") and not line.startswith("| **")]
+    for col, key in enumerate(("type_uar", "two_ccc", "two_pearson", "high_ccc"), start=2):
+        bold = [line.split("|")[col].strip() for line in body if line.split("|")[col].strip().startswith("**")]
+        best = max(c["best"][key] for c in results["summary"])
+        assert bold and all(b.startswith(f"**{best:.4f}".replace("0.", ".", 1)) for b in bold), key
+    assert " ± " in body[0]
+
+
+def test_markdown_formatting_by_hand():
+    rows = [
+        {"arch": "chain", "weighting": "dwa", "seed": s, "type_uar": u, "two_ccc": 0.7, "two_pearson": 0.71,
+         "high_ccc": 0.72, "high_pearson": 0.73, "culture_ccc": c, "culture_pearson": 0.6, "mean": m,
+         "best_epoch": 3}
+        for s, u, c, m in ((0, 0.5, 0.60, 0.60), (1, 0.6, 0.50, 0.62))
+    ] + [{"arch": "vanilla", "weighting": "uniform", "seed": 0, "type_uar": 0.55, "two_ccc": -0.01,
+          "two_pearson": 0.1, "high_ccc": 0.2, "high_pearson": 0.3, "culture_ccc": 0.65, "culture_pearson": 0.5,
+          "mean": 0.3, "best_epoch": 1}]
+    text = results_markdown(summarise(rows))
+    lines = text.splitlines()
+    assert lines[2] == "| **Uniform Weighting** |" + " |" * 8
+    assert lines[3].startswith("| *VANILLA* | .5500 | -.0100 | .1000 |")
+    assert lines[4] == "| **Dynamic Weight Average** |" + " |" * 8
+    # seed 1 has the better mean: its values, bold where best; then mean ± sample std over the two seeds
+    assert lines[5].startswith("| *CHAIN* | **.6000** (.5500 ± .0707) | **.7000** (.7000 ± .0000) |")
+    assert "| .5000 (.5500 ± .0707) |" in lines[5]          # culture CCC of seed 1, not the best column value
+    assert "| **.6500** |" in lines[3]                       # vanilla's culture CCC is the column's best
+    assert "mean ± sample std over seeds" in text
+
+
+def test_rerun_skips_finished_runs_and_retrains_only_what_is_missing(cache_file, tmp_path, monkeypatch):
+    counter = CountingTrainRuns(ablate_mod.train_runs)
+    monkeypatch.setattr(ablate_mod, "train_runs", counter)
+    grid = dict(GRID, archs=("vanilla",), weightings=("uniform", "dwa"), seeds=(0,))
+    first = run_grid(cache_file, tmp_path, **grid)
+    assert counter.calls == [["vanilla-uniform-s0", "vanilla-dwa-s0"]]      # one joint call per arch
+    stamp = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("metrics.json")}
+
+    again = run_grid(cache_file, tmp_path, **grid)
+    assert counter.calls == [["vanilla-uniform-s0", "vanilla-dwa-s0"]]      # nothing trained
+    assert again == first
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("metrics.json")} == stamp
+
+    (tmp_path / "vanilla-dwa-s0" / "metrics.json").unlink()                 # an interrupted run
+    run_grid(cache_file, tmp_path, **dict(grid, seeds=(0, 1)))               # ... and a grown grid
+    assert counter.calls[1] == ["vanilla-uniform-s1", "vanilla-dwa-s0", "vanilla-dwa-s1"]
+
+    run_grid(cache_file, tmp_path, **dict(grid, seeds=(0, 1), epochs=3))     # a changed config: all redone
+    assert sorted(counter.calls[2]) == sorted(["vanilla-uniform-s0", "vanilla-dwa-s0", "vanilla-uniform-s1",
+                                               "vanilla-dwa-s1"])
+    assert json.loads((tmp_path / "vanilla-dwa-s1" / "config.json").read_text())["epochs"] == 3
+
+
+def test_grid_rejects_bad_specs(cache_file, tmp_path):
+    with pytest.raises(ValueError, match="unknown architecture 'mlp'; expected one of vanilla, chain, branch"):
+        run_grid(cache_file, tmp_path, archs=("mlp",), progress=False)
+    with pytest.raises(ValueError, match="seeds listed twice: 0, 0"):
+        run_grid(cache_file, tmp_path, seeds=(0, 0), progress=False)
+    with pytest.raises(ValueError, match="no such file"):
+        run_grid(tmp_path / "missing.h5", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def test_cli_ablate_prints_table_and_train_writes_a_run(cache_file, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(avb, ["heads", "ablate", "--cache", str(cache_file), "--out", str(tmp_path / "g"),
+                              "--archs", "vanilla", "--weightings", "uniform,druw", "--seeds", "0", "--epochs", "2",
+                              "--hidden", "16", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "| **Dynamic Restrained Uncertainty Weighting** |" in res.output
+    assert (tmp_path / "g" / "vanilla-druw-s0" / "metrics.json").is_file()
+
+    res = runner.invoke(avb, ["heads", "train", "--cache", str(cache_file), "--out", str(tmp_path / "r"),
+                              "--arch", "chain", "--weighting", "dwa", "--seed", "3", "--epochs", "2",
+                              "--hidden", "16", "--chain-order", "high,type,two,culture", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (config["arch"], config["weighting"], config["seed"]) == ("chain", "dwa", 3)
+    assert config["head"]["chain_order"] == ["high", "type", "two", "culture"] and config["head"]["hidden"] == 16
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert f"mean             {metrics['mean']:.4f}" in res.output
+
+
+def test_cli_errors_are_one_line(cache_file, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(avb, ["heads", "train", "--cache", str(tmp_path / "nope.h5"), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 1 and res.output.strip() == f"Error: {tmp_path / 'nope.h5'}: no such file"
+    res = runner.invoke(avb, ["heads", "ablate", "--cache", str(cache_file), "--out", str(tmp_path / "g"),
+                              "--weightings", "uniform,gradnorm"])
+    assert res.exit_code == 2 and "unknown weighting 'gradnorm'" in res.output
+    res = runner.invoke(avb, ["heads", "train", "--cache", str(cache_file), "--out", str(tmp_path / "r"),
+                              "--chain-order", "type,two"])
+    assert res.exit_code == 2 and "must name each of type, two, high, culture exactly once" in res.output

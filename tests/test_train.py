@@ -1,0 +1,354 @@
+"""Joint training of stacked head runs from a cache: optimiser, schedule, selection, outputs, determinism."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cache.reader import load_cache
+from cache.writer import CacheWriter
+from heads import train as train_mod
+from heads.metrics import score_all
+from heads.models import HeadConfig, HeadInputs, MultiTaskHead
+from heads.optim import PlateauHalving, StackedAdamW
+from heads.submission import read_submission, read_type_probs
+from heads.tasks import METRIC_KEYS, TASK_NAMES, TASKS, TYPE_CLASSES
+from heads.train import TrainConfig, TrainingError, train_runs
+
+torch.set_num_threads(1)
+
+SPLIT_SIZES = (300, 200, 100)
+SMALL_HEAD = HeadConfig(hidden=32, n_heads=4, branch_blocks=2)
+
+
+def make_signal_cache(path: Path, *, seed: int = 0, sizes=SPLIT_SIZES, invert_val: bool = False,
+                      frames: bool = False) -> Path:
+    """A cache whose labels are functions of a latent z that every layer carries (plus noise).
+
+    Layers: cnn (16-d), hidden_0..hidden_2 (24-d), each a random projection of z. TYPE = argmax of a random
+    projection of z; the regression targets are sigmoids of random projections. With `invert_val`, Val
+    labels come from the NEGATED relation, so fitting Train makes Val worse (the best epoch is an early one).
+    With `frames`, every layer is also stored per frame (the frames average to the pooled value).
+    """
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    z = rng.normal(size=(n, 8)).astype(np.float32)
+    splits = ["Train"] * sizes[0] + ["Val"] * sizes[1] + ["Test"] * sizes[2]
+    is_val = np.array(splits) == "Val"
+    zl = np.where(is_val[:, None] & invert_val, -z, z)
+    labels = {"type": np.argmax(zl @ rng.normal(size=(8, 8)), 1).astype(np.float32)[:, None]}
+    for name in ("two", "high", "culture"):
+        k = len(TASKS[name].columns)
+        labels[name] = (1.0 / (1.0 + np.exp(-0.7 * (zl @ rng.normal(size=(8, k)))))).astype(np.float32)
+    for name in labels:
+        labels[name][sizes[0] + sizes[1]:] = np.nan  # Test rows are unlabelled
+    dims = {"cnn": 16, "hidden_0": 24, "hidden_1": 24, "hidden_2": 24}
+    pooled = {layer: (z @ rng.normal(size=(8, d)) + 0.3 * rng.normal(size=(n, d))).astype(np.float32)
+              for layer, d in dims.items()}
+    n_frames = rng.integers(2, 7, size=n) if frames else np.full(n, 4)
+    frame_data = None
+    if frames:
+        frame_data = {layer: [] for layer in dims}
+        for i in range(n):
+            for layer, d in dims.items():
+                wiggle = rng.normal(size=(int(n_frames[i]), d)).astype(np.float32) * 0.2
+                frame_data[layer].append(pooled[layer][i] + wiggle - wiggle.mean(0))
+    with CacheWriter(path, layer_dims=dims, label_columns={k: list(t.columns) for k, t in TASKS.items()},
+                     label_classes={"type": list(TYPE_CLASSES)}, dtype="float32",
+                     frame_layers=list(dims) if frames else (),
+                     attrs={"backbone": {"name": "synthetic"}, "sample_rate": 16000, "clip_seconds": 2.5}) as w:
+        w.append([f"{i:05d}" for i in range(n)], splits, labels, n_frames, pooled, frame_data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache_file(tmp_path_factory) -> Path:
+    return make_signal_cache(tmp_path_factory.mktemp("cache") / "signal.h5")
+
+
+@pytest.fixture(scope="module")
+def cache(cache_file):
+    return load_cache(cache_file)
+
+
+def _cfg(arch="vanilla", weighting="uniform", seed=0, epochs=3, **kw) -> TrainConfig:
+    return TrainConfig(arch=arch, weighting=weighting, seed=seed, epochs=epochs, head=SMALL_HEAD, **kw)
+
+
+def _rescore_val(run_dir: Path, cache) -> dict[str, float]:
+    """Score a run's saved Val CSVs independently of the trainer (read back from disk)."""
+    rows = {str(i): k for k, i in enumerate(cache.ids)}
+    preds, labels = {}, {}
+    for path in sorted((run_dir / "predictions" / "val").glob("A-VB-*.csv")):
+        task, ids, values = read_submission(path)
+        idx = np.array([rows[i] for i in ids])
+        preds[task.name] = values
+        labels[task.name] = cache.labels[task.name][idx]
+    return score_all(labels, preds)
+
+
+# ------------------------------------------------------------------------------------------- optimiser
+
+def _loss(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (torch.sin(w * x) + 0.5 * (w * x) ** 2).sum()
+
+
+def test_stacked_adamw_equals_torch_adamw_for_one_run():
+    g = torch.Generator().manual_seed(0)
+    w0, b0 = torch.randn(1, 6, 4, generator=g), torch.randn(1, 4, generator=g)
+    ours = [w0.clone().requires_grad_(), b0.clone().requires_grad_()]
+    ref = [w0[0].clone().requires_grad_(), b0[0].clone().requires_grad_()]
+    opt = StackedAdamW(ours, n_runs=1, lr=3e-2, weight_decay=0.01, max_grad_norm=None)
+    ref_opt = torch.optim.AdamW(ref, lr=3e-2, weight_decay=0.01)
+    for _ in range(12):
+        x = torch.randn(6, 4, generator=g)
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        (_loss(ours[0][0], x) + _loss(ours[1][0], x[0])).backward()
+        (_loss(ref[0], x) + _loss(ref[1], x[0])).backward()
+        opt.step()
+        ref_opt.step()
+    assert torch.allclose(ours[0][0], ref[0], atol=1e-6, rtol=0)
+    assert torch.allclose(ours[1][0], ref[1], atol=1e-6, rtol=0)
+    assert not torch.allclose(ours[0][0], w0[0], atol=1e-3)  # it did move
+
+
+def test_stacked_adamw_runs_are_independent_with_their_own_lr_and_clipping():
+    """Each slice follows torch AdamW + clip_grad_norm_ at its own lr; a huge gradient in run 1 changes nothing
+    for runs 0 and 2. A group covering only runs [1, 2] (a weighting module) uses those runs' rates."""
+    g = torch.Generator().manual_seed(1)
+    lrs = [1e-2, 5e-2, 2e-3]
+    scale = [1.0, 1e4, 1.0]                       # run 1's gradients are enormous: clipping must be per run
+    w0, a0 = torch.randn(3, 5, generator=g), torch.randn(2, 4, generator=g)
+    w = w0.clone().requires_grad_()
+    a = a0.clone().requires_grad_()               # leading dim 2 = runs 1 and 2
+    opt = StackedAdamW([{"params": [w]}, {"params": [a], "runs": [1, 2], "weight_decay": 0.0}],
+                       n_runs=3, lr=lrs, weight_decay=0.01, max_grad_norm=1.0)
+    refs = []
+    for r in range(3):
+        pw = w0[r].clone().requires_grad_()
+        pa = [a0[r - 1].clone().requires_grad_()] if r >= 1 else []
+        groups = [{"params": [pw], "weight_decay": 0.01}] + ([{"params": pa, "weight_decay": 0.0}] if pa else [])
+        refs.append((pw, pa, torch.optim.AdamW(groups, lr=lrs[r])))
+    for _ in range(8):
+        x = torch.randn(5, generator=g)
+        opt.zero_grad()
+        total = sum(scale[r] * _loss(w[r], x) for r in range(3)) + sum(
+            scale[r] * _loss(a[r - 1], x[:4]) for r in (1, 2))
+        total.backward()
+        opt.step()
+        for r, (pw, pa, ref_opt) in enumerate(refs):
+            ref_opt.zero_grad()
+            loss = scale[r] * _loss(pw, x) + (scale[r] * _loss(pa[0], x[:4]) if pa else 0.0)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([pw, *pa], max_norm=1.0)
+            ref_opt.step()
+    for r, (pw, pa, _) in enumerate(refs):
+        assert torch.allclose(w[r], pw, atol=1e-6, rtol=0), r
+        if pa:
+            assert torch.allclose(a[r - 1], pa[0], atol=1e-6, rtol=0), r
+
+
+def test_plateau_halving_matches_reduce_lr_on_plateau():
+    rng = np.random.default_rng(3)
+    runs = [
+        np.concatenate([np.linspace(0.1, 0.5, 5), np.full(20, 0.4), np.linspace(0.5, 0.6, 5)]),  # long plateau
+        rng.uniform(0, 1, 30),                                                                   # noise
+        np.linspace(-0.5, 0.2, 30),                                                              # always better
+    ]
+    params = [torch.zeros(3, 1, requires_grad=True)]
+    opt = StackedAdamW(params, n_runs=3, lr=1e-3)
+    sched = PlateauHalving(opt, patience=5, factor=0.5)
+    refs = []
+    for _ in runs:
+        ref_opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=1e-3)
+        refs.append((ref_opt, torch.optim.lr_scheduler.ReduceLROnPlateau(ref_opt, mode="max", factor=0.5,
+                                                                          patience=5)))
+    n_reduced = 0
+    for epoch in range(30):
+        reduced = sched.step([seq[epoch] for seq in runs])
+        n_reduced += int(reduced.sum())
+        for r, (ref_opt, ref_sched) in enumerate(refs):
+            ref_sched.step(runs[r][epoch])
+            assert opt.lr[r].item() == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-12), (r, epoch)
+    assert n_reduced >= 3                     # the plateau run was halved more than once
+    assert opt.lr[2].item() == 1e-3           # the always-improving run never was
+
+
+# ------------------------------------------------------------------------------------------- training
+
+def test_joint_training_equals_each_run_alone(cache, tmp_path):
+    configs = [_cfg("chain", "uniform", 0), _cfg("chain", "dwa", 1), _cfg("chain", "druw", 2)]
+    joint = train_runs(cache, configs, [tmp_path / "joint" / c.name for c in configs], progress=False)
+    for cfg, together in zip(configs, joint):
+        alone = train_runs(cache, [cfg], [tmp_path / "alone" / cfg.name], progress=False)[0]
+        for key in (*METRIC_KEYS, "mean"):
+            assert together[key] == pytest.approx(alone[key], abs=1e-5), (cfg.name, key)
+        assert together["best_epoch"] == alone["best_epoch"]
+        for h_joint, h_alone in zip(together["history"], alone["history"]):
+            assert h_joint["loss"] == pytest.approx(h_alone["loss"], abs=1e-5)
+            assert h_joint["weights"] == pytest.approx(h_alone["weights"], abs=1e-5)
+    # the runs differ from each other (different seeds / weightings really were used)
+    assert len({round(m["mean"], 6) for m in joint}) == 3
+
+
+def test_same_seed_gives_identical_files(cache, tmp_path):
+    cfg = _cfg("vanilla", "rruw", seed=7, epochs=2)
+    for name in ("a", "b"):
+        train_runs(cache, [cfg], [tmp_path / name], progress=False)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert {str(f) for f in files} >= {"metrics.json", "config.json", "head.safetensors",
+                                        "predictions/val/type_probs.csv", "predictions/test/A-VB-High_avb_1.csv"}
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    other = train_runs(cache, [_cfg("vanilla", "rruw", seed=8, epochs=2)], [tmp_path / "c"], progress=False)[0]
+    assert other["mean"] != json.loads((tmp_path / "a" / "metrics.json").read_text())["mean"]
+
+
+def test_saved_outputs_are_the_best_epoch_not_the_last(tmp_path):
+    """Val labels follow the negated relation: fitting Train makes Val worse, so the best epoch is early."""
+    cache = load_cache(make_signal_cache(tmp_path / "inverted.h5", invert_val=True))
+    cfg = _cfg("vanilla", "uniform", seed=0, epochs=5, lr=3e-3)
+    out = tmp_path / "run"
+    metrics = train_runs(cache, [cfg], [out], progress=False)[0]
+    stored = json.loads((out / "metrics.json").read_text())
+    assert stored == json.loads(json.dumps(metrics))
+    best, history = stored["best_epoch"], stored["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+    assert best < 5
+    assert max(h["val"]["mean"] for h in history) == history[best - 1]["val"]["mean"]
+    # the files on disk score exactly what metrics.json says, which is the best epoch's score...
+    rescored = _rescore_val(out, cache)
+    for key in (*METRIC_KEYS, "mean"):
+        assert rescored[key] == pytest.approx(stored[key], abs=1e-6), key
+        assert stored[key] == pytest.approx(history[best - 1]["val"][key], abs=1e-9), key
+    # ...and not the last epoch's
+    assert abs(rescored["mean"] - history[-1]["val"]["mean"]) > 1e-3
+    # the saved head is the best epoch's too: loading it reproduces the saved Val probabilities
+    model = MultiTaskHead(cfg.head, cache.layer_dims, [cfg.seed])
+    model.load_run_state_dict(0, load_file(out / "head.safetensors"))
+    model.eval()
+    val = cache.indices("Val")
+    with torch.no_grad():
+        logits = model(HeadInputs(pooled={k: torch.from_numpy(v[val]).float()[None] for k, v in cache.pooled.items()}))
+    ids, probs = read_type_probs(out / "predictions" / "val" / "type_probs.csv")
+    order = np.argsort(cache.ids[val])
+    assert ids == list(cache.ids[val][order])
+    assert np.allclose(probs, torch.softmax(logits["type"][0], -1).numpy()[order], atol=1e-6)
+
+
+def test_outputs_cover_val_and_test_ids_and_config(cache, cache_file, tmp_path):
+    cfg = _cfg("vanilla", "dwa", seed=0, epochs=2)
+    train_runs(cache, [cfg], [tmp_path], progress=False, cache_path=cache_file)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["arch"], config["weighting"], config["seed"], config["epochs"]) == ("vanilla", "dwa", 0, 2)
+    assert config["head"]["hidden"] == 32 and config["head"]["arch"] == "vanilla"
+    assert config["cache"] == str(Path(cache_file).resolve())
+    assert config["cache_attrs"]["layers"] == ["cnn", "hidden_0", "hidden_1", "hidden_2"]
+    for split, n in (("val", SPLIT_SIZES[1]), ("test", SPLIT_SIZES[2])):
+        names = sorted(p.name for p in (tmp_path / "predictions" / split).iterdir())
+        assert names == ["A-VB-Culture_avb_1.csv", "A-VB-High_avb_1.csv", "A-VB-Two_avb_1.csv",
+                         "A-VB-Type_avb_1.csv", "type_probs.csv"]
+        task, ids, values = read_submission(tmp_path / "predictions" / split / "A-VB-Culture_avb_1.csv")
+        assert values.shape == (n, 40) and ids == sorted(cache.ids[cache.indices(split.title())].tolist())
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert set(history[0]) == {"epoch", "loss", "task_losses", "weights", "lr", "val"}
+    assert list(history[0]["weights"]) == list(TASK_NAMES)
+    assert history[0]["weights"] == {t: 1.0 for t in TASK_NAMES}   # DWA: weight 1 in the first two epochs
+    assert history[0]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("arch", ["vanilla", "chain", "branch"])
+def test_every_arch_and_weighting_learns_the_signal(cache, tmp_path, arch):
+    configs = [_cfg(arch, w, seed=0, epochs=4) for w in ("uniform", "dwa", "rruw", "druw")]
+    results = train_runs(cache, configs, [tmp_path / c.name for c in configs], progress=False)
+    for cfg, m in zip(configs, results):
+        assert m["type_uar"] > 0.3, (cfg.name, m["type_uar"])           # chance is 1/8
+        for key in ("two_ccc", "high_ccc", "culture_ccc"):
+            assert m[key] > 0.3, (cfg.name, key, m[key])
+
+
+def test_branch_over_frames_pads_masks_and_learns(tmp_path):
+    from cache.reader import FrameReader
+
+    path = make_signal_cache(tmp_path / "frames.h5", frames=True, sizes=(200, 120, 40))
+    cache = load_cache(path)
+    head = HeadConfig(hidden=32, n_heads=4, branch_blocks=2, branch_use_frames=True)
+    cfg = TrainConfig(arch="branch", weighting="uniform", epochs=3, head=head)
+    with FrameReader(path) as frames:
+        # the batch tensors: zero-padded to the longest clip, mask = valid frames
+        model = MultiTaskHead(cfg.head, cache.layer_dims, [0])
+        feats = train_mod._Features(cache, model.required_layers, frames, model.required_frame_layers)
+        rows = np.array([0, 1, 2])
+        x = feats.shared(rows, 2)
+        lengths = cache.n_frames[rows]
+        assert x.frame_mask.shape == (2, 3, lengths.max())
+        assert x.frame_mask[0].sum(1).tolist() == lengths.tolist()
+        first = frames.get(rows)["hidden_2"][0]
+        assert torch.equal(x.frames["hidden_2"][1, 0, :len(first)], torch.from_numpy(first))
+        assert float(x.frames["hidden_2"][0, 0, len(first):].abs().sum()) == 0.0
+        m = train_runs(cache, [cfg], [tmp_path / "run"], progress=False, frames=frames)[0]
+    assert m["type_uar"] > 0.25 and m["two_ccc"] > 0.3
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+def test_nan_features_are_refused_before_training(cache_file, tmp_path):
+    cache = load_cache(cache_file)
+    cache.pooled["hidden_2"][5, 3] = np.nan
+    with pytest.raises(TrainingError) as err:
+        train_runs(cache, [_cfg()], [tmp_path / "run"], progress=False)
+    assert str(err.value) == ("cache layer 'hidden_2' has non-finite features in 1 clip(s), "
+                              "first clip id 00005 (Train)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_loss_stops_with_run_epoch_and_task(cache, tmp_path, monkeypatch):
+    real = train_mod.task_losses
+    calls = {"n": 0}
+
+    def poisoned(outputs, targets):
+        losses = real(outputs, targets)
+        calls["n"] += 1
+        if calls["n"] > 40:  # inside epoch 2 (38 batches per epoch: 37 of 8 rows, one of 4)
+            losses = losses.clone()
+            losses[1, 2] = float("nan")
+        return losses
+
+    monkeypatch.setattr(train_mod, "task_losses", poisoned)
+    configs = [_cfg(weighting="uniform", seed=0), _cfg(weighting="dwa", seed=1)]
+    dirs = [tmp_path / c.name for c in configs]
+    with pytest.raises(TrainingError) as err:
+        train_runs(cache, configs, dirs, progress=False)
+    assert str(err.value).startswith("run vanilla-dwa-s1, epoch 2: high loss is nan; training stopped")
+    for d in dirs:
+        assert not (d / "metrics.json").exists() and not (d / "predictions").exists()
+
+
+def test_configs_that_cannot_train_jointly_are_refused(cache, tmp_path):
+    with pytest.raises(TrainingError, match="runs trained jointly must share epochs: vanilla-uniform-s0 has 3, "
+                                            "vanilla-dwa-s0 has 4"):
+        train_runs(cache, [_cfg(epochs=3), _cfg(weighting="dwa", epochs=4)], [tmp_path / "a", tmp_path / "b"],
+                   progress=False)
+    with pytest.raises(TrainingError, match="share arch"):
+        train_runs(cache, [_cfg("vanilla"), _cfg("chain")], [tmp_path / "a", tmp_path / "b"], progress=False)
+    with pytest.raises(TrainingError, match="2 configs but 1 output folders"):
+        train_runs(cache, [_cfg(), _cfg(seed=1)], [tmp_path / "a"], progress=False)
+    with pytest.raises(ValueError, match="unknown loss weighting 'nope'"):
+        train_runs(cache, [_cfg(weighting="nope")], [tmp_path / "a"], progress=False)
+
+
+def test_config_round_trips_through_json():
+    cfg = TrainConfig(arch="CHAIN", weighting="DRUW", seed=3, head=HeadConfig(chain_order=("two", "type", "high",
+                                                                                            "culture")))
+    assert cfg.arch == "chain" and cfg.head.arch == "chain" and cfg.weighting == "druw"
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and again.head.chain_order == ("two", "type", "high", "culture")
+    assert TrainConfig().to_dict() | {"head": None} == {
+        "arch": "vanilla", "weighting": "uniform", "seed": 0, "epochs": 30, "batch_size": 8, "lr": 1e-3,
+        "weight_decay": 0.01, "patience": 5, "lr_factor": 0.5, "grad_clip": 5.0, "head": None,
+        "weighting_options": {}}
