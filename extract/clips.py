@@ -1,0 +1,107 @@
+"""Fixed-length clips of a corpus as a torch Dataset, and the collate function that batches them.
+
+Every clip is cut or zero-padded to the same length (2.5 s by default) with a sample mask, so a batch is one
+dense tensor and a clip's features never depend on its batch-mates (see `extract.backbone`). Training crops
+are random but reproducible: the window of clip i in epoch e comes from a generator seeded by (seed, e, i),
+so it is the same whatever the number of processes, workers or the batch a clip lands in, and a resumed run
+sees the same crops as an uninterrupted one. Evaluation and dumping take the first window (deterministic).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+
+from extract.audio import SAMPLE_RATE, crop_or_pad, load_wav
+from extract.corpus import Corpus
+
+
+def clip_samples(clip_seconds: float) -> int:
+    """Samples in one clip of `clip_seconds` at 16 kHz."""
+    n = int(round(float(clip_seconds) * SAMPLE_RATE))
+    if n < 1:
+        raise ValueError(f"clip_seconds must be positive, got {clip_seconds}")
+    return n
+
+
+class ClipDataset(Dataset):
+    """Clips of `corpus` at row positions `rows`; item k is corpus row rows[k].
+
+    An item is {"wave": float32 [S], "mask": int64 [S], "row": int64 scalar, "labels": {task: float32 [label_dim]}}.
+    """
+
+    def __init__(
+        self,
+        corpus: Corpus,
+        rows: Sequence[int] | np.ndarray,
+        *,
+        clip_seconds: float = 2.5,
+        train: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.corpus = corpus
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.n_samples = clip_samples(clip_seconds)
+        self.train = train
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the crops of `epoch` (accelerate's DataLoader forwards its set_epoch here)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int) -> dict:
+        row = int(self.rows[k])
+        wave = load_wav(self.corpus.wav_path(self.corpus.ids[row]))
+        rng = np.random.default_rng([self.seed, self.epoch, row]) if self.train else None
+        clip, mask = crop_or_pad(wave, self.n_samples, rng)
+        return {
+            "wave": torch.from_numpy(clip),
+            "mask": torch.from_numpy(mask),
+            "row": torch.tensor(row, dtype=torch.long),
+            "labels": {task: torch.from_numpy(values[row]) for task, values in self.corpus.labels.items()},
+        }
+
+
+def collate_clips(items: Sequence[dict]) -> dict:
+    """Stack items into {"waves" [B, S], "mask" [B, S], "rows" [B], "labels" {task: [B, label_dim]}}."""
+    return {
+        "waves": torch.stack([it["wave"] for it in items]),
+        "mask": torch.stack([it["mask"] for it in items]),
+        "rows": torch.stack([it["row"] for it in items]),
+        "labels": {task: torch.stack([it["labels"][task] for it in items]) for task in items[0]["labels"]},
+    }
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation of range(n) seeded by (seed, epoch): the same order in every process and on resume.
+
+    accelerate splits the resulting batches between processes; because the order depends only on the seed and
+    the epoch, every rank agrees on it without communication.
+    """
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n = int(n)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        order = np.random.default_rng([self.seed, self.epoch, 7]).permutation(self.n)
+        return iter(order.tolist())
+
+
+def labels_to_targets(labels: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Batch labels {task: [B, label_dim]} -> the heads' targets {task: [1, B, label_dim]} for one run (R = 1)."""
+    return {task: values[None] for task, values in labels.items()}

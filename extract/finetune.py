@@ -1,0 +1,565 @@
+"""Stage 1 fine-tuning: wav2vec2 + a multi-task head from `heads`, end to end, under accelerate.
+
+    accelerate launch -m extract.finetune --corpus ROOT --model facebook/wav2vec2-base --out DIR
+    avb finetune ...   (the same, in one process)
+
+The paper's recipe (Sec. III-B): random 2.5 s crops, SpecAugment (time and feature masking, p = 0.05), AdamW
+with 1e-5 on the backbone and 1e-3 on the head, batch 8, 30 epochs, learning rate halved when the validation
+score (mean of the four task scores) has not improved for 5 epochs, model selection on validation.
+
+How it is laid out and why:
+* Backbone, head and loss weighting are one module (`FinetuneModel`) that also computes the loss, so DDP
+  all-reduces every trainable parameter, including RRUW/DRUW's uncertainty alpha (trained at the head LR,
+  without weight decay, as heads.weighting asks). LayerDrop is off (see `extract.backbone.load_backbone`),
+  so every trainable parameter is used in every step.
+* `--batch-size` is per process (and per micro-batch): the effective batch is batch x processes x grad-accum.
+  The CCC loss is computed on each process's micro-batch.
+* Validation runs over the whole Val split; `gather_for_metrics` drops the samples accelerate repeats to
+  even out the last batch, so the metrics are the same for any number of processes.
+* Checkpoints (`accelerator.save_state`: model, optimizer, RNG states) go to OUT/checkpoints/step-XXXXXXXX
+  at each epoch end and when --max-steps is reached, written under a temporary name and renamed, with
+  `train_state.json` (epoch, step, position inside the epoch, history, plateau-scheduler state). --resume
+  loads the newest one and skips the batches already done in its epoch (`skip_first_batches`); the batch
+  order and the random crops are seeded by (seed, epoch), so the resumed run sees what the uninterrupted one
+  would have. No pickle is written by this module (accelerate's own RNG/optimizer files aside).
+* The best epoch's backbone is saved with `save_pretrained` to OUT/backbone (so `AutoModel.from_pretrained`
+  and `avb dump --model OUT/backbone` load it) and its head to OUT/head.safetensors, each time validation
+  improves -- so they survive a crash and always hold the best epoch, not the last.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cache.atomic import write_json_atomic
+from heads.tasks import TASK_NAMES
+
+CHECKPOINT = re.compile(r"^step-(\d{8,})$")
+STATE_FILE = "train_state.json"
+PRECISIONS = ("no", "fp16", "bf16")
+ARCHS = ("vanilla", "chain", "branch")
+
+
+class FinetuneError(ValueError):
+    """Bad fine-tuning settings, or an output directory that cannot be used; one line for the user."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a fine-tuning run depends on; defaults are the paper's settings."""
+
+    corpus: str = ""
+    model: str = "facebook/wav2vec2-base"
+    out: str = ""
+    epochs: int = 30
+    batch_size: int = 8               # per process and micro-batch
+    eval_batch_size: int = 16
+    lr_backbone: float = 1e-5
+    lr_head: float = 1e-3             # also the loss weighting's learnable alpha
+    weight_decay: float = 0.01        # AdamW's default; not applied to the weighting's alpha
+    plateau_patience: int = 5         # halve the LRs after this many epochs without a better Val mean score
+    plateau_factor: float = 0.5
+    clip_seconds: float = 2.5
+    spec_time_p: float = 0.05
+    spec_feature_p: float = 0.05
+    mask_time_length: int = 10
+    mask_feature_length: int = 10
+    arch: str = "vanilla"
+    input_layer: str = "last"
+    hidden: int = 256
+    dropout: float = 0.3
+    weighting: str = "uniform"
+    freeze_cnn: bool = False
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    max_steps: int = 0                # optimizer steps; 0 = no limit
+    seed: int = 0
+    num_workers: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
+
+    # Fields that may change between a run and its --resume; every other field must match.
+    RESUMABLE_CHANGES = ("epochs", "max_steps", "num_workers", "eval_batch_size", "keep_checkpoints", "resume")
+
+    def validate(self) -> None:
+        if not self.corpus or not self.out:
+            raise FinetuneError("both --corpus and --out are required")
+        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "keep_checkpoints", "hidden"):
+            if getattr(self, name) < 1:
+                raise FinetuneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "num_workers", "plateau_patience"):
+            if getattr(self, name) < 0:
+                raise FinetuneError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr_backbone", "lr_head", "clip_seconds"):
+            if not getattr(self, name) > 0:
+                raise FinetuneError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        for name in ("spec_time_p", "spec_feature_p", "dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise FinetuneError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 < self.plateau_factor < 1.0:
+            raise FinetuneError(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
+        if self.mixed_precision not in PRECISIONS:
+            raise FinetuneError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, "
+                                f"got {self.mixed_precision!r}")
+        if self.arch not in ARCHS:
+            raise FinetuneError(f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        from heads.weighting import WEIGHTINGS
+
+        if self.weighting not in WEIGHTINGS:
+            raise FinetuneError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class FinetuneModel(nn.Module):
+    """Backbone -> masked-mean pooled layers -> multi-task head (R = 1) -> task losses -> weighted total."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, weighting: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.weighting = weighting
+
+    def forward(self, waves: Tensor, mask: Tensor, targets: dict[str, Tensor] | None = None) -> dict[str, Any]:
+        """outputs: task -> [B, out_dim]; with targets ({task: [B, label_dim]}) also loss and task_losses [4]."""
+        from extract.backbone import forward_layers
+        from heads.losses import task_losses
+        from heads.models import HeadInputs
+
+        pooled, _, _ = forward_layers(self.backbone, waves, mask)
+        inputs = HeadInputs(pooled={name: pooled[name][None] for name in self.head.required_layers})
+        stacked = None if targets is None else {task: y[None] for task, y in targets.items()}
+        outputs = self.head(inputs, stacked)
+        result: dict[str, Any] = {"outputs": {task: out[0] for task, out in outputs.items()}}
+        if stacked is not None:
+            losses = task_losses(outputs, stacked)                      # [1, 4]
+            result["task_losses"] = losses[0]
+            result["loss"] = self.weighting(losses)[0]
+        return result
+
+
+# ---------------------------------------------------------------------------------------------- state
+@dataclass
+class TrainState:
+    """Progress that is not in the model/optimizer: saved as JSON beside each checkpoint."""
+
+    epoch: int = 0                  # completed epochs
+    batches_in_epoch: int = 0       # micro-batches of the current epoch already trained (per process)
+    step: int = 0                   # optimizer steps so far
+    world: int = 1                  # processes that trained the current epoch
+    loss_sum: float = 0.0           # sums over the current epoch's micro-batches, all processes
+    task_loss_sum: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
+    n_batches: int = 0
+    history: list[dict] = field(default_factory=list)   # one entry per validation
+    best: dict | None = None        # the history entry of the best validation so far
+    scheduler: dict | None = None   # ReduceLROnPlateau bookkeeping (see scheduler_state)
+
+    def __post_init__(self) -> None:
+        self.task_loss_sum = tuple(self.task_loss_sum)
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainState":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        except (OSError, ValueError, TypeError) as err:
+            raise FinetuneError(f"{path}: unreadable training state ({err})") from None
+
+
+def _finite(obj: Any) -> Any:
+    """JSON-safe copy: non-finite floats become None (a diverged loss must not break the metrics file)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def scheduler_state(scheduler: Any) -> dict:
+    best = float(scheduler.best)
+    return {"best": best if math.isfinite(best) else None, "num_bad_epochs": int(scheduler.num_bad_epochs),
+            "last_epoch": int(scheduler.last_epoch), "cooldown_counter": int(scheduler.cooldown_counter)}
+
+
+def load_scheduler_state(scheduler: Any, state: dict | None) -> None:
+    if not state:
+        return
+    scheduler.best = scheduler.mode_worse if state["best"] is None else float(state["best"])
+    scheduler.num_bad_epochs = int(state["num_bad_epochs"])
+    scheduler.last_epoch = int(state["last_epoch"])
+    scheduler.cooldown_counter = int(state["cooldown_counter"])
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The complete checkpoint with the highest step (temporary `.tmp-*` folders are never considered)."""
+    if not directory.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in directory.iterdir()
+             if (m := CHECKPOINT.match(p.name)) and (p / STATE_FILE).is_file()]
+    return max(found)[1] if found else None
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written folder into place (rename; the old one is removed only after)."""
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_best(unwrapped: FinetuneModel, out: Path) -> None:
+    """OUT/backbone (save_pretrained) and OUT/head.safetensors, each replaced atomically."""
+    from safetensors.torch import save_file
+
+    from cache.atomic import atomic_path
+
+    tmp = out / ".backbone.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    unwrapped.backbone.save_pretrained(tmp)
+    _replace_dir(tmp, out / "backbone")
+    state = {k: v.detach().float().cpu().contiguous() for k, v in unwrapped.head.state_dict().items()}
+    with atomic_path(out / "head.safetensors", suffix=".safetensors") as path:
+        save_file(state, str(path), metadata={"format": "pt"})
+
+
+def _generator_file(ckpt: Path, rank: int) -> Path:
+    return ckpt / f"head_dropout_rng_{rank}.safetensors"
+
+
+def _check_resume_config(saved_path: Path, cfg: FinetuneConfig) -> None:
+    try:
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise FinetuneError(f"{saved_path}: unreadable ({err})") from None
+    current = cfg.to_json()
+    for key, value in current.items():
+        if key in FinetuneConfig.RESUMABLE_CHANGES or key not in saved:
+            continue
+        if saved[key] != value:
+            raise FinetuneError(f"--resume with {key}={value!r}, but {saved_path} was trained with "
+                                f"{key}={saved[key]!r}; use the same settings or another --out")
+
+
+def _train_rows(corpus: Any) -> np.ndarray:
+    """Train rows with every task labelled (a clip missing a label cannot give all four losses)."""
+    rows = corpus.indices("Train")
+    known = np.ones(len(rows), dtype=bool)
+    for task in TASK_NAMES:
+        known &= ~np.isnan(corpus.labels[task][rows]).any(axis=1)
+    return rows[known]
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(accelerator: Any, model: nn.Module, loader: Any, corpus: Any, *, progress: bool = False
+             ) -> tuple[dict[str, float], np.ndarray, dict[str, np.ndarray]]:
+    """Scores over the whole split behind `loader` (rows, predictions in gathered order), same on every rank."""
+    from tqdm.auto import tqdm
+
+    from heads.metrics import score_all
+
+    model.eval()
+    rows: list[np.ndarray] = []
+    preds: dict[str, list[np.ndarray]] = {task: [] for task in TASK_NAMES}
+    for batch in tqdm(loader, desc="val", unit="batch", leave=False, disable=not progress):
+        result = model(batch["waves"], batch["mask"])
+        gathered = accelerator.gather_for_metrics(
+            {"rows": batch["rows"], "outputs": {task: out.float() for task, out in result["outputs"].items()}}
+        )
+        rows.append(gathered["rows"].cpu().numpy())
+        for task in TASK_NAMES:
+            preds[task].append(gathered["outputs"][task].cpu().numpy())
+    all_rows = np.concatenate(rows)
+    all_preds = {task: np.concatenate(p) for task, p in preds.items()}
+    labels = {task: corpus.labels[task][all_rows] for task in TASK_NAMES}
+    return score_all(labels, all_preds), all_rows, all_preds
+
+
+# ---------------------------------------------------------------------------------------------- training
+def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) one fine-tuning run; every process calls this. Returns the metrics dict."""
+    cfg.validate()
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from safetensors.torch import load_file, save_file
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from extract.backbone import layer_dims, load_backbone, make_accelerator
+    from extract.clips import ClipDataset, EpochShuffleSampler, collate_clips
+    from extract.corpus import read_corpus
+    from heads.models import HeadConfig, MultiTaskHead
+    from heads.weighting import build_weighting
+
+    out = Path(cfg.out)
+    ckpt_root = out / "checkpoints"
+    latest = latest_checkpoint(ckpt_root)
+    if latest is not None and not cfg.resume:
+        raise FinetuneError(f"{out} already holds checkpoints ({latest.name}); pass --resume to continue that run "
+                            "or choose another --out")
+    if cfg.resume and latest is not None and (out / "config.json").exists():
+        _check_resume_config(out / "config.json", cfg)
+
+    corpus = read_corpus(cfg.corpus)
+    train_rows, val_rows = _train_rows(corpus), corpus.indices("Val")
+    if len(val_rows) == 0:
+        raise FinetuneError(f"corpus {cfg.corpus} has no Val clips to select the best epoch on")
+
+    set_seed(cfg.seed)   # same initial weights on every rank (DDP also broadcasts them)
+    backbone = load_backbone(cfg.model, spec_time_p=cfg.spec_time_p, spec_feature_p=cfg.spec_feature_p,
+                             mask_time_length=cfg.mask_time_length, mask_feature_length=cfg.mask_feature_length,
+                             freeze_cnn=cfg.freeze_cnn)
+    if cfg.spec_time_p == 0 and getattr(backbone, "masked_spec_embed", None) is not None:
+        backbone.masked_spec_embed.requires_grad_(False)   # never used without time masking
+    # LayerDrop is off (see load_backbone), so every trainable parameter gets a gradient in every step and DDP
+    # need not search the graph for unused ones.
+    accelerator = make_accelerator(
+        gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if len(train_rows) < cfg.batch_size * world:
+        raise FinetuneError(f"corpus {cfg.corpus} has {len(train_rows)} fully labelled Train clips, fewer than one "
+                            f"batch per process ({cfg.batch_size} x {world})")
+    show = progress and accelerator.is_local_main_process
+    dims = layer_dims(backbone)
+    head_cfg = HeadConfig(arch=cfg.arch, hidden=cfg.hidden, dropout=cfg.dropout, input_layer=cfg.input_layer)
+    head = MultiTaskHead(head_cfg, dims, seeds=[cfg.seed])
+    # Dropout masks of the head: one stream per rank (different samples, different masks), saved in checkpoints.
+    dropout_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * (rank + 1))
+    head.set_run_generators([dropout_gen])
+    weighting = build_weighting(cfg.weighting, n_runs=1)
+    model = FinetuneModel(backbone, head, weighting)
+
+    groups = [
+        {"params": [p for p in backbone.parameters() if p.requires_grad], "lr": cfg.lr_backbone},
+        {"params": list(head.parameters()), "lr": cfg.lr_head},
+        {"params": list(weighting.parameters()), "lr": cfg.lr_head, "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.plateau_factor,
+                                                           patience=cfg.plateau_patience)
+    train_set = ClipDataset(corpus, train_rows, clip_seconds=cfg.clip_seconds, train=True, seed=cfg.seed)
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, drop_last=True, collate_fn=collate_clips,
+                              sampler=EpochShuffleSampler(len(train_set), cfg.seed), num_workers=cfg.num_workers)
+    val_set = ClipDataset(corpus, val_rows, clip_seconds=cfg.clip_seconds)
+    val_loader = DataLoader(val_set, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate_clips,
+                            num_workers=cfg.num_workers)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    unwrapped: FinetuneModel = accelerator.unwrap_model(model)
+
+    state = TrainState(world=world)
+    if cfg.resume and latest is not None:
+        accelerator.load_state(str(latest))
+        state = TrainState.load(latest / STATE_FILE)
+        if state.batches_in_epoch and state.world != world:
+            raise FinetuneError(f"{latest} stopped inside epoch {state.epoch + 1} with {state.world} processes; "
+                                f"resume it with the same number of processes (got {world})")
+        load_scheduler_state(scheduler, state.scheduler)
+        gen_file = _generator_file(latest, rank)
+        if gen_file.exists():
+            dropout_gen.set_state(load_file(str(gen_file))["state"])
+        if not accelerator.is_main_process:   # the epoch's sums so far are counted once, on rank 0
+            state.loss_sum, state.task_loss_sum, state.n_batches = 0.0, (0.0,) * 4, 0
+        if accelerator.is_main_process:
+            _log(f"resuming from {latest} (epoch {state.epoch + 1}, step {state.step})")
+    else:
+        if cfg.resume and accelerator.is_main_process:
+            _log(f"--resume: no checkpoint under {ckpt_root}; starting a new run")
+        set_seed(cfg.seed, device_specific=True)   # SpecAugment masks differ between ranks
+    state.world = world
+    if accelerator.is_main_process:
+        write_json_atomic(out / "config.json", {**cfg.to_json(), "head": asdict(head_cfg), "layer_dims": dims,
+                                                "processes": world})
+
+    def save_checkpoint() -> None:
+        name = f"step-{state.step:08d}"
+        tmp, final = ckpt_root / f".tmp-{name}", ckpt_root / name
+        if accelerator.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        save_file({"state": dropout_gen.get_state()}, str(_generator_file(tmp, rank)))
+        state.scheduler = scheduler_state(scheduler)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json_atomic(tmp / STATE_FILE, _finite(asdict(state)))   # written last: marks it complete
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            done = sorted((int(m.group(1)), p) for p in ckpt_root.iterdir() if (m := CHECKPOINT.match(p.name)))
+            for _, old in done[:-cfg.keep_checkpoints]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+
+    def write_metrics() -> dict[str, Any]:
+        metrics = _finite({"best": state.best, "history": state.history})
+        if accelerator.is_main_process:
+            write_json_atomic(out / "metrics.json", metrics)
+        return metrics
+
+    stop = bool(cfg.max_steps) and state.step >= cfg.max_steps
+    while state.epoch < cfg.epochs and not stop:
+        epoch = state.epoch
+        train_set.set_epoch(epoch)
+        train_loader.set_epoch(epoch)
+        loader = train_loader
+        if state.batches_in_epoch:
+            loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+        model.train()
+        sums = torch.zeros(6, dtype=torch.float64)   # loss, 4 task losses, batches (this process)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show,
+                   initial=state.batches_in_epoch, total=len(train_loader))
+        for batch in bar:
+            with accelerator.accumulate(model):
+                result = model(batch["waves"], batch["mask"], batch["labels"])
+                accelerator.backward(result["loss"])
+                optimizer.step()
+                optimizer.zero_grad()
+            state.batches_in_epoch += 1
+            sums += torch.cat([result["loss"].detach().float().reshape(1), result["task_losses"].detach().float(),
+                               torch.ones(1)]).cpu().double()
+            if accelerator.sync_gradients:
+                state.step += 1
+                bar.set_postfix(loss=f"{result['loss'].detach().item():.4f}", step=state.step)
+                if cfg.max_steps and state.step >= cfg.max_steps:
+                    stop = True
+                    break
+        bar.close()
+        epoch_done = state.batches_in_epoch >= len(train_loader)
+
+        # Epoch statistics over every process (plus what a resumed epoch had before the restart).
+        total = accelerator.reduce(sums.float().to(accelerator.device), reduction="sum").double().cpu()
+        state.loss_sum += float(total[0])
+        state.task_loss_sum = tuple(float(a + b) for a, b in zip(state.task_loss_sum, total[1:5].tolist()))
+        state.n_batches += int(round(float(total[5])))
+        n = max(1, state.n_batches)
+        task_means = [s / n for s in state.task_loss_sum]
+        weights = unwrapped.weighting.weights()[0].tolist()
+
+        scores, _, _ = evaluate(accelerator, model, val_loader, corpus, progress=show)
+        entry = {
+            "epoch": epoch + 1, "step": state.step, "partial": not epoch_done,
+            "train_loss": state.loss_sum / n, "task_losses": dict(zip(TASK_NAMES, task_means)),
+            "loss_weights": dict(zip(TASK_NAMES, weights)),
+            "lr_backbone": optimizer.param_groups[0]["lr"], "lr_head": optimizer.param_groups[-1]["lr"],
+            "val": scores,
+        }
+        state.history.append(entry)
+        score = scores.get("mean", float("nan"))
+        best_score = None if state.best is None else state.best["val"].get("mean")
+        if state.best is None or (math.isfinite(score) and (best_score is None or score > best_score)):
+            state.best = entry
+            if accelerator.is_main_process:
+                save_best(unwrapped, out)
+            accelerator.wait_for_everyone()
+        if epoch_done:
+            unwrapped.weighting.end_epoch(torch.tensor([task_means], dtype=torch.float32))
+            scheduler.step(score if math.isfinite(score) else float("-inf"))
+            state.epoch += 1
+            state.batches_in_epoch, state.loss_sum, state.task_loss_sum, state.n_batches = 0, 0.0, (0.0,) * 4, 0
+        elif not accelerator.is_main_process:
+            state.loss_sum, state.task_loss_sum, state.n_batches = 0.0, (0.0,) * 4, 0
+        if accelerator.is_main_process:
+            _log(f"epoch {entry['epoch']}{' (partial)' if entry['partial'] else ''} step {state.step}: "
+                 f"train loss {entry['train_loss']:.4f}, val " +
+                 ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        save_checkpoint()
+        write_metrics()
+
+    metrics = write_metrics()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+@click.command("finetune")
+@click.option("--corpus", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Corpus root in the official A-VB layout.")
+@click.option("--model", default=FinetuneConfig.model, show_default=True,
+              help="Pretrained wav2vec2-family checkpoint name or local directory.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output directory.")
+@click.option("--epochs", default=FinetuneConfig.epochs, show_default=True, type=int)
+@click.option("--batch-size", default=FinetuneConfig.batch_size, show_default=True, type=int,
+              help="Clips per process and micro-batch.")
+@click.option("--eval-batch-size", default=FinetuneConfig.eval_batch_size, show_default=True, type=int)
+@click.option("--lr-backbone", default=FinetuneConfig.lr_backbone, show_default=True, type=float)
+@click.option("--lr-head", default=FinetuneConfig.lr_head, show_default=True, type=float)
+@click.option("--clip-seconds", default=FinetuneConfig.clip_seconds, show_default=True, type=float)
+@click.option("--spec-time-p", default=FinetuneConfig.spec_time_p, show_default=True, type=float,
+              help="SpecAugment time-masking probability.")
+@click.option("--spec-feature-p", default=FinetuneConfig.spec_feature_p, show_default=True, type=float,
+              help="SpecAugment feature-masking probability.")
+@click.option("--arch", default=FinetuneConfig.arch, show_default=True, type=click.Choice(ARCHS))
+@click.option("--weighting", default=FinetuneConfig.weighting, show_default=True,
+              type=click.Choice(("uniform", "dwa", "rruw", "druw")))
+@click.option("--freeze-cnn", is_flag=True, help="Do not train the CNN feature encoder.")
+@click.option("--grad-accum", default=1, show_default=True, type=int, help="Micro-batches per optimizer step.")
+@click.option("--mixed-precision", default="no", show_default=True, type=click.Choice(PRECISIONS))
+@click.option("--max-steps", default=0, show_default=True, type=int,
+              help="Stop (with a checkpoint) after this many optimizer steps; 0 = no limit.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint under OUT/checkpoints.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--num-workers", default=0, show_default=True, type=int, help="DataLoader workers per process.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def finetune_command(corpus: Path, model: str, out: Path, epochs: int, batch_size: int, eval_batch_size: int,
+                     lr_backbone: float, lr_head: float, clip_seconds: float, spec_time_p: float,
+                     spec_feature_p: float, arch: str, weighting: str, freeze_cnn: bool, grad_accum: int,
+                     mixed_precision: str, max_steps: int, resume: bool, seed: int, num_workers: int,
+                     quiet: bool) -> None:
+    """Fine-tune a wav2vec2 backbone and a multi-task head on the four A-VB tasks (stage 1).
+
+    Run under `accelerate launch -m extract.finetune ...` for several GPUs. Writes OUT/backbone (the best
+    epoch, loadable with AutoModel.from_pretrained), OUT/head.safetensors, OUT/config.json, OUT/metrics.json
+    and OUT/checkpoints/.
+    """
+    cfg = FinetuneConfig(corpus=str(corpus), model=str(model), out=str(out), epochs=epochs, batch_size=batch_size,
+                         eval_batch_size=eval_batch_size, lr_backbone=lr_backbone, lr_head=lr_head,
+                         clip_seconds=clip_seconds, spec_time_p=spec_time_p, spec_feature_p=spec_feature_p,
+                         arch=arch, weighting=weighting, freeze_cnn=freeze_cnn, grad_accum=grad_accum,
+                         mixed_precision=mixed_precision, max_steps=max_steps, resume=resume, seed=seed,
+                         num_workers=num_workers)
+    try:
+        metrics = run_finetune(cfg, progress=not quiet)
+    except ValueError as err:  # FinetuneError, CorpusError, BackboneLoadError, HeadConfigError, ...
+        raise click.ClickException(str(err)) from None
+    best = metrics.get("best") or {}
+    if best and os.environ.get("RANK", "0") == "0":
+        click.echo(f"best epoch {best['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in best["val"].items()
+                                                                if v is not None))
+
+
+def main() -> None:
+    finetune_command(prog_name="python -m extract.finetune")
+
+
+if __name__ == "__main__":
+    main()
