@@ -30,6 +30,7 @@ from typing import Any
 import click
 import numpy as np
 
+from heads.runs import CONFIG_FILE, HEAD_FILE, read_json_object
 from heads.tasks import CULTURE, HIGH, TASK_NAMES, TASKS, TWO, TYPE
 
 DEFAULT_CLIP_SECONDS = 2.5
@@ -101,20 +102,6 @@ class HeadSet:
         return strides.pop() if strides else 1
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PredictError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise PredictError(f"{path}: cannot read ({err})") from None
-    except json.JSONDecodeError as err:
-        raise PredictError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(data, dict):
-        raise PredictError(f"{path}: expected a JSON object")
-    return data
-
-
 def _frame_stride(run_dir: Path, config: dict[str, Any]) -> int:
     """Frame stride of the cache a frame-mode run was trained on; run configs do not record it, the cache does."""
     from cache.reader import CacheError, read_attrs  # noqa: PLC0415
@@ -134,10 +121,10 @@ def load_run_head(run_dir: str | os.PathLike) -> LoadedRun:
     from safetensors.torch import load_file  # noqa: PLC0415
 
     from heads.models import MultiTaskHead  # noqa: PLC0415
-    from heads.train import CONFIG_FILE, HEAD_FILE, TrainConfig  # noqa: PLC0415
+    from heads.train import TrainConfig  # noqa: PLC0415
 
     run_dir = Path(run_dir)
-    config = _read_json(run_dir / CONFIG_FILE)
+    config = read_json_object(run_dir / CONFIG_FILE)
     attrs = config.get("cache_attrs")
     if not isinstance(attrs, dict) or not isinstance(attrs.get("layer_dims"), dict):
         raise PredictError(f"{run_dir / CONFIG_FILE}: no cache_attrs.layer_dims recorded, so the features this "
@@ -185,7 +172,7 @@ def load_heads(source: str | os.PathLike) -> HeadSet:
     if not source.is_dir():
         raise PredictError(f"--heads {source}: not a directory (give a run dir or an ensemble dir)")
     if (source / "members.json").is_file():
-        members_json = _read_json(source / "members.json")
+        members_json = read_json_object(source / "members.json")
         tasks = members_json.get("tasks")
         if not isinstance(tasks, dict) or sorted(tasks) != sorted(TASK_NAMES):
             raise PredictError(f"{source / 'members.json'}: 'tasks' must map each of {', '.join(TASK_NAMES)} "

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ import numpy as np
 
 from cache.atomic import write_json_atomic
 from heads.metrics import score_all
+from heads.runs import CONFIG_FILE, METRICS_FILE, find_runs, read_json_object
 from heads.submission import (
     PROBS_FILE, bracket_id, read_submission, read_type_probs, submission_name, write_submission,
     write_type_probs,
@@ -87,51 +88,6 @@ class Run:
         return self.path.name
 
 
-# --------------------------------------------------------------------------------------------- finding runs
-
-def is_run_dir(path: Path) -> bool:
-    """A run dir holds its config plus weights or predictions (an ablation dir holds only a config)."""
-    return (path / "config.json").is_file() and (
-        (path / "head.safetensors").is_file() or (path / "predictions").is_dir())
-
-
-def find_runs(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[str]]:
-    """Expand run and ablation dirs into complete run dirs; returns (runs, warnings about skipped ones).
-
-    A run without `metrics.json` is incomplete (it is written last) and is skipped with a warning.
-    """
-    runs: list[Path] = []
-    warnings: list[str] = []
-    for given in paths:
-        path = Path(given)
-        if not path.is_dir():
-            raise EnsembleError(f"{path}: not a directory")
-        if is_run_dir(path):
-            candidates = [path]
-        else:
-            candidates = sorted({p.parent for p in path.rglob("config.json") if is_run_dir(p.parent)})
-            if not candidates:
-                raise EnsembleError(f"{path}: neither a run dir nor an ablation dir with run dirs inside")
-        for run in candidates:
-            if not (run / "metrics.json").is_file():
-                warnings.append(f"skipping incomplete run {run} (no metrics.json)")
-            elif run.resolve() not in {r.resolve() for r in runs}:
-                runs.append(run)
-    return runs, warnings
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise EnsembleError(f"{path}: no such file") from None
-    except json.JSONDecodeError as err:
-        raise EnsembleError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(data, dict):
-        raise EnsembleError(f"{path}: expected a JSON object")
-    return data
-
-
 def read_split_predictions(folder: Path) -> SplitPredictions | None:
     """Read a run's `predictions/<split>/` folder; None when it has no prediction files.
 
@@ -168,8 +124,8 @@ def read_split_predictions(folder: Path) -> SplitPredictions | None:
 
 
 def load_run(path: Path) -> Run:
-    config = _read_json(path / "config.json")
-    metrics = _read_json(path / "metrics.json")
+    config = read_json_object(path / CONFIG_FILE)
+    metrics = read_json_object(path / METRICS_FILE)
     val = read_split_predictions(path / "predictions" / "val")
     if val is None:
         raise EnsembleError(f"{path}: no Val predictions in {path / 'predictions' / 'val'}")

@@ -13,7 +13,6 @@ with the Agg canvas directly (no pyplot, so no global backend state and no displ
 from __future__ import annotations
 
 import html
-import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,6 +24,7 @@ import click
 import numpy as np
 
 from cache.atomic import atomic_path, write_text_atomic
+from heads.runs import is_run_dir, read_json_object, runs_inside
 from heads.tasks import HEADLINE_KEYS, TASK_NAMES, TASKS
 
 # What each weighting logs as its per-task weight (the y-axis label of its figure).
@@ -94,21 +94,6 @@ class ReportInputs:
     warnings: list[str] = field(default_factory=list)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ReportError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(data, dict):
-        raise ReportError(f"{path}: expected a JSON object")
-    return data
-
-
-def _is_run_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and (
-        (path / "head.safetensors").is_file() or (path / "predictions").is_dir())
-
-
 def collect_inputs(dirs: Iterable[str | os.PathLike]) -> ReportInputs:
     """Classify each folder as a run, an ensemble (members.json) or an ablation (runs inside)."""
     found = ReportInputs()
@@ -121,20 +106,20 @@ def collect_inputs(dirs: Iterable[str | os.PathLike]) -> ReportInputs:
         if not (path / "metrics.json").is_file():
             found.warnings.append(f"skipping incomplete run {path} (no metrics.json)")
             return
-        found.runs.append(RunInfo(path, _read_json(path / "config.json"), _read_json(path / "metrics.json")))
+        found.runs.append(RunInfo(path, read_json_object(path / "config.json"), read_json_object(path / "metrics.json")))
 
     for given in dirs:
         path = Path(given)
         if not path.is_dir():
             raise ReportError(f"{path}: not a directory")
-        if _is_run_dir(path):
+        if is_run_dir(path):
             add_run(path)
         elif (path / "members.json").is_file():
-            found.ensembles.append(EnsembleInfo(path, _read_json(path / "metrics.json")
+            found.ensembles.append(EnsembleInfo(path, read_json_object(path / "metrics.json")
                                                 if (path / "metrics.json").is_file() else {},
-                                                _read_json(path / "members.json")))
+                                                read_json_object(path / "members.json")))
         else:
-            runs = sorted({p.parent for p in path.rglob("config.json") if _is_run_dir(p.parent)})
+            runs = runs_inside(path)
             if not runs:
                 raise ReportError(f"{path}: not a run, ensemble or ablation dir (no run dirs inside)")
             found.ablations.append(path)

@@ -1,0 +1,83 @@
+"""A run directory: the files one trained head leaves behind, and how to find complete ones.
+
+`heads.train` writes it; `avb ensemble`, `avb report` and `avb predict` read it:
+
+    <run>/config.json             the resolved TrainConfig + the cache it was trained on ("cache", "cache_attrs")
+    <run>/head.safetensors        the best epoch's weights of this run
+    <run>/predictions/{val,test}/ official submission CSVs + type_probs.csv of the best epoch
+    <run>/metrics.json            best-epoch scores + per-epoch history; written LAST, so it marks completion
+
+An ablation directory holds many run directories (plus results.csv/md/json and its own config.json).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+HEAD_FILE = "head.safetensors"
+PREDICTIONS_DIR = "predictions"
+
+
+class RunDirError(ValueError):
+    """A folder that is not what it should be, or an unreadable JSON file in it; names the path."""
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object from `path`, with a one-line error naming the file for every way it can be wrong."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunDirError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise RunDirError(f"{path}: cannot read ({err})") from None
+    except json.JSONDecodeError as err:
+        raise RunDirError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path}: expected a JSON object")
+    return data
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run dir holds its config plus weights or predictions (an ablation dir holds only a config)."""
+    return (path / CONFIG_FILE).is_file() and (
+        (path / HEAD_FILE).is_file() or (path / PREDICTIONS_DIR).is_dir())
+
+
+def is_complete(path: Path) -> bool:
+    return (path / METRICS_FILE).is_file()
+
+
+def runs_inside(path: Path) -> list[Path]:
+    """The run dirs anywhere below `path`, sorted."""
+    return sorted({p.parent for p in path.rglob(CONFIG_FILE) if is_run_dir(p.parent)})
+
+
+def find_runs(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[str]]:
+    """Expand run and ablation dirs into complete run dirs; returns (runs, warnings about skipped ones).
+
+    A run without `metrics.json` is incomplete (it is written last) and is skipped with a warning; a run
+    named twice (directly and through its ablation) is taken once.
+    """
+    runs: list[Path] = []
+    seen: set[Path] = set()
+    warnings: list[str] = []
+    for given in paths:
+        path = Path(given)
+        if not path.is_dir():
+            raise RunDirError(f"{path}: not a directory")
+        candidates = [path] if is_run_dir(path) else runs_inside(path)
+        if not candidates:
+            raise RunDirError(f"{path}: neither a run dir nor an ablation dir with run dirs inside")
+        for run in candidates:
+            if not is_complete(run):
+                warnings.append(f"skipping incomplete run {run} (no {METRICS_FILE})")
+            elif run.resolve() not in seen:
+                seen.add(run.resolve())
+                runs.append(run)
+    return runs, warnings
