@@ -12,6 +12,8 @@ How it is laid out and why:
   all-reduces every trainable parameter, including RRUW/DRUW's uncertainty alpha (trained at the head LR,
   without weight decay, as heads.weighting asks). LayerDrop is off (see `extract.backbone.load_backbone`),
   so every trainable parameter is used in every step.
+* The global gradient norm is clipped (`--grad-clip`, 5 as in the heads) and a non-finite one stops the run
+  before the update, with the epoch and step in the error: a NaN loss never reaches the saved weights.
 * `--batch-size` is per process (and per micro-batch): the effective batch is batch x processes x grad-accum.
   The CCC loss is computed on each process's micro-batch.
 * Validation runs over the whole Val split; `gather_for_metrics` drops the samples accelerate repeats to
@@ -24,7 +26,8 @@ How it is laid out and why:
   would have. No pickle is written by this module (accelerate's own RNG/optimizer files aside).
 * The best epoch's backbone is saved with `save_pretrained` to OUT/backbone (so `AutoModel.from_pretrained`
   and `avb dump --model OUT/backbone` load it) and its head to OUT/head.safetensors, each time validation
-  improves -- so they survive a crash and always hold the best epoch, not the last.
+  improves -- so they survive a crash and always hold the best epoch, not the last. The export follows the
+  checkpoint of that step (never precedes it), so after a kill -9 the export and metrics.json's `best` agree.
 """
 from __future__ import annotations
 
@@ -69,6 +72,7 @@ class FinetuneConfig:
     lr_backbone: float = 1e-5
     lr_head: float = 1e-3             # also the loss weighting's learnable alpha
     weight_decay: float = 0.01        # AdamW's default; not applied to the weighting's alpha
+    grad_clip: float = 5.0            # max global gradient norm per optimizer step, as the heads use (0: none)
     plateau_patience: int = 5         # halve the LRs after this many epochs without a better Val mean score
     plateau_factor: float = 0.5
     clip_seconds: float = 2.5
@@ -105,6 +109,8 @@ class FinetuneConfig:
         for name in ("lr_backbone", "lr_head", "clip_seconds"):
             if not getattr(self, name) > 0:
                 raise FinetuneError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+            raise FinetuneError(f"--grad-clip must be a finite number >= 0, got {self.grad_clip}")
         for name in ("spec_time_p", "spec_feature_p", "dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise FinetuneError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
@@ -228,8 +234,12 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def save_best(unwrapped: FinetuneModel, out: Path) -> None:
-    """OUT/backbone (save_pretrained) and OUT/head.safetensors, each replaced atomically."""
+def save_best(unwrapped: FinetuneModel, out: Path, step: int | None = None) -> None:
+    """OUT/backbone (save_pretrained) and OUT/head.safetensors, each replaced atomically.
+
+    The head is written last and records the optimizer step it was exported at (`exported_step`), so a resumed
+    run can tell whether the export of its newest checkpoint was interrupted.
+    """
     from safetensors.torch import save_file
 
     from cache.atomic import atomic_path
@@ -241,7 +251,18 @@ def save_best(unwrapped: FinetuneModel, out: Path) -> None:
     _replace_dir(tmp, out / "backbone")
     state = {k: v.detach().float().cpu().contiguous() for k, v in unwrapped.head.state_dict().items()}
     with atomic_path(out / "head.safetensors", suffix=".safetensors") as path:
-        save_file(state, str(path), metadata={"format": "pt"})
+        save_file(state, str(path), metadata={"format": "pt", **({"step": str(step)} if step is not None else {})})
+
+
+def exported_step(out: Path) -> int | None:
+    """The step whose weights OUT/backbone and OUT/head.safetensors hold (None: no complete export)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(out / "head.safetensors"), framework="pt") as handle:
+            return int((handle.metadata() or {})["step"])
+    except (OSError, SafetensorError, KeyError, ValueError):  # missing, damaged or written without the step
+        return None
 
 
 def _generator_file(ckpt: Path, rank: int) -> Path:
@@ -273,6 +294,20 @@ def _train_rows(corpus: Any) -> np.ndarray:
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _clip_or_stop(accelerator: Any, model: nn.Module, cfg: FinetuneConfig, epoch: int, step: int) -> None:
+    """Clip the global gradient norm to cfg.grad_clip, and stop on a non-finite one before it reaches the weights.
+
+    One exploding batch must not wreck the backbone (or fill AdamW's second moment with ~g^2 that freezes it
+    for thousands of steps), and a NaN loss must stop the run with a clear error rather than write NaN weights
+    and predictions. The norm is taken after DDP's all-reduce, so every rank sees the same value and they all
+    stop together. Under fp16 the GradScaler already skips steps whose gradients overflow, so it is left to it.
+    """
+    norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    if cfg.mixed_precision != "fp16" and norm is not None and not math.isfinite(float(norm)):
+        raise FinetuneError(f"epoch {epoch + 1}, step {step}: gradient norm is {float(norm)}; training stopped "
+                            "before the update (check the audio and labels, or lower the learning rates)")
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -397,6 +432,17 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
         write_json_atomic(out / "config.json", {**cfg.to_json(), "head": asdict(head_cfg), "layer_dims": dims,
                                                 "processes": world})
 
+    def export_best() -> None:
+        if accelerator.is_main_process:
+            save_best(unwrapped, out, step=state.step)
+        accelerator.wait_for_everyone()
+
+    # The best weights are exported only after their checkpoint is committed (below), so the export can lag the
+    # newest checkpoint but never run ahead of it: a run killed in between resumes with exactly the weights of
+    # its best validation loaded, and finishes the export here.
+    if state.best is not None and state.best.get("step") == state.step and exported_step(out) != state.step:
+        export_best()
+
     def save_checkpoint() -> None:
         name = f"step-{state.step:08d}"
         tmp, final = ckpt_root / f".tmp-{name}", ckpt_root / name
@@ -441,6 +487,8 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
             with accelerator.accumulate(model):
                 result = model(batch["waves"], batch["mask"], batch["labels"])
                 accelerator.backward(result["loss"])
+                if accelerator.sync_gradients:
+                    _clip_or_stop(accelerator, model, cfg, epoch, state.step + 1)
                 optimizer.step()
                 optimizer.zero_grad()
             state.batches_in_epoch += 1
@@ -475,11 +523,9 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
         state.history.append(entry)
         score = scores.get("mean", float("nan"))
         best_score = None if state.best is None else state.best["val"].get("mean")
-        if state.best is None or (math.isfinite(score) and (best_score is None or score > best_score)):
+        improved = state.best is None or (math.isfinite(score) and (best_score is None or score > best_score))
+        if improved:
             state.best = entry
-            if accelerator.is_main_process:
-                save_best(unwrapped, out)
-            accelerator.wait_for_everyone()
         if epoch_done:
             unwrapped.weighting.end_epoch(torch.tensor([task_means], dtype=torch.float32))
             scheduler.step(score if math.isfinite(score) else float("-inf"))
@@ -492,6 +538,8 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
                  f"train loss {entry['train_loss']:.4f}, val " +
                  ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         save_checkpoint()
+        if improved:
+            export_best()
         write_metrics()
 
     metrics = write_metrics()
@@ -523,6 +571,8 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
               type=click.Choice(("uniform", "dwa", "rruw", "druw")))
 @click.option("--freeze-cnn", is_flag=True, help="Do not train the CNN feature encoder.")
 @click.option("--grad-accum", default=1, show_default=True, type=int, help="Micro-batches per optimizer step.")
+@click.option("--grad-clip", default=FinetuneConfig.grad_clip, show_default=True, type=float,
+              help="Clip the global gradient norm to this value (0: no clipping).")
 @click.option("--mixed-precision", default="no", show_default=True, type=click.Choice(PRECISIONS))
 @click.option("--max-steps", default=0, show_default=True, type=int,
               help="Stop (with a checkpoint) after this many optimizer steps; 0 = no limit.")
@@ -533,8 +583,8 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
 def finetune_command(corpus: Path, model: str, out: Path, epochs: int, batch_size: int, eval_batch_size: int,
                      lr_backbone: float, lr_head: float, clip_seconds: float, spec_time_p: float,
                      spec_feature_p: float, arch: str, weighting: str, freeze_cnn: bool, grad_accum: int,
-                     mixed_precision: str, max_steps: int, resume: bool, seed: int, num_workers: int,
-                     quiet: bool) -> None:
+                     grad_clip: float, mixed_precision: str, max_steps: int, resume: bool, seed: int,
+                     num_workers: int, quiet: bool) -> None:
     """Fine-tune a wav2vec2 backbone and a multi-task head on the four A-VB tasks (stage 1).
 
     Run under `accelerate launch -m extract.finetune ...` for several GPUs. Writes OUT/backbone (the best
@@ -545,8 +595,8 @@ def finetune_command(corpus: Path, model: str, out: Path, epochs: int, batch_siz
                          eval_batch_size=eval_batch_size, lr_backbone=lr_backbone, lr_head=lr_head,
                          clip_seconds=clip_seconds, spec_time_p=spec_time_p, spec_feature_p=spec_feature_p,
                          arch=arch, weighting=weighting, freeze_cnn=freeze_cnn, grad_accum=grad_accum,
-                         mixed_precision=mixed_precision, max_steps=max_steps, resume=resume, seed=seed,
-                         num_workers=num_workers)
+                         grad_clip=grad_clip, mixed_precision=mixed_precision, max_steps=max_steps, resume=resume,
+                         seed=seed, num_workers=num_workers)
     try:
         metrics = run_finetune(cfg, progress=not quiet)
     except ValueError as err:  # FinetuneError, CorpusError, BackboneLoadError, HeadConfigError, ...

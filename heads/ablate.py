@@ -3,7 +3,9 @@
 All runs of one architecture train jointly in one `train_runs` call (one stacked head), so the grid costs
 about one run per architecture rather than one per cell. A run folder whose `metrics.json` exists (written
 last) and whose `config.json` equals the config it would get now is finished and is not trained again, so an
-interrupted grid resumes where it stopped and a grown grid (more seeds) trains only the new runs.
+interrupted grid resumes where it stopped and a grown grid (more seeds) trains only the new runs. A joint
+call that was killed while writing its run folders is retrained as a whole (see `_with_interrupted_group`), so
+a resumed grid is bit-identical to an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     (SELECTION_KEY, "Mean"),
 )
 RESULT_FIELDS: tuple[str, ...] = ("arch", "weighting", "seed", *METRIC_KEYS, SELECTION_KEY, "best_epoch")
+# Beside the run folders while a joint `train_runs` call of one architecture runs: the names of its runs.
+GROUP_MARKER = ".training-{arch}.json"
 
 
 class AblationError(ValueError):
@@ -98,6 +102,25 @@ def _is_finished(run_dir: Path, record: dict[str, Any]) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     return stored == json.loads(json.dumps(record))
+
+
+def _with_interrupted_group(marker: Path, configs: Sequence[TrainConfig], todo: list[int]) -> list[int]:
+    """The runs to train now: the unfinished ones plus every run of a joint call that was interrupted.
+
+    A run trained in a stack of R runs equals the same run trained in a stack of R' runs only up to float
+    rounding (the stacked kernels sum in another order), and `train_runs` writes its run folders one after the
+    other. A kill between two of those writes would leave some runs from the R-run call and retrain the rest in
+    a smaller one; retraining the whole interrupted group instead keeps a resumed grid bit-identical to an
+    uninterrupted one. The marker (the names of the runs in the call) exists only while a call is running.
+    """
+    try:
+        names = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return todo
+    if not isinstance(names, list):
+        return todo
+    index = {cfg.name: i for i, cfg in enumerate(configs)}
+    return sorted(set(todo) | {index[n] for n in names if isinstance(n, str) and n in index})
 
 
 def _row(cfg: TrainConfig, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -173,12 +196,17 @@ def _train_grid(grid: GridConfig, cache: Any, cache_path: Path, out: Path, frame
         dirs = [out / cfg.name for cfg in configs]
         records = [run_config_record(cfg, cache, cache_path) for cfg in configs]
         todo = [i for i, (d, rec) in enumerate(zip(dirs, records)) if not _is_finished(d, rec)]
+        marker = out / GROUP_MARKER.format(arch=arch)
+        if todo:
+            todo = _with_interrupted_group(marker, configs, todo)
         bar.update(len(configs) - len(todo))
         if todo:
             bar.set_postfix(arch=arch, training=len(todo))
+            write_json_atomic(marker, [configs[i].name for i in todo])
             train_runs(cache, [configs[i] for i in todo], [dirs[i] for i in todo], progress=progress,
                        frames=frames if arch == "branch" else None, cache_path=cache_path)
             bar.update(len(todo))
+        marker.unlink(missing_ok=True)
         for cfg, d in zip(configs, dirs):
             rows.append(_row(cfg, json.loads((d / METRICS_FILE).read_text(encoding="utf-8"))))
     bar.close()
