@@ -79,8 +79,50 @@ class StackedLinear(nn.Module):
         out = torch.baddbmm(self.bias.unsqueeze(1), flat, self.weight)
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    def forward_concat(self, x: Tensor, extra: Tensor) -> Tensor:
+        """forward(cat([x, extra], -1)), computing an input gradient only for the parts that need one.
+
+        CHAIN feeds each task network the backbone features plus the earlier tasks' outputs. Through a plain
+        `cat`, autograd computes the gradient of the whole concatenated input, [R, B, in] @ W^T, a second read
+        of the largest weight of the network per step, only to throw the feature part away (the features
+        are data). Same forward, same weight and bias gradients.
+        """
+        _check_runs(x, self.n_runs, "StackedLinear input")
+        _check_runs(extra, self.n_runs, "StackedLinear chained input")
+        if x.shape[-1] + extra.shape[-1] != self.in_features:
+            raise RunShapeError(f"StackedLinear expects {self.in_features} input features, got "
+                                f"{x.shape[-1]} + {extra.shape[-1]}")
+        lead = x.shape[:-1]
+        flat_x = x.reshape(self.n_runs, -1, x.shape[-1])
+        flat_e = extra.reshape(self.n_runs, -1, extra.shape[-1])
+        out = _ConcatLinear.apply(flat_x, flat_e, self.weight, self.bias)
+        return out.reshape(*lead, self.out_features)
+
     def extra_repr(self) -> str:
         return f"runs={self.n_runs}, in={self.in_features}, out={self.out_features}"
+
+
+class _ConcatLinear(torch.autograd.Function):
+    """baddbmm(bias, cat([x, extra], -1), weight) with per-part input gradients (see forward_concat)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, extra: Tensor, weight: Tensor, bias: Tensor) -> Tensor:  # type: ignore[override]
+        inputs = torch.cat([x, extra.to(x.dtype)], dim=-1)
+        ctx.save_for_backward(inputs, weight)
+        ctx.split = x.shape[-1]
+        ctx.extra_dtype = extra.dtype
+        return torch.baddbmm(bias.unsqueeze(1), inputs, weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        inputs, weight = ctx.saved_tensors
+        split = ctx.split
+        need_x, need_extra, need_w, need_b = ctx.needs_input_grad
+        grad_x = torch.bmm(grad, weight[:, :split].transpose(1, 2)) if need_x else None
+        grad_extra = torch.bmm(grad, weight[:, split:].transpose(1, 2)).to(ctx.extra_dtype) if need_extra else None
+        grad_w = torch.bmm(inputs.transpose(1, 2), grad) if need_w else None
+        grad_b = grad.sum(1) if need_b else None
+        return grad_x, grad_extra, grad_w, grad_b
 
 
 class StackedLayerNorm(nn.Module):
@@ -129,9 +171,12 @@ class StackedDropout(nn.Module):
             keep = torch.rand(x.shape, device=x.device) >= self.p
         else:
             _check_runs(x, len(self.generators), "StackedDropout input")
-            keep = torch.stack([
-                torch.rand(x.shape[1:], generator=g, device=g.device) >= self.p for g in self.generators
-            ]).to(x.device)
+            gens = self.generators
+            # one buffer filled run by run (the same draws as torch.rand per run), then one comparison
+            draws = torch.empty((len(gens), *x.shape[1:]), device=gens[0].device)
+            for r, g in enumerate(gens):
+                torch.rand(x.shape[1:], generator=g, device=g.device, out=draws[r])
+            keep = (draws >= self.p).to(x.device)
         return x * keep.to(x.dtype) / (1.0 - self.p)
 
     def extra_repr(self) -> str:

@@ -126,9 +126,8 @@ class TaskNetwork(nn.Module):
 
     def forward(self, features: Tensor, extra: Tensor | None = None) -> Tensor:
         x = self.in_norm(features)
-        if extra is not None:
-            x = torch.cat([x, extra], dim=-1)
-        return self.fc2(self.drop(F.gelu(self.norm(self.fc1(x)))))
+        h = self.fc1(x) if extra is None else self.fc1.forward_concat(x, extra)
+        return self.fc2(self.drop(F.gelu(self.norm(h))))
 
 
 class AttentionBlock(nn.Module):

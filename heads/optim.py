@@ -9,13 +9,14 @@ exactly to AdamW / clip_grad_norm_ / ReduceLROnPlateau(mode="max").
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass
@@ -34,8 +35,8 @@ class StackedAdamW:
     the per-run learning rate and the per-run gradient norm. `lr` holds the current rate of each run;
     schedules write into it.
 
-    The update is the one of `torch.optim.AdamW` (single-tensor path) with `lr` broadcast per run, so each
-    run's slice follows AdamW exactly.
+    The update is torch's own fused AdamW kernel (`torch.optim.AdamW(fused=True)`) applied to each run's rows
+    at that run's rate, so each run's slice follows AdamW exactly, whatever the other runs do.
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class StackedAdamW:
                 raise ValueError(f"run indices {runs.tolist()} out of range for {self.n_runs} runs")
             self.groups.append(_Group(plist, runs, float(item.get("weight_decay", weight_decay))))
         self.state: dict[Tensor, dict[str, Tensor]] = {}
+        self._views: dict[Tensor, tuple[tuple[Tensor, ...], ...]] = {}   # per-row views, see _row_calls
         self.step_count = 0
         self.last_grad_norms = torch.zeros(self.n_runs, dtype=torch.float64)
 
@@ -90,58 +92,108 @@ class StackedAdamW:
         """
         sq = torch.zeros(self.n_runs, dtype=torch.float64)
         for g in self.groups:
-            for p in g.params:
-                if p.grad is None:
-                    continue
-                per_row = torch.linalg.vector_norm(p.grad.detach().reshape(p.shape[0], -1), 2, dim=1)
-                sq.index_add_(0, g.runs, per_row.to(torch.float64).square())
+            rows = [torch.linalg.vector_norm(p.grad.reshape(p.shape[0], -1), 2, dim=1)
+                    for p in g.params if p.grad is not None]
+            if rows:
+                sq.index_add_(0, g.runs, torch.stack(rows).to(torch.float64).square().sum(0))
         return sq.sqrt()
 
     def clip_grad_norms_(self, max_norm: float) -> Tensor:
         """Scale each run's gradients like `clip_grad_norm_` does for one model; returns the norms before."""
         norms = self.grad_norms()
         coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        if bool((coef < 1.0).any()):
+        if bool((coef < 1.0).any()):  # a host read, but on CPU it costs nothing and skips a pass over the grads
             for g in self.groups:
                 c = coef[g.runs]
-                for p in g.params:
-                    if p.grad is not None:
-                        p.grad.mul_(c.to(p.grad.dtype).reshape((-1,) + (1,) * (p.ndim - 1)))
+                if bool((c < 1.0).any()):
+                    for p in g.params:
+                        if p.grad is not None:
+                            p.grad.mul_(c.to(p.grad.dtype).reshape((-1,) + (1,) * (p.ndim - 1)))
         return norms
+
+    def _state(self, p: Tensor) -> dict[str, Tensor]:
+        state = self.state.get(p)
+        if state is None:
+            state = self.state[p] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        return state
 
     @torch.no_grad()
     def step(self) -> None:
+        """One AdamW step of every run at its own learning rate, after clipping each run's gradient norm.
+
+        Why torch's fused AdamW kernel: the update is memory-bound (every parameter, gradient and moment is
+        read and written once per step, and a batch of 8 costs little else), and the kernel does it in one pass
+        without temporaries, where the op-by-op form made ~7 passes and allocated a `sqrt` temporary the size
+        of the model per tensor. The clipping is folded into the same pass: the kernel divides the gradient by
+        `grad_scale` = 1 / clip coefficient (and stores it, so `p.grad` ends up clipped as with
+        `clip_grad_norm_`). The kernel takes one learning rate and one scale, so rows are grouped by equal
+        (rate, scale): one call on the whole tensors while no run is clipped and the rates are equal, else
+        one call per distinct (rate, scale) on the rows (views) of its runs.
+        """
+        scales: list[float | None] = [None] * self.n_runs
         if self.max_grad_norm is not None:
-            self.last_grad_norms = self.clip_grad_norms_(self.max_grad_norm)
+            self.last_grad_norms = norms = self.grad_norms()
+            coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            # A coefficient whose inverse overflows (an infinite norm gives 0) cannot be a divisor: those runs
+            # get the plain multiplication of clip_grad_norm_ instead, in place, before the update.
+            tiny = [r for r, c in enumerate(coef.tolist()) if c * _FLOAT32_MAX < 1.0]
+            if tiny:
+                self._scale_rows_(tiny, coef)
+            scales = [1.0 / c if c < 1.0 and r not in tiny else None for r, c in enumerate(coef.tolist())]
         self.step_count += 1
         beta1, beta2 = self.betas
-        t = self.step_count
-        bias_correction1 = 1 - beta1**t
-        bias_correction2_sqrt = math.sqrt(1 - beta2**t)
+        step_t = torch.tensor(float(self.step_count))  # read by the kernel (bias corrections), shared by all
+        lrs = self.lr.tolist()
         for g in self.groups:
-            # Per-run factors in float64 (as torch's Python floats), rounded once to the parameter dtype.
-            # AdamW: p -= step * m / (sqrt(v) / bc2 + eps) with step = lr / bc1; written as
-            # p -= m / (sqrt(v) * (1 / (bc2 * step)) + eps / step) to update in place with one temporary.
-            step_rows = self.lr[g.runs] / bias_correction1
-            inv_scale_rows = 1.0 / (bias_correction2_sqrt * step_rows)
-            eps_rows = self.eps / step_rows
-            decay_rows = 1 - self.lr[g.runs] * g.weight_decay
+            params = [p for p in g.params if p.grad is not None]
+            if not params:
+                continue
+            states = [self._state(p) for p in params]
+            runs = g.runs.tolist()
+            keys = [(lrs[r], scales[r]) for r in runs]
+            if all(k == keys[0] for k in keys):
+                calls = [(keys[0], [p for p in params], [p.grad for p in params],
+                          [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states])]
+            else:
+                calls = self._row_calls(params, states, keys)
+            for (lr, scale), ps, grads, avgs, sqs in calls:
+                torch._fused_adamw_(
+                    ps, grads, avgs, sqs, [], [step_t] * len(ps), lr=lr, beta1=beta1, beta2=beta2,
+                    weight_decay=g.weight_decay, eps=self.eps, amsgrad=False, maximize=False,
+                    grad_scale=None if scale is None else torch.tensor(scale, dtype=grads[0].dtype),
+                    found_inf=None)
+
+    def _scale_rows_(self, runs: list[int], coef: Tensor) -> None:
+        """Multiply the gradient rows of `runs` by their clip coefficient."""
+        for g in self.groups:
+            c = torch.ones(len(g.runs), dtype=torch.float64)
+            hit = [i for i, r in enumerate(g.runs.tolist()) if r in runs]
+            if not hit:
+                continue
+            c[hit] = coef[g.runs[hit]]
             for p in g.params:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                shape = (-1,) + (1,) * (p.ndim - 1)
-                state = self.state.get(p)
-                if state is None:
-                    state = self.state[p] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                if g.weight_decay:
-                    p.mul_(decay_rows.to(p.dtype).reshape(shape))
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = exp_avg_sq.sqrt().mul_(inv_scale_rows.to(p.dtype).reshape(shape))
-                denom.add_(eps_rows.to(p.dtype).reshape(shape))
-                p.addcdiv_(exp_avg, denom, value=-1.0)
+                if p.grad is not None:
+                    p.grad.mul_(c.to(p.grad.dtype).reshape((-1,) + (1,) * (p.ndim - 1)))
+
+    def _row_calls(self, params: list[Tensor], states: list[dict[str, Tensor]], keys: list[Hashable]
+                   ) -> list[tuple[Hashable, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]]:
+        """Per distinct key, the row views (one per run row and parameter) of params, grads and moments.
+
+        `unbind` makes a tensor's R row views in one call; the views of parameters and moments are cached
+        (their storage never changes), those of the gradients are new each step.
+        """
+        rows: dict[Hashable, list[int]] = {}
+        for i, key in enumerate(keys):
+            rows.setdefault(key, []).append(i)
+        views = []
+        for p, st in zip(params, states):
+            cached = self._views.get(p)
+            if cached is None:
+                cached = self._views[p] = (p.unbind(0), st["exp_avg"].unbind(0), st["exp_avg_sq"].unbind(0))
+            views.append((*cached, p.grad.unbind(0)))
+        return [(key, [v[0][i] for v in views for i in idx], [v[3][i] for v in views for i in idx],
+                 [v[1][i] for v in views for i in idx], [v[2][i] for v in views for i in idx])
+                for key, idx in rows.items()]
 
 
 class PlateauHalving:

@@ -1,0 +1,304 @@
+"""(b) The head grid at HUME-VB scale, and (d) cache bytes per clip and peak memory.
+
+    python -m tests.benchmarks.bench_heads            # HUME-VB-sized pooled cache (~1.2 GB in the temp dir)
+    python -m tests.benchmarks.bench_heads --quick    # a tiny cache and head, seconds
+
+What is measured, and how the grid time is obtained. The grid is 3 architectures x 4 weightings x 3 seeds x
+30 epochs at batch size 8 on a generated pooled cache of 19,990 Train / 19,396 Val / 19,815 Test clips
+(14 layers, float16, learnable). Training all of it takes hours on a 2-core CPU, so for every architecture
+the real `heads.train.train_runs` trains its 12 runs jointly (as `avb heads ablate` does) for one epoch over
+the first `--steps` Train batches, evaluates the first `--val-rows` Val clips and predicts `--test-rows` Test
+clips. The seconds of the step loop, of the per-epoch evaluation and of the final predictions are taken
+apart by timing `_epoch_batches` and `_predict` from the outside, then scaled to full size:
+
+    epoch = steps_per_epoch x (s/step) + (per-epoch Val evaluation) x Val / val_rows
+    arch  = setup + 30 x epoch + (final Val + Test predictions and files) x (Val + Test) / (val_rows + test_rows)
+
+Every grid figure is labelled "extrapolated from N measured steps". BRANCH over frames (stride 4) is measured
+the same way on a small frame-level cache and extrapolated to HUME-VB size separately.
+
+(d) bytes per clip come from `cache_info` of the generated caches; the peak RSS of this process (the cache
+is generated in a child process) is compared with the bytes of the loaded cache.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tests.benchmarks.bench_common import (
+    BASE_DIMS,
+    HUME_SIZES,
+    Figures,
+    current_rss_bytes,
+    fmt_duration,
+    machine_line,
+    make_cache_in_child,
+    peak_rss_bytes,
+    set_threads,
+    verdict,
+    workdir,
+)
+
+ARCHS = ("vanilla", "chain", "branch")
+WEIGHTINGS = ("uniform", "dwa", "rruw", "druw")
+SEEDS = (0, 1, 2)
+EPOCHS = 30
+BATCH = 8
+GOAL_GRID_S = 600.0
+GOAL_RSS_RATIO = 2.0
+QUICK_SIZES = (160, 96, 48)
+QUICK_DIMS = {"cnn": 16, **{f"hidden_{i}": 24 for i in range(5)}}
+
+
+def _cache_nbytes(cache: Any) -> int:
+    """Bytes of everything `load_cache` holds for the cache: features, labels, ids, splits, frame counts."""
+    total = sum(a.nbytes for a in cache.pooled.values()) + sum(a.nbytes for a in cache.labels.values())
+    return int(total + cache.ids.nbytes + cache.splits.nbytes + cache.n_frames.nbytes)
+
+
+def _subset(cache: Any, n_train: int, n_val: int, n_test: int) -> Any:
+    """The same in-memory cache with only the first n clips of each split marked as such (no copy)."""
+    splits = np.full(len(cache.splits), "Skip", dtype=cache.splits.dtype)
+    for name, n in (("Train", n_train), ("Val", n_val), ("Test", n_test)):
+        splits[cache.indices(name)[:n]] = name
+    return dataclasses.replace(cache, splits=splits)
+
+
+def step_cost(cache: Any, head: Any, arch: str, frames: Any = None) -> tuple[float, int, float]:
+    """(FLOPs of one joint training step's forward + backward, parameters of the 12 stacked runs,
+    seconds to build one batch of inputs: indexing in memory, or reading and padding frames)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from heads import train as train_mod
+    from heads.losses import task_losses
+    from heads.models import MultiTaskHead
+
+    seeds = [s for _ in WEIGHTINGS for s in SEEDS]
+    model = MultiTaskHead(dataclasses.replace(head, arch=arch), dict(cache.layer_dims), seeds).train()
+    feats = train_mod._Features(cache, model.required_layers, frames, model.required_frame_layers)
+    labels = {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in cache.labels.items()}
+    batches = train_mod._epoch_batches(seeds, 1, np.asarray(cache.indices("Train")), BATCH)[:5]
+    t = time.perf_counter()
+    for rows in batches:
+        feats.batch(rows)
+    batch_s = (time.perf_counter() - t) / len(batches)
+    targets = train_mod._targets(labels, batches[0])
+    with FlopCounterMode(display=False) as counter:
+        task_losses(model(feats.batch(batches[0]), targets), targets).sum().backward()
+    return float(counter.get_total_flops()), sum(p.numel() for p in model.parameters()), batch_s
+
+
+def machine_peaks(hidden: int, in_dim: int) -> tuple[float, float]:
+    """(best GEMM GFLOP/s on the step's own matmul shapes with hot caches, copy bandwidth in GB/s)."""
+    import torch
+
+    best = 0.0
+    for m, k, n in ((BATCH, in_dim, hidden), (3 * BATCH, hidden, hidden)):
+        a, w = torch.randn(12, m, k), torch.randn(12, k, n)
+        torch.bmm(a, w)
+        t = time.perf_counter()
+        reps = 20
+        for _ in range(reps):
+            torch.bmm(a, w)
+        best = max(best, 2 * 12 * m * k * n * reps / (time.perf_counter() - t) / 1e9)
+    src, dst = torch.ones(64 << 20), torch.empty(64 << 20)   # 256 MB each: far beyond the caches
+    dst.copy_(src)
+    t = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src)
+    bandwidth = 2 * src.numel() * 4 * 5 / (time.perf_counter() - t) / 1e9
+    return best, bandwidth
+
+
+def measure_arch(cache: Any, cache_path: Path, out: Path, arch: str, head: Any, *, steps: int, val_rows: int,
+                 test_rows: int, full_sizes: Sequence[int], frames: Any = None) -> dict[str, float]:
+    """Train the 12 runs of `arch` jointly on a subset; the measured parts and their full-size extrapolation."""
+    from heads import train as train_mod
+    from heads.train import TrainConfig, train_runs
+
+    n_val = min(val_rows, len(cache.indices("Val")))
+    n_test = min(test_rows, len(cache.indices("Test")))
+    view = _subset(cache, steps * BATCH, n_val, n_test)
+    configs = [TrainConfig(arch=arch, weighting=w, seed=s, epochs=1, batch_size=BATCH, head=head)
+               for w in WEIGHTINGS for s in SEEDS]
+    marks: dict[str, float] = {}
+    predicts: list[tuple[float, float]] = []
+    real_batches, real_predict = train_mod._epoch_batches, train_mod._predict
+
+    def timed_batches(*args: Any, **kwargs: Any) -> Any:
+        result = real_batches(*args, **kwargs)
+        marks.setdefault("loop_start", time.perf_counter())
+        return result
+
+    def timed_predict(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        marks.setdefault("loop_end", start)
+        result = real_predict(*args, **kwargs)
+        predicts.append((start, time.perf_counter()))
+        return result
+
+    train_mod._epoch_batches, train_mod._predict = timed_batches, timed_predict
+    try:
+        t0 = time.perf_counter()
+        train_runs(view, configs, [out / arch / c.name for c in configs], progress=False, frames=frames,
+                   cache_path=cache_path)
+        t_end = time.perf_counter()
+    finally:
+        train_mod._epoch_batches, train_mod._predict = real_batches, real_predict
+    if len(predicts) != 3:
+        raise RuntimeError(f"expected 3 prediction passes (Val each epoch, final Val and Test), saw {len(predicts)}")
+
+    setup_s = marks["loop_start"] - t0
+    step_s = (marks["loop_end"] - marks["loop_start"]) / steps
+    eval_s = predicts[1][0] - marks["loop_end"]          # Val predictions, scores, best-state copies, schedule
+    final_s = t_end - predicts[1][0]                     # final Val + Test predictions, files, head weights
+    n_train, n_val_full, n_test_full = full_sizes
+    steps_per_epoch = n_train // BATCH + (1 if n_train % BATCH >= 2 else 0)
+    epoch_s = steps_per_epoch * step_s + eval_s * n_val_full / n_val
+    final_full_s = final_s * (n_val_full + n_test_full) / (n_val + n_test)
+    return {
+        "steps": steps, "step_s": step_s, "eval_rows_per_s": n_val / (predicts[0][1] - predicts[0][0]),
+        "setup_s": setup_s, "epoch_s": epoch_s, "steps_per_epoch": steps_per_epoch,
+        "arch_s": setup_s + EPOCHS * epoch_s + final_full_s, "final_s": final_full_s,
+    }
+
+
+def run(args: argparse.Namespace) -> Figures:
+    from cache.reader import FrameReader, cache_info, load_cache
+    from heads.models import HeadConfig
+
+    fig = Figures("heads")
+    threads = set_threads(args.threads)
+    print(machine_line(threads), flush=True)
+    quick = args.quick
+    sizes = QUICK_SIZES if quick else HUME_SIZES
+    dims = QUICK_DIMS if quick else BASE_DIMS
+    head = HeadConfig(hidden=32, n_heads=4, branch_blocks=2) if quick else HeadConfig()
+    steps = {a: args.steps or (8 if quick else (60 if a == "branch" else 300)) for a in ARCHS}
+    rss_start = current_rss_bytes()
+
+    with workdir(args.keep) as tmp:
+        t = time.perf_counter()
+        path = make_cache_in_child(tmp / "pooled.h5", sizes, dims)
+        print(f"    generated {path} in {time.perf_counter() - t:.0f} s (child process)", flush=True)
+        info = cache_info(path)
+        t = time.perf_counter()
+        cache = load_cache(path)
+        load_s = time.perf_counter() - t
+        cache_bytes = _cache_nbytes(cache)
+        print(f"    loaded {len(cache)} clips ({cache_bytes / 2**30:.2f} GiB in memory) in {load_s:.1f} s", flush=True)
+
+        gemm, bandwidth = machine_peaks(head.hidden, max(dims.values()))
+        fig.add("b", "machine: best GEMM rate on the step's shapes", gemm, "GFLOP/s", f"{threads} thread(s), hot caches")
+        fig.add("b", "machine: copy bandwidth", bandwidth, "GB/s", "256 MB buffers")
+        results = {}
+        floor_s = 0.0
+        for arch in ARCHS:
+            results[arch] = r = measure_arch(cache, path, tmp / "runs", arch, head, steps=steps[arch],
+                                             val_rows=args.val_rows, test_rows=args.test_rows, full_sizes=sizes)
+            flops, n_params, _ = step_cost(cache, head, arch)
+            # Per step the optimiser side moves each parameter's float32 value 9 times: the gradient written
+            # by backward, read by the norm, then the fused AdamW pass reads p, g, m, v and writes p, m, v.
+            floor_step = flops / (gemm * 1e9) + 9 * 4 * n_params / (bandwidth * 1e9)
+            floor_s += EPOCHS * r["steps_per_epoch"] * floor_step
+            n_runs = len(WEIGHTINGS) * len(SEEDS)
+            fig.add("b", f"{arch} ms per step ({n_runs} runs jointly, batch {BATCH})", 1e3 * r["step_s"], "ms",
+                    f"measured over {r['steps']} steps")
+            fig.add("b", f"{arch} GFLOP per step", flops / 1e9, "GFLOP",
+                    f"forward + backward; {n_params / 1e6:.1f} M parameters in the {n_runs} runs; "
+                    f"{flops / 1e9 / r['step_s']:.0f} GFLOP/s achieved over the whole step")
+            fig.add("b", f"{arch} lower bound ms per step", 1e3 * floor_step, "ms",
+                    "GFLOP at the best GEMM rate + 36 bytes per parameter at the copy bandwidth")
+            fig.add("b", f"{arch} eval rows/s (all {n_runs} runs)", r["eval_rows_per_s"], "rows/s")
+            fig.add("b", f"{arch} s per epoch", r["epoch_s"], "s",
+                    f"extrapolated from {r['steps']} measured steps: {r['steps_per_epoch']} steps + Val eval")
+            fig.add("b", f"{arch} {n_runs} runs x {EPOCHS} epochs", r["arch_s"] / 60, "min", "extrapolated")
+        grid_s = sum(r["arch_s"] for r in results.values())
+        measured = sum(r["steps"] for r in results.values())
+        fig.add("b", "full grid wall time", grid_s / 60, "min",
+                f"extrapolated from {measured} measured steps; goal <= {GOAL_GRID_S / 60:.0f} min: "
+                f"{verdict(grid_s, GOAL_GRID_S)} ({fmt_duration(grid_s)})")
+        fig.add("b", "full grid wall time (s)", grid_s, "s", "extrapolated")
+        fig.add("b", "grid lower bound on this machine", floor_s / 60, "min",
+                "training steps only, at the lower bound per step (no evaluation, no overhead)")
+
+        # BRANCH over frames (stride 4) on a small frame-level cache, extrapolated to HUME-VB size.
+        frame_sizes = (96, 32, 16) if quick else (args.frame_clips, args.frame_clips // 4, args.frame_clips // 8)
+        frame_head = dataclasses.replace(head, arch="branch", branch_use_frames=True)
+        from heads.models import branch_groups
+        groups = branch_groups(len([d for d in dims if d.startswith("hidden_")]) - 1, frame_head.branch_blocks)
+        frame_layers = ["cnn"] + [f"hidden_{g[-1]}" for g in groups]
+        fpath = make_cache_in_child(tmp / "frames.h5", frame_sizes, dims, frame_layers=frame_layers,
+                                    frame_stride=args.frame_stride, seed=1)
+        finfo = cache_info(fpath)
+        fcache = load_cache(fpath)
+        with FrameReader(fpath) as reader:
+            fr = measure_arch(fcache, fpath, tmp / "frame-runs", "branch", frame_head,
+                              steps=min(steps["branch"] if quick else args.frame_steps, frame_sizes[0] // BATCH),
+                              val_rows=frame_sizes[1], test_rows=frame_sizes[2], full_sizes=sizes, frames=reader)
+            fflops, _, fbatch_s = step_cost(fcache, frame_head, "branch", frames=reader)
+        del fcache
+        fig.add("b", "branch-frames ms per step (12 runs jointly, batch 8)", 1e3 * fr["step_s"], "ms",
+                f"stride {args.frame_stride}, layers {','.join(frame_layers)}, measured over {fr['steps']} steps")
+        fig.add("b", "branch-frames GFLOP per step", fflops / 1e9, "GFLOP",
+                f"{fflops / 1e9 / fr['step_s']:.0f} GFLOP/s achieved over the whole step")
+        fig.add("b", "branch-frames ms per batch read (HDF5 + padding)", 1e3 * fbatch_s, "ms",
+                "inside the step time above")
+        fig.add("b", "branch-frames s per epoch", fr["epoch_s"], "s",
+                f"extrapolated to {sizes[0]} Train / {sizes[1]} Val clips from {fr['steps']} measured steps")
+        fig.add("b", "branch-frames 12 runs x 30 epochs", fr["arch_s"] / 3600, "h", "extrapolated")
+
+        # (d) storage and memory
+        fig.add("d", "pooled cache bytes per clip", info["bytes_per_clip"]["pooled"], "B",
+                f"{len(info['layers'])} layers float16; file {info['file_bytes'] / 2**30:.2f} GiB for "
+                f"{info['n_clips']} clips")
+        frame_dims = sum(dims[layer] for layer in frame_layers)
+        per_clip_frames = finfo["bytes_per_clip"]["frames"]
+        fig.add("d", "frame cache bytes per clip", per_clip_frames, "B",
+                f"{len(frame_layers)} layers ({frame_dims} values per frame) at stride {args.frame_stride}")
+        all_layers_stride1 = per_clip_frames / frame_dims * sum(dims.values()) * args.frame_stride
+        fig.add("d", "frame cache bytes per clip, all layers, stride 1", all_layers_stride1, "B",
+                f"scaled from the measured frame cache; x {sizes[0] + sizes[1] + sizes[2]} clips = "
+                f"{all_layers_stride1 * sum(sizes) / 1e9:.1f} GB")
+        peak = peak_rss_bytes()
+        fig.add("d", "in-memory cache", cache_bytes / 2**30, "GiB")
+        fig.add("d", "RSS before loading (python + torch)", rss_start / 2**30, "GiB")
+        fig.add("d", "peak RSS of (b)", peak / 2**30, "GiB")
+        fig.add("d", "peak RSS / in-memory cache", peak / cache_bytes, "x",
+                f"goal <= {GOAL_RSS_RATIO:g}: {verdict(peak / cache_bytes, GOAL_RSS_RATIO)}")
+        fig.add("d", "(peak RSS - RSS before loading) / in-memory cache", (peak - rss_start) / cache_bytes, "x",
+                "without the interpreter and libraries")
+    print(machine_line(threads), flush=True)
+    return fig
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tests.benchmarks.bench_heads", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny cache and head: runs in seconds (for the test suite)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="measured training steps per architecture (default: 300, BRANCH 60; quick: 8)")
+    p.add_argument("--val-rows", type=int, default=2048, help="Val clips evaluated per measurement")
+    p.add_argument("--test-rows", type=int, default=1024, help="Test clips predicted per measurement")
+    p.add_argument("--frame-clips", type=int, default=800, help="Train clips of the frame-level cache")
+    p.add_argument("--frame-steps", type=int, default=20, help="measured steps of BRANCH over frames")
+    p.add_argument("--frame-stride", type=int, default=4)
+    p.add_argument("--keep", action="store_true", help="keep the generated caches and runs")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    run(args).write(args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The benchmark scripts run and print sane figures (no timing is asserted), and the hot paths they pushed to
+be fast (fused AdamW with per-run rates and clipping, the chained-input linear, the dropout draws) still equal
+their plain references."""
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from heads.layers import StackedDropout, StackedLinear, make_generators
+from heads.optim import StackedAdamW
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+LINE = re.compile(r"^\[([a-d])\] (.+?): (-?[0-9.]+(?:e[+-]?[0-9]+)?) ?(\S*)", re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def quick_output() -> str:
+    proc = subprocess.run([sys.executable, "-m", "tests.benchmarks.run_all", "--quick", "--threads", "1"],
+                          check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def _figures(text: str) -> dict[str, tuple[str, float, str]]:
+    """name -> (item, value, unit) from the per-benchmark lines (the first occurrence of each name)."""
+    out: dict[str, tuple[str, float, str]] = {}
+    for item, name, value, unit in LINE.findall(text):
+        out.setdefault(name.strip(), (item, float(value), unit))
+    return out
+
+
+def test_run_all_quick_prints_every_figure_as_a_sane_number(quick_output):
+    figs = _figures(quick_output)
+    expected = {
+        "a": ["bare forward clips/s", "dump clips/s", "dump time / bare forward time"],
+        "b": [f"{arch} ms per step (12 runs jointly, batch 8)" for arch in ("vanilla", "chain", "branch")]
+             + [f"{arch} s per epoch" for arch in ("vanilla", "chain", "branch")]
+             + ["full grid wall time", "branch-frames ms per step (12 runs jointly, batch 8)",
+                "branch-frames s per epoch"],
+        "c": ["end-to-end train step (batch 8, 2.5 s clips)", "train s per clip", "grid end to end (36 runs)",
+              "speedup of (b) over (c)", "speedup of (b) + stage 1 over (c)"],
+        "d": ["pooled cache bytes per clip", "frame cache bytes per clip", "in-memory cache", "peak RSS of (b)",
+              "peak RSS / in-memory cache"],
+    }
+    for item, names in expected.items():
+        for name in names:
+            assert name in figs, f"missing figure [{item}] {name}"
+            got_item, value, _ = figs[name]
+            assert got_item == item, name
+            assert math.isfinite(value) and value > 0, (name, value)
+    # figures that follow from others: clips/s over the same clips give the ratio, the grid is the sum of parts
+    a = figs["dump time / bare forward time"][1]
+    assert a == pytest.approx(figs["bare forward clips/s"][1] / figs["dump clips/s"][1], rel=2e-3)
+    assert figs["full grid wall time"][1] == pytest.approx(
+        sum(figs[f"{arch} 12 runs x 30 epochs"][1] for arch in ("vanilla", "chain", "branch")), rel=2e-3)
+    # (d) by hand: the quick cache stores cnn (16) + hidden_0..4 (5 x 24) in float16 = 272 bytes per clip, and
+    # 3 frame layers (cnn, hidden_2, hidden_4: 64 values) x ceil(124 / 4) = 31 frames x 2 bytes (+ offsets)
+    assert figs["pooled cache bytes per clip"][1] == pytest.approx((16 + 5 * 24) * 2, rel=1e-3)
+    assert 64 * 31 * 2 <= figs["frame cache bytes per clip"][1] <= 64 * 31 * 2 + 64
+    assert figs["peak RSS / in-memory cache"][1] > 1.0      # the process holds more than the cache
+    # the summary repeats the goals
+    assert "==== goals" in quick_output and "(d) goal <= 2" in quick_output
+
+
+# ------------------------------------------------------------------ optimised hot paths == plain references
+
+def _loss(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (torch.sin(w * x) + 0.5 * (w * x) ** 2).sum()
+
+
+def test_fused_stacked_adamw_with_mixed_rates_and_clipping_equals_torch_per_run():
+    """Rates equal in runs 0 and 2 but not 1 (non-contiguous groups), a plateau-style rate change midway, and
+    clipping that hits some runs and not others: every run still follows clip_grad_norm_ + torch AdamW."""
+    g = torch.Generator().manual_seed(5)
+    n_runs = 4
+    lrs = [1e-2, 3e-2, 1e-2, 5e-3]
+    scale = [1.0, 300.0, 1.0, 50.0]
+    w0, b0 = torch.randn(n_runs, 6, 3, generator=g), torch.randn(n_runs, 3, generator=g)
+    w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+    opt = StackedAdamW([w, b], n_runs=n_runs, lr=lrs, weight_decay=0.01, max_grad_norm=2.0)
+    refs = []
+    for r in range(n_runs):
+        pw, pb = w0[r].clone().requires_grad_(), b0[r].clone().requires_grad_()
+        refs.append((pw, pb, torch.optim.AdamW([pw, pb], lr=lrs[r], weight_decay=0.01)))
+    for step in range(10):
+        if step == 5:                     # a schedule halves run 2's rate: runs 0 and 2 part ways
+            opt.lr[2] *= 0.5
+            refs[2][2].param_groups[0]["lr"] *= 0.5
+        x = torch.randn(6, 3, generator=g)
+        sum(scale[r] * (_loss(w[r], x) + _loss(b[r], x[0])) for r in range(n_runs)).backward()
+        opt.step()
+        opt.zero_grad()
+        for r, (pw, pb, ref) in enumerate(refs):
+            ref.zero_grad()
+            (scale[r] * (_loss(pw, x) + _loss(pb, x[0]))).backward()
+            torch.nn.utils.clip_grad_norm_([pw, pb], 2.0)
+            ref.step()
+    assert bool((opt.last_grad_norms[[1, 3]] > 2.0).all())   # clipping was active for the scaled runs
+    for r, (pw, pb, _) in enumerate(refs):
+        torch.testing.assert_close(w[r], pw, rtol=0, atol=2e-6)
+        torch.testing.assert_close(b[r], pb, rtol=0, atol=2e-6)
+
+
+def test_concat_linear_equals_linear_of_concatenation_in_value_and_gradients():
+    g = torch.Generator().manual_seed(2)
+    lin = StackedLinear(3, 7 + 4, 5, make_generators([1, 2, 3]))
+    x = torch.randn(3, 6, 7, generator=g)
+    extra = torch.randn(3, 6, 4, generator=g, requires_grad=True)
+    w = torch.randn(3, 6, 5, generator=g)
+    out = lin.forward_concat(x, extra)
+    (out * w).sum().backward()
+    grads = (lin.weight.grad.clone(), lin.bias.grad.clone(), extra.grad.clone())
+    lin.zero_grad()
+    extra.grad = None
+    ref = lin(torch.cat([x, extra], -1))
+    (ref * w).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    for got, want in zip(grads, (lin.weight.grad, lin.bias.grad, extra.grad)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # a features input that does need a gradient (the learnable layer mix) gets it too
+    xg = x.clone().requires_grad_()
+    lin.forward_concat(xg, extra.detach()).sum().backward()
+    xr = x.clone().requires_grad_()
+    lin(torch.cat([xr, extra.detach()], -1)).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=0, atol=1e-6)
+
+
+def test_dropout_masks_are_each_runs_own_torch_rand_draws():
+    x = torch.ones(3, 4, 10)
+    drop = StackedDropout(0.3, make_generators([4, 5, 6], offset=9))
+    out = drop(x)
+    for r, gen in enumerate(make_generators([4, 5, 6], offset=9)):
+        keep = torch.rand(4, 10, generator=gen) >= 0.3
+        torch.testing.assert_close(out[r], keep.float() / 0.7, rtol=0, atol=0)
+    assert F.dropout(x, 0.3, training=False).equal(x)  # sanity of the reference semantics
