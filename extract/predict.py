@@ -30,7 +30,7 @@ from typing import Any
 import click
 import numpy as np
 
-from heads.runs import CONFIG_FILE, HEAD_FILE, read_json_object
+from heads.runs import CONFIG_FILE, HEAD_FILE, read_json_object, read_run_config
 from heads.tasks import CULTURE, HIGH, TASK_NAMES, TASKS, TWO, TYPE
 
 DEFAULT_CLIP_SECONDS = 2.5
@@ -124,12 +124,12 @@ def load_run_head(run_dir: str | os.PathLike) -> LoadedRun:
     from heads.train import TrainConfig  # noqa: PLC0415
 
     run_dir = Path(run_dir)
-    config = read_json_object(run_dir / CONFIG_FILE)
+    config = read_run_config(run_dir)
     attrs = config.get("cache_attrs")
     if not isinstance(attrs, dict) or not isinstance(attrs.get("layer_dims"), dict):
         raise PredictError(f"{run_dir / CONFIG_FILE}: no cache_attrs.layer_dims recorded, so the features this "
                            "run expects are unknown")
-    fields = {k: v for k, v in config.items() if k not in ("cache", "cache_attrs")}
+    fields = {k: v for k, v in config.items() if k not in ("run_format", "cache", "cache_attrs")}
     try:
         train_cfg = TrainConfig.from_dict(fields)
         head = MultiTaskHead(train_cfg.head, {k: int(v) for k, v in attrs["layer_dims"].items()}, [train_cfg.seed])

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from cache.atomic import write_json_atomic, write_text_atomic
 from heads.models import HeadConfig
 from heads.tasks import METRIC_KEYS
-from heads.train import CONFIG_FILE, METRICS_FILE, SELECTION_KEY, TrainConfig, run_config_record, train_runs
+from heads.runs import CONFIG_FILE, METRICS_FILE
+from heads.train import SELECTION_KEY, TrainConfig, run_config_record, train_runs
 
 ARCHS: tuple[str, ...] = ("vanilla", "chain", "branch")
 WEIGHTINGS: tuple[str, ...] = ("uniform", "dwa", "rruw", "druw")

@@ -30,7 +30,7 @@ import numpy as np
 
 from cache.atomic import write_json_atomic
 from heads.metrics import score_all
-from heads.runs import CONFIG_FILE, METRICS_FILE, find_runs, read_json_object
+from heads.runs import METRICS_FILE, find_runs, read_json_object, read_run_config
 from heads.submission import (
     PROBS_FILE, bracket_id, read_submission, read_type_probs, submission_name, write_submission,
     write_type_probs,
@@ -124,7 +124,7 @@ def read_split_predictions(folder: Path) -> SplitPredictions | None:
 
 
 def load_run(path: Path) -> Run:
-    config = read_json_object(path / CONFIG_FILE)
+    config = read_run_config(path)
     metrics = read_json_object(path / METRICS_FILE)
     val = read_split_predictions(path / "predictions" / "val")
     if val is None:

@@ -24,7 +24,7 @@ import click
 import numpy as np
 
 from cache.atomic import atomic_path, write_text_atomic
-from heads.runs import is_run_dir, read_json_object, runs_inside
+from heads.runs import METRICS_FILE, is_run_dir, read_json_object, read_run_config, runs_inside
 from heads.tasks import HEADLINE_KEYS, TASK_NAMES, TASKS
 
 # What each weighting logs as its per-task weight (the y-axis label of its figure).
@@ -106,7 +106,7 @@ def collect_inputs(dirs: Iterable[str | os.PathLike]) -> ReportInputs:
         if not (path / "metrics.json").is_file():
             found.warnings.append(f"skipping incomplete run {path} (no metrics.json)")
             return
-        found.runs.append(RunInfo(path, read_json_object(path / "config.json"), read_json_object(path / "metrics.json")))
+        found.runs.append(RunInfo(path, read_run_config(path), read_json_object(path / METRICS_FILE)))
 
     for given in dirs:
         path = Path(given)

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+RUN_FORMAT = 1            # bump when the files of a run folder change meaning; readers refuse other values
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 HEAD_FILE = "head.safetensors"
@@ -41,6 +42,18 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RunDirError(f"{path}: expected a JSON object")
     return data
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """A run's config.json, refused with a clear error when it was written by another run-folder format."""
+    path = Path(run_dir) / CONFIG_FILE
+    config = read_json_object(path)
+    found = config.get("run_format")
+    if found != RUN_FORMAT:
+        what = "no run_format (an older version)" if found is None else f"run_format {found!r}"
+        raise RunDirError(f"{path}: written with {what}; this version reads run_format {RUN_FORMAT}: retrain it "
+                          "(avb heads train / avb heads ablate)")
+    return config
 
 
 def is_run_dir(path: Path) -> bool:

@@ -18,6 +18,7 @@ from sklearn.metrics import recall_score
 from cache.writer import CacheWriter
 from heads.ensemble import ensemble_command, select_greedy
 from heads.metrics import score_all
+from heads.runs import RUN_FORMAT
 from heads.submission import read_submission, read_type_probs, write_submissions, write_type_probs
 from heads.tasks import TASK_NAMES, TASKS, TYPE_CLASSES
 
@@ -99,7 +100,8 @@ class World:
             folder = path / "predictions" / split
             write_submissions(folder, split_ids, preds, team="avb", number=1)
             write_type_probs(folder / "type_probs.csv", split_ids, preds["type"])
-        config = {"train": {"arch": arch, "weighting": weighting, "seed": seed}, "cache": str(self.cache),
+        config = {"run_format": RUN_FORMAT, "train": {"arch": arch, "weighting": weighting, "seed": seed},
+                  "cache": str(self.cache),
                   "cache_attrs": {"backbone": backbone or BACKBONE, "layers": ["cnn"]}}
         (path / "config.json").write_text(json.dumps(config))
         if complete:

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from heads.report import ablation_grid, collect_inputs, markdown_table_html, report_command
+from heads.runs import RUN_FORMAT
 
 pytest.importorskip("matplotlib")
 
@@ -31,7 +32,8 @@ def write_run(folder: Path, arch: str, weighting: str, seed: int, epochs: int = 
     folder.mkdir(parents=True)
     (folder / "predictions" / "val").mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(
-        {"train": {"arch": arch, "weighting": weighting, "seed": seed}, "cache": "/nowhere/cache.h5"}))
+        {"run_format": RUN_FORMAT, "train": {"arch": arch, "weighting": weighting, "seed": seed},
+         "cache": "/nowhere/cache.h5"}))
     if not complete:
         return folder
     history = []
