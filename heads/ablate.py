@@ -1,11 +1,17 @@
 """The ablation grid: every architecture x loss weighting x seed, resumable, summarised like the paper's Table I.
 
-All runs of one architecture train jointly in one `train_runs` call (one stacked head), so the grid costs
-about one run per architecture rather than one per cell. A run folder whose `metrics.json` exists (written
+The runs of one architecture train jointly in `train_runs` calls (one stacked head each), so the grid costs
+about one run per joint group rather than one per cell. A joint call holds every run's parameters, gradients,
+both AdamW moments and a best-epoch copy at once, so the runs are split into joint groups that fit
+`max_group_bytes` (`joint_groups`): with the default budget VANILLA and CHAIN (~15 MiB of state per run) train
+12 runs in one group, while BRANCH (~132 MiB per run at wav2vec2-base size) trains 12 runs as 3 groups of 4,
+which keeps the HUME-scale grid's peak memory under twice the in-memory cache. A run folder whose `metrics.json` exists (written
 last) and whose `config.json` equals the config it would get now is finished and is not trained again, so an
 interrupted grid resumes where it stopped and a grown grid (more seeds) trains only the new runs. A joint
 call that was killed while writing its run folders is retrained as a whole (see `_with_interrupted_group`), so
-a resumed grid is bit-identical to an uninterrupted one.
+a resumed grid is bit-identical to an uninterrupted one. The groups are cut from the grid's run list (not
+from the unfinished runs), so the same grid always gives the same groups and a resumed grid trains every run
+in the same stack as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cache.atomic import write_json_atomic, write_text_atomic
-from heads.models import HeadConfig
+from heads.models import HeadConfig, MultiTaskHead
 from heads.tasks import METRIC_KEYS
 from heads.runs import CONFIG_FILE, METRICS_FILE
 from heads.train import SELECTION_KEY, TrainConfig, run_config_record, train_runs
@@ -46,6 +52,12 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
 RESULT_FIELDS: tuple[str, ...] = ("arch", "weighting", "seed", *METRIC_KEYS, SELECTION_KEY, "best_epoch")
 # Beside the run folders while a joint `train_runs` call of one architecture runs: the names of its runs.
 GROUP_MARKER = ".training-{arch}.json"
+# float32 arrays a joint call holds per parameter and run: the parameter, its gradient, AdamW's two moments,
+# and the best epoch's copy.
+STATE_ARRAYS = 5
+# Default budget of one joint call's training state. Fits 12 VANILLA/CHAIN runs at the paper's head size
+# (12 x 15.5 MiB) and 4 BRANCH runs (4 x 132 MiB): the HUME-scale BRANCH grid of 12 runs trains as 3 groups of 4.
+DEFAULT_MAX_GROUP_BYTES = 640 * 2**20
 
 
 class AblationError(ValueError):
@@ -65,6 +77,7 @@ class GridConfig:
     lr: float = 1e-3
     head: HeadConfig = field(default_factory=HeadConfig)   # template; `arch` is set per run
     weighting_options: dict = field(default_factory=dict)  # weighting name -> its options
+    max_group_bytes: int = DEFAULT_MAX_GROUP_BYTES          # training-state budget of one joint call; 0: no limit
 
     def to_dict(self) -> dict[str, Any]:
         """JSON types; the head template's `arch` is left out (each run sets its own)."""
@@ -103,6 +116,38 @@ def _is_finished(run_dir: Path, record: dict[str, Any]) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     return stored == json.loads(json.dumps(record))
+
+
+def run_state_bytes(head: HeadConfig, layer_dims: dict[str, int]) -> int:
+    """Bytes one run adds to a joint call: its parameter count x STATE_ARRAYS float32 arrays.
+
+    Counted on a one-run head (built, so the count is exactly what `train_runs` will stack); activations and
+    the loss weightings' few parameters are left out: the stacked state dominates at the paper's sizes.
+    """
+    model = MultiTaskHead(head, dict(layer_dims), [0])
+    return STATE_ARRAYS * 4 * sum(p.numel() for p in model.parameters())
+
+
+def joint_groups(n_runs: int, per_run_bytes: int, max_group_bytes: int) -> list[list[int]]:
+    """Split run indices 0..n_runs-1 into contiguous joint groups of at most `max_group_bytes` of state each.
+
+    As few groups as the budget allows (each call costs its per-step overhead), of sizes as equal as possible,
+    larger ones first: 12 runs with room for 5 give 4+4+4, the same three calls as 5+5+2 at a lower peak. A run
+    bigger than the budget trains alone. `max_group_bytes` <= 0 means no limit (one group).
+    """
+    if n_runs <= 0:
+        return []
+    if max_group_bytes <= 0:
+        return [list(range(n_runs))]
+    per_group = max(1, int(max_group_bytes) // max(1, int(per_run_bytes)))
+    n_groups = -(-n_runs // per_group)
+    base, extra = divmod(n_runs, n_groups)
+    groups, start = [], 0
+    for g in range(n_groups):
+        size = base + (1 if g < extra else 0)
+        groups.append(list(range(start, start + size)))
+        start += size
+    return groups
 
 
 def _with_interrupted_group(marker: Path, configs: Sequence[TrainConfig], todo: list[int]) -> list[int]:
@@ -144,10 +189,13 @@ def run_grid(
     head: HeadConfig | None = None,
     weighting_options: dict[str, dict] | None = None,
     progress: bool = True,
+    max_group_bytes: int = DEFAULT_MAX_GROUP_BYTES,
 ) -> list[dict]:
     """Train (or reuse) every arch x weighting x seed run under `out_dir` and write the result tables.
 
-    Returns one row per run (RESULT_FIELDS), in grid order. Writes `config.json` (the resolved grid),
+    The runs of one architecture train jointly in groups whose training state (`run_state_bytes` per run)
+    fits `max_group_bytes` (0: one group per architecture). Returns one row per run (RESULT_FIELDS), in grid
+    order. Writes `config.json` (the resolved grid),
     `results.csv`, `results.json` and `results.md` (Table I layout) into `out_dir`.
     """
     from cache.reader import load_cache  # noqa: PLC0415 - h5py only when a grid actually runs
@@ -160,7 +208,10 @@ def run_grid(
         epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
         head=head if head is not None else HeadConfig(),
         weighting_options={k.lower(): dict(v) for k, v in (weighting_options or {}).items()},
+        max_group_bytes=int(max_group_bytes),
     )
+    if grid.max_group_bytes < 0:
+        raise AblationError(f"max_group_bytes must be >= 0 (0: no limit), got {grid.max_group_bytes}")
     unknown = sorted(set(grid.weighting_options) - set(WEIGHTINGS))
     if unknown:
         raise AblationError(f"options given for unknown weighting(s) {', '.join(unknown)}")
@@ -189,7 +240,11 @@ def run_grid(
 
 
 def _train_grid(grid: GridConfig, cache: Any, cache_path: Path, out: Path, frames: Any, progress: bool) -> list[dict]:
-    """Train the unfinished runs, one joint `train_runs` call per architecture; rows of all runs."""
+    """Train the unfinished runs, one joint `train_runs` call per joint group; rows of all runs.
+
+    The marker names the runs of the call in progress and is removed as soon as that call returns, so after a
+    kill it names exactly the group that was interrupted, and only that group is retrained as a whole.
+    """
     all_configs = {arch: grid.run_configs(arch) for arch in grid.archs}
     rows: list[dict] = []
     bar = tqdm(total=sum(len(c) for c in all_configs.values()), desc="ablation", unit="run", disable=not progress)
@@ -202,11 +257,18 @@ def _train_grid(grid: GridConfig, cache: Any, cache_path: Path, out: Path, frame
             todo = _with_interrupted_group(marker, configs, todo)
         bar.update(len(configs) - len(todo))
         if todo:
-            bar.set_postfix(arch=arch, training=len(todo))
-            write_json_atomic(marker, [configs[i].name for i in todo])
-            train_runs(cache, [configs[i] for i in todo], [dirs[i] for i in todo], progress=progress,
-                       frames=frames if arch == "branch" else None, cache_path=cache_path)
-            bar.update(len(todo))
+            per_run = run_state_bytes(configs[0].head, dict(cache.layer_dims))
+            pending = set(todo)
+            for group in joint_groups(len(configs), per_run, grid.max_group_bytes):
+                members = [i for i in group if i in pending]
+                if not members:
+                    continue
+                bar.set_postfix(arch=arch, training=len(members))
+                write_json_atomic(marker, [configs[i].name for i in members])
+                train_runs(cache, [configs[i] for i in members], [dirs[i] for i in members], progress=progress,
+                           frames=frames if arch == "branch" else None, cache_path=cache_path)
+                marker.unlink(missing_ok=True)
+                bar.update(len(members))
         marker.unlink(missing_ok=True)
         for cfg, d in zip(configs, dirs):
             rows.append(_row(cfg, json.loads((d / METRICS_FILE).read_text(encoding="utf-8"))))

@@ -119,9 +119,13 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
 @click.option("--weightings", default=",".join(WEIGHTING_CHOICES), show_default=True,
               help="Loss weightings, comma-separated.")
 @click.option("--seeds", default="0", show_default=True, help="Seeds, comma-separated (e.g. 0,1,2).")
+@click.option("--max-group-mib", default=640, show_default=True, type=click.IntRange(min=0),  # = ablate's default
+              help="Memory budget of one joint training call in MiB (per run: parameters, gradients, AdamW "
+                   "moments, best-epoch copy); an architecture's runs train in as few equal groups as fit. "
+                   "0: no limit.")
 @_head_options
-def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, seeds: str, hidden: int,
-                   dropout: float, input_layer: str, chain_order: str, n_heads: int, branch_blocks: int,
+def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, seeds: str, max_group_mib: int,
+                   hidden: int, dropout: float, input_layer: str, chain_order: str, n_heads: int, branch_blocks: int,
                    branch_frames: bool, epochs: int, batch_size: int, lr: float, progress: bool) -> None:
     """Train every arch x weighting x seed (runs of one arch jointly), resumably; print a Table I-style summary."""
     arch_list = _csv_list(archs, "architecture", ARCH_CHOICES)
@@ -132,7 +136,7 @@ def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, see
         from heads.ablate import run_grid  # noqa: PLC0415
 
         run_grid(cache_path, out, archs=arch_list, weightings=weighting_list, seeds=seed_list, epochs=epochs,
-                 batch_size=batch_size, lr=lr, head=head, progress=progress)
+                 batch_size=batch_size, lr=lr, head=head, progress=progress, max_group_bytes=max_group_mib * 2**20)
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err)) from None
     click.echo((out / "results.md").read_text(encoding="utf-8"), nl=False)

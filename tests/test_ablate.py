@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from extract.cli import main as avb
 from heads import ablate as ablate_mod
-from heads.ablate import results_markdown, run_grid, summarise
-from heads.models import HeadConfig
+from heads.ablate import joint_groups, results_markdown, run_grid, run_state_bytes, summarise
+from heads.models import HeadConfig, MultiTaskHead
 from heads.tasks import METRIC_KEYS
 from test_train import make_signal_cache
 
@@ -141,6 +141,64 @@ def test_rerun_skips_finished_runs_and_retrains_only_what_is_missing(cache_file,
     assert json.loads((tmp_path / "vanilla-dwa-s1" / "config.json").read_text())["epochs"] == 3
 
 
+def test_joint_groups_by_hand():
+    # HUME-scale BRANCH: 132 MiB per run, 640 MiB budget -> room for 4 -> 3 equal groups of 4
+    assert joint_groups(12, 132, 640) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert joint_groups(12, 15, 640) == [list(range(12))]                    # VANILLA/CHAIN: one group
+    assert joint_groups(12, 10, 50) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]  # room for 5: 4+4+4
+    assert joint_groups(7, 10, 30) == [[0, 1, 2], [3, 4], [5, 6]]           # equal sizes, larger first
+    assert joint_groups(3, 100, 50) == [[0], [1], [2]]                      # a run over budget trains alone
+    assert joint_groups(5, 100, 0) == [[0, 1, 2, 3, 4]]                     # 0: no limit
+    assert joint_groups(0, 100, 50) == []
+
+
+def test_run_state_bytes_is_five_float32_arrays_per_parameter():
+    dims = {"cnn": 16, "hidden_0": 24, "hidden_1": 24, "hidden_2": 24}
+    for arch in ("vanilla", "branch"):
+        head = HeadConfig(arch=arch, hidden=32, n_heads=4, branch_blocks=2)
+        stacked = sum(p.numel() for p in MultiTaskHead(head, dims, [0, 1, 2]).parameters())
+        assert run_state_bytes(head, dims) == 5 * 4 * stacked // 3
+    # VANILLA by hand: per task Linear(24, 32), LayerNorm(32) (weight + bias), Linear(32, out), outs 8, 2, 10, 40
+    head = HeadConfig(arch="vanilla", hidden=32)
+    assert run_state_bytes(head, dims) == 20 * sum(24 * 32 + 32 + 2 * 32 + 32 * k + k for k in (8, 2, 10, 40))
+
+
+def test_memory_budget_splits_an_arch_into_joint_groups_with_the_joint_results(cache_file, tmp_path, monkeypatch):
+    grid = dict(GRID, archs=("vanilla",), weightings=("uniform", "dwa", "rruw"), seeds=(0,))
+    joint = run_grid(cache_file, tmp_path / "joint", **grid, max_group_bytes=0)
+
+    seen = []   # (runs of the call, the marker's names during it)
+    real = ablate_mod.train_runs
+
+    def recording(cache, configs, out_dirs, **kw):
+        marker = Path(out_dirs[0]).parent / ".training-vanilla.json"
+        seen.append(([c.name for c in configs], json.loads(marker.read_text())))
+        return real(cache, configs, out_dirs, **kw)
+
+    monkeypatch.setattr(ablate_mod, "train_runs", recording)
+    per_run = run_state_bytes(HEAD, {"cnn": 16, "hidden_0": 24, "hidden_1": 24, "hidden_2": 24})
+    out = tmp_path / "grouped"
+    grouped = run_grid(cache_file, out, **grid, max_group_bytes=2 * per_run + per_run // 2)   # room for 2
+    names = ["vanilla-uniform-s0", "vanilla-dwa-s0", "vanilla-rruw-s0"]
+    assert seen == [(names[:2], names[:2]), (names[2:], names[2:])]          # 2 + 1; the marker names the call
+    assert not (out / ".training-vanilla.json").exists()
+    assert json.loads((out / "config.json").read_text())["max_group_bytes"] == 2 * per_run + per_run // 2
+    for a, b in zip(joint, grouped):
+        assert (a["arch"], a["weighting"], a["seed"]) == (b["arch"], b["weighting"], b["seed"])
+        for key in (*METRIC_KEYS, "mean"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["weighting"], key)
+
+    run_grid(cache_file, out, **grid, max_group_bytes=2 * per_run + per_run // 2)
+    assert len(seen) == 2                                                    # finished: nothing trained
+
+    # killed inside the first group after it wrote one run folder: that whole group is retrained, not more
+    (out / "vanilla-dwa-s0" / "metrics.json").unlink()
+    (out / ".training-vanilla.json").write_text(json.dumps(names[:2]))
+    run_grid(cache_file, out, **grid, max_group_bytes=2 * per_run + per_run // 2)
+    assert seen[2:] == [(names[:2], names[:2])]
+    assert not (out / ".training-vanilla.json").exists()
+
+
 def test_grid_rejects_bad_specs(cache_file, tmp_path):
     with pytest.raises(ValueError, match="unknown architecture 'mlp'; expected one of vanilla, chain, branch"):
         run_grid(cache_file, tmp_path, archs=("mlp",), progress=False)
@@ -171,6 +229,16 @@ def test_cli_ablate_prints_table_and_train_writes_a_run(cache_file, tmp_path):
     assert config["head"]["chain_order"] == ["high", "type", "two", "culture"] and config["head"]["hidden"] == 16
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert f"mean             {metrics['mean']:.4f}" in res.output
+
+
+def test_cli_max_group_mib_defaults_to_the_library_budget_and_rejects_negatives(cache_file, tmp_path):
+    from heads.cli import ablate_command
+
+    option = next(p for p in ablate_command.params if p.name == "max_group_mib")
+    assert option.default * 2**20 == ablate_mod.DEFAULT_MAX_GROUP_BYTES
+    res = CliRunner().invoke(avb, ["heads", "ablate", "--cache", str(cache_file), "--out", str(tmp_path / "g"),
+                                   "--max-group-mib", "-1"])
+    assert res.exit_code == 2 and "Invalid value for '--max-group-mib'" in res.output
 
 
 def test_cli_errors_are_one_line(cache_file, tmp_path):

@@ -6,7 +6,9 @@
 What is measured, and how the grid time is obtained. The grid is 3 architectures x 4 weightings x 3 seeds x
 30 epochs at batch size 8 on a generated pooled cache of 19,990 Train / 19,396 Val / 19,815 Test clips
 (14 layers, float16, learnable). Training all of it takes hours on a 2-core CPU, so for every architecture
-the real `heads.train.train_runs` trains its 12 runs jointly (as `avb heads ablate` does) for one epoch over
+the real `heads.train.train_runs` trains its 12 runs in the joint groups `avb heads ablate` uses (as many as
+fit the ablation's memory budget, `--max-group-mib`; at HUME scale VANILLA and CHAIN train 12 runs at once,
+BRANCH 3 groups of 4) for one epoch over
 the first `--steps` Train batches, evaluates the first `--val-rows` Val clips and predicts `--test-rows` Test
 clips. The seconds of the step loop, of the per-epoch evaluation and of the final predictions are taken
 apart by timing `_epoch_batches` and `_predict` from the outside, then scaled to full size:
@@ -18,7 +20,10 @@ Every grid figure is labelled "extrapolated from N measured steps". BRANCH over 
 the same way on a small frame-level cache and extrapolated to HUME-VB size separately.
 
 (d) bytes per clip come from `cache_info` of the generated caches; the peak RSS of this process (the cache
-is generated in a child process) is compared with the bytes of the loaded cache.
+is generated in a child process) is compared with the bytes of the loaded cache. The training above runs in
+the ablation's joint groups, so this is the peak of the grid as `avb heads ablate` trains it; the benchmark's
+own buffers (the copy-bandwidth probe, the FLOP count's model) stay below it. `--archs branch --skip-frames`
+measures just the largest head's step time and the memory peak.
 """
 from __future__ import annotations
 
@@ -70,9 +75,14 @@ def _subset(cache: Any, n_train: int, n_val: int, n_test: int) -> Any:
     return dataclasses.replace(cache, splits=splits)
 
 
-def step_cost(cache: Any, head: Any, arch: str, frames: Any = None) -> tuple[float, int, float]:
-    """(FLOPs of one joint training step's forward + backward, parameters of the 12 stacked runs,
-    seconds to build one batch of inputs: indexing in memory, or reading and padding frames)."""
+def step_cost(cache: Any, head: Any, arch: str, frames: Any = None, group: int | None = None
+              ) -> tuple[float, int, float]:
+    """(FLOPs of one training step's forward + backward for all 12 runs, parameters of the 12 runs,
+    seconds to build one batch of inputs: indexing in memory, or reading and padding frames).
+
+    Counted on a stack of `group` runs (default: all 12) and scaled to 12: every run has the same shapes, so
+    FLOPs and parameters grow exactly linearly, and a stack no larger than the ablation's joint groups keeps
+    this measurement from setting the peak RSS that (d) reports."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -80,7 +90,9 @@ def step_cost(cache: Any, head: Any, arch: str, frames: Any = None) -> tuple[flo
     from heads.losses import task_losses
     from heads.models import MultiTaskHead
 
-    seeds = [s for _ in WEIGHTINGS for s in SEEDS]
+    all_seeds = [s for _ in WEIGHTINGS for s in SEEDS]
+    seeds = all_seeds[:group] if group else all_seeds
+    scale = len(all_seeds) / len(seeds)
     model = MultiTaskHead(dataclasses.replace(head, arch=arch), dict(cache.layer_dims), seeds).train()
     feats = train_mod._Features(cache, model.required_layers, frames, model.required_frame_layers)
     labels = {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in cache.labels.items()}
@@ -92,7 +104,8 @@ def step_cost(cache: Any, head: Any, arch: str, frames: Any = None) -> tuple[flo
     targets = train_mod._targets(labels, batches[0])
     with FlopCounterMode(display=False) as counter:
         task_losses(model(feats.batch(batches[0]), targets), targets).sum().backward()
-    return float(counter.get_total_flops()), sum(p.numel() for p in model.parameters()), batch_s
+    return (float(counter.get_total_flops()) * scale, round(sum(p.numel() for p in model.parameters()) * scale),
+            batch_s)
 
 
 def machine_peaks(hidden: int, in_dim: int) -> tuple[float, float]:
@@ -118,9 +131,13 @@ def machine_peaks(hidden: int, in_dim: int) -> tuple[float, float]:
 
 
 def measure_arch(cache: Any, cache_path: Path, out: Path, arch: str, head: Any, *, steps: int, val_rows: int,
-                 test_rows: int, full_sizes: Sequence[int], frames: Any = None) -> dict[str, float]:
-    """Train the 12 runs of `arch` jointly on a subset; the measured parts and their full-size extrapolation."""
+                 test_rows: int, full_sizes: Sequence[int], frames: Any = None,
+                 max_group_bytes: int | None = None) -> dict[str, Any]:
+    """Train the 12 runs of `arch` on a subset the way `avb heads ablate` does: in the joint groups that fit
+    `max_group_bytes` (default: the ablation's), one `train_runs` call per group. The measured parts are
+    summed over the groups (a "step" is one batch for all 12 runs) and extrapolated to full size."""
     from heads import train as train_mod
+    from heads.ablate import DEFAULT_MAX_GROUP_BYTES, joint_groups, run_state_bytes
     from heads.train import TrainConfig, train_runs
 
     n_val = min(val_rows, len(cache.indices("Val")))
@@ -128,50 +145,68 @@ def measure_arch(cache: Any, cache_path: Path, out: Path, arch: str, head: Any, 
     view = _subset(cache, steps * BATCH, n_val, n_test)
     configs = [TrainConfig(arch=arch, weighting=w, seed=s, epochs=1, batch_size=BATCH, head=head)
                for w in WEIGHTINGS for s in SEEDS]
-    marks: dict[str, float] = {}
-    predicts: list[tuple[float, float]] = []
+    budget = DEFAULT_MAX_GROUP_BYTES if max_group_bytes is None else max_group_bytes
+    per_run = run_state_bytes(configs[0].head, dict(cache.layer_dims))
+    groups = joint_groups(len(configs), per_run, budget)
     real_batches, real_predict = train_mod._epoch_batches, train_mod._predict
+    totals = {"setup_s": 0.0, "loop_s": 0.0, "eval_s": 0.0, "eval_only_s": 0.0, "final_s": 0.0}
+    for group in groups:
+        marks: dict[str, float] = {}
+        predicts: list[tuple[float, float]] = []
 
-    def timed_batches(*args: Any, **kwargs: Any) -> Any:
-        result = real_batches(*args, **kwargs)
-        marks.setdefault("loop_start", time.perf_counter())
-        return result
+        def timed_batches(*args: Any, _marks: dict = marks, **kwargs: Any) -> Any:
+            result = real_batches(*args, **kwargs)
+            _marks.setdefault("loop_start", time.perf_counter())
+            return result
 
-    def timed_predict(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        marks.setdefault("loop_end", start)
-        result = real_predict(*args, **kwargs)
-        predicts.append((start, time.perf_counter()))
-        return result
+        def timed_predict(*args: Any, _marks: dict = marks, _predicts: list = predicts, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            _marks.setdefault("loop_end", start)
+            result = real_predict(*args, **kwargs)
+            _predicts.append((start, time.perf_counter()))
+            return result
 
-    train_mod._epoch_batches, train_mod._predict = timed_batches, timed_predict
-    try:
-        t0 = time.perf_counter()
-        train_runs(view, configs, [out / arch / c.name for c in configs], progress=False, frames=frames,
-                   cache_path=cache_path)
-        t_end = time.perf_counter()
-    finally:
-        train_mod._epoch_batches, train_mod._predict = real_batches, real_predict
-    if len(predicts) != 3:
-        raise RuntimeError(f"expected 3 prediction passes (Val each epoch, final Val and Test), saw {len(predicts)}")
+        members = [configs[i] for i in group]
+        train_mod._epoch_batches, train_mod._predict = timed_batches, timed_predict
+        try:
+            t0 = time.perf_counter()
+            train_runs(view, members, [out / arch / c.name for c in members], progress=False, frames=frames,
+                       cache_path=cache_path)
+            t_end = time.perf_counter()
+        finally:
+            train_mod._epoch_batches, train_mod._predict = real_batches, real_predict
+        if len(predicts) != 3:
+            raise RuntimeError(f"expected 3 prediction passes (Val each epoch, final Val and Test), saw {len(predicts)}")
+        totals["setup_s"] += marks["loop_start"] - t0
+        totals["loop_s"] += marks["loop_end"] - marks["loop_start"]
+        totals["eval_s"] += predicts[1][0] - marks["loop_end"]   # Val predictions, scores, best copies, schedule
+        totals["eval_only_s"] += predicts[0][1] - predicts[0][0]
+        totals["final_s"] += t_end - predicts[1][0]              # final Val + Test predictions, files, weights
 
-    setup_s = marks["loop_start"] - t0
-    step_s = (marks["loop_end"] - marks["loop_start"]) / steps
-    eval_s = predicts[1][0] - marks["loop_end"]          # Val predictions, scores, best-state copies, schedule
-    final_s = t_end - predicts[1][0]                     # final Val + Test predictions, files, head weights
+    step_s = totals["loop_s"] / steps
     n_train, n_val_full, n_test_full = full_sizes
     steps_per_epoch = n_train // BATCH + (1 if n_train % BATCH >= 2 else 0)
-    epoch_s = steps_per_epoch * step_s + eval_s * n_val_full / n_val
-    final_full_s = final_s * (n_val_full + n_test_full) / (n_val + n_test)
+    epoch_s = steps_per_epoch * step_s + totals["eval_s"] * n_val_full / n_val
+    final_full_s = totals["final_s"] * (n_val_full + n_test_full) / (n_val + n_test)
     return {
-        "steps": steps, "step_s": step_s, "eval_rows_per_s": n_val / (predicts[0][1] - predicts[0][0]),
-        "setup_s": setup_s, "epoch_s": epoch_s, "steps_per_epoch": steps_per_epoch,
-        "arch_s": setup_s + EPOCHS * epoch_s + final_full_s, "final_s": final_full_s,
+        "steps": steps, "step_s": step_s, "eval_rows_per_s": n_val / totals["eval_only_s"],
+        "setup_s": totals["setup_s"], "epoch_s": epoch_s, "steps_per_epoch": steps_per_epoch,
+        "arch_s": totals["setup_s"] + EPOCHS * epoch_s + final_full_s, "final_s": final_full_s,
+        "groups": [len(g) for g in groups], "run_state_bytes": per_run, "budget": budget,
     }
 
 
+def _groups_text(r: dict[str, Any]) -> str:
+    sizes = r["groups"]
+    if len(sizes) == 1:
+        return f"one joint group of {sizes[0]}"
+    if len(set(sizes)) == 1:
+        return f"{len(sizes)} joint groups of {sizes[0]}"
+    return f"joint groups of {'+'.join(map(str, sizes))}"
+
+
 def run(args: argparse.Namespace) -> Figures:
-    from cache.reader import FrameReader, cache_info, load_cache
+    from cache.reader import cache_info, load_cache
     from heads.models import HeadConfig
 
     fig = Figures("heads")
@@ -182,7 +217,13 @@ def run(args: argparse.Namespace) -> Figures:
     dims = QUICK_DIMS if quick else BASE_DIMS
     head = HeadConfig(hidden=32, n_heads=4, branch_blocks=2) if quick else HeadConfig()
     steps = {a: args.steps or (8 if quick else (60 if a == "branch" else 300)) for a in ARCHS}
+    budget = None if args.max_group_mib is None else int(args.max_group_mib * 2**20)
+    archs = [a.strip().lower() for a in args.archs.split(",") if a.strip()]
+    if not archs or any(a not in ARCHS for a in archs):
+        raise SystemExit(f"--archs: expected a comma-separated subset of {','.join(ARCHS)}, got {args.archs!r}")
     rss_start = current_rss_bytes()
+    # Before the cache is loaded: its 2 x 256 MB copy buffers must not add to the peak RSS that (d) reports.
+    gemm, bandwidth = machine_peaks(head.hidden, max(dims.values()))
 
     with workdir(args.keep) as tmp:
         t = time.perf_counter()
@@ -195,22 +236,24 @@ def run(args: argparse.Namespace) -> Figures:
         cache_bytes = _cache_nbytes(cache)
         print(f"    loaded {len(cache)} clips ({cache_bytes / 2**30:.2f} GiB in memory) in {load_s:.1f} s", flush=True)
 
-        gemm, bandwidth = machine_peaks(head.hidden, max(dims.values()))
         fig.add("b", "machine: best GEMM rate on the step's shapes", gemm, "GFLOP/s", f"{threads} thread(s), hot caches")
         fig.add("b", "machine: copy bandwidth", bandwidth, "GB/s", "256 MB buffers")
         results = {}
         floor_s = 0.0
-        for arch in ARCHS:
+        for arch in archs:
             results[arch] = r = measure_arch(cache, path, tmp / "runs", arch, head, steps=steps[arch],
-                                             val_rows=args.val_rows, test_rows=args.test_rows, full_sizes=sizes)
-            flops, n_params, _ = step_cost(cache, head, arch)
+                                             val_rows=args.val_rows, test_rows=args.test_rows, full_sizes=sizes,
+                                             max_group_bytes=budget)
+            flops, n_params, _ = step_cost(cache, head, arch, group=max(r["groups"]))
             # Per step the optimiser side moves each parameter's float32 value 9 times: the gradient written
             # by backward, read by the norm, then the fused AdamW pass reads p, g, m, v and writes p, m, v.
             floor_step = flops / (gemm * 1e9) + 9 * 4 * n_params / (bandwidth * 1e9)
             floor_s += EPOCHS * r["steps_per_epoch"] * floor_step
             n_runs = len(WEIGHTINGS) * len(SEEDS)
             fig.add("b", f"{arch} ms per step ({n_runs} runs jointly, batch {BATCH})", 1e3 * r["step_s"], "ms",
-                    f"measured over {r['steps']} steps")
+                    f"measured over {r['steps']} steps; {_groups_text(r)} as `avb heads ablate` trains them "
+                    f"({r['run_state_bytes'] / 2**20:.1f} MiB of training state per run, budget "
+                    f"{r['budget'] / 2**20:.0f} MiB)")
             fig.add("b", f"{arch} GFLOP per step", flops / 1e9, "GFLOP",
                     f"forward + backward; {n_params / 1e6:.1f} M parameters in the {n_runs} runs; "
                     f"{flops / 1e9 / r['step_s']:.0f} GFLOP/s achieved over the whole step")
@@ -220,63 +263,80 @@ def run(args: argparse.Namespace) -> Figures:
             fig.add("b", f"{arch} s per epoch", r["epoch_s"], "s",
                     f"extrapolated from {r['steps']} measured steps: {r['steps_per_epoch']} steps + Val eval")
             fig.add("b", f"{arch} {n_runs} runs x {EPOCHS} epochs", r["arch_s"] / 60, "min", "extrapolated")
-        grid_s = sum(r["arch_s"] for r in results.values())
-        measured = sum(r["steps"] for r in results.values())
-        fig.add("b", "full grid wall time", grid_s / 60, "min",
-                f"extrapolated from {measured} measured steps; goal <= {GOAL_GRID_S / 60:.0f} min: "
-                f"{verdict(grid_s, GOAL_GRID_S)} ({fmt_duration(grid_s)})")
-        fig.add("b", "full grid wall time (s)", grid_s, "s", "extrapolated")
-        fig.add("b", "grid lower bound on this machine", floor_s / 60, "min",
-                "training steps only, at the lower bound per step (no evaluation, no overhead)")
-
-        # BRANCH over frames (stride 4) on a small frame-level cache, extrapolated to HUME-VB size.
-        frame_sizes = (96, 32, 16) if quick else (args.frame_clips, args.frame_clips // 4, args.frame_clips // 8)
-        frame_head = dataclasses.replace(head, arch="branch", branch_use_frames=True)
-        from heads.models import branch_groups
-        groups = branch_groups(len([d for d in dims if d.startswith("hidden_")]) - 1, frame_head.branch_blocks)
-        frame_layers = ["cnn"] + [f"hidden_{g[-1]}" for g in groups]
-        fpath = make_cache_in_child(tmp / "frames.h5", frame_sizes, dims, frame_layers=frame_layers,
-                                    frame_stride=args.frame_stride, seed=1)
-        finfo = cache_info(fpath)
-        fcache = load_cache(fpath)
-        with FrameReader(fpath) as reader:
-            fr = measure_arch(fcache, fpath, tmp / "frame-runs", "branch", frame_head,
-                              steps=min(steps["branch"] if quick else args.frame_steps, frame_sizes[0] // BATCH),
-                              val_rows=frame_sizes[1], test_rows=frame_sizes[2], full_sizes=sizes, frames=reader)
-            fflops, _, fbatch_s = step_cost(fcache, frame_head, "branch", frames=reader)
-        del fcache
-        fig.add("b", "branch-frames ms per step (12 runs jointly, batch 8)", 1e3 * fr["step_s"], "ms",
-                f"stride {args.frame_stride}, layers {','.join(frame_layers)}, measured over {fr['steps']} steps")
-        fig.add("b", "branch-frames GFLOP per step", fflops / 1e9, "GFLOP",
-                f"{fflops / 1e9 / fr['step_s']:.0f} GFLOP/s achieved over the whole step")
-        fig.add("b", "branch-frames ms per batch read (HDF5 + padding)", 1e3 * fbatch_s, "ms",
-                "inside the step time above")
-        fig.add("b", "branch-frames s per epoch", fr["epoch_s"], "s",
-                f"extrapolated to {sizes[0]} Train / {sizes[1]} Val clips from {fr['steps']} measured steps")
-        fig.add("b", "branch-frames 12 runs x 30 epochs", fr["arch_s"] / 3600, "h", "extrapolated")
+        if set(archs) == set(ARCHS):
+            grid_s = sum(r["arch_s"] for r in results.values())
+            measured = sum(r["steps"] for r in results.values())
+            fig.add("b", "full grid wall time", grid_s / 60, "min",
+                    f"extrapolated from {measured} measured steps; goal <= {GOAL_GRID_S / 60:.0f} min: "
+                    f"{verdict(grid_s, GOAL_GRID_S)} ({fmt_duration(grid_s)})")
+            fig.add("b", "full grid wall time (s)", grid_s, "s", "extrapolated")
+            fig.add("b", "grid lower bound on this machine", floor_s / 60, "min",
+                    "training steps only, at the lower bound per step (no evaluation, no overhead)")
+        else:
+            fig.note(f"only {','.join(archs)} measured: no grid total")
+        if not args.skip_frames:
+            frame_layers, finfo = _measure_frames(fig, args, tmp, head, dims, sizes, steps, budget)
 
         # (d) storage and memory
         fig.add("d", "pooled cache bytes per clip", info["bytes_per_clip"]["pooled"], "B",
                 f"{len(info['layers'])} layers float16; file {info['file_bytes'] / 2**30:.2f} GiB for "
                 f"{info['n_clips']} clips")
-        frame_dims = sum(dims[layer] for layer in frame_layers)
-        per_clip_frames = finfo["bytes_per_clip"]["frames"]
-        fig.add("d", "frame cache bytes per clip", per_clip_frames, "B",
-                f"{len(frame_layers)} layers ({frame_dims} values per frame) at stride {args.frame_stride}")
-        all_layers_stride1 = per_clip_frames / frame_dims * sum(dims.values()) * args.frame_stride
-        fig.add("d", "frame cache bytes per clip, all layers, stride 1", all_layers_stride1, "B",
-                f"scaled from the measured frame cache; x {sizes[0] + sizes[1] + sizes[2]} clips = "
-                f"{all_layers_stride1 * sum(sizes) / 1e9:.1f} GB")
+        if not args.skip_frames:
+            frame_dims = sum(dims[layer] for layer in frame_layers)
+            per_clip_frames = finfo["bytes_per_clip"]["frames"]
+            fig.add("d", "frame cache bytes per clip", per_clip_frames, "B",
+                    f"{len(frame_layers)} layers ({frame_dims} values per frame) at stride {args.frame_stride}")
+            all_layers_stride1 = per_clip_frames / frame_dims * sum(dims.values()) * args.frame_stride
+            fig.add("d", "frame cache bytes per clip, all layers, stride 1", all_layers_stride1, "B",
+                    f"scaled from the measured frame cache; x {sizes[0] + sizes[1] + sizes[2]} clips = "
+                    f"{all_layers_stride1 * sum(sizes) / 1e9:.1f} GB")
         peak = peak_rss_bytes()
         fig.add("d", "in-memory cache", cache_bytes / 2**30, "GiB")
         fig.add("d", "RSS before loading (python + torch)", rss_start / 2**30, "GiB")
-        fig.add("d", "peak RSS of (b)", peak / 2**30, "GiB")
+        fig.add("d", "peak RSS of (b)", peak / 2**30, "GiB",
+                "training in the ablation's joint groups: " + "; ".join(
+                    f"{a} {_groups_text(r)}" for a, r in results.items()))
         fig.add("d", "peak RSS / in-memory cache", peak / cache_bytes, "x",
                 f"goal <= {GOAL_RSS_RATIO:g}: {verdict(peak / cache_bytes, GOAL_RSS_RATIO)}")
         fig.add("d", "(peak RSS - RSS before loading) / in-memory cache", (peak - rss_start) / cache_bytes, "x",
                 "without the interpreter and libraries")
     print(machine_line(threads), flush=True)
     return fig
+
+
+def _measure_frames(fig: Figures, args: argparse.Namespace, tmp: Path, head: Any, dims: dict[str, int],
+                    sizes: Sequence[int], steps: dict[str, int], budget: int | None) -> tuple[list[str], dict]:
+    """BRANCH over frames (stride 4) on a small frame-level cache, extrapolated to HUME-VB size."""
+    from cache.reader import FrameReader, cache_info, load_cache
+    from heads.models import branch_groups
+
+    quick = args.quick
+    frame_sizes = (96, 32, 16) if quick else (args.frame_clips, args.frame_clips // 4, args.frame_clips // 8)
+    frame_head = dataclasses.replace(head, arch="branch", branch_use_frames=True)
+    groups = branch_groups(len([d for d in dims if d.startswith("hidden_")]) - 1, frame_head.branch_blocks)
+    frame_layers = ["cnn"] + [f"hidden_{g[-1]}" for g in groups]
+    fpath = make_cache_in_child(tmp / "frames.h5", frame_sizes, dims, frame_layers=frame_layers,
+                                frame_stride=args.frame_stride, seed=1)
+    finfo = cache_info(fpath)
+    fcache = load_cache(fpath)
+    with FrameReader(fpath) as reader:
+        fr = measure_arch(fcache, fpath, tmp / "frame-runs", "branch", frame_head,
+                          steps=min(steps["branch"] if quick else args.frame_steps, frame_sizes[0] // BATCH),
+                          val_rows=frame_sizes[1], test_rows=frame_sizes[2], full_sizes=sizes, frames=reader,
+                          max_group_bytes=budget)
+        fflops, _, fbatch_s = step_cost(fcache, frame_head, "branch", frames=reader, group=max(fr["groups"]))
+    del fcache
+    fig.add("b", "branch-frames ms per step (12 runs jointly, batch 8)", 1e3 * fr["step_s"], "ms",
+            f"stride {args.frame_stride}, layers {','.join(frame_layers)}, measured over {fr['steps']} steps; "
+            f"{_groups_text(fr)}")
+    fig.add("b", "branch-frames GFLOP per step", fflops / 1e9, "GFLOP",
+            f"{fflops / 1e9 / fr['step_s']:.0f} GFLOP/s achieved over the whole step")
+    fig.add("b", "branch-frames ms per batch read (HDF5 + padding)", 1e3 * fbatch_s, "ms",
+            "inside the step time above")
+    fig.add("b", "branch-frames s per epoch", fr["epoch_s"], "s",
+            f"extrapolated to {sizes[0]} Train / {sizes[1]} Val clips from {fr['steps']} measured steps")
+    fig.add("b", "branch-frames 12 runs x 30 epochs", fr["arch_s"] / 3600, "h", "extrapolated")
+    return frame_layers, finfo
 
 
 def parser() -> argparse.ArgumentParser:
@@ -290,6 +350,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-clips", type=int, default=800, help="Train clips of the frame-level cache")
     p.add_argument("--frame-steps", type=int, default=20, help="measured steps of BRANCH over frames")
     p.add_argument("--frame-stride", type=int, default=4)
+    p.add_argument("--max-group-mib", type=float, default=None,
+                   help="training-state budget of one joint call in MiB, as `avb heads ablate --max-group-mib` "
+                        "(default: the ablation's default; 0: all 12 runs in one call)")
+    p.add_argument("--archs", default=",".join(ARCHS),
+                   help="architectures to measure, comma-separated (default: all; the grid total needs all)")
+    p.add_argument("--skip-frames", action="store_true", help="skip BRANCH over frames (and its frame cache)")
     p.add_argument("--keep", action="store_true", help="keep the generated caches and runs")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     return p
