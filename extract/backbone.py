@@ -14,9 +14,10 @@ frames computed from real samples are averaged.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -206,3 +207,19 @@ def make_accelerator(**kwargs) -> "Accelerator":
             f"{accelerator.num_processes}; check the accelerate config of this machine"
         )
     return accelerator
+
+
+@contextlib.contextmanager
+def hf_progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers draws its own bars (loading and saving weights); --quiet silences them too, and the
+    global switch is restored afterwards so an in-process caller keeps its setting."""
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not enabled:
+            hf_logging.enable_progress_bar()

@@ -357,11 +357,11 @@ def demo_command(out: Path, clips: int | None, epochs: int | None, finetune_epoc
             setattr(cfg, name, value)
     click.echo(f"avb demo{' --quick' if quick else ''}: {cfg.clips} clips, fine-tuning {cfg.finetune_epochs} "
                f"epoch(s), heads {cfg.epochs} epochs -> {out}")
-    from extract.predict import hf_progress_bars  # noqa: PLC0415
+    from extract.backbone import hf_progress_bars  # noqa: PLC0415
 
     start = time.perf_counter()
     try:
-        with hf_progress_bars(not quiet):
+        with hf_progress_bars(False):  # sub-second weight loads/saves: their bars would only bury the stages
             results = run_demo(cfg, progress=not quiet)
         click.echo(summary(cfg, results, time.perf_counter() - start))
     except ValueError as err:  # DemoError and every stage's own one-line errors

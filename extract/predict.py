@@ -17,12 +17,11 @@ weighted average of its members (TYPE: of class probabilities, then arg-max).
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -393,22 +392,6 @@ def predict_files(
     return Predictions(kept, {name: np.concatenate(parts) for name, parts in chunks.items()}, skipped)
 
 
-@contextlib.contextmanager
-def hf_progress_bars(enabled: bool) -> Iterator[None]:
-    """transformers draws its own bars (loading and saving weights); --quiet silences them too, and the
-    global switch is restored afterwards so an in-process caller keeps its setting."""
-    from transformers.utils import logging as hf_logging  # noqa: PLC0415
-
-    was = hf_logging.is_progress_bar_enabled()
-    if not enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was and not enabled:
-            hf_logging.enable_progress_bar()
-
-
 def _fmt(value: float) -> str:
     return f"{float(value):.9g}"
 
@@ -453,6 +436,8 @@ def predict_command(audio: tuple[Path, ...], model: str, heads_dir: Path, out: P
     """Predict type, valence/arousal, 10 emotions and 40 culture-specific emotions for AUDIO (wav files or
     folders searched recursively for *.wav). One CSV row per file: path, Voc_Type, p_<class>, then the
     Two, High and Culture columns."""
+    from extract.backbone import hf_progress_bars  # noqa: PLC0415  (imports torch: only when the command runs)
+
     try:
         with hf_progress_bars(not quiet):
             preds = predict_files(model, heads_dir, audio, batch_size=batch_size, skip_bad=skip_bad,
