@@ -47,12 +47,12 @@ import torch
 from torch import Tensor, nn
 
 from cache.atomic import write_json_atomic
+from heads.models import ARCHS
 from heads.tasks import TASK_NAMES
 
 CHECKPOINT = re.compile(r"^step-(\d{8,})$")
 STATE_FILE = "train_state.json"
 PRECISIONS = ("no", "fp16", "bf16")
-ARCHS = ("vanilla", "chain", "branch")
 
 
 class FinetuneError(ValueError):
