@@ -251,17 +251,25 @@ def dump_watcher(world: dict, out: Path, snap: Path) -> FinalPathWatcher:
                                          (f"{out.name}.shard-*-of-*", check_cache(None))], snap)
 
 
+def kill_then_rerun(cmd: Sequence[str], out_dir: Path, watcher: FinalPathWatcher, log: Path, kill_after: float | None,
+                    trigger: Callable[[], bool]) -> tuple[Outcome, Outcome]:
+    """Run `cmd`, SIGKILL it `kill_after` s after `trigger()` holds (it may finish first), then rerun it to
+    completion under the same watcher; no half-written file may have appeared at a final path meanwhile."""
+    first = run_watched(cmd, out_dir, watcher, log, kill_after, trigger)
+    if not first.killed:
+        completed(first)
+    second = completed(run_watched(cmd, out_dir, watcher, log))
+    assert watcher.errors == [], watcher.errors
+    return first, second
+
+
 def run_dump_case(world: dict, tmp: Path, processes: int, kill_after: float | None,
                   trigger: Callable[[Path], bool] | None = None) -> tuple[Path, Outcome, Outcome]:
     out = tmp / "out" / "c.h5"
     out.parent.mkdir(parents=True)
     watcher = dump_watcher(world, out, tmp / "snap")
-    first = run_watched(dump_cmd(world, out, processes), out.parent, watcher, tmp / "log.txt", kill_after,
-                        writing(out.parent) if trigger is None else (lambda: trigger(out)))
-    if not first.killed:
-        completed(first)
-    second = completed(run_watched(dump_cmd(world, out, processes), out.parent, watcher, tmp / "log.txt"))
-    assert watcher.errors == [], watcher.errors
+    first, second = kill_then_rerun(dump_cmd(world, out, processes), out.parent, watcher, tmp / "log.txt",
+                                    kill_after, writing(out.parent) if trigger is None else (lambda: trigger(out)))
     assert watcher.checked >= 1
     assert not list(out.parent.glob("c.h5.shard-*")), "shards are merged and removed"
     return out, first, second
@@ -377,12 +385,7 @@ def test_ablation_killed_at_a_random_moment_reruns_to_identical_files(world, abl
     reference, timing = ablate_reference
     out = tmp_path / "grid"
     watcher = FinalPathWatcher(out, ABLATE_CHECKS, tmp_path / "snap")
-    killed = run_watched(ablate_cmd(world, out), out, watcher, tmp_path / "log.txt", kill_delay(seed, timing),
-                         writing(out))
-    if not killed.killed:
-        completed(killed)
-    completed(run_watched(ablate_cmd(world, out), out, watcher, tmp_path / "log.txt"))
-    assert watcher.errors == [], watcher.errors
+    kill_then_rerun(ablate_cmd(world, out), out, watcher, tmp_path / "log.txt", kill_delay(seed, timing), writing(out))
     assert not list(out.glob(".training-*.json")), "the joint-call marker is removed when the call returns"
     want, got = visible_files(reference), visible_files(out)
     assert sorted(got) == sorted(want)
@@ -472,12 +475,7 @@ def test_finetune_killed_at_a_random_moment_resumes_to_the_full_step_count(world
     full_steps = strict_json(reference / "metrics.json")["history"][-1]["step"]
     out = tmp_path / "run"
     watcher = FinalPathWatcher(out, FINETUNE_CHECKS, tmp_path / "snap")
-    killed = run_watched(finetune_cmd(world, out), out, watcher, tmp_path / "log.txt", kill_delay(seed, timing),
-                         writing(out))
-    if not killed.killed:
-        completed(killed)
-    completed(run_watched(finetune_cmd(world, out), out, watcher, tmp_path / "log.txt"))
-    assert watcher.errors == [], watcher.errors
+    kill_then_rerun(finetune_cmd(world, out), out, watcher, tmp_path / "log.txt", kill_delay(seed, timing), writing(out))
 
     metrics = strict_json(out / "metrics.json")
     assert metrics["history"][-1]["step"] == full_steps
