@@ -119,7 +119,7 @@ def load_run_head(run_dir: str | os.PathLike) -> LoadedRun:
     """Rebuild a run's head from config.json and head.safetensors (the best epoch's weights)."""
     from safetensors.torch import load_file  # noqa: PLC0415
 
-    from heads.models import MultiTaskHead  # noqa: PLC0415
+    from heads.models import build_head  # noqa: PLC0415
     from heads.train import TrainConfig  # noqa: PLC0415
 
     run_dir = Path(run_dir)
@@ -131,7 +131,7 @@ def load_run_head(run_dir: str | os.PathLike) -> LoadedRun:
     fields = {k: v for k, v in config.items() if k not in ("run_format", "cache", "cache_attrs")}
     try:
         train_cfg = TrainConfig.from_dict(fields)
-        head = MultiTaskHead(train_cfg.head, {k: int(v) for k, v in attrs["layer_dims"].items()}, [train_cfg.seed])
+        head = build_head(train_cfg.head, {k: int(v) for k, v in attrs["layer_dims"].items()}, [train_cfg.seed])
     except (ValueError, TypeError) as err:
         raise PredictError(f"{run_dir / CONFIG_FILE}: {err}") from None
     weights = run_dir / HEAD_FILE
