@@ -10,6 +10,8 @@ import click
 
 from heads.tasks import METRIC_KEYS
 
+PRECISIONS = ("fp32", "bf16")   # = heads.device.PRECISIONS (that module imports torch)
+
 ARCH_CHOICES = ("vanilla", "chain", "branch")
 WEIGHTING_CHOICES = ("uniform", "dwa", "rruw", "druw")
 INPUT_LAYER_HELP = "Pooled layer feeding VANILLA/CHAIN: 'last', 'weighted' (learned mix of all layers) or a name."
@@ -62,6 +64,11 @@ def _head_options(func):
         click.option("--epochs", default=30, show_default=True, help="Training epochs."),
         click.option("--batch-size", default=8, show_default=True, help="Training batch size."),
         click.option("--lr", default=1e-3, show_default=True, help="Head learning rate (AdamW)."),
+        click.option("--device", default="auto", show_default=True,
+                     help="Where the heads train: auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps. "
+                          "Under `accelerate launch` each process takes its own GPU."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+                     help="bf16: the heads' matmuls under bf16 autocast (for GPUs; parameters stay float32)."),
         click.option("--progress/--no-progress", default=True, help="Show progress bars."),
     ]
     for option in reversed(options):
@@ -86,22 +93,25 @@ def heads_group() -> None:
 @_head_options
 def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: int, hidden: int, dropout: float,
                   input_layer: str, chain_order: str, n_heads: int, branch_blocks: int, branch_frames: bool,
-                  epochs: int, batch_size: int, lr: float, progress: bool) -> None:
+                  epochs: int, batch_size: int, lr: float, device: str, precision: str, progress: bool) -> None:
     """Train one head run on the cache's Train split, select its best epoch on Val, predict Val and Test."""
     head = _head_config(hidden, dropout, input_layer, chain_order, n_heads, branch_blocks, branch_frames)
     try:
         from cache.reader import load_cache  # noqa: PLC0415
+        from heads.device import resolve_device  # noqa: PLC0415
         from heads.train import TrainConfig, train_runs  # noqa: PLC0415
 
+        train_device = resolve_device(device)   # a machine without the device fails before anything loads
         cfg = TrainConfig(arch=arch, weighting=weighting, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
-                          head=head)
+                          head=head, precision=precision)
         cache = load_cache(cache_path)
         frames = None
         if arch == "branch" and branch_frames:
             from cache.reader import FrameReader  # noqa: PLC0415
 
             frames = FrameReader(cache_path)
-        metrics = train_runs(cache, [cfg], [out], progress=progress, frames=frames, cache_path=cache_path)[0]
+        metrics = train_runs(cache, [cfg], [out], progress=progress, frames=frames, cache_path=cache_path,
+                             device=train_device)[0]
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"best epoch {metrics['best_epoch']} of {epochs} (Val):")
@@ -126,18 +136,27 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
 @_head_options
 def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, seeds: str, max_group_mib: int,
                    hidden: int, dropout: float, input_layer: str, chain_order: str, n_heads: int, branch_blocks: int,
-                   branch_frames: bool, epochs: int, batch_size: int, lr: float, progress: bool) -> None:
-    """Train every arch x weighting x seed (runs of one arch jointly), resumably; print a Table I-style summary."""
+                   branch_frames: bool, epochs: int, batch_size: int, lr: float, device: str, precision: str,
+                   progress: bool) -> None:
+    """Train every arch x weighting x seed (runs of one arch jointly), resumably; print a Table I-style summary.
+
+    `accelerate launch --num_processes N -m heads.ablate` (same options) spreads the joint groups over N
+    processes, each on its own GPU (or sharing the CPU cores); process 0 writes and prints the tables."""
     arch_list = _csv_list(archs, "architecture", ARCH_CHOICES)
     weighting_list = _csv_list(weightings, "weighting", WEIGHTING_CHOICES)
     seed_list = _seed_list(seeds)
     head = _head_config(hidden, dropout, input_layer, chain_order, n_heads, branch_blocks, branch_frames)
     try:
         from heads.ablate import run_grid  # noqa: PLC0415
+        from heads.device import resolve_device  # noqa: PLC0415
 
-        run_grid(cache_path, out, archs=arch_list, weightings=weighting_list, seeds=seed_list, epochs=epochs,
-                 batch_size=batch_size, lr=lr, head=head, progress=progress, max_group_bytes=max_group_mib * 2**20)
+        resolve_device(device)   # a machine without the device fails before anything loads
+        rows = run_grid(cache_path, out, archs=arch_list, weightings=weighting_list, seeds=seed_list, epochs=epochs,
+                        batch_size=batch_size, lr=lr, head=head, progress=progress,
+                        max_group_bytes=max_group_mib * 2**20, device=device, precision=precision)
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err)) from None
+    if not rows:   # another process of a multi-process grid: process 0 prints the tables
+        return
     click.echo((out / "results.md").read_text(encoding="utf-8"), nl=False)
     click.echo(f"wrote {out / 'results.csv'}, {out / 'results.json'} and {out / 'results.md'}")
