@@ -338,15 +338,16 @@ def predict_files(
     from extract.audio import crop_or_pad, load_wav  # noqa: PLC0415
     from extract.backbone import forward_layers, load_backbone  # noqa: PLC0415
     from extract.clips import clip_samples  # noqa: PLC0415
+    from heads.device import resolve_device  # noqa: PLC0415
 
     if batch_size < 1:
         raise PredictError(f"--batch-size must be >= 1, got {batch_size}")
+    device = resolve_device(device)   # a machine without the device fails before anything loads
     files = find_audio(audio)
     heads = load_heads(heads_dir)
     model = load_backbone(model_name)
     for run in heads.runs:
         check_backbone(run, model, str(model_name))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     for run in heads.runs:
         run.head.to(device)
@@ -429,7 +430,8 @@ def write_predictions(path: str | os.PathLike, preds: Predictions) -> Path:
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The CSV file to write.")
 @click.option("--batch-size", default=16, show_default=True, type=int, help="Clips per backbone forward pass.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable audio files with a warning instead of stopping.")
-@click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def predict_command(audio: tuple[Path, ...], model: str, heads_dir: Path, out: Path, batch_size: int,
                     skip_bad: bool, device: str | None, quiet: bool) -> None:

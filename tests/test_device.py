@@ -199,3 +199,15 @@ def test_groups_are_split_over_processes_longest_first_onto_the_least_loaded():
     assert assign_groups([1, 8, 1, 1, 8, 8, 8], 2) == [[0, 1, 3, 5], [2, 4, 6]]
     assert assign_groups([3, 1, 2], 1) == [[0, 1, 2]]
     assert assign_groups([5], 3) == [[0], [], []]
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="this machine has CUDA")
+def test_predict_device_cuda_without_cuda_fails_before_loading_anything(tmp_path):
+    wav = tmp_path / "a.wav"
+    wav.write_bytes(b"")
+    result = CliRunner().invoke(avb, ["predict", "--model", str(tmp_path / "no-model"), "--heads",
+                                      str(tmp_path / "no-heads"), "--out", str(tmp_path / "p.csv"),
+                                      "--device", "cuda", "--quiet", str(wav)])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: device 'cuda': CUDA is not available (")
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "p.csv").exists()
