@@ -27,10 +27,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cache.atomic import write_json_atomic, write_text_atomic
+from heads.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, BootstrapConfig
+from heads.comparison import CI_KEYS, add_uncertainty, paired_markdown
 from heads.models import HeadConfig, MultiTaskHead
 from heads.tasks import METRIC_KEYS
 from heads.runs import CONFIG_FILE, METRICS_FILE
-from heads.train import SELECTION_KEY, TrainConfig, run_config_record, train_runs
+from heads.train import SELECTION_KEY, TrainConfig, run_config_record, run_name, train_runs
 
 ARCHS: tuple[str, ...] = ("vanilla", "chain", "branch")
 WEIGHTINGS: tuple[str, ...] = ("uniform", "dwa", "rruw", "druw")
@@ -190,13 +192,18 @@ def run_grid(
     weighting_options: dict[str, dict] | None = None,
     progress: bool = True,
     max_group_bytes: int = DEFAULT_MAX_GROUP_BYTES,
+    ci: float = DEFAULT_LEVEL,
+    n_boot: int = DEFAULT_N_BOOT,
+    tracker: Any = None,
 ) -> list[dict]:
     """Train (or reuse) every arch x weighting x seed run under `out_dir` and write the result tables.
 
     The runs of one architecture train jointly in groups whose training state (`run_state_bytes` per run)
     fits `max_group_bytes` (0: one group per architecture). Returns one row per run (RESULT_FIELDS), in grid
     order. Writes `config.json` (the resolved grid),
-    `results.csv`, `results.json` and `results.md` (Table I layout) into `out_dir`.
+    `results.csv`, `results.json` and `results.md` (Table I layout) into `out_dir`. With `ci` (a level in
+    (0, 1); 0: none) the tables carry `n_boot`-resample bootstrap intervals and paired comparisons
+    (`heads.comparison`). `tracker` is handed to `train_runs` (per-epoch experiment tracking).
     """
     from cache.reader import load_cache  # noqa: PLC0415 - h5py only when a grid actually runs
 
@@ -227,19 +234,25 @@ def run_grid(
 
         frames = FrameReader(cache_path)
     try:
-        rows = _train_grid(grid, cache, Path(cache_path), out, frames, progress)
+        rows = _train_grid(grid, cache, Path(cache_path), out, frames, progress, tracker)
     finally:
         if frames is not None:
             frames.close()
 
     summary = summarise(rows)
+    uncertainty = None
+    if ci:
+        run_dirs = [out / run_name(r["arch"], r["weighting"], r["seed"]) for r in rows]
+        uncertainty = add_uncertainty(rows, summary, run_dirs, cache, BootstrapConfig(level=ci, n_boot=n_boot))
     write_text_atomic(out / "results.csv", results_csv(rows))
-    write_json_atomic(out / "results.json", {"config": grid.to_dict(), "runs": rows, "summary": summary})
-    write_text_atomic(out / "results.md", results_markdown(summary))
+    write_json_atomic(out / "results.json", {"config": grid.to_dict(), "runs": rows, "summary": summary,
+                                             **({"bootstrap": uncertainty} if uncertainty else {})})
+    write_text_atomic(out / "results.md", results_markdown(summary, uncertainty))
     return rows
 
 
-def _train_grid(grid: GridConfig, cache: Any, cache_path: Path, out: Path, frames: Any, progress: bool) -> list[dict]:
+def _train_grid(grid: GridConfig, cache: Any, cache_path: Path, out: Path, frames: Any, progress: bool,
+                tracker: Any = None) -> list[dict]:
     """Train the unfinished runs, one joint `train_runs` call per joint group; rows of all runs.
 
     The marker names the runs of the call in progress and is removed as soon as that call returns, so after a
@@ -266,7 +279,7 @@ def _train_grid(grid: GridConfig, cache: Any, cache_path: Path, out: Path, frame
                 bar.set_postfix(arch=arch, training=len(members))
                 write_json_atomic(marker, [configs[i].name for i in members])
                 train_runs(cache, [configs[i] for i in members], [dirs[i] for i in members], progress=progress,
-                           frames=frames if arch == "branch" else None, cache_path=cache_path)
+                           frames=frames if arch == "branch" else None, cache_path=cache_path, tracker=tracker)
                 marker.unlink(missing_ok=True)
                 bar.update(len(members))
         marker.unlink(missing_ok=True)
@@ -279,11 +292,17 @@ def _train_grid(grid: GridConfig, cache: Any, cache_path: Path, out: Path, frame
 # --------------------------------------------------------------------------------------------- tables
 
 def results_csv(rows: Sequence[dict]) -> str:
+    """One line per run; rows carrying bootstrap intervals (`<key>_ci`) get `<key>_ci_low,<key>_ci_high` columns."""
+    ci_keys = [k for k in CI_KEYS if rows and f"{k}_ci" in rows[0]]
+    fields = list(RESULT_FIELDS) + [f"{k}_ci_{end}" for k in ci_keys for end in ("low", "high")]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: row[k] for k in RESULT_FIELDS})  # floats in full (repr) precision
+        line = {k: row[k] for k in RESULT_FIELDS}  # floats in full (repr) precision
+        for k in ci_keys:
+            line[f"{k}_ci_low"], line[f"{k}_ci_high"] = row[f"{k}_ci"]
+        writer.writerow(line)
     return buf.getvalue()
 
 
@@ -316,8 +335,12 @@ def _fmt(x: float) -> str:
     return text.replace("0.", ".", 1) if abs(x) < 1 else text
 
 
-def results_markdown(summary: Sequence[dict]) -> str:
-    """Table I of the paper: grouped by weighting, one row per architecture, best value per column in bold."""
+def results_markdown(summary: Sequence[dict], uncertainty: dict | None = None) -> str:
+    """Table I of the paper: grouped by weighting, one row per architecture, best value per column in bold.
+
+    With bootstrap results (`heads.comparison.add_uncertainty`), each cell also shows the best run's interval
+    and a second table gives each configuration's paired win fraction against the best one per task.
+    """
     keys = [k for k, _ in TABLE_COLUMNS]
     best_per_col = {k: max(round(s["best"][k], 4) for s in summary) for k in keys} if summary else {}
     several = any(s["n_seeds"] > 1 for s in summary)
@@ -333,11 +356,26 @@ def results_markdown(summary: Sequence[dict]) -> str:
             text = _fmt(s["best"][k])
             if round(s["best"][k], 4) == best_per_col[k]:
                 text = f"**{text}**"
+            if "best_ci" in s:
+                low, high = s["best_ci"][k]
+                text += f" [{_fmt(low)}, {_fmt(high)}]"
             if s["n_seeds"] > 1:
                 text += f" ({_fmt(s['mean'][k])} ± {_fmt(s['std'][k])})"
             cells.append(text)
         lines.append(f"| *{s['arch'].upper()}* | " + " | ".join(cells) + " |")
-    note = ("Validation scores. Each cell: the run with the best validation mean of the four headline scores"
-            + (" (over seeds), then the mean ± sample std over seeds in parentheses." if several else ".")
-            + " Best value per column in bold.")
-    return "\n".join(lines) + "\n\n" + note + "\n"
+    paired = paired_markdown(summary, WEIGHTING_TITLES) if uncertainty else ""
+    parts = ["Validation scores. Each cell: the run with the best validation mean of the four headline scores"
+             + (" (over seeds)" if several else "")]
+    if uncertainty:
+        parts.append(f"then its {uncertainty['level']:.0%} percentile-bootstrap interval over the "
+                     f"{uncertainty['n_val_clips']} Val clips in brackets ({uncertainty['n_boot']} resamples, the same "
+                     "for every run and task)")
+    if several:
+        parts.append("then the mean ± sample std over seeds in parentheses")
+    note = ", ".join(parts) + "."
+    if uncertainty:
+        note += (" Second table: per column, the fraction of those resamples on which the configuration's best run"
+                 " scores higher than the best configuration's (a paired bootstrap, ties counted half; below .025 the best is"
+                 " significantly better at the 5 % level, two-sided).")
+    note += " Best value per column in bold."
+    return "\n".join(lines) + "\n\n" + (paired + "\n" if paired else "") + note + "\n"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -366,12 +366,15 @@ def train_runs(
     progress: bool = True,
     frames: Any = None,
     cache_path: str | Path | None = None,
+    tracker: Callable[[str, int, dict], None] | None = None,
 ) -> list[dict]:
     """Train `configs` jointly on `cache` and write one run folder each; returns each run's metrics dict.
 
     All configs must share the fields in SHARED_FIELDS (they define the stacked module and the batches);
     weighting, seed and lr may differ. `frames` is a frame reader (`cache.reader.FrameReader`) for a BRANCH
     head that attends over frames. `cache_path` is recorded in config.json (default: `cache.path`).
+    `tracker` (e.g. `heads.tracking.HeadsTracker`) is called once per run and epoch with (run name, epoch,
+    that epoch's history entry).
     """
     out_dirs = [Path(d) for d in out_dirs]
     _check_configs(configs, out_dirs)
@@ -458,6 +461,8 @@ def train_runs(
                 "lr": float(lr_used[r]),
                 "val": {k: float(scores[r][k]) for k in (*METRIC_KEYS, SELECTION_KEY)},
             })
+            if tracker is not None:
+                tracker(names[r], epoch, history[r][-1])
             if means[r] > best_mean[r]:  # ties keep the earlier epoch
                 best_mean[r], best_epoch[r] = means[r], epoch
                 best_state[r] = {k: v.detach().clone() for k, v in model.run_state_dict(r).items()}
