@@ -27,6 +27,7 @@ import numpy as np
 
 from heads.metrics import EPS, labelled_rows, type_indices
 from heads.tasks import HEADLINE_KEYS, METRIC_KEYS, TASK_NAMES, TASKS
+from heads.threads import limited_threads
 
 DEFAULT_LEVEL = 0.95
 DEFAULT_N_BOOT = 1000
@@ -45,6 +46,7 @@ class BootstrapConfig:
     level: float = DEFAULT_LEVEL
     n_boot: int = DEFAULT_N_BOOT
     seed: int = 0
+    threads: int = 1    # BLAS threads of the matrix products (heads.threads: one is fastest on a busy machine)
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.level) < 1.0:
@@ -125,6 +127,13 @@ class _TaskSums:
 
 def score_distributions(labels: Mapping[str, np.ndarray], systems: Sequence[Mapping[str, np.ndarray]],
                         config: BootstrapConfig = BootstrapConfig()) -> list[dict[str, np.ndarray]]:
+    """For each system, score key -> its [n_boot] resampled scores (see `_score_distributions`)."""
+    with limited_threads(config.threads, torch_threads=False):
+        return _score_distributions(labels, systems, config)
+
+
+def _score_distributions(labels: Mapping[str, np.ndarray], systems: Sequence[Mapping[str, np.ndarray]],
+                         config: BootstrapConfig) -> list[dict[str, np.ndarray]]:
     """For each system (predictions per task, rows = the same N clips as `labels`): score key -> [n_boot]
     array of that score on every resample. Every task and every system sees the same resamples; `mean` (of
     the four headline scores) is included when a system predicts all four tasks.

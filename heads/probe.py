@@ -26,8 +26,6 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ import numpy as np
 from cache.atomic import write_json_atomic, write_text_atomic
 from heads.metrics import labelled_rows, score_task
 from heads.tasks import TASK_NAMES, TASKS
+from heads.threads import limited_threads
 
 PROBE_FILES = ("probe.csv", "probe.json", "probe.md")
 CSV_FIELDS = ("layer", "task", "metric", "val_score")
@@ -64,7 +63,7 @@ class ProbeConfig:
     select_rows: int = 6000                 # at most this many of the other Train rows fit the candidates
     max_iter: int = 50                      # L-BFGS iterations per logistic fit
     seed: int = 0                           # the holdout split
-    threads: int = 1                        # BLAS and torch threads during the probe (0: the libraries' own)
+    threads: int = 1                        # BLAS and torch threads (heads.threads; 0: the libraries' own)
 
     def validate(self) -> None:
         for task in self.tasks:
@@ -309,30 +308,6 @@ def run_probe(cache_path: str | os.PathLike, cfg: ProbeConfig | None = None, *, 
     cfg.validate()
     with limited_threads(cfg.threads):
         return _run_probe(cache_path, cfg, progress)
-
-
-@contextmanager
-def limited_threads(n: int) -> Iterator[None]:
-    """Limit BLAS (threadpoolctl) and torch to `n` threads for the probe, and restore them afterwards.
-
-    One thread is the default because it is the fastest here: the work is many passes over a 20k x 768
-    matrix with small outputs, where thread synchronisation dominates. Measured on the shared 2-core machine
-    under load, a HUME-VB-sized logistic fit took 1.3 s with 1 thread and 3.2-4.1 s with 2, and the ridge
-    decomposition 0.5 s against 1.4-1.6 s.
-    """
-    if n <= 0:
-        yield
-        return
-    import torch  # noqa: PLC0415
-    from threadpoolctl import threadpool_limits  # noqa: PLC0415 - a dependency of scikit-learn
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        with threadpool_limits(int(n)):
-            yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _run_probe(cache_path: str | os.PathLike, cfg: ProbeConfig, progress: bool) -> ProbeResult:

@@ -1,4 +1,4 @@
-"""`avb probe` at HUME-VB size, and the bootstrap of `avb score --ci` at Val size.
+"""`avb probe` at HUME-VB size.
 
     python -m tests.benchmarks.bench_probe            # 59,201-clip cache of 14 layers (~1.2 GB in the temp dir)
     python -m tests.benchmarks.bench_probe --quick    # a tiny cache, seconds
@@ -8,8 +8,7 @@ layers (cnn 512-d + hidden_0..hidden_12 768-d) is probed end to end by `heads.pr
 the four tasks, reading each layer from the file); the figure is its wall time, goal <= 3 min. The time of one
 layer's ridge (the three regression tasks) and logistic (TYPE) parts is printed beside it.
 
-Bootstrap: 1,000 resamples of 19,396 Val clips for all four tasks (`heads.bootstrap.score_intervals` on random
-predictions: the cost does not depend on the values), the part `--ci` adds to `avb score`.
+(The bootstrap of `avb score --ci` is timed by `bench_bootstrap`.)
 """
 from __future__ import annotations
 
@@ -31,7 +30,8 @@ QUICK_DIMS = {"cnn": 32, **{f"hidden_{i}": 48 for i in range(5)}}
 
 def bench_probe(figs: Figures, cache: Path, threads: int) -> None:
     from cache.reader import load_cache
-    from heads.probe import ProbeConfig, limited_threads, probe_layer, run_probe
+    from heads.probe import ProbeConfig, probe_layer, run_probe
+    from heads.threads import limited_threads
     from heads.tasks import TASK_NAMES
 
     result = run_probe(cache, ProbeConfig(threads=threads), progress=False)
@@ -54,20 +54,6 @@ def bench_probe(figs: Figures, cache: Path, threads: int) -> None:
         figs.note(f"best layer for {task}: {best['layer']} ({best['metric']} {best['val_score']:.4f})")
 
 
-def bench_bootstrap(figs: Figures, n_val: int) -> None:
-    from heads.bootstrap import BootstrapConfig, score_intervals
-
-    rng = np.random.default_rng(0)
-    labels = {"type": rng.integers(0, 8, (n_val, 1)).astype(np.float64), "two": rng.random((n_val, 2)),
-              "high": rng.random((n_val, 10)), "culture": rng.random((n_val, 40))}
-    preds = {"type": rng.random((n_val, 8)), **{k: np.clip(v + 0.2 * rng.standard_normal(v.shape), 0, 1)
-                                                  for k, v in labels.items() if k != "type"}}
-    start = time.perf_counter()
-    score_intervals(labels, preds, BootstrapConfig(n_boot=1000))
-    figs.add("s", "bootstrap of all four tasks, 1000 resamples", time.perf_counter() - start, "s",
-             f"{n_val} Val clips")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m tests.benchmarks.bench_probe", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes (checks the script, not the figures)")
@@ -85,7 +71,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         cache = make_cache_in_child(tmp / "probe.h5", sizes, dims)
         figs.note(f"generated a {sum(sizes)}-clip cache of {len(dims)} layers in {time.perf_counter() - start:.0f} s")
         bench_probe(figs, cache, threads)
-    bench_bootstrap(figs, sizes[1])
     print(machine_line(max(1, threads)), flush=True)
     figs.write(args.json)
 
