@@ -375,7 +375,7 @@ def results_markdown(summary: Sequence[dict], uncertainty: dict | None = None) -
     note = ", ".join(parts) + "."
     if uncertainty:
         note += (" Second table: per column, the fraction of those resamples on which the configuration's best run"
-                 " scores higher than the best configuration's (a paired bootstrap, ties counted half; below .025 the best is"
-                 " significantly better at the 5 % level, two-sided).")
+                 " scores higher than the best configuration's (a paired bootstrap, ties counted half; below .025"
+                 " the best is significantly better at the 5 % level, two-sided).")
     note += " Best value per column in bold."
     return "\n".join(lines) + "\n\n" + (paired + "\n" if paired else "") + note + "\n"

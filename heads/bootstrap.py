@@ -170,7 +170,8 @@ def _score_distributions(labels: Mapping[str, np.ndarray], systems: Sequence[Map
         bounds = np.cumsum([0] + [t.columns.shape[1] for tasks in parts for t in tasks])
         for start, stop in blocks:
             if start not in counts:
-                counts[start] = resample_counts(n, start, stop, config.seed).astype(np.uint16 if n < 2**16 else np.uint32)
+                dtype = np.uint16 if n < 2**16 else np.uint32       # a count never exceeds n
+                counts[start] = resample_counts(n, start, stop, config.seed).astype(dtype)
             sums = counts[start].astype(np.float64) @ matrix
             j = 0
             for s, tasks in zip(group, parts):

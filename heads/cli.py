@@ -77,8 +77,9 @@ def _head_options(func):
         click.option("--lr", default=1e-3, show_default=True, help="Head learning rate (AdamW)."),
         click.option("--progress/--no-progress", default=True, help="Show progress bars."),
         click.option("--report-to", type=click.Choice(REPORT_TO_CHOICES, case_sensitive=False), default="none",
-                     show_default=True, help="Experiment tracker(s) for per-epoch losses, loss weights, LR and Val "
-                                             "scores; one log per run; offline by default ('all': every installed one)."),
+                     show_default=True, help="Experiment tracker(s) for per-epoch losses, loss weights, LR and "
+                                             "Val scores; one log per run; offline by default ('all': every "
+                                             "installed one)."),
         click.option("--tracking-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="Where the trackers write (default: OUT/tracking; TensorBoard: one folder per run)."),
     ]

@@ -58,8 +58,8 @@ def run_distributions(run_dirs: Sequence[Path], val_ids: Sequence[str], val_labe
         have, want = set(preds.ids), set(val_ids)
         if have != want:
             odd = sorted(want - have) or sorted(have - want)
-            raise ComparisonError(f"{folder}: Val File_ID {bracket_id(odd[0])} is in "
-                                  f"{'the cache but not the predictions' if odd[0] in want else 'the predictions but not the cache'}")
+            where = "the cache but not the predictions" if odd[0] in want else "the predictions but not the cache"
+            raise ComparisonError(f"{folder}: Val File_ID {bracket_id(odd[0])} is in {where}")
         systems.append(preds.reindexed(val_ids))
     return score_distributions(val_labels, systems, config)
 

@@ -150,7 +150,8 @@ def test_intervals_and_paired_comparisons_follow_from_the_runs_val_files(grid_di
     low, high = summary[0]["best_ci"]["type_uar"]
     assert f"[{low:.4f}, {high:.4f}]".replace("0.", ".") in table_one[0]
     paired = [line for line in text.splitlines() if line.startswith("| Uniform Weighting · ")]
-    assert [line.split("|")[1].strip() for line in paired] == ["Uniform Weighting · VANILLA", "Uniform Weighting · CHAIN"]
+    assert [line.split("|")[1].strip() for line in paired] == ["Uniform Weighting · VANILLA",
+                                                               "Uniform Weighting · CHAIN"]
     assert sum(line.count("| best ") for line in text.splitlines() if " · " in line) == 5   # 4 tasks + mean
     assert text.splitlines()[-1].endswith("Best value per column in bold.") and "paired bootstrap" in text
 

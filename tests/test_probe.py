@@ -154,7 +154,8 @@ def test_probe_errors_are_one_line(probed, tmp_path):
     assert res.exit_code == 1 and res.output.strip() == (
         f"Error: {cache} has no layer 'hidden_9'; it holds {', '.join(DIMS)}")
     res = CliRunner().invoke(avb, ["probe", "--cache", str(cache), "--out", str(tmp_path / "p"), "--tasks", "two,mood"])
-    assert res.exit_code == 1 and res.output.strip() == "Error: unknown task 'mood'; expected some of type, two, high, culture"
+    assert res.exit_code == 1
+    assert res.output.strip() == "Error: unknown task 'mood'; expected some of type, two, high, culture"
     res = CliRunner().invoke(avb, ["probe", "--cache", str(tmp_path / "none.h5"), "--out", str(tmp_path / "p")])
     assert res.exit_code == 1 and res.output.strip() == f"Error: {tmp_path / 'none.h5'}: no such file"
 

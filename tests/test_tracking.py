@@ -101,7 +101,8 @@ def test_a_tracker_that_is_not_installed_stops_the_commands_before_any_work(cach
     monkeypatch.setattr(tracking, "installed", lambda name: name == "tensorboard")
     res = CliRunner().invoke(avb, ["heads", "train", "--cache", str(cache_file), "--out", str(tmp_path / "r"),
                                    "--report-to", "wandb", *COMMON])
-    assert res.exit_code == 1 and res.output.strip() == "Error: --report-to wandb needs the wandb package: pip install wandb"
+    assert res.exit_code == 1
+    assert res.output.strip() == "Error: --report-to wandb needs the wandb package: pip install wandb"
     assert not (tmp_path / "r").exists()
     res = CliRunner().invoke(avb, ["finetune", "--corpus", str(tmp_path), "--out", str(tmp_path / "ft"),
                                    "--report-to", "mlflow", "--quiet"])
@@ -173,7 +174,8 @@ def test_wandb_and_mlflow_runs_are_offline_one_per_head_run(tmp_path, monkeypatc
 
     entry = {"epoch": 2, "loss": 1.5, "lr": 1e-3, "task_losses": dict.fromkeys(TASK_NAMES, 0.25),
              "weights": dict.fromkeys(TASK_NAMES, 1.0), "val": {"type_uar": 0.5, "mean": 0.4}}
-    with HeadsTracker(["wandb", "mlflow"], tmp_path / "logs", lambda run: {"arch": "chain", "head": {"hidden": 8}}) as t:
+    config = {"arch": "chain", "head": {"hidden": 8}}
+    with HeadsTracker(["wandb", "mlflow"], tmp_path / "logs", lambda run: config) as t:
         t("chain-dwa-s0", 2, entry)
         t("chain-dwa-s1", 2, entry)
     init_kwargs = calls[0][1]
