@@ -368,7 +368,7 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
     from extract.backbone import layer_dims, load_backbone, make_accelerator
     from extract.clips import ClipDataset, EpochShuffleSampler, collate_clips
     from extract.corpus import read_corpus
-    from heads.models import HeadConfig, MultiTaskHead
+    from heads.models import HeadConfig, build_head
     from heads.tracking import TRACKING_DIR, accelerate_init_kwargs, flat_config, resolve_report_to
     from heads.weighting import build_weighting
 
@@ -409,7 +409,7 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
     show = progress and accelerator.is_local_main_process
     dims = layer_dims(backbone)
     head_cfg = HeadConfig(arch=cfg.arch, hidden=cfg.hidden, dropout=cfg.dropout, input_layer=cfg.input_layer)
-    head = MultiTaskHead(head_cfg, dims, seeds=[cfg.seed])
+    head = build_head(head_cfg, dims, seeds=[cfg.seed])
     # Dropout masks of the head: one stream per rank (different samples, different masks), saved in checkpoints.
     dropout_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * (rank + 1))
     head.set_run_generators([dropout_gen])

@@ -146,7 +146,7 @@ def load_finetune_head(ft_dir: str | os.PathLike) -> LoadedRun:
     Its "cache attributes" are made from the run itself: the layers and widths it recorded, its clip length,
     and the architecture fields of its own backbone's config (so another `--model` architecture is refused).
     """
-    from heads.models import HeadConfig, MultiTaskHead  # noqa: PLC0415
+    from heads.models import HeadConfig, build_head  # noqa: PLC0415
 
     ft_dir = Path(ft_dir)
     config = read_finetune_config(ft_dir)
@@ -155,8 +155,8 @@ def load_finetune_head(ft_dir: str | os.PathLike) -> LoadedRun:
         raise PredictError(f"{ft_dir / CONFIG_FILE}: no head or layer_dims recorded")
     backbone_config = read_json_object(ft_dir / BACKBONE_DIR / CONFIG_FILE)
     try:
-        head = MultiTaskHead(HeadConfig(**config["head"]), {k: int(v) for k, v in dims.items()},
-                             [int(config.get("seed", 0))])
+        head = build_head(HeadConfig(**config["head"]), {k: int(v) for k, v in dims.items()},
+                          [int(config.get("seed", 0))])
     except (ValueError, TypeError) as err:
         raise PredictError(f"{ft_dir / CONFIG_FILE}: {err}") from None
     _load_head_weights(head, ft_dir / HEAD_FILE, ft_dir / CONFIG_FILE)
@@ -168,7 +168,7 @@ def load_finetune_head(ft_dir: str | os.PathLike) -> LoadedRun:
 
 def load_run_head(run_dir: str | os.PathLike) -> LoadedRun:
     """Rebuild a run's head from config.json and head.safetensors (the best epoch's weights)."""
-    from heads.models import MultiTaskHead  # noqa: PLC0415
+    from heads.models import build_head  # noqa: PLC0415
     from heads.train import TrainConfig  # noqa: PLC0415
 
     run_dir = Path(run_dir)
@@ -180,7 +180,7 @@ def load_run_head(run_dir: str | os.PathLike) -> LoadedRun:
     fields = {k: v for k, v in config.items() if k not in ("run_format", "cache", "cache_attrs")}
     try:
         train_cfg = TrainConfig.from_dict(fields)
-        head = MultiTaskHead(train_cfg.head, {k: int(v) for k, v in attrs["layer_dims"].items()}, [train_cfg.seed])
+        head = build_head(train_cfg.head, {k: int(v) for k, v in attrs["layer_dims"].items()}, [train_cfg.seed])
     except (ValueError, TypeError) as err:
         raise PredictError(f"{run_dir / CONFIG_FILE}: {err}") from None
     _load_head_weights(head, run_dir / HEAD_FILE, run_dir / CONFIG_FILE)

@@ -8,7 +8,7 @@ both AdamW moments and a best-epoch copy at once, so the runs are split into joi
 which keeps the HUME-scale grid's peak memory under twice the in-memory cache. A run folder whose `metrics.json` exists (written
 last) and whose `config.json` equals the config it would get now is finished and is not trained again, so an
 interrupted grid resumes where it stopped and a grown grid (more seeds) trains only the new runs. A joint
-call that was killed while writing its run folders is retrained as a whole (see `_with_interrupted_group`), so
+call that was killed while writing its run folders is retrained as a whole (see `_interrupted_groups`), so
 a resumed grid is bit-identical to an uninterrupted one. The groups are cut from the grid's run list (not
 from the unfinished runs), so the same grid always gives the same groups and a resumed grid trains every run
 in the same stack as an uninterrupted one.
@@ -29,7 +29,9 @@ from tqdm.auto import tqdm
 from cache.atomic import write_json_atomic, write_text_atomic
 from heads.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, BootstrapConfig
 from heads.comparison import CI_KEYS, add_uncertainty, paired_markdown
-from heads.models import HeadConfig, MultiTaskHead
+from heads.device import resolve_device
+from heads.distributed import assign_groups, grid_processes
+from heads.models import HeadConfig, build_head
 from heads.tasks import METRIC_KEYS
 from heads.runs import CONFIG_FILE, METRICS_FILE
 from heads.train import SELECTION_KEY, TrainConfig, run_config_record, run_name, train_runs
@@ -52,8 +54,9 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     (SELECTION_KEY, "Mean"),
 )
 RESULT_FIELDS: tuple[str, ...] = ("arch", "weighting", "seed", *METRIC_KEYS, SELECTION_KEY, "best_epoch")
-# Beside the run folders while a joint `train_runs` call of one architecture runs: the names of its runs.
-GROUP_MARKER = ".training-{arch}.json"
+# Beside the run folders while a joint `train_runs` call runs: the names of its runs (one file per call, named
+# after its first run, so the calls of several processes never share one).
+GROUP_MARKER = ".training-{first}.json"
 # float32 arrays a joint call holds per parameter and run: the parameter, its gradient, AdamW's two moments,
 # and the best epoch's copy.
 STATE_ARRAYS = 5
@@ -80,6 +83,7 @@ class GridConfig:
     head: HeadConfig = field(default_factory=HeadConfig)   # template; `arch` is set per run
     weighting_options: dict = field(default_factory=dict)  # weighting name -> its options
     max_group_bytes: int = DEFAULT_MAX_GROUP_BYTES          # training-state budget of one joint call; 0: no limit
+    precision: str = "fp32"                                 # "bf16": the heads' matmuls under bf16 autocast
 
     def to_dict(self) -> dict[str, Any]:
         """JSON types; the head template's `arch` is left out (each run sets its own)."""
@@ -90,7 +94,8 @@ class GridConfig:
     def run_configs(self, arch: str) -> list[TrainConfig]:
         return [
             TrainConfig(arch=arch, weighting=w, seed=s, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                        head=replace(self.head, arch=arch), weighting_options=dict(self.weighting_options.get(w, {})))
+                        head=replace(self.head, arch=arch), weighting_options=dict(self.weighting_options.get(w, {})),
+                        precision=self.precision)
             for w in self.weightings for s in self.seeds
         ]
 
@@ -126,7 +131,7 @@ def run_state_bytes(head: HeadConfig, layer_dims: dict[str, int]) -> int:
     Counted on a one-run head (built, so the count is exactly what `train_runs` will stack); activations and
     the loss weightings' few parameters are left out: the stacked state dominates at the paper's sizes.
     """
-    model = MultiTaskHead(head, dict(layer_dims), [0])
+    model = build_head(head, dict(layer_dims), [0])
     return STATE_ARRAYS * 4 * sum(p.numel() for p in model.parameters())
 
 
@@ -152,23 +157,30 @@ def joint_groups(n_runs: int, per_run_bytes: int, max_group_bytes: int) -> list[
     return groups
 
 
-def _with_interrupted_group(marker: Path, configs: Sequence[TrainConfig], todo: list[int]) -> list[int]:
-    """The runs to train now: the unfinished ones plus every run of a joint call that was interrupted.
+def _interrupted_groups(out: Path, arch: str, finished: set[str]) -> list[list[str]]:
+    """The run names of every joint call of `arch` that was interrupted before it wrote all its runs.
 
     A run trained in a stack of R runs equals the same run trained in a stack of R' runs only up to float
-    rounding (the stacked kernels sum in another order), and `train_runs` writes its run folders one after the
-    other. A kill between two of those writes would leave some runs from the R-run call and retrain the rest in
-    a smaller one; retraining the whole interrupted group instead keeps a resumed grid bit-identical to an
-    uninterrupted one. The marker (the names of the runs in the call) exists only while a call is running.
+    rounding (the stacked kernels may sum in another order), and `train_runs` writes its run folders one after
+    the other. A kill between two of those writes would leave some runs from the R-run call and retrain the rest
+    in a smaller one; retraining the whole interrupted group instead keeps a resumed grid bit-identical to an
+    uninterrupted one. A marker (the names of the runs in the call) exists only while its call is running; one
+    whose runs are all finished was killed after its last write and is removed.
     """
-    try:
-        names = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return todo
-    if not isinstance(names, list):
-        return todo
-    index = {cfg.name: i for i, cfg in enumerate(configs)}
-    return sorted(set(todo) | {index[n] for n in names if isinstance(n, str) and n in index})
+    groups = []
+    for marker in sorted(out.glob(GROUP_MARKER.format(first=f"{arch}-*"))):
+        try:
+            names = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(names, list):
+            continue
+        names = [n for n in names if isinstance(n, str)]
+        if set(names) <= finished:
+            marker.unlink(missing_ok=True)
+        else:
+            groups.append(names)
+    return groups
 
 
 def _row(cfg: TrainConfig, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -192,6 +204,8 @@ def run_grid(
     weighting_options: dict[str, dict] | None = None,
     progress: bool = True,
     max_group_bytes: int = DEFAULT_MAX_GROUP_BYTES,
+    device: str | None = "auto",
+    precision: str = "fp32",
     ci: float = DEFAULT_LEVEL,
     n_boot: int = DEFAULT_N_BOOT,
     tracker: Any = None,
@@ -200,10 +214,11 @@ def run_grid(
 
     The runs of one architecture train jointly in groups whose training state (`run_state_bytes` per run)
     fits `max_group_bytes` (0: one group per architecture). Returns one row per run (RESULT_FIELDS), in grid
-    order. Writes `config.json` (the resolved grid),
-    `results.csv`, `results.json` and `results.md` (Table I layout) into `out_dir`. With `ci` (a level in
-    (0, 1); 0: none) the tables carry `n_boot`-resample bootstrap intervals and paired comparisons
-    (`heads.comparison`). `tracker` is handed to `train_runs` (per-epoch experiment tracking).
+    order. Writes `config.json` (the resolved grid), `results.csv`, `results.json` and `results.md` (Table I
+    layout) into `out_dir`. Under `accelerate launch --num_processes N` every process trains its share of the
+    joint groups (`heads.distributed`); rank 0 writes the tables once all have finished, the others return [].
+    With `ci` (a level in (0, 1); 0: none) the tables carry `n_boot`-resample bootstrap intervals and paired
+    comparisons (`heads.comparison`). `tracker` is handed to `train_runs` (per-epoch experiment tracking).
     """
     from cache.reader import load_cache  # noqa: PLC0415 - h5py only when a grid actually runs
 
@@ -215,7 +230,7 @@ def run_grid(
         epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
         head=head if head is not None else HeadConfig(),
         weighting_options={k.lower(): dict(v) for k, v in (weighting_options or {}).items()},
-        max_group_bytes=int(max_group_bytes),
+        max_group_bytes=int(max_group_bytes), precision=precision,
     )
     if grid.max_group_bytes < 0:
         raise AblationError(f"max_group_bytes must be >= 0 (0: no limit), got {grid.max_group_bytes}")
@@ -225,20 +240,31 @@ def run_grid(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise AblationError(f"{out}: exists and is not a directory")
+    procs = grid_processes()
+    train_device = resolve_device(procs.device(device))
     cache = load_cache(cache_path)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "config.json", grid.to_dict())
+    if procs.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "config.json", grid.to_dict())
     frames = None
     if grid.head.branch_use_frames and "branch" in grid.archs:
         from cache.reader import FrameReader  # noqa: PLC0415
 
         frames = FrameReader(cache_path)
     try:
-        rows = _train_grid(grid, cache, Path(cache_path), out, frames, progress, tracker)
+        groups = _plan_groups(grid, cache, Path(cache_path), out)
+        procs.barrier()   # every rank has read which runs are finished before any rank writes
+        mine = assign_groups([g.cost for g in groups], procs.world)[procs.rank]
+        _train_groups([groups[i] for i in mine], cache, Path(cache_path), out, frames, train_device,
+                      progress and procs.is_main, procs.provenance(), tracker)
+        procs.barrier()
     finally:
         if frames is not None:
             frames.close()
-
+    if not procs.is_main:
+        return []
+    rows = [_row(cfg, json.loads((out / cfg.name / METRICS_FILE).read_text(encoding="utf-8")))
+            for arch in grid.archs for cfg in grid.run_configs(arch)]
     summary = summarise(rows)
     uncertainty = None
     if ci:
@@ -251,42 +277,56 @@ def run_grid(
     return rows
 
 
-def _train_grid(grid: GridConfig, cache: Any, cache_path: Path, out: Path, frames: Any, progress: bool,
-                tracker: Any = None) -> list[dict]:
-    """Train the unfinished runs, one joint `train_runs` call per joint group; rows of all runs.
+@dataclass
+class JointGroup:
+    """One joint `train_runs` call of the grid: its runs (all unfinished ones of the group) and a cost estimate."""
 
-    The marker names the runs of the call in progress and is removed as soon as that call returns, so after a
-    kill it names exactly the group that was interrupted, and only that group is retrained as a whole.
+    arch: str
+    configs: list[TrainConfig]
+    dirs: list[Path]
+    cost: float      # parameters x runs: what a step moves through memory, the split's weight across ranks
+
+
+def _plan_groups(grid: GridConfig, cache: Any, cache_path: Path, out: Path) -> list[JointGroup]:
+    """The joint groups that still have work, in grid order.
+
+    Groups are cut from the grid's whole run list (not from the unfinished runs), so the same grid always gives
+    the same groups and a resumed grid trains every run in the same stack as an uninterrupted one; a group
+    interrupted mid-call is retrained whole (`_interrupted_groups`).
     """
-    all_configs = {arch: grid.run_configs(arch) for arch in grid.archs}
-    rows: list[dict] = []
-    bar = tqdm(total=sum(len(c) for c in all_configs.values()), desc="ablation", unit="run", disable=not progress)
-    for arch, configs in all_configs.items():
+    planned = []
+    for arch in grid.archs:
+        configs = grid.run_configs(arch)
         dirs = [out / cfg.name for cfg in configs]
         records = [run_config_record(cfg, cache, cache_path) for cfg in configs]
-        todo = [i for i, (d, rec) in enumerate(zip(dirs, records)) if not _is_finished(d, rec)]
-        marker = out / GROUP_MARKER.format(arch=arch)
-        if todo:
-            todo = _with_interrupted_group(marker, configs, todo)
-        bar.update(len(configs) - len(todo))
-        if todo:
-            per_run = run_state_bytes(configs[0].head, dict(cache.layer_dims))
-            pending = set(todo)
-            for group in joint_groups(len(configs), per_run, grid.max_group_bytes):
-                members = [i for i in group if i in pending]
-                if not members:
-                    continue
-                bar.set_postfix(arch=arch, training=len(members))
-                write_json_atomic(marker, [configs[i].name for i in members])
-                train_runs(cache, [configs[i] for i in members], [dirs[i] for i in members], progress=progress,
-                           frames=frames if arch == "branch" else None, cache_path=cache_path, tracker=tracker)
-                marker.unlink(missing_ok=True)
-                bar.update(len(members))
+        todo = {i for i, (d, rec) in enumerate(zip(dirs, records)) if not _is_finished(d, rec)}
+        index = {cfg.name: i for i, cfg in enumerate(configs)}
+        finished = {cfg.name for i, cfg in enumerate(configs) if i not in todo}
+        for names in _interrupted_groups(out, arch, finished):
+            todo |= {index[n] for n in names if n in index}
+        per_run = run_state_bytes(configs[0].head, dict(cache.layer_dims))
+        for group in joint_groups(len(configs), per_run, grid.max_group_bytes):
+            members = [i for i in group if i in todo]
+            if members:
+                planned.append(JointGroup(arch, [configs[i] for i in members], [dirs[i] for i in members],
+                                          float(per_run * len(members))))
+    return planned
+
+
+def _train_groups(groups: Sequence[JointGroup], cache: Any, cache_path: Path, out: Path, frames: Any,
+                  device: Any, progress: bool, provenance: dict, tracker: Any = None) -> None:
+    """One joint `train_runs` call per group, each announced by its marker while it runs."""
+    bar = tqdm(total=sum(len(g.configs) for g in groups), desc="ablation", unit="run", disable=not progress)
+    for group in groups:
+        bar.set_postfix(arch=group.arch, training=len(group.configs))
+        marker = out / GROUP_MARKER.format(first=group.configs[0].name)
+        write_json_atomic(marker, [cfg.name for cfg in group.configs])
+        train_runs(cache, group.configs, group.dirs, progress=progress,
+                   frames=frames if group.arch == "branch" else None, cache_path=cache_path, device=device,
+                   provenance=provenance, tracker=tracker)
         marker.unlink(missing_ok=True)
-        for cfg, d in zip(configs, dirs):
-            rows.append(_row(cfg, json.loads((d / METRICS_FILE).read_text(encoding="utf-8"))))
+        bar.update(len(group.configs))
     bar.close()
-    return rows
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -379,3 +419,9 @@ def results_markdown(summary: Sequence[dict], uncertainty: dict | None = None) -
                  " the best is significantly better at the 5 % level, two-sided).")
     note += " Best value per column in bold."
     return "\n".join(lines) + "\n\n" + (paired + "\n" if paired else "") + note + "\n"
+
+
+if __name__ == "__main__":   # `accelerate launch --num_processes N -m heads.ablate ...`: `avb heads ablate`'s options
+    from heads.cli import ablate_command
+
+    ablate_command(prog_name="python -m heads.ablate")

@@ -12,6 +12,8 @@ from heads.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT
 from heads.tasks import METRIC_KEYS
 from heads.tracking import REPORT_TO_CHOICES
 
+PRECISIONS = ("fp32", "bf16")   # = heads.device.PRECISIONS (that module imports torch)
+
 ARCH_CHOICES = ("vanilla", "chain", "branch")
 WEIGHTING_CHOICES = ("uniform", "dwa", "rruw", "druw")
 INPUT_LAYER_HELP = "Pooled layer feeding VANILLA/CHAIN: 'last', 'weighted' (learned mix of all layers) or a name."
@@ -75,6 +77,11 @@ def _head_options(func):
         click.option("--epochs", default=30, show_default=True, help="Training epochs."),
         click.option("--batch-size", default=8, show_default=True, help="Training batch size."),
         click.option("--lr", default=1e-3, show_default=True, help="Head learning rate (AdamW)."),
+        click.option("--device", default="auto", show_default=True,
+                     help="Where the heads train: auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps. "
+                          "Under `accelerate launch` each process takes its own GPU."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+                     help="bf16: the heads' matmuls under bf16 autocast (for GPUs; parameters stay float32)."),
         click.option("--progress/--no-progress", default=True, help="Show progress bars."),
         click.option("--report-to", type=click.Choice(REPORT_TO_CHOICES, case_sensitive=False), default="none",
                      show_default=True, help="Experiment tracker(s) for per-epoch losses, loss weights, LR and "
@@ -105,18 +112,20 @@ def heads_group() -> None:
 @_head_options
 def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: int, hidden: int, dropout: float,
                   input_layer: str, chain_order: str, n_heads: int, branch_blocks: int, branch_frames: bool,
-                  epochs: int, batch_size: int, lr: float, progress: bool, report_to: str,
-                  tracking_dir: Path | None) -> None:
+                  epochs: int, batch_size: int, lr: float, device: str, precision: str, progress: bool,
+                  report_to: str, tracking_dir: Path | None) -> None:
     """Train one head run on the cache's Train split, select its best epoch on Val, predict Val and Test."""
     head = _head_config(hidden, dropout, input_layer, chain_order, n_heads, branch_blocks, branch_frames)
     tracker = None
     try:
         tracker = _tracker(report_to, tracking_dir, out, lambda run: out / "config.json")
         from cache.reader import load_cache  # noqa: PLC0415
+        from heads.device import resolve_device  # noqa: PLC0415
         from heads.train import TrainConfig, train_runs  # noqa: PLC0415
 
+        train_device = resolve_device(device)   # a machine without the device fails before anything loads
         cfg = TrainConfig(arch=arch, weighting=weighting, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
-                          head=head)
+                          head=head, precision=precision)
         cache = load_cache(cache_path)
         frames = None
         if arch == "branch" and branch_frames:
@@ -124,7 +133,7 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
 
             frames = FrameReader(cache_path)
         metrics = train_runs(cache, [cfg], [out], progress=progress, frames=frames, cache_path=cache_path,
-                             tracker=tracker)[0]
+                             device=train_device, tracker=tracker)[0]
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err)) from None
     finally:
@@ -158,8 +167,11 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
 def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, seeds: str, max_group_mib: int,
                    ci: float, n_boot: int, hidden: int, dropout: float, input_layer: str, chain_order: str,
                    n_heads: int, branch_blocks: int, branch_frames: bool, epochs: int, batch_size: int, lr: float,
-                   progress: bool, report_to: str, tracking_dir: Path | None) -> None:
-    """Train every arch x weighting x seed (runs of one arch jointly), resumably; print a Table I-style summary."""
+                   device: str, precision: str, progress: bool, report_to: str, tracking_dir: Path | None) -> None:
+    """Train every arch x weighting x seed (runs of one arch jointly), resumably; print a Table I-style summary.
+
+    `accelerate launch --num_processes N -m heads.ablate` (same options) spreads the joint groups over N
+    processes, each on its own GPU (or sharing the CPU cores); process 0 writes and prints the tables."""
     arch_list = _csv_list(archs, "architecture", ARCH_CHOICES)
     weighting_list = _csv_list(weightings, "weighting", WEIGHTING_CHOICES)
     seed_list = _seed_list(seeds)
@@ -167,15 +179,20 @@ def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, see
     tracker = None
     try:
         from heads.ablate import run_grid  # noqa: PLC0415
+        from heads.device import resolve_device  # noqa: PLC0415
 
+        resolve_device(device)   # a machine without the device fails before anything loads
         tracker = _tracker(report_to, tracking_dir, out, lambda run: out / run / "config.json")
-        run_grid(cache_path, out, archs=arch_list, weightings=weighting_list, seeds=seed_list, epochs=epochs,
-                 batch_size=batch_size, lr=lr, head=head, progress=progress, max_group_bytes=max_group_mib * 2**20,
-                 ci=ci, n_boot=n_boot, tracker=tracker)
+        rows = run_grid(cache_path, out, archs=arch_list, weightings=weighting_list, seeds=seed_list, epochs=epochs,
+                        batch_size=batch_size, lr=lr, head=head, progress=progress,
+                        max_group_bytes=max_group_mib * 2**20, device=device, precision=precision, ci=ci,
+                        n_boot=n_boot, tracker=tracker)
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err)) from None
     finally:
         if tracker is not None:
             tracker.close()
+    if not rows:   # another process of a multi-process grid: process 0 prints the tables
+        return
     click.echo((out / "results.md").read_text(encoding="utf-8"), nl=False)
     click.echo(f"wrote {out / 'results.csv'}, {out / 'results.json'} and {out / 'results.md'}")

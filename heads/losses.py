@@ -25,16 +25,14 @@ class LossInputError(ValueError):
     """Outputs/targets handed to a loss have the wrong keys, shapes or values."""
 
 
-def ccc_loss(pred: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
-    """1 - CCC per column over the batch axis (dim -2), averaged over columns: [R, B, k] -> [R].
+def ccc_loss_columns(pred: Tensor, target: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """1 - CCC of every column over the batch axis (dim -2): [..., B, k] -> (loss [..., k], column known [..., k]).
 
     Computed as MSE / (var_p + var_t + (mean_p - mean_t)^2 + eps), which is algebraically 1 - CCC
     (the numerator var_p + var_t + (mean_p - mean_t)^2 - 2 cov equals the mean squared error), with population
     moments. Written this way a perfect prediction gives exactly 0 and there is no cancellation; the eps in
     the denominator keeps a constant batch (or a batch of one) finite -- 0 if pred equals target, ~1 otherwise.
-
-    NaN targets are masked out per column; a column with no known target is left out of the column mean, and a
-    run with no known target at all gets loss 0 (no gradient).
+    NaN targets are masked out per column; `known` is 1 for a column with at least one known target.
     """
     if pred.shape != target.shape or pred.dim() < 2:
         raise LossInputError(
@@ -50,11 +48,20 @@ def ccc_loss(pred: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
     n_safe = n.clamp_min(1.0)
     mean_t = t.sum(-2, keepdim=True) / n_safe
     mean_p = p.sum(-2, keepdim=True) / n_safe
-    var_t = (m * (t - mean_t) ** 2).sum(-2, keepdim=True) / n_safe
-    var_p = (m * (p - mean_p) ** 2).sum(-2, keepdim=True) / n_safe
-    mse = (m * (p - t) ** 2).sum(-2, keepdim=True) / n_safe
-    per_col = (mse / (var_p + var_t + (mean_p - mean_t) ** 2 + eps)).squeeze(-2)  # [..., k]
-    col_known = (n.squeeze(-2) > 0).to(pred.dtype)
+    var_t = (m * (t - mean_t).square()).sum(-2, keepdim=True) / n_safe
+    var_p = (m * (p - mean_p).square()).sum(-2, keepdim=True) / n_safe
+    mse = (m * (p - t).square()).sum(-2, keepdim=True) / n_safe
+    per_col = (mse / (var_p + var_t + (mean_p - mean_t).square() + eps)).squeeze(-2)  # [..., k]
+    return per_col, (n.squeeze(-2) > 0).to(pred.dtype)
+
+
+def ccc_loss(pred: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
+    """1 - CCC per column over the batch axis (dim -2), averaged over columns: [R, B, k] -> [R].
+
+    See `ccc_loss_columns`. A column with no known target is left out of the column mean, and a run with no
+    known target at all gets loss 0 (no gradient).
+    """
+    per_col, col_known = ccc_loss_columns(pred, target, eps)
     return (per_col * col_known).sum(-1) / col_known.sum(-1).clamp_min(1.0)
 
 
@@ -103,8 +110,9 @@ def task_losses(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) ->
 
     outputs: task -> [R, B, out_dim] (TYPE logits, regression values). targets: task -> [R, B, label_dim]
     (or [B, label_dim], shared by the runs), TYPE holding the class index as a float (NaN = unknown) or long.
+    The regression tasks' columns are scored in one pass (one CCC over their 52 columns, then a mean per task).
     """
-    losses = []
+    aligned = {}
     for name in TASK_NAMES:
         if name not in outputs:
             raise LossInputError(f"outputs lack task {name!r}; got {', '.join(outputs) or 'none'}")
@@ -114,12 +122,21 @@ def task_losses(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) ->
         if out.dim() == 3 and out.shape[-1] != TASKS[name].out_dim:
             raise LossInputError(
                 f"output of task {name!r} has width {out.shape[-1]}, expected {TASKS[name].out_dim}")
-        target = _aligned_target(name, out, targets[name]).to(out.device)
-        if TASKS[name].is_classification:
-            index = target.squeeze(-1)
-            if index.is_floating_point():
-                index = torch.where(torch.isfinite(index), index, torch.full_like(index, IGNORE_INDEX))
-            losses.append(type_loss(out, index.long()))
-        else:
-            losses.append(ccc_loss(out, target))
-    return torch.stack(losses, dim=-1)
+        aligned[name] = _aligned_target(name, out, targets[name]).to(out.device)
+    classification = [n for n in TASK_NAMES if TASKS[n].is_classification]
+    regression = [n for n in TASK_NAMES if not TASKS[n].is_classification]
+    losses = {}
+    for name in classification:
+        index = aligned[name].squeeze(-1)
+        if index.is_floating_point():
+            index = torch.where(torch.isfinite(index), index, torch.full_like(index, IGNORE_INDEX))
+        losses[name] = type_loss(outputs[name], index.long())
+    per_col, col_known = ccc_loss_columns(torch.cat([outputs[n] for n in regression], -1),
+                                          torch.cat([aligned[n] for n in regression], -1))
+    start = 0
+    for name in regression:
+        width = TASKS[name].out_dim
+        part, part_known = per_col[..., start:start + width], col_known[..., start:start + width]
+        losses[name] = (part * part_known).sum(-1) / part_known.sum(-1).clamp_min(1.0)
+        start += width
+    return torch.stack([losses[n] for n in TASK_NAMES], dim=-1)

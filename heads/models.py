@@ -1,11 +1,14 @@
 """The paper's three multi-task heads (VANILLA, CHAIN, BRANCH), stacked over R independent runs.
 
-One `MultiTaskHead` holds the parameters of R runs of one architecture (every parameter has leading dim R),
-so the ablation grid trains many (weighting, seed) runs with batched matmuls. Run r is initialised only from
-`torch.Generator().manual_seed(seeds[r])` and its dropout masks come from its own generator, so a run trained
-jointly equals the same run trained alone (see heads/layers.py).
+A head holds the parameters of R runs of one architecture (every parameter has leading dim R), so the ablation
+grid trains many (weighting, seed) runs with batched matmuls; inside a run the four tasks' networks are
+stacked too (`copies=4` in heads/layers.py) wherever their shapes agree, so a step costs one matmul per layer
+for all tasks of all runs. Run r is initialised only from `torch.Generator().manual_seed(seeds[r])` and its
+dropout masks come from its own generator, so a run trained jointly equals the same run trained alone.
 
-Departures from the authors' code (docs/reference-notes.md), on purpose:
+Each architecture is a class in `ARCHITECTURES`; `build_head` picks one by `HeadConfig.arch`.
+
+Departures from the authors' code (`../shared/docs/reference-notes.md`), on purpose:
 * no BatchNorm anywhere (it sat before cross-entropy with batch 8); LayerNorm instead;
 * the heads read masked-mean pooled features from the cache (pooling never averages padding) instead of
   attention pooling over unmasked, zero-padded frames;
@@ -16,6 +19,7 @@ Departures from the authors' code (docs/reference-notes.md), on purpose:
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from heads.featurizer import Featurizer, FeaturizerError
 from heads.layers import (
     StackedDropout, StackedLayerNorm, StackedLinear, StackedMultiheadAttention, make_generators, per_run,
 )
@@ -112,57 +117,18 @@ def branch_groups(n_transformer_layers: int, branch_blocks: int, min_group: int 
     return [[int(i) for i in g] for g in np.array_split(np.arange(1, n_transformer_layers + 1), n)]
 
 
-class TaskNetwork(nn.Module):
-    """The paper's shallow task network: LN(x) [+ chained inputs] -> FC -> LN -> GELU -> Dropout -> FC."""
-
-    def __init__(self, n_runs: int, in_dim: int, extra_dim: int, hidden: int, out_dim: int, dropout: float,
-                 gens: Sequence[torch.Generator]) -> None:
-        super().__init__()
-        self.in_norm = StackedLayerNorm(n_runs, in_dim, affine=False)
-        self.fc1 = StackedLinear(n_runs, in_dim + extra_dim, hidden, gens)
-        self.norm = StackedLayerNorm(n_runs, hidden)
-        self.drop = StackedDropout(dropout)
-        self.fc2 = StackedLinear(n_runs, hidden, out_dim, gens)
-
-    def forward(self, features: Tensor, extra: Tensor | None = None) -> Tensor:
-        x = self.in_norm(features)
-        h = self.fc1(x) if extra is None else self.fc1.forward_concat(x, extra)
-        return self.fc2(self.drop(F.gelu(self.norm(h))))
-
-
-class AttentionBlock(nn.Module):
-    """MTAN-style block: out = LN(query + MHA(query, kv, kv))."""
-
-    def __init__(self, n_runs: int, dim: int, n_heads: int, dropout: float,
-                 gens: Sequence[torch.Generator]) -> None:
-        super().__init__()
-        self.attn = StackedMultiheadAttention(n_runs, dim, n_heads, dropout, gens)
-        self.norm = StackedLayerNorm(n_runs, dim)
-
-    def forward(self, query: Tensor, kv: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        return self.norm(query + self.attn(query, kv, kv, key_padding_mask))
-
-
-class BranchNetwork(nn.Module):
-    """One task's stack of attention blocks followed by the output layer."""
-
-    def __init__(self, n_runs: int, n_blocks: int, dim: int, n_heads: int, dropout: float, out_dim: int,
-                 gens: Sequence[torch.Generator]) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(AttentionBlock(n_runs, dim, n_heads, dropout, gens) for _ in range(n_blocks))
-        self.out = StackedLinear(n_runs, dim, out_dim, gens)
-
-
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of x [R, B, T, D] over valid frames (mask [R, B, T]); zeros for a clip with no valid frame."""
+    """Mean of x [..., T, D] over valid frames (mask [..., T], broadcastable); zeros for a clip with none."""
     w = mask.to(x.dtype).unsqueeze(-1)
-    return (x * w).sum(2) / w.sum(2).clamp_min(1.0)
+    return (x * w).sum(-2) / w.sum(-2).clamp_min(1.0)
 
 
 class MultiTaskHead(nn.Module):
-    """VANILLA / CHAIN / BRANCH over R stacked runs; `forward` returns task -> [R, B, out_dim].
+    """The part every architecture shares: config, runs, the inputs it reads, per-run state and generators.
 
-    TYPE gives logits (8 classes); TWO, HIGH and CULTURE give sigmoid outputs in [0, 1].
+    `forward(inputs, targets=None)` returns task -> [R, B, out_dim]: TYPE gives logits (8 classes); TWO, HIGH
+    and CULTURE give sigmoid outputs in [0, 1]. Subclasses build their modules in `__init__` (drawing the
+    initial values from `gens`, one generator per run, in a fixed order) and implement `_forward`.
     """
 
     def __init__(self, cfg: HeadConfig, layer_dims: dict[str, int], seeds: Sequence[int]) -> None:
@@ -174,77 +140,29 @@ class MultiTaskHead(nn.Module):
         self.cfg, self.layer_dims, self.seeds = cfg, dict(layer_dims), seeds
         self.n_runs = len(seeds)
         self.hidden_layers = hidden_layer_names(self.layer_dims)
-        gens = make_generators(seeds)
         self.required_layers: list[str] = []
         self.required_frame_layers: list[str] = []
-        if cfg.arch in ("vanilla", "chain"):
-            self._build_task_networks(gens)
-        else:
-            self._build_branch(gens)
-        self.set_run_generators(make_generators(seeds, DROPOUT_SEED_OFFSET))
 
-    # ------------------------------------------------------------------ construction
-    def _build_task_networks(self, gens: list[torch.Generator]) -> None:
-        cfg, r = self.cfg, self.n_runs
-        if cfg.input_layer == "weighted":
-            dims = {self.layer_dims[n] for n in self.hidden_layers}
-            if len(dims) != 1:
-                raise HeadConfigError(f"input_layer 'weighted' needs equal hidden_* widths, got {sorted(dims)}")
-            self.required_layers = list(self.hidden_layers)
-            # zeros -> uniform softmax at start: every layer starts with equal say
-            self.layer_logits = nn.Parameter(torch.zeros(r, len(self.hidden_layers)))
-            in_dim = dims.pop()
-        else:
-            name = self.hidden_layers[-1] if cfg.input_layer == "last" else cfg.input_layer
-            if name not in self.layer_dims:
-                raise HeadConfigError(f"input_layer {cfg.input_layer!r} is not a cached layer "
-                                      f"(has: {', '.join(self.layer_dims)})")
-            self.required_layers = [name]
-            in_dim = self.layer_dims[name]
-        order = cfg.chain_order if cfg.arch == "chain" else TASK_NAMES
-        self.order = tuple(order)
-        nets: dict[str, TaskNetwork] = {}   # keyed TYPE, TWO, ... ('type' is an nn.Module method name)
-        extra = 0
-        for task in self.order:     # construction order = init order (same whatever R is)
-            out_dim = TASKS[task].out_dim
-            nets[task.upper()] = TaskNetwork(r, in_dim, extra, cfg.hidden, out_dim, cfg.dropout, gens)
-            if cfg.arch == "chain":
-                extra += out_dim
-        self.nets = nn.ModuleDict(nets)
-
-    def _build_branch(self, gens: list[torch.Generator]) -> None:
-        cfg, r = self.cfg, self.n_runs
-        if "cnn" not in self.layer_dims:
-            raise HeadConfigError(f"BRANCH needs the 'cnn' layer (has: {', '.join(self.layer_dims)})")
-        self.groups = branch_groups(len(self.hidden_layers) - 1, cfg.branch_blocks,
-                                    min_group=1 if cfg.branch_use_frames else 2)
-        if cfg.branch_use_frames:
-            # block i's queries: frames of the last layer of group i; block 1's keys/values: the cnn frames
-            used = ["cnn"] + [f"hidden_{g[-1]}" for g in self.groups]
-            self.required_frame_layers = used
-        else:
-            used = ["cnn"] + list(self.hidden_layers)
-            self.required_layers = used
-        self.input_maps = nn.ModuleDict({n: StackedLinear(r, self.layer_dims[n], cfg.hidden, gens) for n in used})
-        if not cfg.branch_use_frames:
-            # one learned embedding per layer token, so attention can tell the layers apart
-            self.token_pos = nn.Parameter(per_run(gens, r, lambda g: torch.randn(len(used), cfg.hidden,
-                                                                                 generator=g) * 0.02))
-        self.branches = nn.ModuleDict({
-            task.upper(): BranchNetwork(r, len(self.groups), cfg.hidden, cfg.n_heads, cfg.dropout,
-                                        TASKS[task].out_dim, gens)
-            for task in TASK_NAMES
-        })
+    def _finish(self) -> None:
+        """Called by subclasses once built: dropout masks follow the runs' own generators."""
+        self.set_run_generators(make_generators(self.seeds, DROPOUT_SEED_OFFSET))
 
     # ------------------------------------------------------------------ per-run utilities
-    def set_run_generators(self, gens: Sequence[torch.Generator]) -> None:
-        """Give run r's dropout masks to generator r (all dropout modules share the list)."""
+    def set_run_generators(self, gens: Sequence[torch.Generator], draw_ahead: bool = False) -> None:
+        """Give run r's dropout masks to generator r (all dropout modules share the list); `draw_ahead` lets
+        them draw several steps' masks per call (see StackedDropout)."""
         gens = list(gens)
         if len(gens) != self.n_runs:
             raise HeadConfigError(f"set_run_generators got {len(gens)} generators for {self.n_runs} runs")
         for m in self.modules():
             if isinstance(m, StackedDropout):
-                m.generators = gens
+                m.set_generators(gens, draw_ahead)
+
+    def use_grad_buffers(self, on: bool = True) -> None:
+        """Let every stacked linear layer write its weight gradient in place (see heads/layers.py)."""
+        for m in self.modules():
+            if isinstance(m, StackedLinear):
+                m.use_grad_buffer(on)
 
     def run_state_dict(self, r: int) -> dict[str, Tensor]:
         """Run r's slice ([1, ...]) of every parameter and buffer, as independent copies."""
@@ -270,12 +188,12 @@ class MultiTaskHead(nn.Module):
         if not 0 <= r < self.n_runs:
             raise HeadConfigError(f"run index {r} out of range for {self.n_runs} runs")
 
-    # ------------------------------------------------------------------ forward
+    # ------------------------------------------------------------------ inputs
     def _runs(self, x: Tensor, what: str) -> Tensor:
-        if x.shape[0] == self.n_runs:
+        """x itself when its leading dim is R or 1: inputs shared by all runs stay one copy until the first
+        stacked layer expands them (evaluation feeds every run the same rows)."""
+        if x.shape[0] in (self.n_runs, 1):
             return x
-        if x.shape[0] == 1:
-            return x.expand(self.n_runs, *x.shape[1:])
         raise HeadConfigError(f"{what} has {x.shape[0]} runs in its leading dim, head has {self.n_runs}")
 
     def _pooled(self, x: HeadInputs, name: str) -> Tensor:
@@ -286,41 +204,127 @@ class MultiTaskHead(nn.Module):
             raise HeadConfigError(f"pooled {name!r} must be [R, B, {self.layer_dims[name]}], got {tuple(t.shape)}")
         return self._runs(t, f"pooled {name!r}")
 
+    # ------------------------------------------------------------------ forward
     def forward(self, x: HeadInputs, targets: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        if self.cfg.arch == "branch":
-            raw = self._forward_branch_frames(x) if self.cfg.branch_use_frames else self._forward_branch_tokens(x)
-            return {t: raw[t] if TASKS[t].is_classification else torch.sigmoid(raw[t]) for t in TASK_NAMES}
-        return self._forward_task_networks(x, targets)
+        raw = self._forward(x, targets)
+        return {t: raw[t] if TASKS[t].is_classification else torch.sigmoid(raw[t]) for t in TASK_NAMES}
+
+    def _forward(self, x: HeadInputs, targets: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+class TaskNetworks(nn.Module):
+    """The paper's shallow task networks, one per task, stacked over runs and tasks:
+
+        LN(x) [+ chained inputs] -> FC -> LN -> GELU -> Dropout -> FC
+
+    The first FC of every task reads the same features, so the four are one [R, T, D, H] weight (one matmul);
+    CHAIN adds each task's chained inputs through its own small FC (`chain_in`, no bias), which together with
+    the first FC is exactly the paper's FC over [features, chained values]. Tasks are kept in `tasks` order.
+    """
+
+    def __init__(self, n_runs: int, tasks: Sequence[str], in_dim: int, hidden: int, dropout: float,
+                 gens: Sequence[torch.Generator], chained: bool = False) -> None:
+        super().__init__()
+        self.tasks = tuple(tasks)
+        n_tasks = len(self.tasks)
+        self.fc1 = StackedLinear(n_runs, in_dim, hidden, gens, copies=n_tasks)
+        extra = np.cumsum([0] + [TASKS[t].out_dim for t in self.tasks[:-1]]) if chained else np.zeros(n_tasks, int)
+        self.chain_in = nn.ModuleDict({
+            task.upper(): StackedLinear(n_runs, int(e), hidden, gens, bias=False)
+            for task, e in zip(self.tasks, extra) if e > 0
+        })
+        if chained:   # nn.Linear(in + e, hidden) draws uniform(+-1/sqrt(in + e)) over all its inputs
+            with torch.no_grad():
+                fan_in = torch.tensor([in_dim + int(e) for e in extra], dtype=torch.float32)
+                scale = torch.sqrt(in_dim / fan_in).view(1, n_tasks, 1)
+                self.fc1.weight.mul_(scale.unsqueeze(-1))
+                self.fc1.bias.mul_(scale)
+                for task, e in zip(self.tasks, extra):
+                    if e > 0:
+                        self.chain_in[task.upper()].weight.mul_(math.sqrt(e / (in_dim + e)))
+        self.norm = StackedLayerNorm(n_runs, hidden, copies=n_tasks)
+        self.drop = StackedDropout(dropout)
+        self.fc2 = nn.ModuleDict({task.upper(): StackedLinear(n_runs, hidden, TASKS[task].out_dim, gens)
+                                  for task in self.tasks})
+
+    def first_layer(self, features: Tensor) -> Tensor:
+        """The features' part of every task's first FC: [R, B, D] -> [R, T, B, H]."""
+        x = F.layer_norm(features, (features.shape[-1],))
+        return self.fc1(x.unsqueeze(1))
+
+    def parallel(self, features: Tensor) -> dict[str, Tensor]:
+        """All tasks at once (no chained inputs): task -> raw output [R, B, out]."""
+        h = self.drop(F.gelu(self.norm(self.first_layer(features))))        # [R, T, B, H]
+        return {task: self.fc2[task.upper()](h[:, i]) for i, task in enumerate(self.tasks)}
+
+    def task_output(self, i: int, h1: Tensor, fed: list[Tensor], keep: Tensor | None) -> Tensor:
+        """Task i of the chain: its first-FC features part h1 [R, B, H], the values fed so far, its dropout mask."""
+        task = self.tasks[i].upper()
+        if fed:
+            h1 = h1 + self.chain_in[task](torch.cat(fed, dim=-1))
+        h = F.gelu(self.norm.copy_forward(h1, i))
+        if keep is not None:
+            h = h * keep
+        return self.fc2[task](h)
+
+
+class VanillaHead(MultiTaskHead):
+    """VANILLA: parallel shallow task networks on one (selected or mixed) backbone layer."""
+
+    def __init__(self, cfg: HeadConfig, layer_dims: dict[str, int], seeds: Sequence[int]) -> None:
+        super().__init__(cfg, layer_dims, seeds)
+        gens = make_generators(self.seeds)
+        try:
+            self.featurizer = Featurizer(cfg.input_layer, self.layer_dims, self.hidden_layers, self.n_runs)
+        except FeaturizerError as err:
+            raise HeadConfigError(str(err)) from None
+        self.required_layers = list(self.featurizer.required_layers)
+        self.order = self._order()
+        self.nets = TaskNetworks(self.n_runs, self.order, self.featurizer.dim, cfg.hidden, cfg.dropout, gens,
+                                 chained=cfg.arch == "chain")
+        self._finish()
+
+    def _order(self) -> tuple[str, ...]:
+        return TASK_NAMES
 
     def _features(self, x: HeadInputs) -> Tensor:
-        if self.cfg.input_layer != "weighted":
-            return self._pooled(x, self.required_layers[0])
-        stacked = torch.stack([self._pooled(x, n) for n in self.hidden_layers], dim=1)   # [R, L+1, B, D]
-        return torch.einsum("rl,rlbd->rbd", torch.softmax(self.layer_logits, dim=-1), stacked)
+        return self.featurizer([self._pooled(x, n) for n in self.required_layers])
 
-    def _forward_task_networks(self, x: HeadInputs, targets: dict[str, Tensor] | None) -> dict[str, Tensor]:
-        feats = self._features(x)
-        chain = self.cfg.arch == "chain"
-        teacher = chain and self.training and targets is not None
+    def _forward(self, x: HeadInputs, targets: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        return self.nets.parallel(self._features(x))
+
+
+class ChainHead(VanillaHead):
+    """CHAIN: the task networks in sequence (default TYPE -> TWO -> HIGH -> CULTURE), each fed the features plus
+    the earlier tasks' values: ground truth while training (teacher forcing), its own predictions otherwise."""
+
+    def _order(self) -> tuple[str, ...]:
+        return tuple(self.cfg.chain_order)
+
+    def _forward(self, x: HeadInputs, targets: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        nets = self.nets
+        h1 = nets.first_layer(self._features(x))                          # [R, T, B, H]
+        teacher = self.training and targets is not None
+        keep = nets.drop.mask(h1.shape[1:], h1) if self.training and nets.drop.p > 0 else None
         out: dict[str, Tensor] = {}
         fed: list[Tensor] = []
-        for task in self.order:
-            raw = self.nets[task.upper()](feats, torch.cat(fed, dim=-1) if fed else None)
-            spec = TASKS[task]
-            pred = raw if spec.is_classification else torch.sigmoid(raw)
-            out[task] = pred
-            if chain:
-                value = torch.softmax(raw, dim=-1) if spec.is_classification else pred
+        for i, task in enumerate(self.order):
+            raw = nets.task_output(i, h1[:, i], fed, None if keep is None else keep[:, i])
+            out[task] = raw
+            if i + 1 < len(self.order):
+                value = torch.softmax(raw, dim=-1) if TASKS[task].is_classification else torch.sigmoid(raw)
                 if teacher and task in targets:
                     value = self._teacher_value(task, targets[task], value)
                 fed.append(value)
-        return {t: out[t] for t in TASK_NAMES}
+        return out
 
     def _teacher_value(self, task: str, target: Tensor, predicted: Tensor) -> Tensor:
         """Ground truth in the shape the chain feeds; rows (or cells) with an unknown (NaN) label keep the
         prediction, so a partly labelled batch never injects NaN into later tasks."""
         spec = TASKS[task]
-        target = self._runs(target.to(predicted.device), f"targets[{task!r}]")
+        target = self._runs(target.to(predicted.device), f"targets[{task!r}]").expand(predicted.shape[0],
+                                                                                        *target.shape[1:])
         if target.dim() == 2:
             target = target.unsqueeze(-1)
         if target.shape[:2] != predicted.shape[:2] or target.shape[-1] != spec.label_dim:
@@ -333,47 +337,98 @@ class MultiTaskHead(nn.Module):
         target = target.to(predicted.dtype)
         return torch.where(torch.isnan(target), predicted, target)
 
-    def _forward_branch_tokens(self, x: HeadInputs) -> dict[str, Tensor]:
-        """Token mode: each pooled layer is one token (input map + learned layer embedding)."""
-        names = self.required_layers                      # cnn, hidden_0, ..., hidden_L
-        tokens = torch.stack([F.gelu(self.input_maps[n](self._pooled(x, n))) for n in names], dim=2)
-        tokens = tokens + self.token_pos.unsqueeze(1)     # [R, B, L+2, H]
-        kv0 = tokens[:, :, :2]                            # cnn, hidden_0
-        queries = [tokens[:, :, g[0] + 1:g[-1] + 2] for g in self.groups]   # hidden_i is token i+1
-        out: dict[str, Tensor] = {}
-        for task in TASK_NAMES:
-            branch, kv = self.branches[task.upper()], kv0
-            for block, q in zip(branch.blocks, queries):
-                kv = block(q, kv)
-            out[task] = branch.out(kv.mean(dim=2))
-        return out
 
-    def _forward_branch_frames(self, x: HeadInputs) -> dict[str, Tensor]:
+class AttentionBlock(nn.Module):
+    """MTAN-style block for every task at once: out = LN(query + MHA(query, kv, kv)), [R, T, ...]."""
+
+    def __init__(self, n_runs: int, n_tasks: int, dim: int, n_heads: int, dropout: float,
+                 gens: Sequence[torch.Generator]) -> None:
+        super().__init__()
+        self.attn = StackedMultiheadAttention(n_runs, dim, n_heads, dropout, gens, copies=n_tasks)
+        self.norm = StackedLayerNorm(n_runs, dim, copies=n_tasks)
+
+    def forward(self, query: Tensor, kv: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        return self.norm(query + self.attn(query, kv, key_padding_mask))
+
+
+class BranchHead(MultiTaskHead):
+    """BRANCH: per task a stack of attention blocks whose queries are successive backbone layers and whose
+    keys/values are the previous block's output (block 1: the CNN features and hidden_0); over per-layer
+    pooled tokens, or over frames when the cache has them (`branch_use_frames`)."""
+
+    def __init__(self, cfg: HeadConfig, layer_dims: dict[str, int], seeds: Sequence[int]) -> None:
+        super().__init__(cfg, layer_dims, seeds)
+        gens, r, n_tasks = make_generators(self.seeds), self.n_runs, len(TASK_NAMES)
+        if "cnn" not in self.layer_dims:
+            raise HeadConfigError(f"BRANCH needs the 'cnn' layer (has: {', '.join(self.layer_dims)})")
+        self.groups = branch_groups(len(self.hidden_layers) - 1, cfg.branch_blocks,
+                                    min_group=1 if cfg.branch_use_frames else 2)
+        if cfg.branch_use_frames:
+            # block i's queries: frames of the last layer of group i; block 1's keys/values: the cnn frames
+            self.query_layers = [f"hidden_{g[-1]}" for g in self.groups]
+            self.required_frame_layers = ["cnn", *self.query_layers]
+        else:
+            self.query_layers = list(self.hidden_layers)
+            self.required_layers = ["cnn", *self.query_layers]
+        widths = {self.layer_dims[n] for n in self.query_layers}
+        if len(widths) != 1:
+            raise HeadConfigError(f"BRANCH needs equal hidden_* widths, got {sorted(widths)}")
+        self.map_cnn = StackedLinear(r, self.layer_dims["cnn"], cfg.hidden, gens)
+        self.map_hidden = StackedLinear(r, widths.pop(), cfg.hidden, gens, copies=len(self.query_layers))
+        if not cfg.branch_use_frames:
+            # one learned embedding per layer token, so attention can tell the layers apart
+            self.token_pos = nn.Parameter(per_run(gens, r, lambda g: torch.randn(
+                len(self.required_layers), cfg.hidden, generator=g) * 0.02))
+        self.blocks = nn.ModuleList(AttentionBlock(r, n_tasks, cfg.hidden, cfg.n_heads, cfg.dropout, gens)
+                                    for _ in self.groups)
+        self.outs = nn.ModuleDict({task.upper(): StackedLinear(r, cfg.hidden, TASKS[task].out_dim, gens)
+                                   for task in TASK_NAMES})
+        self._finish()
+
+    def _heads_out(self, summary: Tensor) -> dict[str, Tensor]:
+        """summary [R, T, B, H] -> task -> raw output [R, B, out]."""
+        return {task: self.outs[task.upper()](summary[:, i]) for i, task in enumerate(TASK_NAMES)}
+
+    def _forward(self, x: HeadInputs, targets: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        return self._forward_frames(x) if self.cfg.branch_use_frames else self._forward_tokens(x)
+
+    def _forward_tokens(self, x: HeadInputs) -> dict[str, Tensor]:
+        """Token mode: each pooled layer is one token (input map + learned layer embedding)."""
+        cnn = self.map_cnn(self._pooled(x, "cnn"))                                      # [R, B, H]
+        hidden = self.map_hidden(torch.stack([self._pooled(x, n) for n in self.query_layers], dim=1))
+        tokens = F.gelu(torch.cat([cnn.unsqueeze(1), hidden], dim=1))                   # [R, L+2, B, H]
+        tokens = (tokens + self.token_pos.unsqueeze(2)).transpose(1, 2)                # [R, B, L+2, H]
+        kv = tokens[:, None, :, :2]                                   # cnn, hidden_0: [R, 1, B, 2, H]
+        for block, g in zip(self.blocks, self.groups):                # hidden_i is token i+1
+            kv = block(tokens[:, None, :, g[0] + 1:g[-1] + 2], kv)    # -> [R, T, B, len(g), H]
+        return self._heads_out(kv.mean(dim=3))
+
+    def _forward_frames(self, x: HeadInputs) -> dict[str, Tensor]:
         """Frame mode: queries are frames of successive layers; padding is masked as keys and in the mean."""
         if x.frames is None or x.frame_mask is None:
             raise HeadConfigError("BRANCH with branch_use_frames needs HeadInputs.frames and frame_mask")
-        mask = self._runs(x.frame_mask, "frame_mask").bool()
-        maps: dict[str, Tensor] = {}
+        mask = self._runs(x.frame_mask, "frame_mask").bool()                           # [R or 1, B, T]
+        frames = {}
         for n in self.required_frame_layers:
             if n not in x.frames:
                 raise HeadConfigError(f"HeadInputs.frames lacks layer {n!r} (has: {', '.join(x.frames) or 'none'})")
             f = self._runs(x.frames[n], f"frames {n!r}")
-            if f.dim() != 4 or f.shape[:3] != mask.shape or f.shape[-1] != self.layer_dims[n]:
+            if f.dim() != 4 or f.shape[1:3] != mask.shape[1:] or f.shape[-1] != self.layer_dims[n]:
                 raise HeadConfigError(f"frames {n!r} must be [R, B, T, {self.layer_dims[n]}] matching frame_mask "
                                       f"{tuple(mask.shape)}, got {tuple(f.shape)}")
-            f = torch.where(mask.unsqueeze(-1), f, torch.zeros((), dtype=f.dtype, device=f.device))
-            maps[n] = F.gelu(self.input_maps[n](f))
-        pad = ~mask
-        queries = [maps[n] for n in self.required_frame_layers[1:]]
-        out: dict[str, Tensor] = {}
-        for task in TASK_NAMES:
-            branch, kv = self.branches[task.upper()], maps["cnn"]
-            for block, q in zip(branch.blocks, queries):
-                kv = block(q, kv, pad)
-            out[task] = branch.out(_masked_mean(kv, mask))
-        return out
+            frames[n] = torch.where(mask.unsqueeze(-1), f, torch.zeros((), dtype=f.dtype, device=f.device))
+        kv = F.gelu(self.map_cnn(frames["cnn"])).unsqueeze(1)                          # [R, 1, B, T, H]
+        queries = F.gelu(self.map_hidden(torch.stack([frames[n] for n in self.query_layers], dim=1)))
+        pad = ~mask.unsqueeze(1)                                                       # [R, 1, B, T]
+        for i, block in enumerate(self.blocks):
+            kv = block(queries[:, i:i + 1], kv, pad)                                   # [R, T, B, T, H]
+        return self._heads_out(_masked_mean(kv, mask.unsqueeze(1)))
+
+
+ARCHITECTURES: dict[str, type[MultiTaskHead]] = {"vanilla": VanillaHead, "chain": ChainHead, "branch": BranchHead}
 
 
 def build_head(cfg: HeadConfig, layer_dims: dict[str, int], seeds: Sequence[int]) -> MultiTaskHead:
-    """Build a head for `len(seeds)` stacked runs."""
-    return MultiTaskHead(cfg, layer_dims, seeds)
+    """The head of architecture `cfg.arch` for `len(seeds)` stacked runs."""
+    cfg.validate()
+    return ARCHITECTURES[cfg.arch](cfg, layer_dims, seeds)

@@ -9,6 +9,7 @@ exactly to AdamW / clip_grad_norm_ / ReduceLROnPlateau(mode="max").
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -16,14 +17,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from heads.layers import grad_sq_norms
+
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass
 class _Group:
     params: list[Tensor]
-    runs: Tensor          # long [R_g]: which run each row of the leading dim belongs to
+    runs: Tensor          # long [R_g] on the parameters' device: which run each row of the leading dim belongs to
     weight_decay: float
+    run_list: list[int]   # the same on the host, read every step without a device round trip
 
 
 class StackedAdamW:
@@ -32,8 +36,8 @@ class StackedAdamW:
     `params` is a list of tensors whose leading dim is the run dim R, or a list of groups
     `{"params": [...], "runs": [run index per leading row], "weight_decay": wd}`: the `runs` mapping lets a
     module that covers only some runs (one loss-weighting module per weighting kind) share the optimiser,
-    the per-run learning rate and the per-run gradient norm. `lr` holds the current rate of each run;
-    schedules write into it.
+    the per-run learning rate and the per-run gradient norm. `lr` holds the current rate of each run (on the
+    host: schedules write into it once per epoch); the parameters may live on any device.
 
     The update is torch's own fused AdamW kernel (`torch.optim.AdamW(fused=True)`) applied to each run's rows
     at that run's rate, so each run's slice follows AdamW exactly, whatever the other runs do.
@@ -48,9 +52,11 @@ class StackedAdamW:
         eps: float = 1e-8,
         weight_decay: float = 0.01,
         max_grad_norm: float | None = 5.0,
+        sync_free: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         self.n_runs = int(n_runs)
-        lr_t = torch.as_tensor(lr, dtype=torch.float64).detach()
+        lr_t = torch.as_tensor(lr, dtype=torch.float64).detach().cpu()
         self.lr = (lr_t.expand(self.n_runs) if lr_t.ndim == 0 else lr_t).clone()
         if self.lr.shape != (self.n_runs,):
             raise ValueError(
@@ -71,11 +77,19 @@ class StackedAdamW:
                         f"parameter of shape {tuple(p.shape)} has no leading run dim of size {len(runs)}")
             if len(runs) and (runs.min() < 0 or runs.max() >= self.n_runs):
                 raise ValueError(f"run indices {runs.tolist()} out of range for {self.n_runs} runs")
-            self.groups.append(_Group(plist, runs, float(item.get("weight_decay", weight_decay))))
+            device = plist[0].device if plist else torch.device("cpu")
+            self.groups.append(_Group(plist, runs.to(device), float(item.get("weight_decay", weight_decay)),
+                                      runs.tolist()))
+        self.device = next((p.device for p in self.params()), torch.device("cpu"))
+        # Accelerators clip without reading the norms back (see `step`); None: decided by the device.
+        self.sync_free = self.device.type != "cpu" if sync_free is None else bool(sync_free)
+        # torch's fused AdamW kernel exists for CPU and CUDA; elsewhere (e.g. MPS) the op-by-op form is used.
+        self.fused = self.device.type in ("cpu", "cuda") if fused is None else bool(fused)
         self.state: dict[Tensor, dict[str, Tensor]] = {}
         self._views: dict[Tensor, tuple[tuple[Tensor, ...], ...]] = {}   # per-row views, see _row_calls
         self.step_count = 0
-        self.last_grad_norms = torch.zeros(self.n_runs, dtype=torch.float64)
+        self._step_t = torch.zeros((), dtype=torch.float32, device=self.device)  # read by the kernel
+        self.last_grad_norms = torch.zeros(self.n_runs, dtype=torch.float64, device=self.device)
 
     def params(self) -> list[Tensor]:
         return [p for g in self.groups for p in g.params]
@@ -85,31 +99,18 @@ class StackedAdamW:
             p.grad = None
 
     def grad_norms(self) -> Tensor:
-        """L2 norm of each run's gradient over all its parameter slices, float64 [R].
+        """L2 norm of each run's gradient over all its parameter slices, float64 [R] on the parameters' device.
 
         Like `clip_grad_norm_`: a norm per tensor (here per tensor row) in the gradient's dtype, then the norm
-        of those norms, so the cost is one pass over the gradients, not a float64 copy of them.
+        of those norms. A weight written by `StackedLinear` brings its norm along (computed from two small Gram
+        matrices), so the big gradients are not read again here.
         """
-        sq = torch.zeros(self.n_runs, dtype=torch.float64)
+        sq = torch.zeros(self.n_runs, dtype=torch.float64, device=self.device)
         for g in self.groups:
-            rows = [torch.linalg.vector_norm(p.grad.reshape(p.shape[0], -1), 2, dim=1)
-                    for p in g.params if p.grad is not None]
+            rows = [grad_sq_norms(p, p.shape[0]) for p in g.params if p.grad is not None]
             if rows:
-                sq.index_add_(0, g.runs, torch.stack(rows).to(torch.float64).square().sum(0))
+                sq.index_add_(0, g.runs, torch.stack(rows).to(torch.float64).sum(0))
         return sq.sqrt()
-
-    def clip_grad_norms_(self, max_norm: float) -> Tensor:
-        """Scale each run's gradients like `clip_grad_norm_` does for one model; returns the norms before."""
-        norms = self.grad_norms()
-        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        if bool((coef < 1.0).any()):  # a host read, but on CPU it costs nothing and skips a pass over the grads
-            for g in self.groups:
-                c = coef[g.runs]
-                if bool((c < 1.0).any()):
-                    for p in g.params:
-                        if p.grad is not None:
-                            p.grad.mul_(c.to(p.grad.dtype).reshape((-1,) + (1,) * (p.ndim - 1)))
-        return norms
 
     def _state(self, p: Tensor) -> dict[str, Tensor]:
         state = self.state.get(p)
@@ -123,54 +124,77 @@ class StackedAdamW:
 
         Why torch's fused AdamW kernel: the update is memory-bound (every parameter, gradient and moment is
         read and written once per step, and a batch of 8 costs little else), and the kernel does it in one pass
-        without temporaries, where the op-by-op form made ~7 passes and allocated a `sqrt` temporary the size
-        of the model per tensor. The clipping is folded into the same pass: the kernel divides the gradient by
-        `grad_scale` = 1 / clip coefficient (and stores it, so `p.grad` ends up clipped as with
-        `clip_grad_norm_`). The kernel takes one learning rate and one scale, so rows are grouped by equal
-        (rate, scale): one call on the whole tensors while no run is clipped and the rates are equal, else
-        one call per distinct (rate, scale) on the rows (views) of its runs.
+        without temporaries. On the CPU the clipping is folded into the same pass: the kernel divides the
+        gradient by `grad_scale` = 1 / clip coefficient (and stores it, so `p.grad` ends up clipped as with
+        `clip_grad_norm_`); the kernel takes one learning rate and one scale, so rows are grouped by equal
+        (rate, scale): one call on the whole tensors while no run is clipped and the rates are equal, else one
+        call per distinct (rate, scale) on the rows (views) of its runs. On an accelerator reading the norms
+        back would stall the device every step, so there the gradients are multiplied by the coefficients on
+        the device (a coefficient of 1 changes nothing) and rows are grouped by rate only.
         """
         scales: list[float | None] = [None] * self.n_runs
         if self.max_grad_norm is not None:
             self.last_grad_norms = norms = self.grad_norms()
             coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-            # A coefficient whose inverse overflows (an infinite norm gives 0) cannot be a divisor: those runs
-            # get the plain multiplication of clip_grad_norm_ instead, in place, before the update.
-            tiny = [r for r, c in enumerate(coef.tolist()) if c * _FLOAT32_MAX < 1.0]
-            if tiny:
-                self._scale_rows_(tiny, coef)
-            scales = [1.0 / c if c < 1.0 and r not in tiny else None for r, c in enumerate(coef.tolist())]
+            if self.sync_free:
+                self._scale_rows_(coef)
+            else:
+                coefs = coef.tolist()
+                # A coefficient whose inverse overflows (an infinite norm gives 0) cannot be a divisor: those runs
+                # get the plain multiplication of clip_grad_norm_ instead, in place, before the update.
+                tiny = [c * _FLOAT32_MAX < 1.0 for c in coefs]
+                if any(tiny):
+                    self._scale_rows_(torch.where(torch.tensor(tiny), coef, torch.ones_like(coef)))
+                scales = [1.0 / c if c < 1.0 and not t else None for c, t in zip(coefs, tiny)]
         self.step_count += 1
-        beta1, beta2 = self.betas
-        step_t = torch.tensor(float(self.step_count))  # read by the kernel (bias corrections), shared by all
+        self._step_t.add_(1.0)
         lrs = self.lr.tolist()
         for g in self.groups:
             params = [p for p in g.params if p.grad is not None]
             if not params:
                 continue
             states = [self._state(p) for p in params]
-            runs = g.runs.tolist()
-            keys = [(lrs[r], scales[r]) for r in runs]
+            keys = [(lrs[r], scales[r]) for r in g.run_list]
             if all(k == keys[0] for k in keys):
-                calls = [(keys[0], [p for p in params], [p.grad for p in params],
+                calls = [(keys[0], list(params), [p.grad for p in params],
                           [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states])]
             else:
                 calls = self._row_calls(params, states, keys)
             for (lr, scale), ps, grads, avgs, sqs in calls:
-                torch._fused_adamw_(
-                    ps, grads, avgs, sqs, [], [step_t] * len(ps), lr=lr, beta1=beta1, beta2=beta2,
-                    weight_decay=g.weight_decay, eps=self.eps, amsgrad=False, maximize=False,
-                    grad_scale=None if scale is None else torch.tensor(scale, dtype=grads[0].dtype),
-                    found_inf=None)
+                self._update(ps, grads, avgs, sqs, lr, scale, g.weight_decay)
 
-    def _scale_rows_(self, runs: list[int], coef: Tensor) -> None:
-        """Multiply the gradient rows of `runs` by their clip coefficient."""
+    def _update(self, ps: list[Tensor], grads: list[Tensor], avgs: list[Tensor], sqs: list[Tensor], lr: float,
+                scale: float | None, weight_decay: float) -> None:
+        beta1, beta2 = self.betas
+        if not self.fused:
+            self._update_foreach(ps, grads, avgs, sqs, lr, scale, weight_decay)
+            return
+        grad_scale = None if scale is None else torch.tensor(scale, dtype=grads[0].dtype, device=grads[0].device)
+        torch._fused_adamw_(
+            ps, grads, avgs, sqs, [], [self._step_t] * len(ps), lr=lr, beta1=beta1, beta2=beta2,
+            weight_decay=weight_decay, eps=self.eps, amsgrad=False, maximize=False, grad_scale=grad_scale,
+            found_inf=None)
+
+    def _update_foreach(self, ps: list[Tensor], grads: list[Tensor], avgs: list[Tensor], sqs: list[Tensor],
+                        lr: float, scale: float | None, weight_decay: float) -> None:
+        """The same AdamW step op by op (torch's multi-tensor formulation), for devices without the fused kernel."""
+        beta1, beta2 = self.betas
+        if scale is not None:
+            torch._foreach_div_(grads, scale)
+        bias1, bias2 = 1.0 - beta1 ** self.step_count, 1.0 - beta2 ** self.step_count
+        torch._foreach_mul_(ps, 1.0 - lr * weight_decay)
+        torch._foreach_lerp_(avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(sqs, beta2)
+        torch._foreach_addcmul_(sqs, grads, grads, 1.0 - beta2)
+        denom = torch._foreach_sqrt(sqs)
+        torch._foreach_div_(denom, math.sqrt(bias2))
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(ps, avgs, denom, -lr / bias1)
+
+    def _scale_rows_(self, coef: Tensor) -> None:
+        """Multiply each run's gradient rows by its coefficient (coef [R], on the parameters' device)."""
         for g in self.groups:
-            c = torch.ones(len(g.runs), dtype=torch.float64)
-            hit = [i for i, r in enumerate(g.runs.tolist()) if r in runs]
-            if not hit:
-                continue
-            c[hit] = coef[g.runs[hit]]
+            c = coef[g.runs]
             for p in g.params:
                 if p.grad is not None:
                     p.grad.mul_(c.to(p.grad.dtype).reshape((-1,) + (1,) * (p.ndim - 1)))

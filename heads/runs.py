@@ -29,7 +29,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-RUN_FORMAT = 1            # bump when the files of a run folder change meaning; readers refuse other values
+RUN_FORMAT = 2            # bump when the files of a run folder change meaning; readers refuse other values
+                          # (2: the heads stack their four tasks, so head.safetensors holds other tensors)
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 HEAD_FILE = "head.safetensors"

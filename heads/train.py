@@ -1,13 +1,18 @@
-"""Train R head runs jointly from a feature cache: one stacked MultiTaskHead, one optimiser step for all.
+"""Train R head runs jointly from a feature cache: one stacked head, one optimiser step for all.
 
-Why jointly: a run on cached features at batch size 8 is dominated by Python overhead, not arithmetic, so
-R runs of one architecture cost about as much as one when their parameters are stacked along a leading run
+Why jointly: a run on cached features at batch size 8 is dominated by per-operation overhead, not arithmetic,
+so R runs of one architecture cost little more than one when their parameters are stacked along a leading run
 dim and every step is one batched forward/backward. Joint training must not change any run, so everything
 that is random or adaptive is per run: the initial parameters (the head seeds each run's slice), the shuffle
 (`np.random.default_rng((seed, epoch))`), the dropout generator, the learning rate and its plateau schedule,
 the gradient-norm clipping (`heads.optim`) and the loss weighting (one module per weighting kind, covering
 the runs of that kind). The runs' losses are summed before `backward`, which gives each run exactly its own
 gradient because no parameter is shared. A run trained alone therefore equals the same run trained jointly.
+
+Everything a step touches lives on the training device (`--device`): features, labels, each epoch's
+shuffles, parameters, optimiser state and dropout generators, so a step makes no host round trip. On the CPU
+a non-finite loss stops training at the step it appears; on an accelerator it is found from the epoch's
+loss sums (a check per step would stall the device), with the same message.
 
 Selection follows the paper: the validation `mean` of the four headline scores picks the best epoch. The best
 epoch's parameters are COPIED (the reference code kept a reference to the live state dict, so its "best"
@@ -32,7 +37,9 @@ from cache.atomic import atomic_path, write_json_atomic
 from cache.reader import compat_attrs
 from heads.losses import task_losses
 from heads.metrics import score_all
-from heads.models import HeadConfig, HeadInputs, MultiTaskHead
+from heads.device import autocast, check_precision, describe, resolve_device
+from heads.layers import make_generators
+from heads.models import DROPOUT_SEED_OFFSET, HeadConfig, HeadInputs, MultiTaskHead, build_head
 from heads.optim import PlateauHalving, StackedAdamW
 from heads.runs import CONFIG_FILE, HEAD_FILE, METRICS_FILE, RUN_FORMAT
 from heads.submission import PROBS_FILE, write_submissions, write_type_probs
@@ -47,11 +54,12 @@ if TYPE_CHECKING:
 # BRANCH 1.35x faster than 2048-row chunks, with a tenth of the memory: 0.26 GB instead of 1.2 GB for BRANCH).
 EVAL_RUN_ROWS = 4096
 EVAL_RUN_ROWS_FRAMES = 256  # the same with frame-level inputs ([B, T, D] per layer and run)
+EVAL_RUN_ROWS_DEVICE = 16384  # on an accelerator: larger chunks, fewer launches
 FEATURE_CHECK_ROWS = 8192   # rows per block when checking the features for NaN/inf (bounds the temporary)
 SELECTION_KEY = "mean"  # mean of type_uar, two_ccc, high_ccc, culture_ccc (the paper's model selection)
 # Fields every jointly trained run must share: they shape the stacked module, the batches or the schedule.
 SHARED_FIELDS: tuple[str, ...] = (
-    "arch", "head", "epochs", "batch_size", "weight_decay", "patience", "lr_factor", "grad_clip",
+    "arch", "head", "epochs", "batch_size", "weight_decay", "patience", "lr_factor", "grad_clip", "precision",
 )
 
 
@@ -76,6 +84,7 @@ class TrainConfig:
     patience: int = 5            # epochs without validation improvement before the LR is halved
     lr_factor: float = 0.5
     grad_clip: float = 5.0       # per-run max gradient norm (0 or less: no clipping)
+    precision: str = "fp32"      # "bf16": the heads' matmuls under bf16 autocast (a GPU option)
     head: HeadConfig = field(default_factory=HeadConfig)
     weighting_options: dict = field(default_factory=dict)
 
@@ -95,6 +104,10 @@ class TrainConfig:
             raise TrainingError(f"batch_size must be >= 2 (CCC needs two rows), got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise TrainingError(f"lr must be a positive number, got {self.lr}")
+        try:
+            check_precision(self.precision)
+        except ValueError as err:
+            raise TrainingError(str(err)) from None
 
     @property
     def name(self) -> str:
@@ -156,11 +169,14 @@ def _check_features(cache: CacheData, layers: Sequence[str], rows: np.ndarray) -
 # ------------------------------------------------------------------------------------------- batching
 
 class _Features:
-    """Cached inputs as torch tensors (kept in the cache's dtype; batches become float32 on slicing)."""
+    """Cached inputs as torch tensors on the training device, kept in the cache's dtype (batches become float32
+    as they are gathered). On the CPU they share the cache's memory (no copy)."""
 
     def __init__(self, cache: CacheData, layers: Sequence[str], frames: Any = None,
-                 frame_layers: Sequence[str] = (), n_runs: int = 1) -> None:
-        self.pooled = {layer: torch.from_numpy(np.ascontiguousarray(cache.pooled[layer])) for layer in layers}
+                 frame_layers: Sequence[str] = (), n_runs: int = 1, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.pooled = {layer: torch.from_numpy(np.ascontiguousarray(cache.pooled[layer])).to(self.device)
+                       for layer in layers}
         self.frames = frames
         self.frame_layers = list(frame_layers)
         file_rows = getattr(cache, "rows", None)  # FrameReader indexes file rows, not loaded rows
@@ -174,32 +190,35 @@ class _Features:
             if missing:
                 raise TrainingError(f"the frame reader has no frames for {', '.join(missing)} "
                                     f"(it has {', '.join(frames.layers)})")
-        budget = EVAL_RUN_ROWS if not self.frame_layers else EVAL_RUN_ROWS_FRAMES
+        if self.frame_layers:
+            budget = EVAL_RUN_ROWS_FRAMES
+        else:
+            budget = EVAL_RUN_ROWS if self.device.type == "cpu" else EVAL_RUN_ROWS_DEVICE
         self.eval_batch = max(8, budget // max(1, int(n_runs)))
 
-    def batch(self, rows: np.ndarray) -> HeadInputs:
-        """Inputs for run-specific rows [R, B] -> HeadInputs with [R, B, ...] tensors."""
+    def batch(self, rows: torch.Tensor) -> HeadInputs:
+        """Inputs for run-specific rows [R, B] (a tensor on the device) -> HeadInputs with [R, B, ...] tensors."""
         r, b = rows.shape
-        flat = torch.from_numpy(rows.reshape(-1))
-        pooled = {k: v[flat].float().reshape(r, b, -1) for k, v in self.pooled.items()}
-        frames, mask = self._frames(rows.reshape(-1))
+        flat = rows.reshape(-1)
+        pooled = {k: v.index_select(0, flat).float().view(r, b, -1) for k, v in self.pooled.items()}
+        frames, mask = self._frames(flat.cpu().numpy()) if self.frame_layers else (None, None)
         if frames is not None:
             frames = {k: v.reshape(r, b, *v.shape[1:]) for k, v in frames.items()}
             mask = mask.reshape(r, b, -1)
         return HeadInputs(pooled=pooled, frames=frames, frame_mask=mask)
 
-    def shared(self, rows: np.ndarray, n_runs: int) -> HeadInputs:
-        """Inputs for rows shared by all runs: [B] -> views expanded to [R, B, ...] (no copy)."""
-        idx = torch.from_numpy(rows)
-        pooled = {k: v[idx].float().unsqueeze(0).expand(n_runs, -1, -1) for k, v in self.pooled.items()}
+    def shared(self, rows: np.ndarray) -> HeadInputs:
+        """Inputs for rows shared by all runs: [B] -> [1, B, ...] (the head broadcasts a run dim of 1)."""
+        idx = torch.from_numpy(rows).to(self.device)
+        pooled = {k: v.index_select(0, idx).float().unsqueeze(0) for k, v in self.pooled.items()}
         frames, mask = self._frames(rows)
         if frames is not None:
-            frames = {k: v.unsqueeze(0).expand(n_runs, *v.shape) for k, v in frames.items()}
-            mask = mask.unsqueeze(0).expand(n_runs, *mask.shape)
+            frames = {k: v.unsqueeze(0) for k, v in frames.items()}
+            mask = mask.unsqueeze(0)
         return HeadInputs(pooled=pooled, frames=frames, frame_mask=mask)
 
     def _frames(self, rows: np.ndarray) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor | None]:
-        """Frames of `rows` zero-padded to the longest clip of the batch, with the valid-frame mask.
+        """Frames of `rows` zero-padded to the longest clip of the batch, with the valid-frame mask, on the device.
 
         Each distinct clip is read once: runs with the same seed share their shuffle, so a joint batch of
         4 weightings x 3 seeds holds each clip 4 times.
@@ -209,8 +228,8 @@ class _Features:
         uniq, inverse = np.unique(rows, return_inverse=True)
         if len(uniq) < len(rows):
             frames, mask = self._frames(uniq)
-            index = torch.from_numpy(inverse.reshape(-1))
-            return {k: v[index] for k, v in frames.items()}, mask[index]
+            index = torch.from_numpy(inverse.reshape(-1)).to(self.device)
+            return {k: v.index_select(0, index) for k, v in frames.items()}, mask.index_select(0, index)
         data = self.frames.get(self.file_rows[rows])
         lengths = np.array([len(x) for x in data[self.frame_layers[0]]], dtype=np.int64)
         t_max = max(1, int(lengths.max()) if len(lengths) else 1)
@@ -220,16 +239,24 @@ class _Features:
             arr = np.zeros((len(rows), t_max, clips[0].shape[-1] if clips else 0), dtype=np.float32)
             for i, clip in enumerate(clips):
                 arr[i, :len(clip)] = clip
-            out[layer] = torch.from_numpy(arr)
-        mask = torch.from_numpy(np.arange(t_max)[None, :] < lengths[:, None])
+            out[layer] = torch.from_numpy(arr).to(self.device)
+        mask = torch.from_numpy(np.arange(t_max)[None, :] < lengths[:, None]).to(self.device)
         return out, mask
 
 
-def _targets(labels: dict[str, torch.Tensor], rows: np.ndarray) -> dict[str, torch.Tensor]:
-    """Label tensors for run-specific rows [R, B] -> task -> [R, B, label_dim] (TYPE: class index as float)."""
-    r, b = rows.shape
-    flat = torch.from_numpy(rows.reshape(-1))
-    return {name: labels[name][flat].reshape(r, b, -1) for name in TASK_NAMES}
+class _Labels:
+    """All four tasks' labels in one float32 tensor on the device, so a batch's targets are one gather."""
+
+    def __init__(self, cache: CacheData, device: torch.device) -> None:
+        parts = [np.asarray(cache.labels[name], dtype=np.float32).reshape(len(cache.ids), -1) for name in TASK_NAMES]
+        self.widths = [p.shape[1] for p in parts]
+        self.table = torch.from_numpy(np.concatenate(parts, axis=1)).to(device)
+
+    def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Targets for run-specific rows [R, B] -> task -> [R, B, label_dim] (TYPE: class index as float)."""
+        r, b = rows.shape
+        values = self.table.index_select(0, rows.reshape(-1)).view(r, b, -1)
+        return dict(zip(TASK_NAMES, values.split(self.widths, dim=-1)))
 
 
 def _epoch_batches(seeds: Sequence[int], epoch: int, train_rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -246,23 +273,33 @@ def _epoch_batches(seeds: Sequence[int], epoch: int, train_rows: np.ndarray, bat
     return batches
 
 
+def _device_batches(batches: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """The epoch's batches as views of one index tensor moved to the device in a single copy."""
+    if not batches:
+        return []
+    whole = torch.from_numpy(np.concatenate(batches, axis=1)).to(device)
+    return list(whole.split([b.shape[1] for b in batches], dim=1))
+
+
 # ------------------------------------------------------------------------------------------- evaluation
 
 @torch.inference_mode()
-def _predict(model: MultiTaskHead, feats: _Features, rows: np.ndarray, n_runs: int) -> dict[str, np.ndarray]:
+def _predict(model: MultiTaskHead, feats: _Features, rows: np.ndarray, n_runs: int,
+             precision: str = "fp32") -> dict[str, np.ndarray]:
     """Eval-mode predictions of every run on `rows`: task -> [R, N, k] float32 (TYPE: class probabilities)."""
     was_training = model.training
     model.eval()
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in TASK_NAMES}
     for start in range(0, len(rows), feats.eval_batch):
-        out = model(feats.shared(rows[start:start + feats.eval_batch], n_runs))
+        with autocast(feats.device, precision):
+            out = model(feats.shared(rows[start:start + feats.eval_batch]))
         for name in TASK_NAMES:
             value = out[name].float()
             chunks[name].append(torch.softmax(value, -1) if TASKS[name].is_classification else value)
     model.train(was_training)
     if len(rows) == 0:
         return {name: np.zeros((n_runs, 0, TASKS[name].out_dim), np.float32) for name in TASK_NAMES}
-    return {name: torch.cat(parts, 1).numpy() for name, parts in chunks.items()}
+    return {name: torch.cat(parts, 1).cpu().numpy() for name, parts in chunks.items()}
 
 
 def _run_preds(preds: dict[str, np.ndarray], r: int) -> dict[str, np.ndarray]:
@@ -314,7 +351,7 @@ def run_config_record(cfg: TrainConfig, cache: CacheData, cache_path: str | Path
 
 
 def _save_head(path: Path, state: dict[str, torch.Tensor], cfg: TrainConfig) -> None:
-    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"train_config": json.dumps(cfg.to_dict())})
 
@@ -344,6 +381,7 @@ def _build_weightings(configs: Sequence[TrainConfig]) -> list[tuple[list[int], A
 
 
 def _check_loss(losses: torch.Tensor, totals: torch.Tensor, configs: Sequence[TrainConfig], epoch: int) -> None:
+    """Stop on the first non-finite task loss or weighted total (per run, [R, K] and [R]), naming run and task."""
     bad = ~torch.isfinite(losses)
     if bad.any():
         r, k = (int(i) for i in torch.nonzero(bad)[0])
@@ -358,6 +396,153 @@ def _check_loss(losses: torch.Tensor, totals: torch.Tensor, configs: Sequence[Tr
             f"{configs[r].weighting!r} diverged); training stopped")
 
 
+class JointTraining:
+    """The state of one joint `train_runs` call, in the order a reader meets it: setup (`__init__`), one epoch
+    of steps (`train_epoch`), validation and best-epoch selection (`validate`), the run folders (`finish`)."""
+
+    def __init__(self, cache: CacheData, configs: list[TrainConfig], out_dirs: list[Path], *, frames: Any,
+                 cache_path: str | Path | None, device: torch.device, provenance: dict | None = None) -> None:
+        _check_configs(configs, out_dirs)
+        self.provenance = dict(provenance or {})
+        self.cache, self.configs, self.out_dirs, self.cache_path = cache, configs, out_dirs, cache_path
+        self.device, self.first = device, configs[0]
+        self.n_runs, self.names, self.seeds = len(configs), [c.name for c in configs], [c.seed for c in configs]
+        self.train_rows, self.val_rows, self.test_rows = (
+            np.asarray(cache.indices(split), dtype=np.int64) for split in ("Train", "Val", "Test"))
+        if len(self.train_rows) < 2:
+            raise TrainingError(f"cache has {len(self.train_rows)} Train clip(s); training needs at least 2")
+        if len(self.val_rows) == 0:
+            raise TrainingError("cache has no Val clips; model selection needs the Val split")
+
+        model = build_head(self.first.head, dict(cache.layer_dims), self.seeds)
+        _check_features(cache, model.required_layers,
+                        np.concatenate([self.train_rows, self.val_rows, self.test_rows]))
+        self.model = model.to(device)
+        self.model.set_run_generators(make_dropout_generators(self.seeds, device), draw_ahead=True)
+        self.model.use_grad_buffers()
+        self.feats = _Features(cache, model.required_layers, frames, model.required_frame_layers, self.n_runs,
+                               device)
+        self.labels = _Labels(cache, device)
+        self.val_labels = {name: np.asarray(cache.labels[name], dtype=np.float64)[self.val_rows]
+                           for name in TASK_NAMES}
+
+        self.weightings = [(runs, module.to(device)) for runs, module in _build_weightings(configs)]
+        self.weighting_index = [torch.as_tensor(runs, dtype=torch.long, device=device) for runs, _ in self.weightings]
+        groups: list[dict] = [{"params": list(self.model.parameters()), "weight_decay": self.first.weight_decay}]
+        for runs, module in self.weightings:
+            params = [p for p in module.parameters() if p.requires_grad]
+            if params:  # loss weights are not network weights: no decay (it would drag every alpha to a bound)
+                groups.append({"params": params, "runs": runs, "weight_decay": 0.0})
+        self.optimizer = StackedAdamW(groups, self.n_runs, lr=[c.lr for c in configs],
+                                      max_grad_norm=self.first.grad_clip if self.first.grad_clip > 0 else None)
+        self.scheduler = PlateauHalving(self.optimizer, patience=self.first.patience, factor=self.first.lr_factor)
+        self.check_each_step = device.type == "cpu"
+
+        self.history: list[list[dict]] = [[] for _ in range(self.n_runs)]
+        self.best_mean = np.full(self.n_runs, -np.inf)
+        self.best_epoch = np.zeros(self.n_runs, dtype=np.int64)
+        self.best_state: list[dict[str, torch.Tensor] | None] = [None] * self.n_runs
+
+    def write_configs(self) -> None:
+        """config.json of every run; a rerun into the same folder must never leave an old metrics.json behind."""
+        for cfg, out in zip(self.configs, self.out_dirs):
+            (out / METRICS_FILE).unlink(missing_ok=True)
+            write_json_atomic(out / CONFIG_FILE, run_config_record(cfg, self.cache, self.cache_path))
+
+    def _step(self, rows: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step of every run on its batch rows [R, B]: (task losses [R, K], weighted totals [R])."""
+        targets = self.labels.batch(rows)
+        with autocast(self.device, self.first.precision):
+            outputs = self.model(self.feats.batch(rows), targets)
+            losses = task_losses(outputs, targets)                                   # [R, K]
+        totals = torch.zeros(self.n_runs, dtype=losses.dtype, device=self.device)
+        for index, (_, module) in zip(self.weighting_index, self.weightings):
+            totals = totals.index_put((index,), module(losses[index]))
+        if self.check_each_step:
+            _check_loss(losses.detach(), totals.detach(), self.configs, epoch)
+        totals.sum().backward()  # runs share no parameter, so each gets exactly its own gradient
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return losses.detach(), totals.detach()
+
+    def train_epoch(self, epoch: int) -> dict[str, torch.Tensor]:
+        """Every run's pass over its own shuffle of Train; the epoch's mean losses and the weights in force."""
+        self.model.train()
+        for _, module in self.weightings:
+            module.train()
+        lr_used = self.optimizer.lr.clone()
+        sum_losses = torch.zeros(self.n_runs, len(TASK_NAMES), dtype=torch.float64, device=self.device)
+        sum_totals = torch.zeros(self.n_runs, dtype=torch.float64, device=self.device)
+        batches = _device_batches(_epoch_batches(self.seeds, epoch, self.train_rows, self.first.batch_size),
+                                  self.device)
+        for rows in batches:
+            losses, totals = self._step(rows, epoch)
+            sum_losses += losses.double()
+            sum_totals += totals.double()
+        if not self.check_each_step:   # a non-finite step poisons the epoch's sums
+            _check_loss(sum_losses, sum_totals, self.configs, epoch)
+        epoch_losses = (sum_losses / len(batches)).float()
+        weights = torch.zeros(self.n_runs, len(TASK_NAMES))
+        for runs, module in self.weightings:
+            weights[runs] = module.weights().detach().float().cpu()  # the weights in force during this epoch
+            module.end_epoch(epoch_losses[runs])
+        return {"losses": epoch_losses.cpu(), "totals": (sum_totals / len(batches)).cpu(), "weights": weights,
+                "lr": lr_used}
+
+    def validate(self, epoch: int, stats: dict[str, torch.Tensor]) -> None:
+        """Score every run on Val, record the epoch, keep a copy of each run's best epoch, step the schedule."""
+        val_preds = _predict(self.model, self.feats, self.val_rows, self.n_runs, self.first.precision)
+        scores = _score_runs(self.val_labels, val_preds, self.n_runs, self.names, f"epoch {epoch}")
+        means = np.array([s[SELECTION_KEY] for s in scores])
+        for r in range(self.n_runs):
+            self.history[r].append({
+                "epoch": epoch,
+                "loss": float(stats["totals"][r]),
+                "task_losses": {t: float(stats["losses"][r, k]) for k, t in enumerate(TASK_NAMES)},
+                "weights": {t: float(stats["weights"][r, k]) for k, t in enumerate(TASK_NAMES)},
+                "lr": float(stats["lr"][r]),
+                "val": {k: float(scores[r][k]) for k in (*METRIC_KEYS, SELECTION_KEY)},
+            })
+            if means[r] > self.best_mean[r]:  # ties keep the earlier epoch
+                self.best_mean[r], self.best_epoch[r] = means[r], epoch
+                self.best_state[r] = self.model.run_state_dict(r)
+        self.scheduler.step(means)
+
+    def finish(self) -> list[dict]:
+        """Reload every run's best epoch (real copies), predict Val and Test with it, write each run folder."""
+        for r in range(self.n_runs):
+            self.model.load_run_state_dict(r, self.best_state[r])
+        final_val = _predict(self.model, self.feats, self.val_rows, self.n_runs, self.first.precision)
+        final_test = _predict(self.model, self.feats, self.test_rows, self.n_runs, self.first.precision)
+        final_scores = _score_runs(self.val_labels, final_val, self.n_runs, self.names, "best epoch")
+        val_ids = [str(i) for i in self.cache.ids[self.val_rows]]
+        test_ids = [str(i) for i in self.cache.ids[self.test_rows]]
+        results = []
+        for r, (cfg, out) in enumerate(zip(self.configs, self.out_dirs)):
+            _save_head(out / HEAD_FILE, self.best_state[r], cfg)
+            _write_predictions(out / "predictions" / "val", val_ids, _run_preds(final_val, r))
+            if len(test_ids):
+                test_preds = _run_preds(final_test, r)
+                for task, value in test_preds.items():
+                    if not np.isfinite(value).all():
+                        raise TrainingError(f"run {cfg.name}: non-finite {task} predictions on Test")
+                _write_predictions(out / "predictions" / "test", test_ids, test_preds)
+            metrics: dict[str, Any] = {k: float(final_scores[r][k]) for k in METRIC_KEYS}
+            metrics[SELECTION_KEY] = float(final_scores[r][SELECTION_KEY])
+            metrics["best_epoch"] = int(self.best_epoch[r])
+            metrics["run"] = cfg.name
+            metrics["trained_on"] = {"device": describe(self.device), **self.provenance}
+            metrics["history"] = self.history[r]
+            write_json_atomic(out / METRICS_FILE, metrics)  # last: its presence marks the run complete
+            results.append(metrics)
+        return results
+
+
+def make_dropout_generators(seeds: Sequence[int], device: torch.device) -> list[torch.Generator]:
+    """Each run's dropout stream on the training device (CPU and CUDA streams differ for the same seed)."""
+    return make_generators(seeds, DROPOUT_SEED_OFFSET, device)
+
+
 def train_runs(
     cache: CacheData,
     configs: list[TrainConfig],
@@ -366,6 +551,8 @@ def train_runs(
     progress: bool = True,
     frames: Any = None,
     cache_path: str | Path | None = None,
+    device: str | torch.device | None = "cpu",
+    provenance: dict | None = None,
     tracker: Callable[[str, int, dict], None] | None = None,
 ) -> list[dict]:
     """Train `configs` jointly on `cache` and write one run folder each; returns each run's metrics dict.
@@ -373,128 +560,22 @@ def train_runs(
     All configs must share the fields in SHARED_FIELDS (they define the stacked module and the batches);
     weighting, seed and lr may differ. `frames` is a frame reader (`cache.reader.FrameReader`) for a BRANCH
     head that attends over frames. `cache_path` is recorded in config.json (default: `cache.path`).
+    `device` is where training runs ("auto", "cpu", "cuda", "cuda:N", "mps" or a torch.device);
+    metrics.json records it under "trained_on", with `provenance` (e.g. the grid process that trained it).
     `tracker` (e.g. `heads.tracking.HeadsTracker`) is called once per run and epoch with (run name, epoch,
     that epoch's history entry).
     """
     out_dirs = [Path(d) for d in out_dirs]
-    _check_configs(configs, out_dirs)
-    n_runs = len(configs)
-    names = [c.name for c in configs]
-    first = configs[0]
-    seeds = [c.seed for c in configs]
-
-    train_rows = np.asarray(cache.indices("Train"), dtype=np.int64)
-    val_rows = np.asarray(cache.indices("Val"), dtype=np.int64)
-    test_rows = np.asarray(cache.indices("Test"), dtype=np.int64)
-    if len(train_rows) < 2:
-        raise TrainingError(f"cache has {len(train_rows)} Train clip(s); training needs at least 2")
-    if len(val_rows) == 0:
-        raise TrainingError("cache has no Val clips; model selection needs the Val split")
-
-    model = MultiTaskHead(first.head, dict(cache.layer_dims), seeds)
-    layers = list(model.required_layers)
-    _check_features(cache, layers, np.concatenate([train_rows, val_rows, test_rows]))
-    feats = _Features(cache, layers, frames, list(getattr(model, "required_frame_layers", [])), n_runs)
-    labels_t = {name: torch.as_tensor(np.asarray(cache.labels[name], dtype=np.float32)) for name in TASK_NAMES}
-    val_labels = {name: np.asarray(cache.labels[name], dtype=np.float64)[val_rows] for name in TASK_NAMES}
-
-    weightings = _build_weightings(configs)
-    group_index = [torch.as_tensor(runs, dtype=torch.long) for runs, _ in weightings]
-    param_groups: list[dict] = [{"params": list(model.parameters()), "weight_decay": first.weight_decay}]
-    for runs, module in weightings:
-        params = [p for p in module.parameters() if p.requires_grad]
-        if params:  # loss weights are not network weights: no decay (it would drag every alpha to a bound)
-            param_groups.append({"params": params, "runs": runs, "weight_decay": 0.0})
-    optimizer = StackedAdamW(param_groups, n_runs, lr=[c.lr for c in configs],
-                             max_grad_norm=first.grad_clip if first.grad_clip > 0 else None)
-    scheduler = PlateauHalving(optimizer, patience=first.patience, factor=first.lr_factor)
-
-    # A rerun into the same folder must never leave an old metrics.json next to new files.
-    for cfg, out in zip(configs, out_dirs):
-        (out / METRICS_FILE).unlink(missing_ok=True)
-        write_json_atomic(out / CONFIG_FILE, run_config_record(cfg, cache, cache_path))
-
-    history: list[list[dict]] = [[] for _ in range(n_runs)]
-    best_mean = np.full(n_runs, -np.inf)
-    best_epoch = np.zeros(n_runs, dtype=np.int64)
-    best_state: list[dict[str, torch.Tensor] | None] = [None] * n_runs
-
-    optimizer.zero_grad()
-    bar = tqdm(range(1, first.epochs + 1), desc=f"{first.arch} x{n_runs}", unit="epoch",
+    job = JointTraining(cache, configs, out_dirs, frames=frames, cache_path=cache_path,
+                        device=resolve_device(device), provenance=provenance)
+    job.write_configs()
+    bar = tqdm(range(1, job.first.epochs + 1), desc=f"{job.first.arch} x{job.n_runs}", unit="epoch",
                disable=not progress, leave=False)
     for epoch in bar:
-        model.train()
-        for _, module in weightings:
-            module.train()
-        lr_used = optimizer.lr.clone()
-        sum_losses = torch.zeros(n_runs, len(TASK_NAMES), dtype=torch.float64)
-        sum_totals = torch.zeros(n_runs, dtype=torch.float64)
-        batches = _epoch_batches(seeds, epoch, train_rows, first.batch_size)
-        for rows in batches:
-            targets = _targets(labels_t, rows)
-            outputs = model(feats.batch(rows), targets)
-            losses = task_losses(outputs, targets)                    # [R, K]
-            totals = torch.zeros(n_runs, dtype=losses.dtype)
-            for index, (_, module) in zip(group_index, weightings):
-                totals = totals.index_put((index,), module(losses[index]))
-            _check_loss(losses.detach(), totals.detach(), configs, epoch)
-            totals.sum().backward()  # runs share no parameter, so each gets exactly its own gradient
-            optimizer.step()
-            optimizer.zero_grad()    # frees the gradients now: evaluation and best-state copies reuse that memory
-            sum_losses += losses.detach().double()
-            sum_totals += totals.detach().double()
-        epoch_losses = (sum_losses / len(batches)).float()
-        weights = torch.zeros(n_runs, len(TASK_NAMES))
-        for runs, module in weightings:
-            weights[runs] = module.weights().detach().float()  # the weights in force during this epoch
-            module.end_epoch(epoch_losses[runs])
-
-        val_preds = _predict(model, feats, val_rows, n_runs)
-        scores = _score_runs(val_labels, val_preds, n_runs, names, f"epoch {epoch}")
-        means = np.array([s[SELECTION_KEY] for s in scores])
-        for r in range(n_runs):
-            history[r].append({
-                "epoch": epoch,
-                "loss": float(sum_totals[r] / len(batches)),
-                "task_losses": {t: float(epoch_losses[r, k]) for k, t in enumerate(TASK_NAMES)},
-                "weights": {t: float(weights[r, k]) for k, t in enumerate(TASK_NAMES)},
-                "lr": float(lr_used[r]),
-                "val": {k: float(scores[r][k]) for k in (*METRIC_KEYS, SELECTION_KEY)},
-            })
-            if tracker is not None:
-                tracker(names[r], epoch, history[r][-1])
-            if means[r] > best_mean[r]:  # ties keep the earlier epoch
-                best_mean[r], best_epoch[r] = means[r], epoch
-                best_state[r] = {k: v.detach().clone() for k, v in model.run_state_dict(r).items()}
-        scheduler.step(means)
-        bar.set_postfix(best_mean=f"{best_mean.max():.4f}")
+        job.validate(epoch, job.train_epoch(epoch))
+        if tracker is not None:
+            for r, name in enumerate(job.names):
+                tracker(name, epoch, job.history[r][-1])
+        bar.set_postfix(best_mean=f"{job.best_mean.max():.4f}")
     bar.close()
-
-    # Reload every run's best epoch (real copies) and predict Val and Test with it.
-    for r in range(n_runs):
-        model.load_run_state_dict(r, best_state[r])
-    final_val = _predict(model, feats, val_rows, n_runs)
-    final_test = _predict(model, feats, test_rows, n_runs)
-    final_scores = _score_runs(val_labels, final_val, n_runs, names, "best epoch")
-    val_ids = [str(i) for i in cache.ids[val_rows]]
-    test_ids = [str(i) for i in cache.ids[test_rows]]
-
-    results = []
-    for r, (cfg, out) in enumerate(zip(configs, out_dirs)):
-        _save_head(out / HEAD_FILE, best_state[r], cfg)
-        _write_predictions(out / "predictions" / "val", val_ids, _run_preds(final_val, r))
-        if len(test_ids):
-            test_preds = _run_preds(final_test, r)
-            for task, value in test_preds.items():
-                if not np.isfinite(value).all():
-                    raise TrainingError(f"run {cfg.name}: non-finite {task} predictions on Test")
-            _write_predictions(out / "predictions" / "test", test_ids, test_preds)
-        metrics: dict[str, Any] = {k: float(final_scores[r][k]) for k in METRIC_KEYS}
-        metrics[SELECTION_KEY] = float(final_scores[r][SELECTION_KEY])
-        metrics["best_epoch"] = int(best_epoch[r])
-        metrics["run"] = cfg.name
-        metrics["history"] = history[r]
-        write_json_atomic(out / METRICS_FILE, metrics)  # last: its presence marks the run complete
-        results.append(metrics)
-    return results
-
+    return job.finish()

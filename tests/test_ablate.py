@@ -10,15 +10,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cache.reader import load_cache
 from extract.cli import main as avb
 from heads import ablate as ablate_mod
-from cache.reader import load_cache
 from heads.ablate import joint_groups, results_markdown, run_grid, run_state_bytes, summarise
 from heads.bootstrap import BootstrapConfig, resample_indices, score_intervals
 from heads.comparison import val_arrays
 from heads.ensemble import read_split_predictions
 from heads.metrics import score_task
-from heads.models import HeadConfig, MultiTaskHead
+from heads.models import HeadConfig, build_head
 from heads.tasks import METRIC_KEYS, TASKS
 from test_train import make_signal_cache
 
@@ -215,7 +215,7 @@ def test_run_state_bytes_is_five_float32_arrays_per_parameter():
     dims = {"cnn": 16, "hidden_0": 24, "hidden_1": 24, "hidden_2": 24}
     for arch in ("vanilla", "branch"):
         head = HeadConfig(arch=arch, hidden=32, n_heads=4, branch_blocks=2)
-        stacked = sum(p.numel() for p in MultiTaskHead(head, dims, [0, 1, 2]).parameters())
+        stacked = sum(p.numel() for p in build_head(head, dims, [0, 1, 2]).parameters())
         assert run_state_bytes(head, dims) == 5 * 4 * stacked // 3
     # VANILLA by hand: per task Linear(24, 32), LayerNorm(32) (weight + bias), Linear(32, out), outs 8, 2, 10, 40
     head = HeadConfig(arch="vanilla", hidden=32)
@@ -230,7 +230,7 @@ def test_memory_budget_splits_an_arch_into_joint_groups_with_the_joint_results(c
     real = ablate_mod.train_runs
 
     def recording(cache, configs, out_dirs, **kw):
-        marker = Path(out_dirs[0]).parent / ".training-vanilla.json"
+        marker = Path(out_dirs[0]).parent / f".training-{configs[0].name}.json"
         seen.append(([c.name for c in configs], json.loads(marker.read_text())))
         return real(cache, configs, out_dirs, **kw)
 
@@ -240,7 +240,7 @@ def test_memory_budget_splits_an_arch_into_joint_groups_with_the_joint_results(c
     grouped = run_grid(cache_file, out, **grid, max_group_bytes=2 * per_run + per_run // 2)   # room for 2
     names = ["vanilla-uniform-s0", "vanilla-dwa-s0", "vanilla-rruw-s0"]
     assert seen == [(names[:2], names[:2]), (names[2:], names[2:])]          # 2 + 1; the marker names the call
-    assert not (out / ".training-vanilla.json").exists()
+    assert not list(out.glob(".training-*.json"))
     assert json.loads((out / "config.json").read_text())["max_group_bytes"] == 2 * per_run + per_run // 2
     for a, b in zip(joint, grouped):
         assert (a["arch"], a["weighting"], a["seed"]) == (b["arch"], b["weighting"], b["seed"])
@@ -252,10 +252,14 @@ def test_memory_budget_splits_an_arch_into_joint_groups_with_the_joint_results(c
 
     # killed inside the first group after it wrote one run folder: that whole group is retrained, not more
     (out / "vanilla-dwa-s0" / "metrics.json").unlink()
-    (out / ".training-vanilla.json").write_text(json.dumps(names[:2]))
+    (out / ".training-vanilla-uniform-s0.json").write_text(json.dumps(names[:2]))
     run_grid(cache_file, out, **grid, max_group_bytes=2 * per_run + per_run // 2)
     assert seen[2:] == [(names[:2], names[:2])]
-    assert not (out / ".training-vanilla.json").exists()
+    assert not list(out.glob(".training-*.json"))
+    # a marker whose runs all finished (killed after the call's last write) is stale: removed, nothing retrained
+    (out / ".training-vanilla-uniform-s0.json").write_text(json.dumps(names[:2]))
+    run_grid(cache_file, out, **grid, max_group_bytes=2 * per_run + per_run // 2)
+    assert len(seen) == 3 and not list(out.glob(".training-*.json"))
 
 
 def test_grid_rejects_bad_specs(cache_file, tmp_path):

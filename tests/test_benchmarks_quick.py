@@ -1,6 +1,6 @@
 """The benchmark scripts run and print sane figures (no timing is asserted), and the hot paths they pushed to
-be fast (fused AdamW with per-run rates and clipping, the chained-input linear, the dropout draws) still equal
-their plain references."""
+be fast (fused AdamW with per-run rates and clipping, the linear layers' in-place gradients, the dropout draws)
+still equal their plain references."""
 from __future__ import annotations
 
 import math
@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from heads.layers import StackedDropout, StackedLinear, make_generators
+from heads.layers import StackedDropout, StackedLinear, grad_sq_norms, make_generators
 from heads.optim import StackedAdamW
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
-LINE = re.compile(r"^\[([a-d])\] (.+?): (-?[0-9.]+(?:e[+-]?[0-9]+)?) ?(\S*)", re.MULTILINE)
+LINE = re.compile(r"^\[([a-e])\] (.+?): (-?[0-9.]+(?:e[+-]?[0-9]+)?) ?(\S*)", re.MULTILINE)
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +76,21 @@ def _loss(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (torch.sin(w * x) + 0.5 * (w * x) ** 2).sum()
 
 
-def test_fused_stacked_adamw_with_mixed_rates_and_clipping_equals_torch_per_run():
+@pytest.mark.parametrize("sync_free, fused", [(False, True), (True, True), (True, False)],
+                         ids=["cpu-path", "cuda-path", "mps-path"])
+def test_fused_stacked_adamw_with_mixed_rates_and_clipping_equals_torch_per_run(sync_free, fused):
     """Rates equal in runs 0 and 2 but not 1 (non-contiguous groups), a plateau-style rate change midway, and
-    clipping that hits some runs and not others: every run still follows clip_grad_norm_ + torch AdamW."""
+    clipping that hits some runs and not others: every run still follows clip_grad_norm_ + torch AdamW, on the
+    CPU's path (clipping folded into the kernel), on the one CUDA takes (no host read) and on the op-by-op update
+    of devices without the fused kernel, all run here on the CPU."""
     g = torch.Generator().manual_seed(5)
     n_runs = 4
     lrs = [1e-2, 3e-2, 1e-2, 5e-3]
     scale = [1.0, 300.0, 1.0, 50.0]
     w0, b0 = torch.randn(n_runs, 6, 3, generator=g), torch.randn(n_runs, 3, generator=g)
     w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
-    opt = StackedAdamW([w, b], n_runs=n_runs, lr=lrs, weight_decay=0.01, max_grad_norm=2.0)
+    opt = StackedAdamW([w, b], n_runs=n_runs, lr=lrs, weight_decay=0.01, max_grad_norm=2.0, sync_free=sync_free,
+                       fused=fused)
     refs = []
     for r in range(n_runs):
         pw, pb = w0[r].clone().requires_grad_(), b0[r].clone().requires_grad_()
@@ -109,28 +114,47 @@ def test_fused_stacked_adamw_with_mixed_rates_and_clipping_equals_torch_per_run(
         torch.testing.assert_close(b[r], pb, rtol=0, atol=2e-6)
 
 
-def test_concat_linear_equals_linear_of_concatenation_in_value_and_gradients():
+def test_stacked_linear_writes_its_weight_gradient_in_place_and_equals_autograd():
+    """The in-place weight gradient, its recorded per-run norm, a second use in one step (accumulation), the
+    reuse of the buffer in the next step, and the input and bias gradients all equal plain autograd."""
     g = torch.Generator().manual_seed(2)
-    lin = StackedLinear(3, 7 + 4, 5, make_generators([1, 2, 3]))
-    x = torch.randn(3, 6, 7, generator=g)
-    extra = torch.randn(3, 6, 4, generator=g, requires_grad=True)
-    w = torch.randn(3, 6, 5, generator=g)
-    out = lin.forward_concat(x, extra)
-    (out * w).sum().backward()
-    grads = (lin.weight.grad.clone(), lin.bias.grad.clone(), extra.grad.clone())
-    lin.zero_grad()
-    extra.grad = None
-    ref = lin(torch.cat([x, extra], -1))
-    (ref * w).sum().backward()
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
-    for got, want in zip(grads, (lin.weight.grad, lin.bias.grad, extra.grad)):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    # a features input that does need a gradient (the learnable layer mix) gets it too
-    xg = x.clone().requires_grad_()
-    lin.forward_concat(xg, extra.detach()).sum().backward()
-    xr = x.clone().requires_grad_()
-    lin(torch.cat([xr, extra.detach()], -1)).sum().backward()
-    torch.testing.assert_close(xg.grad, xr.grad, rtol=0, atol=1e-6)
+    lin = StackedLinear(3, 160, 128, make_generators([1, 2, 3]), copies=2)   # big enough for the Gram form
+    lin.use_grad_buffer()
+    x = torch.randn(3, 2, 6, 160, generator=g, requires_grad=True)
+    w = torch.randn(3, 2, 6, 128, generator=g)
+
+    def reference(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        weight = lin.weight.detach().clone().requires_grad_()
+        bias = lin.bias.detach().clone().requires_grad_()
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        sum(((leaf @ weight + bias.unsqueeze(2)) * w).sum() for leaf in leaves).backward()
+        return weight.grad, bias.grad, *(leaf.grad for leaf in leaves)
+
+    (lin(x) * w).sum().backward()
+    ref_w, ref_b, ref_x = reference(x)
+    torch.testing.assert_close(lin.weight.grad, ref_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lin.bias.grad, ref_b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, ref_x, rtol=1e-5, atol=1e-5)
+    direct = torch.linalg.vector_norm(ref_w.reshape(3, -1), dim=1).square()
+    assert lin.weight._stacked_sq_norm[0] is lin.weight.grad           # the norm came from the Gram matrices
+    torch.testing.assert_close(grad_sq_norms(lin.weight, 3), direct, rtol=1e-5, atol=1e-6)
+    buffer = lin.weight.grad.data_ptr()
+
+    lin.weight.grad = lin.bias.grad = None                             # the next step reuses the buffer
+    x2 = torch.randn(3, 2, 6, 160, generator=g)
+    (lin(x2) * w).sum().backward()
+    assert lin.weight.grad.data_ptr() == buffer
+    torch.testing.assert_close(lin.weight.grad, reference(x2)[0], rtol=1e-5, atol=1e-5)
+
+    lin.weight.grad = lin.bias.grad = None                             # two uses in one step accumulate
+    ((lin(x) + lin(x2)) * w).sum().backward()
+    both = reference(x, x2)[0]
+    torch.testing.assert_close(lin.weight.grad, both, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_sq_norms(lin.weight, 3),
+                               torch.linalg.vector_norm(both.reshape(3, -1), dim=1).square(), rtol=1e-5, atol=1e-6)
+    lin.weight.grad.mul_(2.0)                                          # an in-place change: the norm is re-read
+    torch.testing.assert_close(grad_sq_norms(lin.weight, 3),
+                               4 * torch.linalg.vector_norm(both.reshape(3, -1), dim=1).square(), rtol=1e-5, atol=1e-6)
 
 
 def test_dropout_masks_are_each_runs_own_torch_rand_draws():
@@ -141,3 +165,25 @@ def test_dropout_masks_are_each_runs_own_torch_rand_draws():
         keep = torch.rand(4, 10, generator=gen) >= 0.3
         torch.testing.assert_close(out[r], keep.float() / 0.7, rtol=0, atol=0)
     assert F.dropout(x, 0.3, training=False).equal(x)  # sanity of the reference semantics
+
+
+def test_dropout_drawn_ahead_gives_the_masks_of_one_draw_per_step(monkeypatch):
+    """Several steps' masks per generator call (refilled every 3 steps here) are the very masks one draw per step
+    gives, run by run; a change of shape (an epoch's last, shorter batch) starts a fresh draw for every run alike."""
+    monkeypatch.setattr(StackedDropout, "DRAW_AHEAD_FLOATS", 3 * 4 * 10)
+    ahead, plain, solo = StackedDropout(0.3), StackedDropout(0.3), StackedDropout(0.3)
+    ahead.set_generators(make_generators([4, 5], offset=9), draw_ahead=True)
+    plain.set_generators(make_generators([4, 5], offset=9))
+    solo.set_generators(make_generators([5], offset=9), draw_ahead=True)
+    x = torch.ones(2, 4, 10)
+    for _ in range(7):
+        torch.testing.assert_close(ahead(x), plain(x), rtol=0, atol=0)
+    for _ in range(3):
+        short = ahead(x[:, :3])
+        assert short.shape == (2, 3, 10)
+    solo_out = [solo(x[1:]) for _ in range(7)] + [solo(x[1:, :3]) for _ in range(3)]
+    again = StackedDropout(0.3)
+    again.set_generators(make_generators([4, 5], offset=9), draw_ahead=True)
+    joint_out = [again(x) for _ in range(7)] + [again(x[:, :3]) for _ in range(3)]
+    for j, s_ in zip(joint_out, solo_out):       # run 1 of the pair equals run 1 alone
+        torch.testing.assert_close(j[1:], s_, rtol=0, atol=0)

@@ -110,11 +110,11 @@ def _direct_val_scores(out: Path, corpus_root: Path) -> dict[str, float]:
 
     from extract.audio import crop_or_pad, load_wav
     from extract.backbone import forward_layers
-    from heads.models import HeadConfig, HeadInputs, MultiTaskHead
+    from heads.models import HeadConfig, HeadInputs, build_head
 
     config = json.loads((out / "config.json").read_text())
     backbone = AutoModel.from_pretrained(out / "backbone").eval()
-    head = MultiTaskHead(HeadConfig(**config["head"]), config["layer_dims"], seeds=[0])
+    head = build_head(HeadConfig(**config["head"]), config["layer_dims"], seeds=[0])
     head.load_state_dict(load_file(str(out / "head.safetensors")))
     head.eval()
     corpus = read_corpus(corpus_root)

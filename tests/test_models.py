@@ -92,13 +92,12 @@ def test_stacked_attention_matches_nn_multihead_attention_with_padding():
     pad = torch.zeros(r_, b, tk, dtype=torch.bool)
     pad[:, 1, 3:] = True
     pad[1, 2, 1:] = True
-    y = mha(q, kv, kv, pad)
+    y = mha(q, kv, pad)
     for r in range(r_):
         ref = nn.MultiheadAttention(d, h, batch_first=True)
-        with torch.no_grad():
-            ref.in_proj_weight.copy_(torch.cat([mha.q_proj.weight[r].T, mha.k_proj.weight[r].T,
-                                                mha.v_proj.weight[r].T]))
-            ref.in_proj_bias.copy_(torch.cat([mha.q_proj.bias[r], mha.k_proj.bias[r], mha.v_proj.bias[r]]))
+        with torch.no_grad():   # kv_proj holds the key projection in its first d outputs, the value one after
+            ref.in_proj_weight.copy_(torch.cat([mha.q_proj.weight[r].T, mha.kv_proj.weight[r].T]))
+            ref.in_proj_bias.copy_(torch.cat([mha.q_proj.bias[r], mha.kv_proj.bias[r]]))
             ref.out_proj.weight.copy_(mha.out_proj.weight[r].T)
             ref.out_proj.bias.copy_(mha.out_proj.bias[r])
         expected, _ = ref(q[r], kv[r], kv[r], key_padding_mask=pad[r])
@@ -109,7 +108,7 @@ def test_attention_fully_masked_row_gives_bias_not_nan():
     mha = StackedMultiheadAttention(1, 4, 2, generators=make_generators([0]))
     kv = torch.randn(1, 2, 3, 4)
     pad = torch.tensor([[[True] * 3, [False] * 3]])
-    y = mha(torch.randn(1, 2, 2, 4), kv, kv, pad)
+    y = mha(torch.randn(1, 2, 2, 4), kv, pad)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y[0, 0], mha.out_proj.bias[0].expand(2, 4))
 
@@ -173,9 +172,9 @@ def test_branch_groups():
 def test_weighted_input_is_softmax_sum_of_hidden_layers():
     head = build_head(cfg_of("vanilla_weighted"), DIMS, [0, 1])
     with torch.no_grad():
-        head.layer_logits.copy_(torch.tensor([[0.0, 1, 2, 3, 4], [4.0, -1, 0, 0, 2]]))
+        head.featurizer.layer_logits.copy_(torch.tensor([[0.0, 1, 2, 3, 4], [4.0, -1, 0, 0, 2]]))
     x = make_inputs(2)
-    w = torch.softmax(head.layer_logits.detach().double(), -1)
+    w = torch.softmax(head.featurizer.layer_logits.detach().double(), -1)
     expected = sum(w[:, i, None, None] * x.pooled[f"hidden_{i}"].double() for i in range(5))
     torch.testing.assert_close(head._features(x).double(), expected, rtol=1e-6, atol=1e-6)
 
@@ -203,16 +202,29 @@ def test_config_errors():
 
 # ---------------------------------------------------------------- CHAIN teacher forcing
 
+def _task_layers(head: MultiTaskHead, i: int, task: str) -> tuple[torch.Tensor, ...]:
+    """Task i's own first FC over [features, chained values] (weight [R, in, H], bias), LN affine, output FC."""
+    nets = head.nets
+    w1 = nets.fc1.weight[:, i]
+    if task.upper() in nets.chain_in:
+        w1 = torch.cat([w1, nets.chain_in[task.upper()].weight], dim=1)
+    fc2 = nets.fc2[task.upper()]
+    return w1, nets.fc1.bias[:, i], nets.norm.weight[:, i], nets.norm.bias[:, i], fc2.weight, fc2.bias
+
+
 def _chain_manual(head: MultiTaskHead, feats: torch.Tensor, feed: dict[str, torch.Tensor] | None) -> dict:
-    """Independent re-statement of the chain: feed[task] replaces a task's fed value when given."""
+    """Independent re-statement of the chain, run by run with torch's own layers: feed[task] replaces a task's
+    fed value when given."""
     out, fed = {}, []
-    for task in head.order:
-        net = head.nets[task.upper()]
+    for i, task in enumerate(head.order):
+        w1, b1, ln_w, ln_b, w2, b2 = _task_layers(head, i, task)
         x = F.layer_norm(feats, (feats.shape[-1],))
         if fed:
             x = torch.cat([x] + fed, -1)
-        h = F.gelu(net.norm(net.fc1(x)))
-        raw = net.fc2(h)
+        raw = torch.stack([
+            F.linear(F.gelu(F.layer_norm(F.linear(x[r], w1[r].T, b1[r]), (w1.shape[-1],), ln_w[r], ln_b[r])),
+                     w2[r].T, b2[r])
+            for r in range(x.shape[0])])
         out[task] = raw if task == "type" else torch.sigmoid(raw)
         own = torch.softmax(raw, -1) if task == "type" else out[task]
         fed.append(feed[task] if feed is not None else own)
@@ -272,10 +284,23 @@ def test_chain_unknown_labels_keep_predictions():
 
 def test_chain_order_sets_input_widths():
     head = build_head(cfg_of("chain", chain_order=("culture", "high", "two", "type")), DIMS, [0])
-    assert head.nets["CULTURE"].fc1.weight.shape == (1, 24, 8)
-    assert head.nets["HIGH"].fc1.weight.shape == (1, 24 + 40, 8)
-    assert head.nets["TYPE"].fc1.weight.shape == (1, 24 + 40 + 10 + 2, 8)
-    assert build_head(cfg_of("vanilla"), DIMS, [0]).nets["CULTURE"].fc1.weight.shape == (1, 24, 8)
+    assert head.nets.tasks == ("culture", "high", "two", "type")
+    widths = {t: _task_layers(head, i, t)[0].shape for i, t in enumerate(head.nets.tasks)}
+    assert widths == {"culture": (1, 24, 8), "high": (1, 24 + 40, 8), "two": (1, 24 + 40 + 10, 8),
+                      "type": (1, 24 + 40 + 10 + 2, 8)}
+    vanilla = build_head(cfg_of("vanilla"), DIMS, [0])
+    assert len(vanilla.nets.chain_in) == 0 and vanilla.nets.fc1.weight.shape == (1, 4, 24, 8)
+
+
+def test_chain_first_layer_is_initialised_like_one_linear_over_features_and_chained_values():
+    """nn.Linear(in + e, h) draws uniform(+-1/sqrt(in + e)) for every weight and bias: the split layer does too."""
+    dims = {"cnn": 16, **{f"hidden_{i}": 300 for i in range(2)}}
+    head = build_head(HeadConfig(arch="chain", hidden=256), dims, [0])
+    for i, task in enumerate(head.nets.tasks):
+        w1, b1, *_ = _task_layers(head, i, task)
+        bound = 1 / w1.shape[1] ** 0.5
+        for values in (w1, b1):
+            assert values.abs().max() <= bound and values.abs().max() > 0.95 * bound, task
 
 
 # ---------------------------------------------------------------- BRANCH frame mode padding

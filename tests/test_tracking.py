@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from extract.cli import main as avb
 from heads import tracking
+from heads.runs import RUN_FORMAT
 from heads.tasks import METRIC_KEYS, TASK_NAMES
 from heads.tracking import HeadsTracker, TrackingError, epoch_values, resolve_report_to
 from test_train import make_signal_cache
@@ -58,7 +59,7 @@ def test_heads_train_logs_every_epoch_to_tensorboard_in_the_run_folder(cache_fil
     events = EventAccumulator(str(folder))
     events.Reload()
     text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert "weighting = rruw" in text and "run_format = 1" in text     # the run's config.json rides along
+    assert "weighting = rruw" in text and f"run_format = {RUN_FORMAT}" in text   # its config.json rides along
 
 
 def test_heads_ablate_logs_one_folder_per_run_and_a_retrained_run_replaces_its_curves(cache_file, tmp_path):

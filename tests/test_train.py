@@ -13,7 +13,7 @@ from cache.reader import load_cache
 from cache.writer import CacheWriter
 from heads import train as train_mod
 from heads.metrics import score_all
-from heads.models import HeadConfig, HeadInputs, MultiTaskHead
+from heads.models import HeadConfig, HeadInputs, build_head
 from heads.optim import PlateauHalving, StackedAdamW
 from heads.submission import read_submission, read_type_probs
 from heads.tasks import METRIC_KEYS, TASK_NAMES, TASKS, TYPE_CLASSES
@@ -229,7 +229,7 @@ def test_saved_outputs_are_the_best_epoch_not_the_last(tmp_path):
     # ...and not the last epoch's
     assert abs(rescored["mean"] - history[-1]["val"]["mean"]) > 1e-3
     # the saved head is the best epoch's too: loading it reproduces the saved Val probabilities
-    model = MultiTaskHead(cfg.head, cache.layer_dims, [cfg.seed])
+    model = build_head(cfg.head, cache.layer_dims, [cfg.seed])
     model.load_run_state_dict(0, load_file(out / "head.safetensors"))
     model.eval()
     val = cache.indices("Val")
@@ -281,15 +281,15 @@ def test_branch_over_frames_pads_masks_and_learns(tmp_path):
     cfg = TrainConfig(arch="branch", weighting="uniform", epochs=3, head=head)
     with FrameReader(path) as frames:
         # the batch tensors: zero-padded to the longest clip, mask = valid frames
-        model = MultiTaskHead(cfg.head, cache.layer_dims, [0])
+        model = build_head(cfg.head, cache.layer_dims, [0])
         feats = train_mod._Features(cache, model.required_layers, frames, model.required_frame_layers)
         rows = np.array([0, 1, 2])
-        x = feats.shared(rows, 2)
+        x = feats.shared(rows)      # shared by every run: a run dim of 1 that the head broadcasts
         lengths = cache.n_frames[rows]
-        assert x.frame_mask.shape == (2, 3, lengths.max())
+        assert x.frame_mask.shape == (1, 3, lengths.max())
         assert x.frame_mask[0].sum(1).tolist() == lengths.tolist()
         first = frames.get(rows)["hidden_2"][0]
-        assert torch.equal(x.frames["hidden_2"][1, 0, :len(first)], torch.from_numpy(first))
+        assert torch.equal(x.frames["hidden_2"][0, 0, :len(first)], torch.from_numpy(first))
         assert float(x.frames["hidden_2"][0, 0, len(first):].abs().sum()) == 0.0
         m = train_runs(cache, [cfg], [tmp_path / "run"], progress=False, frames=frames)[0]
     assert m["type_uar"] > 0.25 and m["two_ccc"] > 0.3
@@ -350,5 +350,6 @@ def test_config_round_trips_through_json():
     assert again == cfg and again.head.chain_order == ("two", "type", "high", "culture")
     assert TrainConfig().to_dict() | {"head": None} == {
         "arch": "vanilla", "weighting": "uniform", "seed": 0, "epochs": 30, "batch_size": 8, "lr": 1e-3,
-        "weight_decay": 0.01, "patience": 5, "lr_factor": 0.5, "grad_clip": 5.0, "head": None,
+        "weight_decay": 0.01, "patience": 5, "lr_factor": 0.5, "grad_clip": 5.0, "precision": "fp32",
+        "head": None,
         "weighting_options": {}}

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> Figures:
 
     from extract.backbone import layer_dims, load_backbone
     from extract.finetune import FinetuneModel
-    from heads.models import HeadConfig, MultiTaskHead
+    from heads.models import HeadConfig, build_head
     from heads.tasks import TASKS
     from heads.weighting import build_weighting
     from tests.benchmarks.bench_common import workdir
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> Figures:
         torch.manual_seed(0)
         Wav2Vec2Model(config).save_pretrained(tmp / "model")
         backbone = load_backbone(tmp / "model")      # SpecAugment p = 0.05 on time and features, as stage 1
-    head = MultiTaskHead(HeadConfig(arch="vanilla", hidden=32 if args.quick else 256), layer_dims(backbone), [0])
+    head = build_head(HeadConfig(arch="vanilla", hidden=32 if args.quick else 256), layer_dims(backbone), [0])
     model = FinetuneModel(backbone, head, build_weighting("uniform", n_runs=1))
     optimizer = torch.optim.AdamW([{"params": list(backbone.parameters()), "lr": 1e-5},
                                    {"params": list(head.parameters()), "lr": 1e-3}], weight_decay=0.01)

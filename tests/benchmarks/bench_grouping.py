@@ -13,11 +13,11 @@ def step_ms(n_runs: int, steps: int) -> float:
     import torch
 
     from heads.losses import task_losses
-    from heads.models import HeadConfig, HeadInputs, MultiTaskHead
+    from heads.models import HeadConfig, HeadInputs, build_head
     from heads.optim import StackedAdamW
 
     dims = {"cnn": 512, **{f"hidden_{i}": 768 for i in range(13)}}  # wav2vec2-base's layers
-    model = MultiTaskHead(HeadConfig(arch="branch"), dims, list(range(n_runs)))
+    model = build_head(HeadConfig(arch="branch"), dims, list(range(n_runs)))
     opt = StackedAdamW(list(model.parameters()), n_runs)
     batch = 8
     x = HeadInputs(pooled={k: torch.randn(n_runs, batch, d) for k, d in dims.items()})
