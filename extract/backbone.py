@@ -28,6 +28,12 @@ if TYPE_CHECKING:  # accelerate is imported lazily, only by the commands that la
     from accelerate import Accelerator
 
 
+# SpecAugment settings every wav2vec2-family model reads in training, with wav2vec2's defaults. WavLMConfig
+# (transformers 5) has no `mask_feature_min_masks`, yet WavLMModel reads it as soon as feature masking is on,
+# so WavLM fine-tuning with the paper's feature masking would crash without this.
+SPEC_AUGMENT_DEFAULTS: dict[str, int] = {"mask_time_min_masks": 2, "mask_feature_min_masks": 0}
+
+
 class BackboneLoadError(ValueError):
     """A backbone name or directory that cannot be loaded as a wav2vec2-family model."""
 
@@ -55,6 +61,8 @@ def load_backbone(
 
     The paper masks both time steps and features with p = 0.05 (the reference code masked time only);
     Hugging Face applies the masking only in train mode, so the same model is augmentation-free in eval.
+    The masking itself is each family's own (`_mask_hidden_states` of wav2vec2, HuBERT and WavLM), driven by
+    the same config fields; a field a family's config lacks gets wav2vec2's default (SPEC_AUGMENT_DEFAULTS).
     LayerDrop is switched off by default (checkpoints such as wav2vec2-base ship with 0.05-0.1): the paper
     does not use it, and with transformers 5 a dropped layer is simply missing from `hidden_states`, which
     would give every later layer the wrong name ("hidden_5" holding layer 6). `forward_layers` refuses such
@@ -79,6 +87,9 @@ def load_backbone(
             "wav2vec2-family audio encoder (wav2vec2, HuBERT, WavLM, ...)"
         )
     config.apply_spec_augment = True
+    for key, value in SPEC_AUGMENT_DEFAULTS.items():   # fields a family's model reads but its config may lack
+        if getattr(config, key, None) is None:
+            setattr(config, key, value)
     config.mask_time_prob = float(spec_time_p)
     config.mask_time_length = int(mask_time_length)
     config.mask_feature_prob = float(spec_feature_p)

@@ -21,7 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "heads": ("heads.cli:heads_group", "Train heads x loss weightings from a feature cache (stage 2)."),
     "ensemble": ("heads.ensemble:ensemble_command", "Ensemble runs and write challenge submission files."),
     "predict": ("extract.predict:predict_command", "Predict the four tasks for new audio files."),
-    "report": ("heads.report:report_command", "Plot validation curves, loss weights and results (HTML)."),
+    "report": ("heads.report:report_command", "Plot validation curves, loss weights, probes and results (HTML)."),
+    "probe": ("heads.probe:probe_command", "Linear probes of every cached layer for every task."),
     "demo": ("extract.demo:demo_command", "Run the whole pipeline on a generated corpus with a tiny model."),
 }
 

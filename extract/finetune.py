@@ -48,9 +48,12 @@ from torch import Tensor, nn
 
 from cache.atomic import write_json_atomic
 from heads.models import ARCHS
+from heads.runs import FINETUNE_FORMAT, FINETUNE_KIND
 from heads.tasks import TASK_NAMES
+from heads.tracking import REPORT_TO_CHOICES
 
 CHECKPOINT = re.compile(r"^step-(\d{8,})$")
+TRACKER_PROJECT = "finetune"      # accelerate's project name: TensorBoard logs go to OUT/tracking/finetune
 STATE_FILE = "train_state.json"
 PRECISIONS = ("no", "fp16", "bf16")
 
@@ -93,9 +96,12 @@ class FinetuneConfig:
     num_workers: int = 0
     keep_checkpoints: int = 2
     resume: bool = False
+    report_to: str = "none"           # experiment trackers (heads.tracking): none, tensorboard, wandb, mlflow, all
+    tracking_dir: str = ""            # where they write; "" = OUT/tracking
 
     # Fields that may change between a run and its --resume; every other field must match.
-    RESUMABLE_CHANGES = ("epochs", "max_steps", "num_workers", "eval_batch_size", "keep_checkpoints", "resume")
+    RESUMABLE_CHANGES = ("epochs", "max_steps", "num_workers", "eval_batch_size", "keep_checkpoints", "resume",
+                         "report_to", "tracking_dir")
 
     def validate(self) -> None:
         if not self.corpus or not self.out:
@@ -292,6 +298,18 @@ def _train_rows(corpus: Any) -> np.ndarray:
     return rows[known]
 
 
+def _step_values(step_sums: Tensor, unwrapped: FinetuneModel, optimizer: Any) -> dict[str, float]:
+    """What one optimizer step logs (heads.tracking names): this process's mean loss over the step's
+    micro-batches, each task's loss and loss weight, and both learning rates."""
+    n = max(1.0, float(step_sums[5]))
+    values = {"train/loss": float(step_sums[0]) / n,
+              **{f"train/loss_{task}": float(step_sums[1 + k]) / n for k, task in enumerate(TASK_NAMES)},
+              "lr/backbone": float(optimizer.param_groups[0]["lr"]), "lr/head": float(optimizer.param_groups[-1]["lr"])}
+    weights = unwrapped.weighting.weights()[0].tolist()
+    values.update({f"loss_weight/{task}": float(w) for task, w in zip(TASK_NAMES, weights)})
+    return values
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -345,13 +363,18 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    from accelerate.utils import ProjectConfiguration
+
     from extract.backbone import layer_dims, load_backbone, make_accelerator
     from extract.clips import ClipDataset, EpochShuffleSampler, collate_clips
     from extract.corpus import read_corpus
     from heads.models import HeadConfig, build_head
+    from heads.tracking import TRACKING_DIR, accelerate_init_kwargs, flat_config, resolve_report_to
     from heads.weighting import build_weighting
 
     out = Path(cfg.out)
+    trackers = resolve_report_to(cfg.report_to)     # before any work: a missing package is found at once
+    log_dir = Path(cfg.tracking_dir) if cfg.tracking_dir else out / TRACKING_DIR
     ckpt_root = out / "checkpoints"
     latest = latest_checkpoint(ckpt_root)
     if latest is not None and not cfg.resume:
@@ -376,6 +399,8 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
     accelerator = make_accelerator(
         gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(log_dir)),
     )
     world, rank = accelerator.num_processes, accelerator.process_index
     if len(train_rows) < cfg.batch_size * world:
@@ -430,7 +455,12 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
     state.world = world
     if accelerator.is_main_process:
         write_json_atomic(out / "config.json", {**cfg.to_json(), "head": asdict(head_cfg), "layer_dims": dims,
-                                                "processes": world})
+                                                "processes": world, "kind": FINETUNE_KIND,
+                                                "finetune_format": FINETUNE_FORMAT})
+    if trackers:   # TensorBoard: OUT/tracking/finetune; a resumed run replaces the steps it redoes
+        accelerator.init_trackers(TRACKER_PROJECT, config=flat_config(cfg.to_json()),
+                                  init_kwargs=accelerate_init_kwargs(trackers, log_dir, out.name,
+                                                                     purge_step=state.step + 1 if state.step else None))
 
     def export_best() -> None:
         if accelerator.is_main_process:
@@ -481,6 +511,7 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
             loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
         model.train()
         sums = torch.zeros(6, dtype=torch.float64)   # loss, 4 task losses, batches (this process)
+        step_sums = torch.zeros(6, dtype=torch.float64)  # the same over the micro-batches of one optimizer step
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show,
                    initial=state.batches_in_epoch, total=len(train_loader))
         for batch in bar:
@@ -492,10 +523,15 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
                 optimizer.step()
                 optimizer.zero_grad()
             state.batches_in_epoch += 1
-            sums += torch.cat([result["loss"].detach().float().reshape(1), result["task_losses"].detach().float(),
-                               torch.ones(1)]).cpu().double()
+            batch_sums = torch.cat([result["loss"].detach().float().reshape(1),
+                                    result["task_losses"].detach().float(), torch.ones(1)]).cpu().double()
+            sums += batch_sums
+            step_sums += batch_sums
             if accelerator.sync_gradients:
                 state.step += 1
+                if trackers:
+                    accelerator.log(_step_values(step_sums, unwrapped, optimizer), step=state.step)
+                step_sums.zero_()
                 bar.set_postfix(loss=f"{result['loss'].detach().item():.4f}", step=state.step)
                 if cfg.max_steps and state.step >= cfg.max_steps:
                     stop = True
@@ -521,6 +557,8 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
             "val": scores,
         }
         state.history.append(entry)
+        if trackers:
+            accelerator.log({"epoch": entry["epoch"], **{f"val/{k}": v for k, v in scores.items()}}, step=state.step)
         score = scores.get("mean", float("nan"))
         best_score = None if state.best is None else state.best["val"].get("mean")
         improved = state.best is None or (math.isfinite(score) and (best_score is None or score > best_score))
@@ -579,12 +617,18 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint under OUT/checkpoints.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--num-workers", default=0, show_default=True, type=int, help="DataLoader workers per process.")
+@click.option("--report-to", default="none", show_default=True, type=click.Choice(REPORT_TO_CHOICES),
+              help="Experiment tracker(s) through accelerate: per step the train loss, per-task losses and loss "
+                   "weights and the learning rates, per epoch every Val score; offline by default ('all': every "
+                   "installed one).")
+@click.option("--tracking-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the trackers write (default: OUT/tracking; TensorBoard: OUT/tracking/finetune).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def finetune_command(corpus: Path, model: str, out: Path, epochs: int, batch_size: int, eval_batch_size: int,
                      lr_backbone: float, lr_head: float, clip_seconds: float, spec_time_p: float,
                      spec_feature_p: float, arch: str, weighting: str, freeze_cnn: bool, grad_accum: int,
                      grad_clip: float, mixed_precision: str, max_steps: int, resume: bool, seed: int,
-                     num_workers: int, quiet: bool) -> None:
+                     num_workers: int, report_to: str, tracking_dir: Path | None, quiet: bool) -> None:
     """Fine-tune a wav2vec2 backbone and a multi-task head on the four A-VB tasks (stage 1).
 
     Run under `accelerate launch -m extract.finetune ...` for several GPUs. Writes OUT/backbone (the best
@@ -596,7 +640,8 @@ def finetune_command(corpus: Path, model: str, out: Path, epochs: int, batch_siz
                          clip_seconds=clip_seconds, spec_time_p=spec_time_p, spec_feature_p=spec_feature_p,
                          arch=arch, weighting=weighting, freeze_cnn=freeze_cnn, grad_accum=grad_accum,
                          grad_clip=grad_clip, mixed_precision=mixed_precision, max_steps=max_steps, resume=resume,
-                         seed=seed, num_workers=num_workers)
+                         seed=seed, num_workers=num_workers, report_to=report_to,
+                         tracking_dir=str(tracking_dir) if tracking_dir else "")
     try:
         metrics = run_finetune(cfg, progress=not quiet)
     except ValueError as err:  # FinetuneError, CorpusError, BackboneLoadError, HeadConfigError, ...

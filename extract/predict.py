@@ -14,6 +14,10 @@ rounding, which is not replayed here: the head sees the float32 features).
 
 An ensemble dir (`members.json` from `avb ensemble`) is applied as the ensemble was built: per task the
 weighted average of its members (TYPE: of class probabilities, then arg-max).
+
+A fine-tuning output (`avb finetune`'s OUT, recognised by its config.json marker) is applied end to end: its
+own head on its own fine-tuned backbone (`--model` defaults to OUT/backbone; another `--model` must hold the
+same weights), through the same path as fine-tuning's validation -- no cache involved.
 """
 from __future__ import annotations
 
@@ -29,7 +33,9 @@ from typing import Any
 import click
 import numpy as np
 
-from heads.runs import CONFIG_FILE, HEAD_FILE, read_json_object, read_run_config
+from heads.runs import (
+    BACKBONE_DIR, CONFIG_FILE, HEAD_FILE, is_finetune_dir, read_finetune_config, read_json_object, read_run_config,
+)
 from heads.tasks import CULTURE, HIGH, TASK_NAMES, TASKS, TWO, TYPE
 
 DEFAULT_CLIP_SECONDS = 2.5
@@ -80,6 +86,7 @@ class HeadSet:
     members: dict[str, list[tuple[int, float]]]   # task -> [(index into runs, weight)]
     source: Path
     is_ensemble: bool = False
+    backbone_dir: Path | None = None              # a fine-tuning output's own backbone (None: heads from a cache)
 
     @property
     def clip_seconds(self) -> float:
@@ -115,10 +122,52 @@ def _frame_stride(run_dir: Path, config: dict[str, Any]) -> int:
         raise PredictError(f"run {run_dir} attends over frames and needs its cache's frame stride: {err}") from None
 
 
-def load_run_head(run_dir: str | os.PathLike) -> LoadedRun:
-    """Rebuild a run's head from config.json and head.safetensors (the best epoch's weights)."""
+def _load_head_weights(head: Any, weights: Path, config_path: Path) -> None:
+    """Load a one-run state (`run_state_dict` / a fine-tuned head's state_dict) into run 0 of `head`."""
     from safetensors.torch import load_file  # noqa: PLC0415
 
+    if not weights.is_file():
+        raise PredictError(f"{weights}: no such file (the run is incomplete or was not trained here)")
+    try:
+        state = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise PredictError(f"{weights}: not a readable safetensors file ({err})") from None
+    try:
+        head.load_run_state_dict(0, state)
+    except ValueError as err:
+        raise PredictError(f"{weights}: does not fit the head in {config_path} ({err})") from None
+    head.eval()
+    head.requires_grad_(False)
+
+
+def load_finetune_head(ft_dir: str | os.PathLike) -> LoadedRun:
+    """The head a fine-tuning run trained end to end with its backbone, and what it expects of the features.
+
+    Its "cache attributes" are made from the run itself: the layers and widths it recorded, its clip length,
+    and the architecture fields of its own backbone's config (so another `--model` architecture is refused).
+    """
+    from heads.models import HeadConfig, build_head  # noqa: PLC0415
+
+    ft_dir = Path(ft_dir)
+    config = read_finetune_config(ft_dir)
+    dims = config.get("layer_dims")
+    if not isinstance(dims, dict) or not isinstance(config.get("head"), dict):
+        raise PredictError(f"{ft_dir / CONFIG_FILE}: no head or layer_dims recorded")
+    backbone_config = read_json_object(ft_dir / BACKBONE_DIR / CONFIG_FILE)
+    try:
+        head = build_head(HeadConfig(**config["head"]), {k: int(v) for k, v in dims.items()},
+                          [int(config.get("seed", 0))])
+    except (ValueError, TypeError) as err:
+        raise PredictError(f"{ft_dir / CONFIG_FILE}: {err}") from None
+    _load_head_weights(head, ft_dir / HEAD_FILE, ft_dir / CONFIG_FILE)
+    attrs = {"layers": list(dims), "layer_dims": dims,
+             "clip_seconds": float(config.get("clip_seconds", DEFAULT_CLIP_SECONDS)),
+             "backbone": {"name_or_path": str(ft_dir / BACKBONE_DIR), "config": backbone_config}}
+    return LoadedRun(ft_dir, head, attrs)
+
+
+def load_run_head(run_dir: str | os.PathLike) -> LoadedRun:
+    """Rebuild a run's head from config.json and head.safetensors (the best epoch's weights)."""
     from heads.models import build_head  # noqa: PLC0415
     from heads.train import TrainConfig  # noqa: PLC0415
 
@@ -134,19 +183,7 @@ def load_run_head(run_dir: str | os.PathLike) -> LoadedRun:
         head = build_head(train_cfg.head, {k: int(v) for k, v in attrs["layer_dims"].items()}, [train_cfg.seed])
     except (ValueError, TypeError) as err:
         raise PredictError(f"{run_dir / CONFIG_FILE}: {err}") from None
-    weights = run_dir / HEAD_FILE
-    if not weights.is_file():
-        raise PredictError(f"{weights}: no such file (the run is incomplete or was not trained here)")
-    try:
-        state = load_file(str(weights))
-    except Exception as err:  # safetensors raises its own error types for damaged files
-        raise PredictError(f"{weights}: not a readable safetensors file ({err})") from None
-    try:
-        head.load_run_state_dict(0, state)
-    except ValueError as err:
-        raise PredictError(f"{weights}: does not fit the head in {run_dir / CONFIG_FILE} ({err})") from None
-    head.eval()
-    head.requires_grad_(False)
+    _load_head_weights(head, run_dir / HEAD_FILE, run_dir / CONFIG_FILE)
     run = LoadedRun(run_dir, head, attrs)
     if run.frame_layers:
         run.frame_stride = _frame_stride(run_dir, config)
@@ -166,11 +203,16 @@ def _resolve_member(path_text: str, ensemble_dir: Path) -> Path:
 
 
 def load_heads(source: str | os.PathLike) -> HeadSet:
-    """A run dir (config.json + head.safetensors) or an ensemble dir (members.json) -> the heads to apply."""
+    """A run dir (config.json + head.safetensors), an ensemble dir (members.json) or a fine-tuning output
+    (avb finetune's OUT) -> the heads to apply."""
     source = Path(source)
     if not source.is_dir():
-        raise PredictError(f"--heads {source}: not a directory (give a run dir or an ensemble dir)")
-    if (source / "members.json").is_file():
+        raise PredictError(f"--heads {source}: not a directory (give a run dir, an ensemble dir or a fine-tuning "
+                           "output)")
+    if is_finetune_dir(source):
+        heads = HeadSet([load_finetune_head(source)], {name: [(0, 1.0)] for name in TASK_NAMES}, source,
+                        backbone_dir=source / BACKBONE_DIR)
+    elif (source / "members.json").is_file():
         members_json = read_json_object(source / "members.json")
         tasks = members_json.get("tasks")
         if not isinstance(tasks, dict) or sorted(tasks) != sorted(TASK_NAMES):
@@ -197,8 +239,8 @@ def load_heads(source: str | os.PathLike) -> HeadSet:
     elif (source / "config.json").is_file():
         heads = HeadSet([load_run_head(source)], {name: [(0, 1.0)] for name in TASK_NAMES}, source)
     else:
-        raise PredictError(f"--heads {source}: neither a run dir (config.json + head.safetensors) nor an "
-                           "ensemble dir (members.json)")
+        raise PredictError(f"--heads {source}: neither a run dir (config.json + head.safetensors), an "
+                           "ensemble dir (members.json) nor a fine-tuning output (config.json + backbone/)")
     clips = {float(run.cache_attrs.get("clip_seconds", DEFAULT_CLIP_SECONDS)) for run in heads.runs}
     if len(clips) > 1:
         raise PredictError(f"{source}: members were trained on different clip lengths {sorted(clips)}")
@@ -321,8 +363,33 @@ def _pad_frames(frames: dict[str, list[Any]]) -> tuple[dict[str, Any], Any]:
     return padded, torch.arange(t_max)[None, :] < lengths[:, None]
 
 
+def _weight_files(directory: Path) -> dict[str, str]:
+    """File name -> sha256 of every weights file of a save_pretrained folder."""
+    import hashlib  # noqa: PLC0415
+
+    out = {}
+    for path in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+        out[path.name] = digest.hexdigest()
+    return out
+
+
+def check_finetuned_backbone(heads: HeadSet, model_name: str) -> None:
+    """A fine-tuned head only fits the backbone it was trained with: --model must be that folder or a copy."""
+    own = heads.backbone_dir
+    given = Path(model_name)
+    if own is None or (given.is_dir() and given.resolve() == own.resolve()):
+        return
+    if not given.is_dir() or _weight_files(given) != _weight_files(own):
+        raise PredictError(f"--model {model_name} is not the backbone fine-tuned together with the head of "
+                           f"{heads.source} (its weights differ from {own}); use --model {own} or leave --model out")
+
+
 def predict_files(
-    model_name: str | os.PathLike,
+    model_name: str | os.PathLike | None,
     heads_dir: str | os.PathLike,
     audio: Sequence[str | os.PathLike],
     *,
@@ -331,7 +398,10 @@ def predict_files(
     device: str | None = None,
     progress: bool = True,
 ) -> Predictions:
-    """Load the heads and the backbone, check they belong together, and predict every audio file."""
+    """Load the heads and the backbone, check they belong together, and predict every audio file.
+
+    `model_name` None: the fine-tuning output's own backbone (an error for heads trained on a cache).
+    """
     import torch  # noqa: PLC0415
     from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -345,6 +415,12 @@ def predict_files(
     device = resolve_device(device)   # a machine without the device fails before anything loads
     files = find_audio(audio)
     heads = load_heads(heads_dir)
+    if model_name is None:
+        if heads.backbone_dir is None:
+            raise PredictError(f"--model is needed: the heads in {heads_dir} were trained on cached features; give "
+                               "the backbone the cache was dumped from")
+        model_name = heads.backbone_dir
+    check_finetuned_backbone(heads, str(model_name))
     model = load_backbone(model_name)
     for run in heads.runs:
         check_backbone(run, model, str(model_name))
@@ -423,17 +499,19 @@ def write_predictions(path: str | os.PathLike, preds: Predictions) -> Path:
 
 @click.command("predict")
 @click.argument("audio", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--model", "model", required=True,
-              help="The backbone the heads' cache was dumped from (avb finetune's OUT/backbone, or a checkpoint).")
+@click.option("--model", "model", default=None,
+              help="The backbone the heads' cache was dumped from (avb finetune's OUT/backbone, or a checkpoint). "
+                   "Optional when --heads is a fine-tuning output: its own OUT/backbone.")
 @click.option("--heads", "heads_dir", required=True, type=click.Path(path_type=Path),
-              help="A run dir (config.json + head.safetensors) or an ensemble dir (members.json).")
+              help="A run dir (config.json + head.safetensors), an ensemble dir (members.json), or a fine-tuning "
+                   "output (avb finetune's OUT: its own head on its own backbone, no cache needed).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The CSV file to write.")
 @click.option("--batch-size", default=16, show_default=True, type=int, help="Clips per backbone forward pass.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable audio files with a warning instead of stopping.")
 @click.option("--device", default="auto", show_default=True,
               help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def predict_command(audio: tuple[Path, ...], model: str, heads_dir: Path, out: Path, batch_size: int,
+def predict_command(audio: tuple[Path, ...], model: str | None, heads_dir: Path, out: Path, batch_size: int,
                     skip_bad: bool, device: str | None, quiet: bool) -> None:
     """Predict type, valence/arousal, 10 emotions and 40 culture-specific emotions for AUDIO (wav files or
     folders searched recursively for *.wav). One CSV row per file: path, Voc_Type, p_<class>, then the

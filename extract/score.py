@@ -4,24 +4,29 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
 
+from heads.bootstrap import DEFAULT_N_BOOT, BootstrapConfig, score_intervals, with_intervals
 from heads.metrics import score_task
 from heads.submission import bracket_id, read_submission
 from heads.tasks import METRIC_KEYS, SPLITS, TASKS
 
 
-def score_files(corpus, split: str, paths: Sequence[Path]) -> dict[str, float]:
-    """Scores of the given submission files on `split` of `corpus`, rows matched by File_ID.
+def read_split_predictions(corpus, split: str, paths: Sequence[Path]
+                           ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(labels, predictions) per task of the given submission files, both in the split's row order.
 
     Every id of the split must be predicted exactly once and no other id may appear; one file per task.
+    Putting every task in the same clip order is what lets a bootstrap resample the clips once for all tasks.
     """
     rows = corpus.indices(split)
-    expected = {corpus.ids[i]: i for i in rows}
+    expected = {corpus.ids[i]: k for k, i in enumerate(rows)}
     seen_tasks: dict[str, Path] = {}
-    scores: dict[str, float] = {}
+    labels: dict[str, np.ndarray] = {}
+    preds: dict[str, np.ndarray] = {}
     for path in paths:
         task, ids, values = read_submission(path)
         if task.name in seen_tasks:
@@ -35,20 +40,41 @@ def score_files(corpus, split: str, paths: Sequence[Path]) -> dict[str, float]:
         if missing:
             raise ValueError(f"{path}: File_ID {bracket_id(missing[0])} of the {split} split has no prediction "
                              f"({len(missing)} missing)")
-        positions = np.array([expected[i] for i in ids])
-        labels = corpus.labels[task.name][positions]
-        if np.isnan(labels).all():
+        order = np.empty(len(rows), dtype=np.int64)
+        order[[expected[i] for i in ids]] = np.arange(len(ids))
+        task_labels = corpus.labels[task.name][rows]
+        if np.isnan(task_labels).all():
             raise ValueError(f"{split} split has no {task.title} labels to score against (is it Test?)")
-        scores.update(score_task(task, labels, values))
+        labels[task.name], preds[task.name] = task_labels, np.asarray(values)[order]
+    return labels, preds
+
+
+def score_files(corpus, split: str, paths: Sequence[Path]) -> dict[str, float]:
+    """Scores of the given submission files on `split` of `corpus`, rows matched by File_ID."""
+    return score_predictions(*read_split_predictions(corpus, split, paths))
+
+
+def score_predictions(labels: dict[str, np.ndarray], preds: dict[str, np.ndarray]) -> dict[str, float]:
+    """The metric keys of the tasks present, in METRIC_KEYS order (no `mean`: a subset of tasks is allowed)."""
+    scores: dict[str, float] = {}
+    for name in TASKS:
+        if name in preds:
+            scores.update(score_task(TASKS[name], labels[name], preds[name]))
     return {key: scores[key] for key in METRIC_KEYS if key in scores}
 
 
-def format_scores(scores: dict[str, float]) -> str:
-    lines = [f"{'task':<14}{'metric':<9}{'score':>8}"]
+def format_scores(scores: dict[str, Any], level: float | None = None) -> str:
+    """The printed table; with `level`, a column of the `<key>_ci` intervals."""
+    ci_head = f"{f'{level:.0%} CI':>20}" if level is not None else ""
+    lines = [f"{'task':<14}{'metric':<9}{'score':>8}{ci_head}"]
     for name, task in TASKS.items():
         for key in METRIC_KEYS:
             if key.startswith(name + "_") and key in scores:
-                lines.append(f"{task.title:<14}{key.split('_', 1)[1].upper():<9}{scores[key]:>8.4f}")
+                line = f"{task.title:<14}{key.split('_', 1)[1].upper():<9}{scores[key]:>8.4f}"
+                if level is not None and f"{key}_ci" in scores:
+                    low, high = scores[f"{key}_ci"]
+                    line += f"{f'[{low:.4f}, {high:.4f}]':>20}"
+                lines.append(line)
     return "\n".join(lines)
 
 
@@ -57,15 +83,26 @@ def format_scores(scores: dict[str, float]) -> str:
               help="Corpus root in the official layout (labels/ and audio/wav/).")
 @click.option("--split", default="Val", show_default=True, type=click.Choice(SPLITS[:2]),
               help="Split whose labels the predictions are scored against.")
-@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+@click.option("--ci", "level", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Add a percentile-bootstrap confidence interval at this level (e.g. 0.95) to every score: "
+                   "the split's clips resampled with replacement, the same resamples for every task.")
+@click.option("--n-boot", default=DEFAULT_N_BOOT, show_default=True, type=click.IntRange(min=1),
+              help="Bootstrap resamples (with --ci).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap resamples (with --ci).")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON (with --ci: <score>_ci = [low, high]).")
 @click.argument("predictions", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-def score_command(root: Path, split: str, as_json: bool, predictions: tuple[Path, ...]) -> None:
+def score_command(root: Path, split: str, level: float | None, n_boot: int, seed: int, as_json: bool,
+                  predictions: tuple[Path, ...]) -> None:
     """Score PREDICTIONS (official submission CSVs, any subset of the four tasks, any row order)."""
     from extract.corpus import read_corpus
 
     try:
         corpus = read_corpus(root)
-        scores = score_files(corpus, split, predictions)
+        labels, preds = read_split_predictions(corpus, split, predictions)
+        scores: dict[str, Any] = score_predictions(labels, preds)
+        if level is not None:
+            config = BootstrapConfig(level=level, n_boot=n_boot, seed=seed)
+            scores = with_intervals(scores, score_intervals(labels, preds, config))
     except ValueError as err:
         raise click.ClickException(str(err)) from None
-    click.echo(json.dumps(scores, indent=2) if as_json else format_scores(scores))
+    click.echo(json.dumps(scores, indent=2) if as_json else format_scores(scores, level))

@@ -27,12 +27,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cache.atomic import write_json_atomic, write_text_atomic
+from heads.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, BootstrapConfig
+from heads.comparison import CI_KEYS, add_uncertainty, paired_markdown
 from heads.device import resolve_device
 from heads.distributed import assign_groups, grid_processes
 from heads.models import HeadConfig, build_head
 from heads.tasks import METRIC_KEYS
 from heads.runs import CONFIG_FILE, METRICS_FILE
-from heads.train import SELECTION_KEY, TrainConfig, run_config_record, train_runs
+from heads.train import SELECTION_KEY, TrainConfig, run_config_record, run_name, train_runs
 
 ARCHS: tuple[str, ...] = ("vanilla", "chain", "branch")
 WEIGHTINGS: tuple[str, ...] = ("uniform", "dwa", "rruw", "druw")
@@ -204,6 +206,9 @@ def run_grid(
     max_group_bytes: int = DEFAULT_MAX_GROUP_BYTES,
     device: str | None = "auto",
     precision: str = "fp32",
+    ci: float = DEFAULT_LEVEL,
+    n_boot: int = DEFAULT_N_BOOT,
+    tracker: Any = None,
 ) -> list[dict]:
     """Train (or reuse) every arch x weighting x seed run under `out_dir` and write the result tables.
 
@@ -212,6 +217,8 @@ def run_grid(
     order. Writes `config.json` (the resolved grid), `results.csv`, `results.json` and `results.md` (Table I
     layout) into `out_dir`. Under `accelerate launch --num_processes N` every process trains its share of the
     joint groups (`heads.distributed`); rank 0 writes the tables once all have finished, the others return [].
+    With `ci` (a level in (0, 1); 0: none) the tables carry `n_boot`-resample bootstrap intervals and paired
+    comparisons (`heads.comparison`). `tracker` is handed to `train_runs` (per-epoch experiment tracking).
     """
     from cache.reader import load_cache  # noqa: PLC0415 - h5py only when a grid actually runs
 
@@ -249,7 +256,7 @@ def run_grid(
         procs.barrier()   # every rank has read which runs are finished before any rank writes
         mine = assign_groups([g.cost for g in groups], procs.world)[procs.rank]
         _train_groups([groups[i] for i in mine], cache, Path(cache_path), out, frames, train_device,
-                      progress and procs.is_main, procs.provenance())
+                      progress and procs.is_main, procs.provenance(), tracker)
         procs.barrier()
     finally:
         if frames is not None:
@@ -259,9 +266,14 @@ def run_grid(
     rows = [_row(cfg, json.loads((out / cfg.name / METRICS_FILE).read_text(encoding="utf-8")))
             for arch in grid.archs for cfg in grid.run_configs(arch)]
     summary = summarise(rows)
+    uncertainty = None
+    if ci:
+        run_dirs = [out / run_name(r["arch"], r["weighting"], r["seed"]) for r in rows]
+        uncertainty = add_uncertainty(rows, summary, run_dirs, cache, BootstrapConfig(level=ci, n_boot=n_boot))
     write_text_atomic(out / "results.csv", results_csv(rows))
-    write_json_atomic(out / "results.json", {"config": grid.to_dict(), "runs": rows, "summary": summary})
-    write_text_atomic(out / "results.md", results_markdown(summary))
+    write_json_atomic(out / "results.json", {"config": grid.to_dict(), "runs": rows, "summary": summary,
+                                             **({"bootstrap": uncertainty} if uncertainty else {})})
+    write_text_atomic(out / "results.md", results_markdown(summary, uncertainty))
     return rows
 
 
@@ -302,7 +314,7 @@ def _plan_groups(grid: GridConfig, cache: Any, cache_path: Path, out: Path) -> l
 
 
 def _train_groups(groups: Sequence[JointGroup], cache: Any, cache_path: Path, out: Path, frames: Any,
-                  device: Any, progress: bool, provenance: dict) -> None:
+                  device: Any, progress: bool, provenance: dict, tracker: Any = None) -> None:
     """One joint `train_runs` call per group, each announced by its marker while it runs."""
     bar = tqdm(total=sum(len(g.configs) for g in groups), desc="ablation", unit="run", disable=not progress)
     for group in groups:
@@ -311,7 +323,7 @@ def _train_groups(groups: Sequence[JointGroup], cache: Any, cache_path: Path, ou
         write_json_atomic(marker, [cfg.name for cfg in group.configs])
         train_runs(cache, group.configs, group.dirs, progress=progress,
                    frames=frames if group.arch == "branch" else None, cache_path=cache_path, device=device,
-                   provenance=provenance)
+                   provenance=provenance, tracker=tracker)
         marker.unlink(missing_ok=True)
         bar.update(len(group.configs))
     bar.close()
@@ -320,11 +332,17 @@ def _train_groups(groups: Sequence[JointGroup], cache: Any, cache_path: Path, ou
 # --------------------------------------------------------------------------------------------- tables
 
 def results_csv(rows: Sequence[dict]) -> str:
+    """One line per run; rows carrying bootstrap intervals (`<key>_ci`) get `<key>_ci_low,<key>_ci_high` columns."""
+    ci_keys = [k for k in CI_KEYS if rows and f"{k}_ci" in rows[0]]
+    fields = list(RESULT_FIELDS) + [f"{k}_ci_{end}" for k in ci_keys for end in ("low", "high")]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: row[k] for k in RESULT_FIELDS})  # floats in full (repr) precision
+        line = {k: row[k] for k in RESULT_FIELDS}  # floats in full (repr) precision
+        for k in ci_keys:
+            line[f"{k}_ci_low"], line[f"{k}_ci_high"] = row[f"{k}_ci"]
+        writer.writerow(line)
     return buf.getvalue()
 
 
@@ -357,8 +375,12 @@ def _fmt(x: float) -> str:
     return text.replace("0.", ".", 1) if abs(x) < 1 else text
 
 
-def results_markdown(summary: Sequence[dict]) -> str:
-    """Table I of the paper: grouped by weighting, one row per architecture, best value per column in bold."""
+def results_markdown(summary: Sequence[dict], uncertainty: dict | None = None) -> str:
+    """Table I of the paper: grouped by weighting, one row per architecture, best value per column in bold.
+
+    With bootstrap results (`heads.comparison.add_uncertainty`), each cell also shows the best run's interval
+    and a second table gives each configuration's paired win fraction against the best one per task.
+    """
     keys = [k for k, _ in TABLE_COLUMNS]
     best_per_col = {k: max(round(s["best"][k], 4) for s in summary) for k in keys} if summary else {}
     several = any(s["n_seeds"] > 1 for s in summary)
@@ -374,14 +396,29 @@ def results_markdown(summary: Sequence[dict]) -> str:
             text = _fmt(s["best"][k])
             if round(s["best"][k], 4) == best_per_col[k]:
                 text = f"**{text}**"
+            if "best_ci" in s:
+                low, high = s["best_ci"][k]
+                text += f" [{_fmt(low)}, {_fmt(high)}]"
             if s["n_seeds"] > 1:
                 text += f" ({_fmt(s['mean'][k])} ± {_fmt(s['std'][k])})"
             cells.append(text)
         lines.append(f"| *{s['arch'].upper()}* | " + " | ".join(cells) + " |")
-    note = ("Validation scores. Each cell: the run with the best validation mean of the four headline scores"
-            + (" (over seeds), then the mean ± sample std over seeds in parentheses." if several else ".")
-            + " Best value per column in bold.")
-    return "\n".join(lines) + "\n\n" + note + "\n"
+    paired = paired_markdown(summary, WEIGHTING_TITLES) if uncertainty else ""
+    parts = ["Validation scores. Each cell: the run with the best validation mean of the four headline scores"
+             + (" (over seeds)" if several else "")]
+    if uncertainty:
+        parts.append(f"then its {uncertainty['level']:.0%} percentile-bootstrap interval over the "
+                     f"{uncertainty['n_val_clips']} Val clips in brackets ({uncertainty['n_boot']} resamples, the same "
+                     "for every run and task)")
+    if several:
+        parts.append("then the mean ± sample std over seeds in parentheses")
+    note = ", ".join(parts) + "."
+    if uncertainty:
+        note += (" Second table: per column, the fraction of those resamples on which the configuration's best run"
+                 " scores higher than the best configuration's (a paired bootstrap, ties counted half; below .025"
+                 " the best is significantly better at the 5 % level, two-sided).")
+    note += " Best value per column in bold."
+    return "\n".join(lines) + "\n\n" + (paired + "\n" if paired else "") + note + "\n"
 
 
 if __name__ == "__main__":   # `accelerate launch --num_processes N -m heads.ablate ...`: `avb heads ablate`'s options

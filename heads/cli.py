@@ -8,7 +8,9 @@ from pathlib import Path
 
 import click
 
+from heads.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT
 from heads.tasks import METRIC_KEYS
+from heads.tracking import REPORT_TO_CHOICES
 
 PRECISIONS = ("fp32", "bf16")   # = heads.device.PRECISIONS (that module imports torch)
 
@@ -49,6 +51,17 @@ def _head_config(hidden: int, dropout: float, input_layer: str, chain_order: str
                       n_heads=n_heads, branch_blocks=branch_blocks, branch_use_frames=branch_frames)
 
 
+def _tracker(report_to: str, tracking_dir: Path | None, out: Path, config_path):
+    """A HeadsTracker for --report-to (None for 'none'); each run's config.json is stored with its log."""
+    from heads.runs import read_json_object  # noqa: PLC0415
+    from heads.tracking import TRACKING_DIR, HeadsTracker, resolve_report_to  # noqa: PLC0415
+
+    names = resolve_report_to(report_to)
+    if not names:
+        return None
+    return HeadsTracker(names, tracking_dir or out / TRACKING_DIR, lambda run: read_json_object(config_path(run)))
+
+
 def _head_options(func):
     """Options shared by `train` and `ablate` that shape the head (defaults = the paper's)."""
     options = [
@@ -70,6 +83,12 @@ def _head_options(func):
         click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
                      help="bf16: the heads' matmuls under bf16 autocast (for GPUs; parameters stay float32)."),
         click.option("--progress/--no-progress", default=True, help="Show progress bars."),
+        click.option("--report-to", type=click.Choice(REPORT_TO_CHOICES, case_sensitive=False), default="none",
+                     show_default=True, help="Experiment tracker(s) for per-epoch losses, loss weights, LR and "
+                                             "Val scores; one log per run; offline by default ('all': every "
+                                             "installed one)."),
+        click.option("--tracking-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Where the trackers write (default: OUT/tracking; TensorBoard: one folder per run)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -93,10 +112,13 @@ def heads_group() -> None:
 @_head_options
 def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: int, hidden: int, dropout: float,
                   input_layer: str, chain_order: str, n_heads: int, branch_blocks: int, branch_frames: bool,
-                  epochs: int, batch_size: int, lr: float, device: str, precision: str, progress: bool) -> None:
+                  epochs: int, batch_size: int, lr: float, device: str, precision: str, progress: bool,
+                  report_to: str, tracking_dir: Path | None) -> None:
     """Train one head run on the cache's Train split, select its best epoch on Val, predict Val and Test."""
     head = _head_config(hidden, dropout, input_layer, chain_order, n_heads, branch_blocks, branch_frames)
+    tracker = None
     try:
+        tracker = _tracker(report_to, tracking_dir, out, lambda run: out / "config.json")
         from cache.reader import load_cache  # noqa: PLC0415
         from heads.device import resolve_device  # noqa: PLC0415
         from heads.train import TrainConfig, train_runs  # noqa: PLC0415
@@ -111,9 +133,12 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
 
             frames = FrameReader(cache_path)
         metrics = train_runs(cache, [cfg], [out], progress=progress, frames=frames, cache_path=cache_path,
-                             device=train_device)[0]
+                             device=train_device, tracker=tracker)[0]
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err)) from None
+    finally:
+        if tracker is not None:
+            tracker.close()
     click.echo(f"best epoch {metrics['best_epoch']} of {epochs} (Val):")
     for key in (*METRIC_KEYS, "mean"):
         click.echo(f"  {key:<16} {metrics[key]:.4f}")
@@ -133,11 +158,16 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
               help="Memory budget of one joint training call in MiB (per run: parameters, gradients, AdamW "
                    "moments, best-epoch copy); an architecture's runs train in as few equal groups as fit. "
                    "0: no limit.")
+@click.option("--ci", default=DEFAULT_LEVEL, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Level of the percentile-bootstrap intervals in results.csv/.json/.md and of the paired "
+                   "comparison with the best configuration; 0: none.")
+@click.option("--n-boot", default=DEFAULT_N_BOOT, show_default=True, type=click.IntRange(min=1),
+              help="Bootstrap resamples of the Val clips (with --ci).")
 @_head_options
 def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, seeds: str, max_group_mib: int,
-                   hidden: int, dropout: float, input_layer: str, chain_order: str, n_heads: int, branch_blocks: int,
-                   branch_frames: bool, epochs: int, batch_size: int, lr: float, device: str, precision: str,
-                   progress: bool) -> None:
+                   ci: float, n_boot: int, hidden: int, dropout: float, input_layer: str, chain_order: str,
+                   n_heads: int, branch_blocks: int, branch_frames: bool, epochs: int, batch_size: int, lr: float,
+                   device: str, precision: str, progress: bool, report_to: str, tracking_dir: Path | None) -> None:
     """Train every arch x weighting x seed (runs of one arch jointly), resumably; print a Table I-style summary.
 
     `accelerate launch --num_processes N -m heads.ablate` (same options) spreads the joint groups over N
@@ -146,16 +176,22 @@ def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, see
     weighting_list = _csv_list(weightings, "weighting", WEIGHTING_CHOICES)
     seed_list = _seed_list(seeds)
     head = _head_config(hidden, dropout, input_layer, chain_order, n_heads, branch_blocks, branch_frames)
+    tracker = None
     try:
         from heads.ablate import run_grid  # noqa: PLC0415
         from heads.device import resolve_device  # noqa: PLC0415
 
         resolve_device(device)   # a machine without the device fails before anything loads
+        tracker = _tracker(report_to, tracking_dir, out, lambda run: out / run / "config.json")
         rows = run_grid(cache_path, out, archs=arch_list, weightings=weighting_list, seeds=seed_list, epochs=epochs,
                         batch_size=batch_size, lr=lr, head=head, progress=progress,
-                        max_group_bytes=max_group_mib * 2**20, device=device, precision=precision)
+                        max_group_bytes=max_group_mib * 2**20, device=device, precision=precision, ci=ci,
+                        n_boot=n_boot, tracker=tracker)
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err)) from None
+    finally:
+        if tracker is not None:
+            tracker.close()
     if not rows:   # another process of a multi-process grid: process 0 prints the tables
         return
     click.echo((out / "results.md").read_text(encoding="utf-8"), nl=False)

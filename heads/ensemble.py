@@ -29,6 +29,7 @@ import click
 import numpy as np
 
 from cache.atomic import write_json_atomic
+from heads.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, BootstrapConfig, score_intervals, with_intervals
 from heads.metrics import score_all
 from heads.runs import METRICS_FILE, find_runs, read_json_object, read_run_config
 from heads.submission import (
@@ -56,6 +57,8 @@ class EnsembleConfig:
     team: str = "avb"
     submission: int = 1
     cache: str | None = None  # overrides the cache named in the runs' config.json (labels only)
+    ci: float = DEFAULT_LEVEL  # bootstrap interval level of the Val scores in metrics.json (0: none)
+    n_boot: int = DEFAULT_N_BOOT
 
 
 @dataclass
@@ -373,13 +376,18 @@ def _write_predictions(folder: Path, ids: Sequence[str], preds: Mapping[str, np.
     return paths + [folder / PROBS_FILE]
 
 
-def _rescore_written(folder: Path, labels: CacheLabels, config: EnsembleConfig) -> dict[str, float]:
-    """Score the Val files as written, so metrics.json equals what `avb score` reports on them."""
+def _rescore_written(folder: Path, labels: CacheLabels, config: EnsembleConfig) -> dict[str, Any]:
+    """Score the Val files as written, so metrics.json equals what `avb score` reports on them; with
+    `config.ci`, each score gets its bootstrap interval `<score>_ci` (what `avb score --ci` reports)."""
     preds = {}
     for name in TASK_NAMES:
         _, ids, values = read_submission(folder / submission_name(TASKS[name], config.team, config.submission))
         preds[name] = SplitPredictions(ids, {name: values}).reindexed(labels.val_ids)[name]
-    return _short_metrics(score_all(labels.val_labels, preds))
+    metrics = _short_metrics(score_all(labels.val_labels, preds))
+    if not config.ci:
+        return metrics
+    boot = BootstrapConfig(level=config.ci, n_boot=config.n_boot)
+    return with_intervals(metrics, score_intervals(labels.val_labels, preds, boot))
 
 
 def _members_json(runs: Sequence[Run], members: Members, config: EnsembleConfig) -> dict[str, Any]:
@@ -403,6 +411,9 @@ def format_table(result: EnsembleResult) -> str:
         if i in used:
             lines.append(f"{run.name:<{width}}" + "".join(f"{run.scores[k]:>13.4f}" for k in keys))
     lines.append(f"{'ensemble':<{width}}" + "".join(f"{result.metrics[k]:>13.4f}" for k in keys))
+    if all(f"{k}_ci" in result.metrics for k in keys):
+        lines.append(f"{'  CI low':<{width}}" + "".join(f"{result.metrics[k + '_ci'][0]:>13.4f}" for k in keys))
+        lines.append(f"{'  CI high':<{width}}" + "".join(f"{result.metrics[k + '_ci'][1]:>13.4f}" for k in keys))
     return "\n".join(lines)
 
 
@@ -420,10 +431,15 @@ def format_table(result: EnsembleResult) -> str:
               help="Submission number in the file names.")
 @click.option("--cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Cache to read Val labels and Test ids from (default: the one in the runs' config.json).")
+@click.option("--ci", default=DEFAULT_LEVEL, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Level of the percentile-bootstrap interval of every Val score in metrics.json "
+                   "(<score>_ci = [low, high]); 0: no intervals.")
+@click.option("--n-boot", default=DEFAULT_N_BOOT, show_default=True, type=click.IntRange(min=1),
+              help="Bootstrap resamples of the Val clips (with --ci).")
 def ensemble_command(run_dirs: tuple[Path, ...], out: Path, strategy: str, top_k: int, rounds: int, team: str,
-                     submission: int, cache: Path | None) -> None:
+                     submission: int, cache: Path | None, ci: float, n_boot: int) -> None:
     """Ensemble RUN_DIRS (run dirs, or ablation dirs meaning every complete run inside) on Val."""
-    config = EnsembleConfig(strategy, top_k, rounds, team, submission, str(cache) if cache else None)
+    config = EnsembleConfig(strategy, top_k, rounds, team, submission, str(cache) if cache else None, ci, n_boot)
     try:
         result = build_ensemble(run_dirs, out, config)
     except (ValueError, OSError) as err:

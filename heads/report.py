@@ -5,7 +5,9 @@ Figures (each written only when its data exists):
 - `weights_<weighting>.png`: the per-epoch loss weights the weighting logged (DWA λ_k, RRUW 1/α_k², DRUW their
   sum), one panel per run and one line per task -- the figure that shows whether a weighting collapses;
 - `ablation.png`: the arch × weighting grid per task (mean over seeds), as heatmaps annotated with the score;
-- `ensemble_<name>.png`: every single run's Val score per task beside the ensemble's.
+- `ensemble_<name>.png`: every single run's Val score per task beside the ensemble's;
+- `probe_<name>.png`: for a probe folder (`avb probe`), the layer x task heatmap of the linear probes' Val
+  scores, coloured per task column (the tasks' metrics have different ranges) with the best layer marked.
 
 matplotlib is an optional extra (`plot`), imported only here and only when a report is made; figures are drawn
 with the Agg canvas directly (no pyplot, so no global backend state and no display needed).
@@ -24,7 +26,9 @@ import click
 import numpy as np
 
 from cache.atomic import atomic_path, write_text_atomic
-from heads.runs import METRICS_FILE, is_run_dir, read_json_object, read_run_config, runs_inside
+from heads.runs import (
+    METRICS_FILE, is_finetune_dir, is_run_dir, not_a_head_run, read_json_object, read_run_config, runs_inside,
+)
 from heads.tasks import HEADLINE_KEYS, TASK_NAMES, TASKS
 
 # What each weighting logs as its per-task weight (the y-axis label of its figure).
@@ -87,15 +91,23 @@ class EnsembleInfo:
 
 
 @dataclass
+class ProbeInfo:
+    path: Path
+    data: dict[str, Any]     # probe.json
+
+
+@dataclass
 class ReportInputs:
     runs: list[RunInfo] = field(default_factory=list)
     ensembles: list[EnsembleInfo] = field(default_factory=list)
     ablations: list[Path] = field(default_factory=list)
+    probes: list[ProbeInfo] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
 
 def collect_inputs(dirs: Iterable[str | os.PathLike]) -> ReportInputs:
-    """Classify each folder as a run, an ensemble (members.json) or an ablation (runs inside)."""
+    """Classify each folder as a run, an ensemble (members.json), a probe (probe.json) or an ablation (runs
+    inside)."""
     found = ReportInputs()
     seen: set[Path] = set()
 
@@ -114,6 +126,12 @@ def collect_inputs(dirs: Iterable[str | os.PathLike]) -> ReportInputs:
             raise ReportError(f"{path}: not a directory")
         if is_run_dir(path):
             add_run(path)
+        elif (path / "probe.json").is_file():
+            from heads.probe import read_probe  # noqa: PLC0415
+
+            found.probes.append(ProbeInfo(path, read_probe(path)))
+        elif is_finetune_dir(path):
+            raise not_a_head_run(path)
         elif (path / "members.json").is_file():
             found.ensembles.append(EnsembleInfo(path, read_json_object(path / "metrics.json")
                                                 if (path / "metrics.json").is_file() else {},
@@ -121,12 +139,12 @@ def collect_inputs(dirs: Iterable[str | os.PathLike]) -> ReportInputs:
         else:
             runs = runs_inside(path)
             if not runs:
-                raise ReportError(f"{path}: not a run, ensemble or ablation dir (no run dirs inside)")
+                raise ReportError(f"{path}: not a run, ensemble, probe or ablation dir (no run dirs inside)")
             found.ablations.append(path)
             for run in runs:
                 add_run(run)
-    if not found.runs and not found.ensembles:
-        raise ReportError("nothing to report: no complete runs or ensembles")
+    if not found.runs and not found.ensembles and not found.probes:
+        raise ReportError("nothing to report: no complete runs, ensembles or probes")
     return found
 
 
@@ -304,6 +322,49 @@ def plot_ensemble(make: Any, ensemble: EnsembleInfo, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def probe_grid(data: Mapping[str, Any]) -> tuple[list[str], list[str], np.ndarray]:
+    """(layers, tasks, headline scores [layers, tasks]) of a probe.json; NaN where a score is missing."""
+    layers, tasks = list(data["layers"]), list(data["tasks"])
+    grid = np.full((len(layers), len(tasks)), np.nan)
+    for i, layer in enumerate(layers):
+        for j, task in enumerate(tasks):
+            value = data["scores"].get(layer, {}).get(task, {}).get(TASKS[task].metric)
+            if isinstance(value, (int, float)):
+                grid[i, j] = float(value)
+    return layers, tasks, grid
+
+
+def plot_probe(make: Any, probe: ProbeInfo, path: Path) -> Path | None:
+    """Layer x task heatmap of the probes' Val scores. Colour is scaled per column (UAR and CCC have different
+    ranges and chance levels), the number in each cell is the score itself, the best layer is boxed."""
+    layers, tasks, grid = probe_grid(probe.data)
+    if not np.isfinite(grid).any():
+        return None
+    low, high = np.nanmin(grid, 0), np.nanmax(grid, 0)
+    shade = (grid - low) / np.where(high > low, high - low, 1.0)
+    fig, axes = make(1, 1, 1.6 + 1.5 * len(tasks), 1.0 + 0.36 * len(layers))
+    ax = axes[0][0]
+    ax.imshow(np.ma.masked_invalid(shade), cmap="viridis", aspect="auto", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(tasks)), [f"{TASKS[t].title}\n{TASKS[t].metric.upper()}" for t in tasks])
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_ylabel("layer")
+    from matplotlib.patches import Rectangle  # noqa: PLC0415 - matplotlib is optional
+
+    for j in range(len(tasks)):
+        column = grid[:, j]
+        best = int(np.nanargmax(column)) if np.isfinite(column).any() else None
+        for i in range(len(layers)):
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize="small",
+                        color="black" if shade[i, j] >= 0.5 else "white",
+                        fontweight="bold" if i == best else "normal")
+        if best is not None:
+            ax.add_patch(Rectangle((j - 0.5, best - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    where = probe.data.get("backbone", {}).get("model_type") or Path(str(probe.data.get("cache", ""))).name
+    fig.suptitle(f"linear probes ({where}): Val score per layer and task, best layer boxed")
+    return _save(fig, path)
+
+
 # -------------------------------------------------------------------------------------------------- tables
 
 def results_table(inputs: ReportInputs) -> tuple[list[str], list[list[str]]]:
@@ -321,23 +382,30 @@ def results_table(inputs: ReportInputs) -> tuple[list[str], list[list[str]]]:
 
 
 def markdown_table_html(text: str) -> str:
-    """The ablation's results.md (a pipe table, **bold**/*italic* cells, then notes) as HTML."""
+    """A results.md or probe.md (pipe tables with **bold**/*italic* cells, and paragraphs) as HTML, in order."""
+    parts: list[str] = []
     table: list[list[str]] = []
-    notes: list[str] = []
+
+    def flush() -> None:
+        if table:
+            head = "".join(f"<th>{_inline_md(c)}</th>" for c in table[0])
+            body = "\n".join("<tr>" + "".join(f"<td>{_inline_md(c)}</td>" for c in row) + "</tr>"
+                             for row in table[1:])
+            parts.append(f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>")
+            table.clear()
+
     for line in text.splitlines():
         line = line.strip()
         if line.startswith("|") and line.endswith("|"):
             cells = [c.strip() for c in line[1:-1].split("|")]
             if not all(set(c) <= set("-: ") for c in cells):  # skip the |---| separator row
                 table.append(cells)
-        elif line:
-            notes.append(line)
-    if not table:
-        return "".join(f"<p>{_inline_md(n)}</p>" for n in notes)
-    head = "".join(f"<th>{_inline_md(c)}</th>" for c in table[0])
-    body = "\n".join("<tr>" + "".join(f"<td>{_inline_md(c)}</td>" for c in row) + "</tr>" for row in table[1:])
-    return (f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
-            + "".join(f"<p>{_inline_md(n)}</p>" for n in notes))
+            continue
+        flush()
+        if line:
+            parts.append(f"<p>{_inline_md(line.lstrip('# '))}</p>")
+    flush()
+    return "".join(parts)
 
 
 def _inline_md(text: str) -> str:
@@ -364,6 +432,8 @@ def _data_links(inputs: ReportInputs, out: Path) -> list[Path]:
         files += [ens.path / "metrics.json", ens.path / "members.json"]
     for run in inputs.runs:
         files += [run.path / "metrics.json", run.path / "config.json"]
+    for probe in inputs.probes:
+        files += [probe.path / n for n in ("probe.csv", "probe.json", "probe.md")]
     return [f for f in files if f.is_file()]
 
 
@@ -381,7 +451,12 @@ def write_index(out: Path, inputs: ReportInputs, figures: Sequence[tuple[str, Pa
         if (ablation / "results.md").is_file():
             parts += [f"<h2>Ablation {html.escape(ablation.name)} (Table I layout, validation)</h2>",
                       markdown_table_html((ablation / "results.md").read_text(encoding="utf-8"))]
-    parts += ["<h2>Runs and ensembles (validation)</h2>", _html_table(header, rows)]
+    for probe in inputs.probes:
+        if (probe.path / "probe.md").is_file():
+            parts += [f"<h2>Linear probes {html.escape(probe.path.name)} (validation)</h2>",
+                      markdown_table_html((probe.path / "probe.md").read_text(encoding="utf-8"))]
+    if rows:
+        parts += ["<h2>Runs and ensembles (validation)</h2>", _html_table(header, rows)]
     for title, path in figures:
         src = html.escape(_rel(path, out))
         parts += [f"<h2>{html.escape(title)}</h2>", f"<a href='{src}'><img src='{src}' alt='{html.escape(title)}'></a>"]
@@ -419,6 +494,9 @@ def make_report(dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> tu
     for ens in inputs.ensembles:
         add(f"Ensemble {ens.path.name} vs single runs",
             plot_ensemble(make, ens, out / f"ensemble_{_safe(ens.path.name)}.png"))
+    for probe in inputs.probes:
+        add(f"Linear probes {probe.path.name}: Val score per layer and task",
+            plot_probe(make, probe, out / f"probe_{_safe(probe.path.name)}.png"))
     index = write_index(out, inputs, figures)
     return [p for _, p in figures] + [index], inputs.warnings
 
@@ -432,7 +510,8 @@ def _safe(name: str) -> str:
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the PNG figures and index.html.")
 def report_command(dirs: tuple[Path, ...], out: Path) -> None:
-    """Plot DIRS (run, ablation and ensemble dirs): Val curves, loss weights, the ablation grid, ensembles."""
+    """Plot DIRS (run, ablation, ensemble and probe dirs): Val curves, loss weights, the ablation grid,
+    ensembles, and the layer x task heatmap of linear probes."""
     try:
         files, warnings = make_report(dirs, out)
     except (ValueError, OSError) as err:

@@ -8,6 +8,18 @@
     <run>/metrics.json            best-epoch scores + per-epoch history; written LAST, so it marks completion
 
 An ablation directory holds many run directories (plus results.csv/md/json and its own config.json).
+
+A fine-tuning output (`avb finetune`) looks similar but is another thing: the backbone itself and the head
+trained end to end with it, on raw audio rather than cached features.
+
+    <ft>/config.json              the FinetuneConfig + "kind": "finetune", "finetune_format", "head", "layer_dims"
+    <ft>/backbone/                the best epoch's backbone (save_pretrained)
+    <ft>/head.safetensors         the best epoch's head (one run, R = 1)
+    <ft>/metrics.json             {"best": ..., "history": [...]} (rewritten after every validation)
+
+Its config.json carries the marker `"kind": "finetune"`, so readers can tell it from a head run (outputs of
+versions before the marker are recognised by their `lr_backbone` and `layer_dims` fields); `avb predict`
+applies its head to its own backbone, and run readers refuse it with a message saying what it is.
 """
 from __future__ import annotations
 
@@ -23,6 +35,9 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 HEAD_FILE = "head.safetensors"
 PREDICTIONS_DIR = "predictions"
+FINETUNE_KIND = "finetune"   # config.json "kind" of a fine-tuning output
+FINETUNE_FORMAT = 1          # bump when the files of a fine-tuning output change meaning
+BACKBONE_DIR = "backbone"
 
 
 class RunDirError(ValueError):
@@ -45,10 +60,51 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def is_finetune_config(config: dict[str, Any]) -> bool:
+    """The config.json of a fine-tuning output: the marker, or (before the marker existed) its telltale fields."""
+    if config.get("kind") == FINETUNE_KIND:
+        return True
+    return config.get("run_format") is None and "lr_backbone" in config and "layer_dims" in config
+
+
+def is_finetune_dir(path: str | os.PathLike) -> bool:
+    """A folder written by `avb finetune`: config.json (marked), backbone/ and head.safetensors."""
+    path = Path(path)
+    if not ((path / CONFIG_FILE).is_file() and (path / BACKBONE_DIR).is_dir() and (path / HEAD_FILE).is_file()):
+        return False
+    try:
+        return is_finetune_config(read_json_object(path / CONFIG_FILE))
+    except RunDirError:
+        return False
+
+
+def read_finetune_config(ft_dir: str | os.PathLike) -> dict[str, Any]:
+    """A fine-tuning output's config.json, refused when it was written by a newer fine-tuning format."""
+    path = Path(ft_dir) / CONFIG_FILE
+    config = read_json_object(path)
+    if not is_finetune_config(config):
+        raise RunDirError(f"{path}: not the config of a fine-tuning output (avb finetune)")
+    found = config.get("finetune_format", FINETUNE_FORMAT)
+    if found != FINETUNE_FORMAT:
+        raise RunDirError(f"{path}: written with finetune_format {found!r}; this version reads finetune_format "
+                          f"{FINETUNE_FORMAT}")
+    return config
+
+
+def not_a_head_run(ft_dir: str | os.PathLike) -> RunDirError:
+    """The error for a fine-tuning output given where head runs are expected: what it is and how to use it."""
+    ft_dir = Path(ft_dir)
+    return RunDirError(f"{ft_dir}: a fine-tuning output (avb finetune), not a head run: predict with it directly "
+                       f"(avb predict --model {ft_dir / BACKBONE_DIR} --heads {ft_dir}), or dump its backbone and "
+                       "train heads on the cache")
+
+
 def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     """A run's config.json, refused with a clear error when it was written by another run-folder format."""
     path = Path(run_dir) / CONFIG_FILE
     config = read_json_object(path)
+    if is_finetune_config(config):
+        raise not_a_head_run(run_dir)
     found = config.get("run_format")
     if found != RUN_FORMAT:
         what = "no run_format (an older version)" if found is None else f"run_format {found!r}"
@@ -58,9 +114,10 @@ def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def is_run_dir(path: Path) -> bool:
-    """A run dir holds its config plus weights or predictions (an ablation dir holds only a config)."""
+    """A run dir holds its config plus weights or predictions (an ablation dir holds only a config; a
+    fine-tuning output is not a head run)."""
     return (path / CONFIG_FILE).is_file() and (
-        (path / HEAD_FILE).is_file() or (path / PREDICTIONS_DIR).is_dir())
+        (path / HEAD_FILE).is_file() or (path / PREDICTIONS_DIR).is_dir()) and not is_finetune_dir(path)
 
 
 def is_complete(path: Path) -> bool:
@@ -85,6 +142,8 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[str]
         path = Path(given)
         if not path.is_dir():
             raise RunDirError(f"{path}: not a directory")
+        if is_finetune_dir(path):
+            raise not_a_head_run(path)
         candidates = [path] if is_run_dir(path) else runs_inside(path)
         if not candidates:
             raise RunDirError(f"{path}: neither a run dir nor an ablation dir with run dirs inside")

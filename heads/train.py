@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -553,6 +553,7 @@ def train_runs(
     cache_path: str | Path | None = None,
     device: str | torch.device | None = "cpu",
     provenance: dict | None = None,
+    tracker: Callable[[str, int, dict], None] | None = None,
 ) -> list[dict]:
     """Train `configs` jointly on `cache` and write one run folder each; returns each run's metrics dict.
 
@@ -561,6 +562,8 @@ def train_runs(
     head that attends over frames. `cache_path` is recorded in config.json (default: `cache.path`).
     `device` is where training runs ("auto", "cpu", "cuda", "cuda:N", "mps" or a torch.device);
     metrics.json records it under "trained_on", with `provenance` (e.g. the grid process that trained it).
+    `tracker` (e.g. `heads.tracking.HeadsTracker`) is called once per run and epoch with (run name, epoch,
+    that epoch's history entry).
     """
     out_dirs = [Path(d) for d in out_dirs]
     job = JointTraining(cache, configs, out_dirs, frames=frames, cache_path=cache_path,
@@ -570,6 +573,9 @@ def train_runs(
                disable=not progress, leave=False)
     for epoch in bar:
         job.validate(epoch, job.train_epoch(epoch))
+        if tracker is not None:
+            for r, name in enumerate(job.names):
+                tracker(name, epoch, job.history[r][-1])
         bar.set_postfix(best_mean=f"{job.best_mean.max():.4f}")
     bar.close()
     return job.finish()

@@ -10,11 +10,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cache.reader import load_cache
 from extract.cli import main as avb
 from heads import ablate as ablate_mod
 from heads.ablate import joint_groups, results_markdown, run_grid, run_state_bytes, summarise
+from heads.bootstrap import BootstrapConfig, resample_indices, score_intervals
+from heads.comparison import val_arrays
+from heads.ensemble import read_split_predictions
+from heads.metrics import score_task
 from heads.models import HeadConfig, build_head
-from heads.tasks import METRIC_KEYS
+from heads.tasks import METRIC_KEYS, TASKS
 from test_train import make_signal_cache
 
 torch.set_num_threads(1)
@@ -52,7 +57,8 @@ def test_grid_writes_one_folder_per_run_and_results(grid_dir):
     assert names == sorted(f"{a}-{w}-s{s}" for a in ("vanilla", "chain") for w in ("uniform", "rruw") for s in (0, 1))
     with open(grid_dir / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["arch", "weighting", "seed", *METRIC_KEYS, "mean", "best_epoch"]
+    cis = [f"{k}_ci_{end}" for k in (*METRIC_KEYS, "mean") for end in ("low", "high")]
+    assert list(rows[0]) == ["arch", "weighting", "seed", *METRIC_KEYS, "mean", "best_epoch", *cis]
     assert [(r["arch"], r["weighting"], r["seed"]) for r in rows][:4] == [
         ("vanilla", "uniform", "0"), ("vanilla", "uniform", "1"), ("vanilla", "rruw", "0"), ("vanilla", "rruw", "1")]
     for row in rows:  # every row is its run's metrics.json
@@ -95,6 +101,59 @@ def test_results_markdown_is_grouped_like_table_one(grid_dir):
         best = max(c["best"][key] for c in results["summary"])
         assert bold and all(b.startswith(f"**{best:.4f}".replace("0.", ".", 1)) for b in bold), key
     assert " ± " in body[0]
+
+
+def test_intervals_and_paired_comparisons_follow_from_the_runs_val_files(grid_dir, cache_file):
+    """Every run's interval equals bootstrapping its own Val files alone; the paired win fractions equal a slow
+    loop that rescores the two configurations' best runs on each resample with heads.metrics."""
+    results = json.loads((grid_dir / "results.json").read_text())
+    assert results["bootstrap"]["n_boot"] == 1000 and results["bootstrap"]["level"] == 0.95
+    cache = load_cache(cache_file, layers=[])
+    val_ids, val_labels = val_arrays(cache)
+    assert val_ids == sorted(val_ids) and len(val_ids) == 100
+    with open(grid_dir / "results.csv", newline="") as fh:
+        csv_rows = list(csv.DictReader(fh))
+    systems = {}
+    for row, line in zip(results["runs"], csv_rows):
+        name = f"{row['arch']}-{row['weighting']}-s{row['seed']}"
+        systems[name] = read_split_predictions(grid_dir / name / "predictions" / "val").reindexed(val_ids)
+        alone = score_intervals(val_labels, systems[name], BootstrapConfig())
+        for key in (*METRIC_KEYS, "mean"):
+            assert row[f"{key}_ci"] == pytest.approx(alone[key], abs=1e-12), (name, key)
+            assert [float(line[f"{key}_ci_low"]), float(line[f"{key}_ci_high"])] == row[f"{key}_ci"]
+            assert row[f"{key}_ci"][0] - 1e-6 <= row[key] <= row[f"{key}_ci"][1] + 1e-6
+    summary = results["summary"]
+    for key in ("type_uar", "high_ccc", "mean"):
+        top = max(summary, key=lambda c: c["best"][key])
+        assert results["bootstrap"]["best"][key] == f"{top['weighting']}-{top['arch']}"
+        assert [c["win_fraction"][key] for c in summary].count(None) == 1 and top["win_fraction"][key] is None
+        names = [f"{r['arch']}-{r['weighting']}-s{r['seed']}" for r in results["runs"]]
+        for cell in summary:
+            rep = f"{cell['arch']}-{cell['weighting']}-s{cell['best_seed']}"
+            assert cell["best_ci"][key] == results["runs"][names.index(rep)][f"{key}_ci"]
+    # the win fractions of one task by the obvious loop: rescore both best runs on each resample, ties count half
+    top = max(summary, key=lambda c: c["best"]["high_ccc"])
+    best_run = f"{top['arch']}-{top['weighting']}-s{top['best_seed']}"
+    for cell in summary:
+        if cell is top:
+            continue
+        run = f"{cell['arch']}-{cell['weighting']}-s{cell['best_seed']}"
+        wins = 0.0
+        for b in range(1000):
+            idx = resample_indices(100, b, 0)
+            a, c = (score_task(TASKS["high"], val_labels["high"][idx], systems[r]["high"][idx])["high_ccc"]
+                    for r in (run, best_run))
+            wins += 1.0 if a > c else 0.5 if a == c else 0.0
+        assert cell["win_fraction"]["high_ccc"] == pytest.approx(wins / 1000, abs=1e-12), run
+    text = (grid_dir / "results.md").read_text()
+    table_one = [line for line in text.splitlines() if line.startswith("| *") and not line.startswith("| **")]
+    low, high = summary[0]["best_ci"]["type_uar"]
+    assert f"[{low:.4f}, {high:.4f}]".replace("0.", ".") in table_one[0]
+    paired = [line for line in text.splitlines() if line.startswith("| Uniform Weighting · ")]
+    assert [line.split("|")[1].strip() for line in paired] == ["Uniform Weighting · VANILLA",
+                                                               "Uniform Weighting · CHAIN"]
+    assert sum(line.count("| best ") for line in text.splitlines() if " · " in line) == 5   # 4 tasks + mean
+    assert text.splitlines()[-1].endswith("Best value per column in bold.") and "paired bootstrap" in text
 
 
 def test_markdown_formatting_by_hand():

@@ -16,6 +16,7 @@ from scipy.stats import pearsonr
 from sklearn.metrics import recall_score
 
 from cache.writer import CacheWriter
+from heads.bootstrap import BootstrapConfig, score_intervals
 from heads.ensemble import ensemble_command, select_greedy
 from heads.metrics import score_all
 from heads.runs import RUN_FORMAT
@@ -216,9 +217,18 @@ def test_rescoring_the_written_val_predictions_reproduces_metrics_json(world, tm
         metrics = json.loads((out / "metrics.json").read_text())
         preds = {name: by_id(ids, values, world.val_ids) for name, (ids, values) in read_val(out).items()}
         rescored = score_all(world.val_labels, preds)
-        assert set(metrics) == set(rescored)
+        assert set(metrics) == set(rescored) | {f"{key}_ci" for key in rescored}
+        # resamples index the clips in id order (as `avb score --ci` does), so the same files give the same CIs
+        order = np.argsort(world.val_ids)
+        cis = score_intervals({k: v[order] for k, v in world.val_labels.items()},
+                              {k: v[order] for k, v in preds.items()}, BootstrapConfig(level=0.95, n_boot=1000))
         for key, value in rescored.items():
             assert metrics[key] == pytest.approx(value, abs=1e-12), (strategy, key)
+            assert metrics[f"{key}_ci"] == pytest.approx(cis[key], abs=1e-12), (strategy, key)
+            assert metrics[f"{key}_ci"][0] <= value <= metrics[f"{key}_ci"][1]
+    out = tmp_path / "no-ci"
+    assert invoke(*runs, "--out", out, "--ci", "0").exit_code == 0
+    assert not [k for k in json.loads((out / "metrics.json").read_text()) if k.endswith("_ci")]
 
 
 def test_mean_of_identical_runs_equals_the_run(world, tmp_path):

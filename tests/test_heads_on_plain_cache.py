@@ -6,7 +6,6 @@ on the run's own Val prediction files scored against the corpus.
 """
 import json
 
-import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -14,7 +13,7 @@ from click.testing import CliRunner
 from extract.cli import main
 from extract.corpus import read_corpus
 from extract.synth import synthesize_corpus
-from heads.tasks import TASKS
+from plain_cache import write_plain_h5
 
 DIMS = {"cnn": 48, "hidden_0": 64, "hidden_1": 64, "hidden_2": 64, "hidden_3": 64, "hidden_4": 64}
 
@@ -28,29 +27,11 @@ def write_plain_cache(path, corpus, rng):
     regress = [np.nan_to_num(corpus.labels[t], nan=0.5) for t in ("two", "high", "culture")]
     signal = np.hstack([onehot] + regress)                      # [N, 60]
     signal = (signal - signal.mean(0)) / (signal.std(0) + 1e-6)
-    str_dt = h5py.string_dtype("utf-8")
-    with h5py.File(path, "w") as f:
-        f.attrs.update({
-            "format": "avb-feature-cache", "format_version": 1,
-            "backbone": json.dumps({"name_or_path": "plain-h5py", "model_type": "none", "config": {}}),
-            "layers": json.dumps(list(DIMS)), "layer_dims": json.dumps(DIMS), "pooling": "masked_mean",
-            "dtype": "float16", "sample_rate": 16000, "clip_seconds": 2.5, "frame_layers": "[]", "frame_stride": 1,
-        })
-        f.create_dataset("ids", data=np.array(corpus.ids, dtype=object), dtype=str_dt)
-        f.create_dataset("splits", data=np.array(list(corpus.splits), dtype=object), dtype=str_dt)
-        f.create_dataset("n_frames", data=np.full(n, 124, dtype=np.int32))
-        labels = f.create_group("labels")
-        for name, task in TASKS.items():
-            ds = labels.create_dataset(name, data=corpus.labels[name].astype(np.float32))
-            ds.attrs["columns"] = json.dumps(list(task.columns))
-            if task.is_classification:
-                ds.attrs["classes"] = json.dumps(list(task.classes))
-        pooled = f.create_group("pooled")
-        for layer, dim in DIMS.items():
-            w = rng.normal(size=(signal.shape[1], dim)) / np.sqrt(signal.shape[1])
-            x = signal @ w + 0.1 * rng.normal(size=(n, dim))
-            pooled.create_dataset(layer, data=x.astype(np.float16))
-        f.attrs["n_clips"] = n
+    pooled = {}
+    for layer, dim in DIMS.items():
+        w = rng.normal(size=(signal.shape[1], dim)) / np.sqrt(signal.shape[1])
+        pooled[layer] = signal @ w + 0.1 * rng.normal(size=(n, dim))
+    write_plain_h5(path, corpus.ids, list(corpus.splits), corpus.labels, pooled)
 
 
 @pytest.fixture(scope="module")

@@ -235,4 +235,5 @@ def test_missing_audio_and_non_head_dirs_are_named(world, tmp_path):
     result = invoke(wav, "--model", model, "--heads", tmp_path / "empty", "--out", tmp_path / "p.csv")
     assert result.exit_code != 0
     assert error_line(result) == (f"Error: --heads {tmp_path / 'empty'}: neither a run dir (config.json + "
-                                     "head.safetensors) nor an ensemble dir (members.json)")
+                                     "head.safetensors), an ensemble dir (members.json) nor a fine-tuning output "
+                                     "(config.json + backbone/)")

@@ -150,4 +150,5 @@ def test_a_folder_without_runs_is_refused_by_name(tmp_path):
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(report_command, [str(tmp_path / "empty"), "--out", str(tmp_path / "r")])
     assert result.exit_code == 1
-    assert f"Error: {tmp_path / 'empty'}: not a run, ensemble or ablation dir (no run dirs inside)" in result.output
+    assert f"Error: {tmp_path / 'empty'}: not a run, ensemble, probe or ablation dir (no run dirs inside)" \
+        in result.output

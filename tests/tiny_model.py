@@ -1,14 +1,16 @@
-"""A tiny random wav2vec2 backbone for tests: no download, a forward pass in milliseconds on one CPU core.
+"""Tiny random wav2vec2-family backbones for tests: no download, a forward pass in milliseconds on one CPU core.
 
 The CNN keeps wav2vec2-base's overall stride (320 samples = 20 ms per frame, so a 2.5 s clip still gives
 124-125 frames and SpecAugment's 10-frame spans fit), but with three narrow layers instead of seven wide ones.
+The same sizes build a wav2vec2, a HuBERT or a WavLM model (`family`), so every tested family runs the same
+pipeline; WavLM's relative-position buckets are shrunk to fit the tiny model.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from transformers import Wav2Vec2Config, Wav2Vec2Model
+from transformers import HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2Model, WavLMConfig, WavLMModel
 
 TINY_CONFIG: dict = dict(
     hidden_size=32,
@@ -23,17 +25,24 @@ TINY_CONFIG: dict = dict(
     vocab_size=8,
     layerdrop=0.0,
 )
+FAMILIES: dict[str, tuple[type, type, dict]] = {
+    "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model, {}),
+    "hubert": (HubertConfig, HubertModel, {}),
+    "wavlm": (WavLMConfig, WavLMModel, {"num_buckets": 16, "max_bucket_distance": 64}),
+}
 
 
-def tiny_config(**overrides) -> Wav2Vec2Config:
-    """The tiny config, with any field overridden (e.g. feat_extract_norm="layer")."""
-    return Wav2Vec2Config(**{**TINY_CONFIG, **overrides})
+def tiny_config(family: str = "wav2vec2", **overrides):
+    """The tiny config of `family`, with any field overridden (e.g. feat_extract_norm="layer")."""
+    config_cls, _, extra = FAMILIES[family]
+    return config_cls(**{**TINY_CONFIG, **extra, **overrides})
 
 
-def make_tiny_backbone(directory: str | Path, *, seed: int = 0, **overrides) -> Path:
-    """Save a randomly initialised tiny Wav2Vec2Model with `save_pretrained` and return its directory."""
+def make_tiny_backbone(directory: str | Path, *, seed: int = 0, family: str = "wav2vec2", **overrides) -> Path:
+    """Save a randomly initialised tiny model of `family` with `save_pretrained` and return its directory."""
     directory = Path(directory)
     torch.manual_seed(seed)
-    model = Wav2Vec2Model(tiny_config(**overrides))
+    _, model_cls, _ = FAMILIES[family]
+    model = model_cls(tiny_config(family, **overrides))
     model.save_pretrained(directory)
     return directory

@@ -1,0 +1,110 @@
+"""Uncertainty of an ablation grid: bootstrap intervals of every run's Val scores, and a paired bootstrap of
+each configuration against the best one per task.
+
+Computed from what the runs wrote (each run folder's `predictions/val/`, matched to the cache's Val ids), not
+inside training: any finished grid can be re-analysed, and the training loop stays as it is. Every run is
+scored on the same resamples of the Val clips (in id order, as `avb score --ci` resamples them), which is
+what makes the comparison paired: a run that is better only on the clips a resample happens to favour shows
+up as a large win fraction for its rival.
+
+A configuration (weighting x architecture) is represented by the run Table I shows for it: its best seed by
+Val mean. Per task (and for the mean), the best configuration is the one whose representative scores highest;
+for every other one, the fraction of resamples on which it scores higher than the best is reported (ties
+count half, so a configuration whose best run predicts exactly like the best one gets 0.5).
+That fraction is a one-sided paired-bootstrap p-value for "the best really is better": below .025, the best
+wins on more than 97.5 % of redraws of the clips. The best was picked on the same Val clips, so the
+comparison flatters it somewhat; a held-out split would not.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from heads.bootstrap import BootstrapConfig, percentile_interval, score_distributions, win_fraction
+from heads.ensemble import read_split_predictions
+from heads.submission import bracket_id
+from heads.tasks import HEADLINE_KEYS, METRIC_KEYS, TASK_NAMES, TASKS
+
+COMPARED: tuple[tuple[str, str], ...] = tuple(
+    (HEADLINE_KEYS[name], f"{TASKS[name].title} {HEADLINE_KEYS[name].split('_')[1].upper()}") for name in TASK_NAMES
+) + (("mean", "Mean"),)
+CI_KEYS: tuple[str, ...] = (*METRIC_KEYS, "mean")
+
+
+class ComparisonError(ValueError):
+    """A run folder whose Val predictions cannot be compared (missing, or other clips than the cache's Val)."""
+
+
+def val_arrays(cache: Any) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The cache's Val ids sorted, and every task's labels in that order."""
+    rows = np.asarray(cache.indices("Val"))
+    order = rows[np.argsort(np.asarray(cache.ids)[rows], kind="stable")]
+    labels = {name: np.asarray(cache.labels[name], dtype=np.float64)[order] for name in TASK_NAMES}
+    return [str(i) for i in np.asarray(cache.ids)[order]], labels
+
+
+def run_distributions(run_dirs: Sequence[Path], val_ids: Sequence[str], val_labels: dict[str, np.ndarray],
+                      config: BootstrapConfig) -> list[dict[str, np.ndarray]]:
+    """Per run: score key -> its [n_boot] scores on the shared resamples, from the run's Val prediction files."""
+    systems = []
+    for run in run_dirs:
+        folder = Path(run) / "predictions" / "val"
+        preds = read_split_predictions(folder)
+        if preds is None or sorted(preds.preds) != sorted(TASK_NAMES):
+            raise ComparisonError(f"{folder}: the Val predictions of all four tasks are needed for the intervals")
+        have, want = set(preds.ids), set(val_ids)
+        if have != want:
+            odd = sorted(want - have) or sorted(have - want)
+            where = "the cache but not the predictions" if odd[0] in want else "the predictions but not the cache"
+            raise ComparisonError(f"{folder}: Val File_ID {bracket_id(odd[0])} is in {where}")
+        systems.append(preds.reindexed(val_ids))
+    return score_distributions(val_labels, systems, config)
+
+
+def add_uncertainty(rows: list[dict[str, Any]], summary: list[dict[str, Any]], run_dirs: Sequence[Path], cache: Any,
+                    config: BootstrapConfig) -> dict[str, Any]:
+    """Add `<key>_ci` to every row, and `best_ci` / `win_fraction` to every summary entry (in place).
+
+    Returns what results.json records about it: the bootstrap settings and the best configuration per key.
+    """
+    if len(rows) != len(run_dirs):
+        raise ComparisonError(f"{len(rows)} result rows but {len(run_dirs)} run folders")
+    val_ids, val_labels = val_arrays(cache)
+    dists = run_distributions(run_dirs, val_ids, val_labels, config)
+    for row, dist in zip(rows, dists):
+        for key in CI_KEYS:
+            row[f"{key}_ci"] = percentile_interval(dist[key], config.level)
+    index = {(r["weighting"], r["arch"], r["seed"]): i for i, r in enumerate(rows)}
+    reps = [index[(s["weighting"], s["arch"], s["best_seed"])] for s in summary]
+    best: dict[str, str] = {}
+    for entry, r in zip(summary, reps):
+        entry["best_ci"] = {key: rows[r][f"{key}_ci"] for key in CI_KEYS}
+        entry["win_fraction"] = {}
+    for key, _ in COMPARED:
+        top = max(range(len(summary)), key=lambda j: (summary[j]["best"][key], -j))   # ties: the first entry
+        best[key] = f"{summary[top]['weighting']}-{summary[top]['arch']}"
+        for j, entry in enumerate(summary):
+            entry["win_fraction"][key] = (None if j == top
+                                          else win_fraction(dists[reps[j]][key], dists[reps[top]][key]))
+    return {**config.to_dict(), "n_val_clips": len(val_ids), "best": best}
+
+
+def _fraction(x: float | None) -> str:
+    if x is None:
+        return "best"
+    text = f"{x:.3f}"
+    return text[1:] if text.startswith("0.") else text
+
+
+def paired_markdown(summary: Sequence[dict[str, Any]], titles: dict[str, str]) -> str:
+    """The table of win fractions: one row per configuration, one column per task's headline score and the mean."""
+    if not summary or "win_fraction" not in summary[0]:
+        return ""
+    lines = ["| Configuration | " + " | ".join(h for _, h in COMPARED) + " |", "|---|" + "---|" * len(COMPARED)]
+    for s in summary:
+        cells = [_fraction(s["win_fraction"][key]) for key, _ in COMPARED]
+        lines.append(f"| {titles[s['weighting']]} · {s['arch'].upper()} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
