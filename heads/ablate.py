@@ -63,6 +63,18 @@ STATE_ARRAYS = 5
 # Default budget of one joint call's training state. Fits 12 VANILLA/CHAIN runs at the paper's head size
 # (12 x 15.5 MiB) and 4 BRANCH runs (4 x 132 MiB): the HUME-scale BRANCH grid of 12 runs trains as 3 groups of 4.
 DEFAULT_MAX_GROUP_BYTES = 640 * 2**20
+# On a GPU the state of a joint call lives in device memory: a quarter of it by default (12 BRANCH runs need
+# ~1.6 GB), so a grid's joint groups are as large as the grid allows.
+GPU_GROUP_FRACTION = 0.25
+
+
+def default_group_bytes(device: Any) -> int:
+    """The joint-call budget when none is given: DEFAULT_MAX_GROUP_BYTES of host RAM, or a quarter of a GPU."""
+    import torch  # noqa: PLC0415
+
+    if getattr(device, "type", None) == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory * GPU_GROUP_FRACTION)
+    return DEFAULT_MAX_GROUP_BYTES
 
 
 class AblationError(ValueError):
@@ -203,7 +215,7 @@ def run_grid(
     head: HeadConfig | None = None,
     weighting_options: dict[str, dict] | None = None,
     progress: bool = True,
-    max_group_bytes: int = DEFAULT_MAX_GROUP_BYTES,
+    max_group_bytes: int | None = None,
     device: str | None = "auto",
     precision: str = "fp32",
     ci: float = DEFAULT_LEVEL,
@@ -213,7 +225,7 @@ def run_grid(
     """Train (or reuse) every arch x weighting x seed run under `out_dir` and write the result tables.
 
     The runs of one architecture train jointly in groups whose training state (`run_state_bytes` per run)
-    fits `max_group_bytes` (0: one group per architecture). Returns one row per run (RESULT_FIELDS), in grid
+    fits `max_group_bytes` (0: one group per architecture; None: `default_group_bytes` of the device). Returns one row per run (RESULT_FIELDS), in grid
     order. Writes `config.json` (the resolved grid), `results.csv`, `results.json` and `results.md` (Table I
     layout) into `out_dir`. Under `accelerate launch --num_processes N` every process trains its share of the
     joint groups (`heads.distributed`); rank 0 writes the tables once all have finished, the others return [].
@@ -230,9 +242,9 @@ def run_grid(
         epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
         head=head if head is not None else HeadConfig(),
         weighting_options={k.lower(): dict(v) for k, v in (weighting_options or {}).items()},
-        max_group_bytes=int(max_group_bytes), precision=precision,
+        max_group_bytes=-1 if max_group_bytes is None else int(max_group_bytes), precision=precision,
     )
-    if grid.max_group_bytes < 0:
+    if max_group_bytes is not None and grid.max_group_bytes < 0:
         raise AblationError(f"max_group_bytes must be >= 0 (0: no limit), got {grid.max_group_bytes}")
     unknown = sorted(set(grid.weighting_options) - set(WEIGHTINGS))
     if unknown:
@@ -242,6 +254,8 @@ def run_grid(
         raise AblationError(f"{out}: exists and is not a directory")
     procs = grid_processes()
     train_device = resolve_device(procs.device(device))
+    if max_group_bytes is None:
+        grid.max_group_bytes = default_group_bytes(train_device)
     cache = load_cache(cache_path)
     if procs.is_main:
         out.mkdir(parents=True, exist_ok=True)

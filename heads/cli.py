@@ -154,10 +154,10 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
 @click.option("--weightings", default=",".join(WEIGHTING_CHOICES), show_default=True,
               help="Loss weightings, comma-separated.")
 @click.option("--seeds", default="0", show_default=True, help="Seeds, comma-separated (e.g. 0,1,2).")
-@click.option("--max-group-mib", default=640, show_default=True, type=click.IntRange(min=0),  # = ablate's default
+@click.option("--max-group-mib", default=None, type=click.IntRange(min=0),
               help="Memory budget of one joint training call in MiB (per run: parameters, gradients, AdamW "
                    "moments, best-epoch copy); an architecture's runs train in as few equal groups as fit. "
-                   "0: no limit.")
+                   "0: no limit. Default: 640 on the CPU, a quarter of the GPU's memory on CUDA.")
 @click.option("--ci", default=DEFAULT_LEVEL, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Level of the percentile-bootstrap intervals in results.csv/.json/.md and of the paired "
                    "comparison with the best configuration; 0: none.")
@@ -185,7 +185,7 @@ def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, see
         tracker = _tracker(report_to, tracking_dir, out, lambda run: out / run / "config.json")
         rows = run_grid(cache_path, out, archs=arch_list, weightings=weighting_list, seeds=seed_list, epochs=epochs,
                         batch_size=batch_size, lr=lr, head=head, progress=progress,
-                        max_group_bytes=max_group_mib * 2**20, device=device, precision=precision, ci=ci,
+                        max_group_bytes=None if max_group_mib is None else max_group_mib * 2**20, device=device, precision=precision, ci=ci,
                         n_boot=n_boot, tracker=tracker)
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err)) from None

@@ -295,10 +295,19 @@ def test_cli_ablate_prints_table_and_train_writes_a_run(cache_file, tmp_path):
 
 
 def test_cli_max_group_mib_defaults_to_the_library_budget_and_rejects_negatives(cache_file, tmp_path):
+    import torch
+
     from heads.cli import ablate_command
 
     option = next(p for p in ablate_command.params if p.name == "max_group_mib")
-    assert option.default * 2**20 == ablate_mod.DEFAULT_MAX_GROUP_BYTES
+    assert option.default is None                       # the library decides, by device
+    assert ablate_mod.default_group_bytes(torch.device("cpu")) == ablate_mod.DEFAULT_MAX_GROUP_BYTES == 640 * 2**20
+    out = tmp_path / "default"
+    res = CliRunner().invoke(avb, ["heads", "ablate", "--cache", str(cache_file), "--out", str(out), "--archs",
+                                   "vanilla", "--weightings", "uniform", "--epochs", "1", "--hidden", "8",
+                                   "--no-progress", "--ci", "0"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "config.json").read_text())["max_group_bytes"] == 640 * 2**20
     res = CliRunner().invoke(avb, ["heads", "ablate", "--cache", str(cache_file), "--out", str(tmp_path / "g"),
                                    "--max-group-mib", "-1"])
     assert res.exit_code == 2 and "Invalid value for '--max-group-mib'" in res.output
