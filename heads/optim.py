@@ -19,7 +19,6 @@ from torch import Tensor
 
 from heads.layers import grad_sq_norms
 
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass
@@ -124,15 +123,12 @@ class StackedAdamW:
 
         Why torch's fused AdamW kernel: the update is memory-bound (every parameter, gradient and moment is
         read and written once per step, and a batch of 8 costs little else), and the kernel does it in one pass
-        without temporaries. On the CPU the clipping is folded into the same pass: the kernel divides the
-        gradient by `grad_scale` = 1 / clip coefficient (and stores it, so `p.grad` ends up clipped as with
-        `clip_grad_norm_`); the kernel takes one learning rate and one scale, so rows are grouped by equal
-        (rate, scale): one call on the whole tensors while no run is clipped and the rates are equal, else one
-        call per distinct (rate, scale) on the rows (views) of its runs. On an accelerator reading the norms
-        back would stall the device every step, so there the gradients are multiplied by the coefficients on
-        the device (a coefficient of 1 changes nothing) and rows are grouped by rate only.
+        without temporaries. Clipping multiplies the clipped runs' gradient rows by their coefficient, in place,
+        as `clip_grad_norm_` does (on the CPU only the rows of the runs that are clipped: a few of them in most
+        steps; on an accelerator every row by its coefficient, 1 for most, so the norms are never read back).
+        The kernel takes one learning rate, so rows are grouped by rate: one call on the whole tensors while
+        the runs' rates agree, else one call per distinct rate on the rows (views) of its runs.
         """
-        scales: list[float | None] = [None] * self.n_runs
         if self.max_grad_norm is not None:
             self.last_grad_norms = norms = self.grad_norms()
             coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
@@ -140,12 +136,7 @@ class StackedAdamW:
                 self._scale_rows_(coef)
             else:
                 coefs = coef.tolist()
-                # A coefficient whose inverse overflows (an infinite norm gives 0) cannot be a divisor: those runs
-                # get the plain multiplication of clip_grad_norm_ instead, in place, before the update.
-                tiny = [c * _FLOAT32_MAX < 1.0 for c in coefs]
-                if any(tiny):
-                    self._scale_rows_(torch.where(torch.tensor(tiny), coef, torch.ones_like(coef)))
-                scales = [1.0 / c if c < 1.0 and not t else None for c, t in zip(coefs, tiny)]
+                self._scale_runs_({r: c for r, c in enumerate(coefs) if c < 1.0})
         self.step_count += 1
         self._step_t.add_(1.0)
         lrs = self.lr.tolist()
@@ -154,33 +145,30 @@ class StackedAdamW:
             if not params:
                 continue
             states = [self._state(p) for p in params]
-            keys = [(lrs[r], scales[r]) for r in g.run_list]
+            keys = [lrs[r] for r in g.run_list]
             if all(k == keys[0] for k in keys):
                 calls = [(keys[0], list(params), [p.grad for p in params],
                           [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states])]
             else:
                 calls = self._row_calls(params, states, keys)
-            for (lr, scale), ps, grads, avgs, sqs in calls:
-                self._update(ps, grads, avgs, sqs, lr, scale, g.weight_decay)
+            for lr, ps, grads, avgs, sqs in calls:
+                self._update(ps, grads, avgs, sqs, lr, g.weight_decay)
 
     def _update(self, ps: list[Tensor], grads: list[Tensor], avgs: list[Tensor], sqs: list[Tensor], lr: float,
-                scale: float | None, weight_decay: float) -> None:
+                weight_decay: float) -> None:
         beta1, beta2 = self.betas
         if not self.fused:
-            self._update_foreach(ps, grads, avgs, sqs, lr, scale, weight_decay)
+            self._update_foreach(ps, grads, avgs, sqs, lr, weight_decay)
             return
-        grad_scale = None if scale is None else torch.tensor(scale, dtype=grads[0].dtype, device=grads[0].device)
         torch._fused_adamw_(
             ps, grads, avgs, sqs, [], [self._step_t] * len(ps), lr=lr, beta1=beta1, beta2=beta2,
-            weight_decay=weight_decay, eps=self.eps, amsgrad=False, maximize=False, grad_scale=grad_scale,
+            weight_decay=weight_decay, eps=self.eps, amsgrad=False, maximize=False, grad_scale=None,
             found_inf=None)
 
     def _update_foreach(self, ps: list[Tensor], grads: list[Tensor], avgs: list[Tensor], sqs: list[Tensor],
-                        lr: float, scale: float | None, weight_decay: float) -> None:
+                        lr: float, weight_decay: float) -> None:
         """The same AdamW step op by op (torch's multi-tensor formulation), for devices without the fused kernel."""
         beta1, beta2 = self.betas
-        if scale is not None:
-            torch._foreach_div_(grads, scale)
         bias1, bias2 = 1.0 - beta1 ** self.step_count, 1.0 - beta2 ** self.step_count
         torch._foreach_mul_(ps, 1.0 - lr * weight_decay)
         torch._foreach_lerp_(avgs, grads, 1.0 - beta1)
@@ -190,6 +178,17 @@ class StackedAdamW:
         torch._foreach_div_(denom, math.sqrt(bias2))
         torch._foreach_add_(denom, self.eps)
         torch._foreach_addcdiv_(ps, avgs, denom, -lr / bias1)
+
+    def _scale_runs_(self, coefs: dict[int, float]) -> None:
+        """Multiply the gradient rows of the runs in `coefs` (run -> coefficient, on the host) in place."""
+        if not coefs:
+            return
+        for g in self.groups:
+            rows = [(i, coefs[r]) for i, r in enumerate(g.run_list) if r in coefs]
+            for p in g.params:
+                if p.grad is not None:
+                    for i, c in rows:
+                        p.grad[i].mul_(c)
 
     def _scale_rows_(self, coef: Tensor) -> None:
         """Multiply each run's gradient rows by its coefficient (coef [R], on the parameters' device)."""
