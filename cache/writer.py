@@ -4,10 +4,12 @@ The writer buffers appended rows and writes them in blocks of `chunk_rows` into 
 grow in whole-chunk steps: the dump hands over a handful of clips per batch, and writing those one small
 slice at a time into 1.5 MB chunks would rewrite every chunk dozens of times. The file is written under a
 temporary name and renamed only by a successful `close()`, and `n_clips` is the last attribute written, so
-a crash never leaves something at the final path that a reader would take for a complete cache.
+a crash never leaves something at the final path that a reader would take for a complete cache. HDF5 writes
+through a `GuardedFile`, so a full disk ends in a WriteError (and no temporary file), never in a crash.
 """
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,7 +19,9 @@ import h5py
 import numpy as np
 
 from cache.atomic import atomic_path
+from cache.guarded_file import GuardedFile
 from cache.reader import label_meta, read_attrs
+from cache.write_errors import WriteError, write_errno
 from cache.format import (
     DTYPES, FORMAT_NAME, FORMAT_VERSION, FRAME_OFFSETS, FRAMES, IDS, LABELS, N_FRAMES, POOLED, POOLING,
     RESERVED_ATTRS, SPLITS, SPLITS_DS, CacheError, check_name, chunk_rows_for, code_version, encode_attr,
@@ -55,8 +59,11 @@ class CacheWriter:
         label_classes: Mapping[str, Sequence[str]] | None = None,
         chunk_rows: int = 1024,
         compression: str | None = None,
+        expected_clips: int | None = None,
     ) -> None:
+        """`expected_clips`: how many clips the file will hold, if known; only sizes the hint of a full disk."""
         self.path = Path(path)
+        self.expected_clips = expected_clips
         self.layer_dims = _check_layer_dims(layer_dims)
         self.label_columns = _check_label_columns(label_columns)
         self.label_classes = _check_label_classes(label_classes or {}, self.label_columns)
@@ -89,8 +96,9 @@ class CacheWriter:
         self._atomic = atomic_path(self.path, suffix=".h5")
         self._tmp = self._atomic.__enter__()
         try:
+            self._file = GuardedFile(self._tmp)
             # A generous chunk cache keeps a partly written chunk in memory between flushes.
-            self._h5 = h5py.File(self._tmp, "w", rdcc_nbytes=FLUSH_BYTES)
+            self._h5 = h5py.File(self._file, "w", rdcc_nbytes=FLUSH_BYTES)
             for key, value in root_attrs.items():
                 self._h5.attrs[key] = value
         except BaseException as err:
@@ -133,6 +141,7 @@ class CacheWriter:
         self._buffer_bytes += block["nbytes"]
         if self._buffer_rows >= self.chunk_rows or self._buffer_bytes >= FLUSH_BYTES:
             self._flush(final=False)
+            self._raise_write_error()
 
     def close(self) -> Path:
         """Write what is buffered, trim the datasets, set `n_clips` and rename the file into place."""
@@ -143,6 +152,8 @@ class CacheWriter:
             self._trim()
             self._h5.attrs["n_clips"] = int(self._n)
             self._h5.close()
+            self._file.close()
+            self._raise_write_error()
         except BaseException as err:
             self._abort(err)
             raise
@@ -155,6 +166,17 @@ class CacheWriter:
         self._abort(CacheError("aborted"))
 
     # ------------------------------------------------------------------ internals
+    def _raise_write_error(self) -> None:
+        """Raise the write failure the GuardedFile kept (HDF5 itself was told the write succeeded)."""
+        err = self._file.error
+        if err is None:
+            return
+        needed = self._file.high
+        if self.expected_clips and self.n_clips:
+            needed = max(needed, int(needed * self.expected_clips / self.n_clips))
+        code = write_errno(err) or err.errno or errno.EIO
+        raise WriteError(code, self.path, needed) from err
+
     def _root_attrs(self, attrs: Mapping[str, Any]) -> dict[str, Any]:
         for key in RESERVED_ATTRS:
             if key in attrs:
@@ -353,6 +375,9 @@ class CacheWriter:
             if h5 is not None and h5.id.valid:
                 h5.close()
         finally:
+            file = getattr(self, "_file", None)
+            if file is not None:
+                file.close()
             # Hands the exception to atomic_path, whose cleanup deletes the temporary file.
             self._atomic.__exit__(type(err), err, err.__traceback__)
 
@@ -514,7 +539,7 @@ def merge_shards(
         writer = CacheWriter(out_path, layer_dims=layer_dims, label_columns=label_columns, attrs=extra,
                              frame_layers=frame_layers, frame_stride=int(ref["frame_stride"]), dtype=ref["dtype"],
                              label_classes=label_classes, chunk_rows=chunk_rows_for(n_total, chunk_rows),
-                             compression=compression)
+                             compression=compression, expected_clips=n_total)
         with writer:
             for b0 in range(0, n_total, block):
                 sh, rw = src_shard[b0:b0 + block], src_row[b0:b0 + block]

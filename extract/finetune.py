@@ -46,7 +46,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cache.atomic import write_json_atomic
+from cache.atomic import write_json_atomic, written_via
+from cache.command import command_errors
+from cache.lock import hold_output
 from heads.models import ARCHS
 from heads.tasks import TASK_NAMES
 
@@ -234,6 +236,11 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def state_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers: about what saving its weights writes."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
 def save_best(unwrapped: FinetuneModel, out: Path, step: int | None = None) -> None:
     """OUT/backbone (save_pretrained) and OUT/head.safetensors, each replaced atomically.
 
@@ -247,10 +254,12 @@ def save_best(unwrapped: FinetuneModel, out: Path, step: int | None = None) -> N
     tmp = out / ".backbone.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    unwrapped.backbone.save_pretrained(tmp)
+    with written_via(tmp, out / "backbone", state_bytes(unwrapped.backbone)):
+        unwrapped.backbone.save_pretrained(tmp)
     _replace_dir(tmp, out / "backbone")
     state = {k: v.detach().float().cpu().contiguous() for k, v in unwrapped.head.state_dict().items()}
-    with atomic_path(out / "head.safetensors", suffix=".safetensors") as path:
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    with atomic_path(out / "head.safetensors", suffix=".safetensors", size=size) as path:
         save_file(state, str(path), metadata={"format": "pt", **({"step": str(step)} if step is not None else {})})
 
 
@@ -341,15 +350,9 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
     """Train (or resume) one fine-tuning run; every process calls this. Returns the metrics dict."""
     cfg.validate()
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
-    from safetensors.torch import load_file, save_file
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
 
-    from extract.backbone import layer_dims, load_backbone, make_accelerator
-    from extract.clips import ClipDataset, EpochShuffleSampler, collate_clips
+    from extract.backbone import load_backbone, make_accelerator
     from extract.corpus import read_corpus
-    from heads.models import HeadConfig, MultiTaskHead
-    from heads.weighting import build_weighting
 
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
@@ -377,6 +380,26 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
         gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
+    # One lock for all ranks (rank 0 holds it): a second run into the same --out stops before writing anything.
+    with hold_output(out, ranks=accelerator):
+        return _train(cfg, accelerator, corpus, backbone, train_rows, val_rows, latest, progress=progress)
+
+
+def _train(cfg: FinetuneConfig, accelerator: Any, corpus: Any, backbone: nn.Module, train_rows: np.ndarray,
+           val_rows: np.ndarray, latest: Path | None, *, progress: bool) -> dict[str, Any]:
+    """The rest of `run_finetune` (head, optimizer, resume, epochs), run while it holds the output's lock."""
+    from accelerate.utils import set_seed
+    from safetensors.torch import load_file, save_file
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from extract.backbone import layer_dims
+    from extract.clips import ClipDataset, EpochShuffleSampler, collate_clips
+    from heads.models import HeadConfig, MultiTaskHead
+    from heads.weighting import build_weighting
+
+    out = Path(cfg.out)
+    ckpt_root = out / "checkpoints"
     world, rank = accelerator.num_processes, accelerator.process_index
     if len(train_rows) < cfg.batch_size * world:
         raise FinetuneError(f"corpus {cfg.corpus} has {len(train_rows)} fully labelled Train clips, fewer than one "
@@ -451,12 +474,15 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        save_file({"state": dropout_gen.get_state()}, str(_generator_file(tmp, rank)))
-        state.scheduler = scheduler_state(scheduler)
-        accelerator.wait_for_everyone()
+        # model + AdamW's two moments of every trainable parameter
+        with written_via(tmp, final, 3 * state_bytes(unwrapped), remove=accelerator.is_main_process):
+            accelerator.save_state(str(tmp))
+            save_file({"state": dropout_gen.get_state()}, str(_generator_file(tmp, rank)))
+            state.scheduler = scheduler_state(scheduler)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                write_json_atomic(tmp / STATE_FILE, _finite(asdict(state)))   # written last: marks it complete
         if accelerator.is_main_process:
-            write_json_atomic(tmp / STATE_FILE, _finite(asdict(state)))   # written last: marks it complete
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -597,10 +623,8 @@ def finetune_command(corpus: Path, model: str, out: Path, epochs: int, batch_siz
                          arch=arch, weighting=weighting, freeze_cnn=freeze_cnn, grad_accum=grad_accum,
                          grad_clip=grad_clip, mixed_precision=mixed_precision, max_steps=max_steps, resume=resume,
                          seed=seed, num_workers=num_workers)
-    try:
+    with command_errors():  # FinetuneError, CorpusError, BackboneLoadError, write errors, SIGINT/SIGTERM, ...
         metrics = run_finetune(cfg, progress=not quiet)
-    except ValueError as err:  # FinetuneError, CorpusError, BackboneLoadError, HeadConfigError, ...
-        raise click.ClickException(str(err)) from None
     best = metrics.get("best") or {}
     if best and os.environ.get("RANK", "0") == "0":
         click.echo(f"best epoch {best['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in best["val"].items()

@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cache.atomic import write_json_atomic, write_text_atomic
+from cache.lock import holds_output
 from heads.models import HeadConfig, MultiTaskHead
 from heads.tasks import METRIC_KEYS
 from heads.runs import CONFIG_FILE, METRICS_FILE
@@ -177,6 +178,7 @@ def _row(cfg: TrainConfig, metrics: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+@holds_output("out_dir")   # a second grid on the same folder stops at once (cache.lock)
 def run_grid(
     cache_path: str | Path,
     out_dir: str | Path,

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from cache.command import command_errors
+from cache.lock import hold_output
 from heads.tasks import METRIC_KEYS
 
 ARCH_CHOICES = ("vanilla", "chain", "branch")
@@ -89,7 +91,7 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
                   epochs: int, batch_size: int, lr: float, progress: bool) -> None:
     """Train one head run on the cache's Train split, select its best epoch on Val, predict Val and Test."""
     head = _head_config(hidden, dropout, input_layer, chain_order, n_heads, branch_blocks, branch_frames)
-    try:
+    with command_errors(), hold_output(out):  # the run folder is locked while it is written
         from cache.reader import load_cache  # noqa: PLC0415
         from heads.train import TrainConfig, train_runs  # noqa: PLC0415
 
@@ -102,8 +104,6 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
 
             frames = FrameReader(cache_path)
         metrics = train_runs(cache, [cfg], [out], progress=progress, frames=frames, cache_path=cache_path)[0]
-    except (ValueError, OSError) as err:
-        raise click.ClickException(str(err)) from None
     click.echo(f"best epoch {metrics['best_epoch']} of {epochs} (Val):")
     for key in (*METRIC_KEYS, "mean"):
         click.echo(f"  {key:<16} {metrics[key]:.4f}")
@@ -132,12 +132,10 @@ def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, see
     weighting_list = _csv_list(weightings, "weighting", WEIGHTING_CHOICES)
     seed_list = _seed_list(seeds)
     head = _head_config(hidden, dropout, input_layer, chain_order, n_heads, branch_blocks, branch_frames)
-    try:
+    with command_errors():
         from heads.ablate import run_grid  # noqa: PLC0415
 
         run_grid(cache_path, out, archs=arch_list, weightings=weighting_list, seeds=seed_list, epochs=epochs,
                  batch_size=batch_size, lr=lr, head=head, progress=progress, max_group_bytes=max_group_mib * 2**20)
-    except (ValueError, OSError) as err:
-        raise click.ClickException(str(err)) from None
     click.echo((out / "results.md").read_text(encoding="utf-8"), nl=False)
     click.echo(f"wrote {out / 'results.csv'}, {out / 'results.json'} and {out / 'results.md'}")

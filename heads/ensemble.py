@@ -29,6 +29,7 @@ import click
 import numpy as np
 
 from cache.atomic import write_json_atomic
+from cache.command import command_errors
 from heads.metrics import score_all
 from heads.runs import METRICS_FILE, find_runs, read_json_object, read_run_config
 from heads.submission import (
@@ -424,10 +425,8 @@ def ensemble_command(run_dirs: tuple[Path, ...], out: Path, strategy: str, top_k
                      submission: int, cache: Path | None) -> None:
     """Ensemble RUN_DIRS (run dirs, or ablation dirs meaning every complete run inside) on Val."""
     config = EnsembleConfig(strategy, top_k, rounds, team, submission, str(cache) if cache else None)
-    try:
+    with command_errors():
         result = build_ensemble(run_dirs, out, config)
-    except (ValueError, OSError) as err:
-        raise click.ClickException(str(err)) from None
     for warning in result.warnings:
         click.echo(f"Warning: {warning}", err=True)
     click.echo(format_table(result))

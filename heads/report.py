@@ -13,6 +13,7 @@ with the Agg canvas directly (no pyplot, so no global backend state and no displ
 from __future__ import annotations
 
 import html
+import io
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,7 +24,8 @@ from typing import Any
 import click
 import numpy as np
 
-from cache.atomic import atomic_path, write_text_atomic
+from cache.atomic import write_bytes_atomic, write_text_atomic
+from cache.command import command_errors
 from heads.runs import METRICS_FILE, is_run_dir, read_json_object, read_run_config, runs_inside
 from heads.tasks import HEADLINE_KEYS, TASK_NAMES, TASKS
 
@@ -169,8 +171,9 @@ def _figure_factory():
 
 
 def _save(fig: Any, path: Path) -> Path:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
+    buffer = io.BytesIO()   # rendered first: the write then knows its size (for a full disk's message)
+    fig.savefig(buffer, format="png")
+    write_bytes_atomic(path, buffer.getvalue(), suffix=".png")
     return path
 
 
@@ -433,10 +436,8 @@ def _safe(name: str) -> str:
               help="Folder for the PNG figures and index.html.")
 def report_command(dirs: tuple[Path, ...], out: Path) -> None:
     """Plot DIRS (run, ablation and ensemble dirs): Val curves, loss weights, the ablation grid, ensembles."""
-    try:
+    with command_errors():
         files, warnings = make_report(dirs, out)
-    except (ValueError, OSError) as err:
-        raise click.ClickException(str(err)) from None
     for warning in warnings:
         click.echo(f"Warning: {warning}", err=True)
     for path in files:
