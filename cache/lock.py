@@ -88,7 +88,7 @@ class OutputLock:
         if held is not None:
             held[0] += 1
             return
-        with writing(self.path):
+        with writing(self.target):   # a read-only or full file system is named by the output it locks
             self.path.parent.mkdir(parents=True, exist_ok=True)
             while True:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)

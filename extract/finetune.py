@@ -256,7 +256,7 @@ def save_best(unwrapped: FinetuneModel, out: Path, step: int | None = None) -> N
         shutil.rmtree(tmp)
     with written_via(tmp, out / "backbone", state_bytes(unwrapped.backbone)):
         unwrapped.backbone.save_pretrained(tmp)
-    _replace_dir(tmp, out / "backbone")
+        _replace_dir(tmp, out / "backbone")
     state = {k: v.detach().float().cpu().contiguous() for k, v in unwrapped.head.state_dict().items()}
     size = sum(t.numel() * t.element_size() for t in state.values())
     with atomic_path(out / "head.safetensors", suffix=".safetensors", size=size) as path:
@@ -469,13 +469,13 @@ def _train(cfg: FinetuneConfig, accelerator: Any, corpus: Any, backbone: nn.Modu
     def save_checkpoint() -> None:
         name = f"step-{state.step:08d}"
         tmp, final = ckpt_root / f".tmp-{name}", ckpt_root / name
-        if accelerator.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        # model + AdamW's two moments of every trainable parameter
+        # model + AdamW's two moments of every trainable parameter; a failure or a signal removes the half folder
         with written_via(tmp, final, 3 * state_bytes(unwrapped), remove=accelerator.is_main_process):
+            if accelerator.is_main_process:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            accelerator.wait_for_everyone()
             accelerator.save_state(str(tmp))
             save_file({"state": dropout_gen.get_state()}, str(_generator_file(tmp, rank)))
             state.scheduler = scheduler_state(scheduler)
