@@ -194,12 +194,26 @@ def run_dump(cfg: DumpConfig, *, progress: bool = True) -> DumpResult:
     cfg.validate()
     from accelerate.utils import InitProcessGroupKwargs
 
-    from extract.backbone import layer_names, load_backbone, make_accelerator
-    from extract.corpus import read_corpus
+    from extract.backbone import make_accelerator
 
     out = Path(cfg.out)
     if out.is_dir():
         raise DumpError(f"--out {out} is a directory; give the path of the .h5 file to write")
+    # Ranks wait for each other once, for the slowest shard; after a crash one rank may reuse its shard while
+    # another recomputes its own for hours, so the barrier must not time out after the default 30 minutes.
+    accelerator = make_accelerator(mixed_precision=cfg.mixed_precision,
+                                   kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=48))])
+    # One lock for all ranks (rank 0 holds it): a second dump into the same file stops before it loads anything.
+    with hold_output(out, is_file=True, ranks=accelerator):
+        return _dump_in_role(cfg, accelerator, progress)
+
+
+def _dump_in_role(cfg: DumpConfig, accelerator: Any, progress: bool) -> DumpResult:
+    """This rank's shard, the barrier and (rank 0) the merge; `run_dump` holds the output's lock meanwhile."""
+    from extract.backbone import layer_names, load_backbone
+    from extract.corpus import read_corpus
+
+    out = Path(cfg.out)
     corpus = read_corpus(cfg.corpus)
     if len(corpus) == 0:
         raise DumpError(f"corpus {cfg.corpus} has no clips")
@@ -209,20 +223,6 @@ def run_dump(cfg: DumpConfig, *, progress: bool = True) -> DumpResult:
         raise DumpError(f"unknown frame layer(s) {', '.join(unknown)}; this backbone has "
                         f"{', '.join(layer_names(model))}")
     attrs = expected_attrs(cfg, model)
-
-    # Ranks wait for each other once, for the slowest shard; after a crash one rank may reuse its shard while
-    # another recomputes its own for hours, so the barrier must not time out after the default 30 minutes.
-    accelerator = make_accelerator(mixed_precision=cfg.mixed_precision,
-                                   kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=48))])
-    # One lock for all ranks (rank 0 holds it): a second dump into the same file stops before writing anything.
-    with hold_output(out, is_file=True, ranks=accelerator):
-        return _dump_in_role(cfg, accelerator, corpus, model, attrs, progress)
-
-
-def _dump_in_role(cfg: DumpConfig, accelerator: Any, corpus: Any, model: Any, attrs: dict[str, Any],
-                  progress: bool) -> DumpResult:
-    """This rank's shard, the barrier and (rank 0) the merge; `run_dump` holds the output's lock meanwhile."""
-    out = Path(cfg.out)
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     show = progress and accelerator.is_local_main_process
