@@ -89,19 +89,13 @@ def describe(err: OSError) -> str:
     code = write_errno(err)
     path = getattr(err, "filename", None)
     reason = REASONS.get(code) if code is not None else (err.strerror or str(err)).lower()
-    if code is not None and code != errno.ENOSPC and code != errno.EDQUOT:
+    if code != errno.ENOSPC:
         return f"{path}: {reason}" if path else reason
     needed = getattr(err, "needed", None)
-    extra = ""
-    if needed:
-        if code == errno.EDQUOT:
-            extra = f" (the write needs about {_mib(max(needed, MIB // 10))} MiB)"
-        else:
-            free = free_bytes(path) if path else None
-            if free is not None and needed > free:
-                extra = f" (needs about {_mib(max(needed - free, MIB // 10))} MiB more)"
-    text = f"{reason}{extra}"
-    return f"{path}: {text}" if path else text
+    free = free_bytes(path) if needed and path else None
+    extra = f" (needs about {_mib(max(needed - free, MIB // 10))} MiB more)" if free is not None and needed > free \
+        else ""   # no estimate, or one that would fit: better no figure than a wrong one
+    return f"{path}: {reason}{extra}" if path else f"{reason}{extra}"
 
 
 @contextmanager
