@@ -76,7 +76,7 @@ def lock_path(target: str | os.PathLike, *, is_file: bool = False) -> Path:
 class OutputLock:
     """The lock of one output; `acquire` raises FolderInUse when a live process of another command holds it."""
 
-    _held: dict[str, list] = {}   # lock path -> [count, fd] for the locks this process holds
+    _held: dict[str, list] = {}   # lock path -> [count, fd, made the folder] for the locks this process holds
 
     def __init__(self, target: str | os.PathLike, *, is_file: bool = False) -> None:
         self.target = Path(target)
@@ -89,9 +89,13 @@ class OutputLock:
             held[0] += 1
             return
         with writing(self.target):   # a read-only or full file system is named by the output it locks
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            while True:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            while True:   # again when the holder released (and removed) the file we opened meanwhile
+                self._made = not self.path.parent.exists()
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                except FileNotFoundError:   # its holder removed the folder between our mkdir and open
+                    continue
                 try:
                     if not self._exclusive(fd):
                         holder = _read_holder(self.path)
@@ -104,9 +108,13 @@ class OutputLock:
                 os.close(fd)
             stamp = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                 "command": " ".join(sys.argv)[:500], "since": time.time()})
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (stamp + "\n").encode("utf-8"), 0)
-        self._held[self._key] = [1, fd]
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (stamp + "\n").encode("utf-8"), 0)
+            except BaseException:
+                os.close(fd)
+                raise
+        self._held[self._key] = [1, fd, self._made]
 
     def release(self) -> None:
         held = self._held.get(self._key)
@@ -118,7 +126,9 @@ class OutputLock:
         del self._held[self._key]
         try:
             self.path.unlink(missing_ok=True)   # while still locked: nobody can have taken it meanwhile
-        except OSError:
+            if held[2]:
+                self.path.parent.rmdir()        # a folder made only for the lock: a refused run leaves nothing
+        except OSError:                         # (not empty: the command wrote its outputs there)
             pass
         os.close(held[1])
 

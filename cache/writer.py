@@ -25,7 +25,7 @@ from cache.write_errors import WriteError, write_errno
 from cache.format import (
     DTYPES, FORMAT_NAME, FORMAT_VERSION, FRAME_OFFSETS, FRAMES, IDS, LABELS, N_FRAMES, POOLED, POOLING,
     RESERVED_ATTRS, SPLITS, SPLITS_DS, CacheError, check_name, chunk_rows_for, code_version, encode_attr,
-    frame_chunk_rows, n_frames_kept, read_ranges, read_rows,
+    frame_chunk_rows, n_frames_kept, read_ranges, read_rows, where,
 )
 
 # Attributes a cache needs that only the caller knows (the dump fills them from the backbone and audio config).
@@ -214,21 +214,25 @@ class CacheWriter:
     ) -> dict[str, Any]:
         ids = list(ids)
         b = len(ids)
+
+        def at(i: int, what: str | None = None) -> str:   # where clip i of the batch would go in the file
+            return "append: " + where(self.path, self.n_clips + i, ids[i], what)
+
         batch_seen: set[str] = set()
-        for clip_id in ids:
+        for i, clip_id in enumerate(ids):
             if not isinstance(clip_id, str) or not clip_id:
                 raise CacheError(f"append: ids must be non-empty strings, got {clip_id!r}")
             if clip_id.startswith("["):
                 raise CacheError(f"append: id {clip_id!r} has brackets; the cache stores ids without them")
             if clip_id in self._seen or clip_id in batch_seen:
-                raise CacheError(f"append: duplicate id '{clip_id}' in {self.path}")
+                raise CacheError(f"{at(i)}: duplicate File_ID (already appended)")
             batch_seen.add(clip_id)
         splits = list(splits)
         if len(splits) != b:
             raise CacheError(f"append: {len(splits)} splits for {b} ids")
-        for clip_id, split in zip(ids, splits):
+        for i, split in enumerate(splits):
             if split not in SPLITS:
-                raise CacheError(f"append: split {split!r} of id '{clip_id}' is not one of {', '.join(SPLITS)}")
+                raise CacheError(f"{at(i, 'split')}: {split!r} is not one of {', '.join(SPLITS)}")
 
         nf = np.asarray(n_frames)
         if nf.shape != (b,) or (b and not np.issubdtype(nf.dtype, np.integer)):
@@ -237,7 +241,7 @@ class CacheWriter:
         nf = nf.astype(np.int32)
         if b and nf.min() < 1:
             bad = int(np.argmin(nf))
-            raise CacheError(f"append: n_frames of id '{ids[bad]}' is {int(nf[bad])}; every clip needs >= 1 valid frame")
+            raise CacheError(f"{at(bad, 'n_frames')}: {int(nf[bad])}; every clip needs >= 1 valid frame")
 
         _check_keys("labels", labels, self.label_columns)
         label_block: dict[str, np.ndarray] = {}
@@ -246,12 +250,13 @@ class CacheWriter:
             if arr.shape != (b, len(columns)):
                 raise CacheError(f"append: labels['{name}'] has shape {tuple(arr.shape)}, expected ({b}, {len(columns)})")
             if name in self.label_classes:
-                known = arr[~np.isnan(arr)]
                 n_cls = len(self.label_classes[name])
-                bad = (known != np.round(known)) | (known < 0) | (known >= n_cls)
+                with np.errstate(invalid="ignore"):   # NaN (unknown) is allowed
+                    bad = ~np.isnan(arr) & ((arr != np.round(arr)) | (arr < 0) | (arr >= n_cls))
                 if bad.any():
-                    raise CacheError(f"append: labels['{name}'] holds {float(known[bad][0])!r}, "
-                                     f"not a class index in 0..{n_cls - 1} (or NaN)")
+                    i = int(np.argwhere(bad)[0][0])
+                    raise CacheError(f"{at(i, f'labels[{name!r}]')}: {float(arr[bad][0])!r} is not a class index in "
+                                     f"0..{n_cls - 1} (or NaN)")
             label_block[name] = arr
 
         _check_keys("pooled", pooled, self.layer_dims)
@@ -261,7 +266,7 @@ class CacheWriter:
             arr = np.asarray(pooled[layer])
             if arr.shape != (b, dim):
                 raise CacheError(f"append: pooled['{layer}'] has shape {tuple(arr.shape)}, expected ({b}, {dim})")
-            arr = _cast_finite(arr, self.dtype, f"pooled['{layer}']", ids)
+            arr = _cast_finite(arr, self.dtype, f"pooled['{layer}']", at)
             pooled_block[layer] = arr
             nbytes += arr.nbytes
 
@@ -281,9 +286,9 @@ class CacheWriter:
                     arr = np.asarray(clip)
                     if arr.shape != (int(want[i]), dim):
                         raise CacheError(
-                            f"append: frames['{layer}'] of id '{ids[i]}' has shape {tuple(arr.shape)}, expected "
-                            f"({int(want[i])}, {dim}) = (ceil(n_frames {int(nf[i])} / stride {self.frame_stride}), dim)")
-                    arr = _cast_finite(arr, self.dtype, f"frames['{layer}']", [ids[i]] * len(arr))
+                            f"{at(i, f'frames[{layer!r}]')}: shape {tuple(arr.shape)}, expected ({int(want[i])}, "
+                            f"{dim}) = (ceil(n_frames {int(nf[i])} / stride {self.frame_stride}), dim)")
+                    arr = _cast_finite(arr, self.dtype, f"frames['{layer}']", lambda _, what, i=i: at(i, what))
                     cast.append(arr)
                     nbytes += arr.nbytes
                 frame_block[layer] = cast
@@ -391,7 +396,8 @@ def _write(ds: h5py.Dataset, start: int, data: np.ndarray, step: int) -> None:
         ds[start:end] = data
 
 
-def _cast_finite(arr: np.ndarray, dtype: np.dtype, what: str, ids: Sequence[str]) -> np.ndarray:
+def _cast_finite(arr: np.ndarray, dtype: np.dtype, what: str, at: Any) -> np.ndarray:
+    """`arr` as `dtype`, refused when a value is not finite there; `at(row, what)` says where row `row` goes."""
     if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
         raise CacheError(f"append: {what} has dtype {arr.dtype}, expected a float array")
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, with the clip id
@@ -399,7 +405,7 @@ def _cast_finite(arr: np.ndarray, dtype: np.dtype, what: str, ids: Sequence[str]
     finite = np.isfinite(out)
     if not finite.all():
         row = int(np.argwhere(~finite)[0][0])
-        raise CacheError(f"append: {what} of id '{ids[row]}' is not finite after casting to {dtype} "
+        raise CacheError(f"{at(row, what)}: not finite after casting to {dtype} "
                          f"(source value {arr[np.unravel_index(int(np.argmin(finite)), arr.shape)]!r})")
     return out
 
@@ -495,20 +501,20 @@ def merge_shards(
         shard_of = np.concatenate([np.full(len(x), s, np.int64) for s, x in enumerate(ids)])
         row_of = np.concatenate([np.arange(len(x), dtype=np.int64) for x in ids])
         all_ids = [str(i) for x in ids for i in x]
-        where: dict[str, int] = {}
+        position: dict[str, int] = {}
         for k, clip_id in enumerate(all_ids):
-            if clip_id in where:
-                first, second = paths[shard_of[where[clip_id]]], paths[shard_of[k]]
-                place = f"twice in {first}" if first == second else f"in {first} and {second}"
-                raise CacheError(f"duplicate id '{clip_id}' {place}")
-            where[clip_id] = k
+            if clip_id in position:
+                j = position[clip_id]
+                raise CacheError(f"{where(paths[shard_of[k]], int(row_of[k]), clip_id)}: duplicate File_ID (also "
+                                 f"{paths[shard_of[j]]}, row {int(row_of[j])})")
+            position[clip_id] = k
         if order is None:
             out_ids = sorted(all_ids)
         else:
             out_ids = [str(i) for i in order]
             seen: set[str] = set()
             for clip_id in out_ids:
-                if clip_id not in where:
+                if clip_id not in position:
                     raise CacheError(f"order lists id '{clip_id}', which is in none of the shards")
                 if clip_id in seen:
                     raise CacheError(f"order lists id '{clip_id}' twice")
@@ -517,7 +523,7 @@ def merge_shards(
                 missing = next(i for i in all_ids if i not in seen)
                 raise CacheError(f"order lacks id '{missing}' (and {len(all_ids) - len(out_ids) - 1} more) "
                                  f"that the shards hold")
-        perm = np.array([where[i] for i in out_ids], dtype=np.int64)
+        perm = np.array([position[i] for i in out_ids], dtype=np.int64)
         src_shard, src_row = shard_of[perm], row_of[perm]
 
         splits = [f[SPLITS_DS].asstr()[()] for f in files]
