@@ -25,7 +25,10 @@ Use::
 Multi-process runs (`accelerate launch --num_processes N`) share one lock: every rank calls `hold_output` with
 its `Accelerator` (or accelerate `PartialState`) as `ranks`; rank 0 takes the lock, the outcome is broadcast,
 and either every rank goes on (rank 0 holding the lock for all of them, released when rank 0 leaves the
-block) or every rank raises the same FolderInUse. With `ranks=None` an initialised multi-process accelerate
+block) or every rank raises the same FolderInUse. Rank 0 must therefore be the last rank to write (the dump's
+rank 0 merges after the others are done; fine-tuning's ranks end together): end the block with a barrier if
+another rank may still be writing -- hold_output adds none of its own, since `Accelerator.end_training()`
+inside the block may already have destroyed the process group. With `ranks=None` an initialised multi-process accelerate
 state is found by itself, so a decorated function called after the Accelerator exists (e.g. `run_grid` under
 `accelerate launch -m heads.ablate`) needs nothing more; calling it before a multi-process state exists is an
 error, since each rank would otherwise find the others holding the lock. A process that already holds a lock

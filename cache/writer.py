@@ -111,7 +111,10 @@ class CacheWriter:
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         if exc is not None:
-            self._abort(exc)
+            failure = self._failure_behind(exc)
+            self._abort(failure or exc)
+            if failure is not None:
+                raise failure from exc
         elif not self._closed:
             self.close()
         return False
@@ -155,7 +158,10 @@ class CacheWriter:
             self._file.close()
             self._raise_write_error()
         except BaseException as err:
-            self._abort(err)
+            failure = self._failure_behind(err)
+            self._abort(failure or err)
+            if failure is not None:
+                raise failure from err
             raise
         self._closed = True
         self._atomic.__exit__(None, None, None)
@@ -166,16 +172,29 @@ class CacheWriter:
         self._abort(CacheError("aborted"))
 
     # ------------------------------------------------------------------ internals
-    def _raise_write_error(self) -> None:
-        """Raise the write failure the GuardedFile kept (HDF5 itself was told the write succeeded)."""
-        err = self._file.error
+    def _write_failure(self) -> WriteError | None:
+        """The write failure the GuardedFile kept (HDF5 itself was told the write succeeded), if any."""
+        file = getattr(self, "_file", None)
+        err = file.error if file is not None else None
         if err is None:
-            return
-        needed = self._file.high
+            return None
+        needed = file.high
         if self.expected_clips and self.n_clips:
             needed = max(needed, int(needed * self.expected_clips / self.n_clips))
-        code = write_errno(err) or err.errno or errno.EIO
-        raise WriteError(code, self.path, needed) from err
+        failure = WriteError(write_errno(err) or err.errno or errno.EIO, self.path, needed)
+        failure.__cause__ = err
+        return failure
+
+    def _raise_write_error(self) -> None:
+        failure = self._write_failure()
+        if failure is not None:
+            raise failure
+
+    def _failure_behind(self, err: BaseException) -> WriteError | None:
+        """The kept write failure when `err` is only its consequence (HDF5 reading back data that was dropped)."""
+        if self._closed or isinstance(err, WriteError) or not isinstance(err, Exception):
+            return None
+        return self._write_failure()
 
     def _root_attrs(self, attrs: Mapping[str, Any]) -> dict[str, Any]:
         for key in RESERVED_ATTRS:

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from test_dump import subprocess_env
@@ -193,6 +194,22 @@ def test_write_errors_are_recognised_in_every_library_disguise(tmp_path, monkeyp
         with writing(tmp_path / "ckpt"):
             raise torch_short_write
     assert set(REASONS) >= {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES}
+
+
+def test_an_hdf5_error_after_a_dropped_write_is_reported_as_the_write_error(tmp_path):
+    """HDF5 may trip over data the GuardedFile dropped (reading a chunk back); the user must still hear about
+    the full disk, and no temporary may stay."""
+    from cache.writer import CacheWriter
+
+    writer = CacheWriter(tmp_path / "c.h5", layer_dims={"cnn": 3}, label_columns={}, expected_clips=4,
+                         attrs={"backbone": {}, "sample_rate": 16000, "clip_seconds": 2.5})
+    writer.append(["a", "b"], ["Train", "Val"], {}, np.array([3, 3]), {"cnn": np.ones((2, 3), np.float32)})
+    writer._file.error = no_space()        # what a failed write leaves behind
+    with pytest.raises(WriteError) as err:
+        with writer:
+            raise OSError("Can't read data (addr overflow)")   # HDF5's consequence of the dropped bytes
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "c.h5")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------- each command, injected

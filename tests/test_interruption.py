@@ -561,7 +561,8 @@ def signal_then_rerun(cmd: Sequence[str], out_dir: Path, watcher: FinalPathWatch
     assert watcher.errors == [], watcher.errors
 
 
-@pytest.mark.parametrize("processes, sig", [(1, signal.SIGTERM), (2, signal.SIGINT)])
+@pytest.mark.parametrize("processes, sig", [(1, signal.SIGTERM), (2, signal.SIGINT)],
+                         ids=["one-process-SIGTERM", "two-processes-SIGINT"])
 def test_dump_stopped_by_a_signal_exits_cleanly_and_reruns_to_the_same_cache(world, dump_reference, tmp_path,
                                                                              processes, sig):
     """One process: the signal lands while its shard is written. Two processes under `accelerate launch`:
