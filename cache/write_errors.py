@@ -88,7 +88,7 @@ def describe(err: OSError) -> str:
     """`P: <reason>`, plus for a full disk how much more space the write needs (its size minus what is free)."""
     code = write_errno(err)
     path = getattr(err, "filename", None)
-    reason = REASONS.get(code) if code is not None else (err.strerror or str(err)).lower()
+    reason = REASONS[code] if code is not None else err.strerror.lower() if err.strerror else str(err)
     if code != errno.ENOSPC:
         return f"{path}: {reason}" if path else reason
     needed = getattr(err, "needed", None)

@@ -173,6 +173,9 @@ def test_a_full_disk_says_how_much_more_space_the_write_needs(tmp_path, monkeypa
         "big.h5: no space left on device (needs about 1024 MiB more)"
     assert describe(WriteError(errno.ENOSPC, "x", needed=1000)) == "x: no space left on device"   # fits: no guess
     assert describe(WriteError(errno.EDQUOT, "q", needed=3 << 20)) == "q: disk quota exceeded"
+    assert describe(FileNotFoundError(errno.ENOENT, "No such file or directory", "in.h5")) == \
+        "in.h5: no such file or directory"
+    assert describe(OSError("Unable to open file (truncated)")) == "Unable to open file (truncated)"   # as it is
 
 
 def test_write_errors_are_recognised_in_every_library_disguise(tmp_path, monkeypatch):
