@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cache.interrupt import deferred
 from cache.write_errors import writing
 
 _UMASK = os.umask(0)
@@ -32,17 +33,21 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", size: int | None = No
     final = Path(path)
     with writing(final, size):
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", suffix=suffix, dir=final.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
+        tmp: Path | None = None
         try:
+            with deferred():   # a signal between mkstemp and here would leave a temporary nobody removes
+                fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", suffix=suffix, dir=final.parent)
+                os.close(fd)
+                tmp = Path(tmp_name)
             os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; final files get the usual permissions
             yield tmp
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, final)
         finally:
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                with deferred():
+                    tmp.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -11,10 +11,20 @@ Only the first signal raises; later ones (a second Ctrl-C, the launcher forwardi
 ignored while the command unwinds, so the clean-up itself is not interrupted. `received()` tells whether a
 signal came, so an error that a signal caused indirectly (a peer rank gone, a collective failing) is still
 reported as the interruption it is.
+
+Python runs a signal handler between any two bytecodes, so three places need care:
+- a few steps must not be cut in two (a temporary file created but not yet in the hands of the code that
+  removes it): inside `deferred()` a signal is held and raised when the section ends;
+- code that C calls back (HDF5 writing through cache.guarded_file) must return normally, or the library is
+  left broken: a signal landing in a module of HELD_MODULES is kept until the caller asks with
+  `raise_pending()`;
+- an exception raised inside a `__del__` or another finaliser is swallowed by Python ("Exception ignored
+  in ..."): the unraisable-exception hook notices that it was ours and delivers the signal again.
 """
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +32,8 @@ from typing import Any
 
 SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
 MESSAGE = "interrupted: rerun the same command to resume"
-_state: dict[str, Any] = {"signum": None, "depth": 0}
+_state: dict[str, Any] = {"signum": None, "depth": 0, "defer": 0, "pending": None}
+HELD_MODULES = frozenset({"cache.guarded_file"})
 
 
 class Interrupted(BaseException):
@@ -46,7 +57,48 @@ def _handler(signum: int, frame: Any) -> None:
     if _state["signum"] is not None:
         return   # already unwinding
     _state["signum"] = signum
+    if _state["defer"] or _in_held_module(frame):
+        _state["pending"] = signum
+        return
     raise Interrupted(signum)
+
+
+def _in_held_module(frame: Any) -> bool:
+    while frame is not None:
+        if frame.f_globals.get("__name__") in HELD_MODULES:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def raise_pending() -> None:
+    """Raise the signal that was held in a module of HELD_MODULES, if one was."""
+    signum, _state["pending"] = _state["pending"], None
+    if signum is not None:
+        raise Interrupted(signum)
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """A section no signal may cut in two: one that arrives inside is raised when the section ends."""
+    _state["defer"] += 1
+    try:
+        yield
+    finally:
+        _state["defer"] -= 1
+    if _state["defer"] == 0:
+        raise_pending()
+
+
+def _unraisable(previous: Any) -> Any:
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, Interrupted):   # swallowed in a finaliser: deliver it again,
+            _state["signum"] = None                          # a moment later, once the finaliser is done
+            threading.Timer(0.01, signal.raise_signal, args=(unraisable.exc_value.signum,)).start()
+            return
+        previous(unraisable)
+
+    return hook
 
 
 @contextmanager
@@ -57,8 +109,10 @@ def termination_raises() -> Iterator[None]:
         return
     outermost = _state["depth"] == 0
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    hook = sys.unraisablehook
     if outermost:
-        _state["signum"] = None
+        _state["signum"], _state["pending"] = None, None
+        sys.unraisablehook = _unraisable(hook)
         for sig in SIGNALS:
             signal.signal(sig, _handler)
     _state["depth"] += 1
@@ -69,3 +123,4 @@ def termination_raises() -> Iterator[None]:
         if outermost:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+            sys.unraisablehook = hook

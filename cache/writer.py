@@ -20,6 +20,7 @@ import numpy as np
 
 from cache.atomic import atomic_path
 from cache.guarded_file import GuardedFile
+from cache.interrupt import raise_pending
 from cache.reader import label_meta, read_attrs
 from cache.write_errors import WriteError, write_errno
 from cache.format import (
@@ -101,6 +102,7 @@ class CacheWriter:
             self._h5 = h5py.File(self._file, "w", rdcc_nbytes=FLUSH_BYTES)
             for key, value in root_attrs.items():
                 self._h5.attrs[key] = value
+            raise_pending()   # a signal HDF5's calls into the GuardedFile held
         except BaseException as err:
             self._abort(err)
             raise
@@ -145,6 +147,7 @@ class CacheWriter:
         if self._buffer_rows >= self.chunk_rows or self._buffer_bytes >= FLUSH_BYTES:
             self._flush(final=False)
             self._raise_write_error()
+            raise_pending()
 
     def close(self) -> Path:
         """Write what is buffered, trim the datasets, set `n_clips` and rename the file into place."""
@@ -157,6 +160,7 @@ class CacheWriter:
             self._h5.close()
             self._file.close()
             self._raise_write_error()
+            raise_pending()
         except BaseException as err:
             failure = self._failure_behind(err)
             self._abort(failure or err)

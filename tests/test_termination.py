@@ -63,6 +63,74 @@ def test_an_error_caused_by_the_signal_still_reports_the_interruption(capsys, mo
     assert exit_.value.code == 143 and capsys.readouterr().err == ""
 
 
+def test_a_signal_between_creating_a_temporary_and_taking_charge_of_it_leaves_none(tmp_path, monkeypatch):
+    import tempfile
+
+    from cache.atomic import write_text_atomic
+
+    real = tempfile.mkstemp
+
+    def mkstemp_then_signal(*args, **kwargs):
+        made = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)   # lands before atomic_path holds the name
+        return made
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_signal)
+    with pytest.raises(Interrupted), termination_raises():
+        write_text_atomic(tmp_path / "metrics.json", "{}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_swallowed_by_a_finaliser_is_delivered_again(capsys):
+    import gc
+    import time
+
+    class Finalised:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)   # Python would swallow what the handler raises here
+
+    with pytest.raises(Interrupted) as err, termination_raises():
+        Finalised()
+        gc.collect()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert err.value.signum == signal.SIGTERM
+    assert "Exception ignored" not in capsys.readouterr().err
+
+
+def test_a_signal_while_hdf5_writes_is_raised_once_hdf5_has_returned(tmp_path):
+    """An exception must not cross from the GuardedFile into HDF5 (it would leave the library broken and the
+    process would crash at exit): the signal is held there and raised by the writer after the HDF5 call."""
+    import numpy as np
+
+    from cache.reader import load_cache
+    from cache.writer import CacheWriter
+
+    class Signalling:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            os.kill(os.getpid(), signal.SIGINT)   # arrives while HDF5 is inside GuardedFile.write
+            return self.handle.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    attrs = {"backbone": {}, "sample_rate": 16000, "clip_seconds": 2.5}
+    with pytest.raises(Interrupted), termination_raises():
+        with CacheWriter(tmp_path / "c.h5", layer_dims={"cnn": 3}, label_columns={}, attrs=attrs,
+                         chunk_rows=2) as writer:
+            writer._file._f = Signalling(writer._file._f)
+            for i in range(4):
+                writer.append([f"c{i}"], ["Train"], {}, np.array([3]), {"cnn": np.ones((1, 3), np.float32)})
+    assert list(tmp_path.iterdir()) == []
+    with CacheWriter(tmp_path / "c.h5", layer_dims={"cnn": 3}, label_columns={}, attrs=attrs) as writer:
+        writer.append(["a"], ["Train"], {}, np.array([3]), {"cnn": np.ones((1, 3), np.float32)})
+    assert load_cache(tmp_path / "c.h5").ids.tolist() == ["a"]   # HDF5 is still in order
+
+
 def test_heads_train_stopped_by_sigterm_writes_no_metrics_and_reruns_to_the_same_run(tmp_path, monkeypatch):
     from heads import train as train_mod
 
