@@ -19,7 +19,8 @@ Python runs a signal handler between any two bytecodes, so three places need car
   left broken: a signal landing in a module of HELD_MODULES is kept until the caller asks with
   `raise_pending()`;
 - an exception raised inside a `__del__` or another finaliser is swallowed by Python ("Exception ignored
-  in ..."): the unraisable-exception hook notices that it was ours and delivers the signal again.
+  in ..."): a signal landing in a `__del__` is not raised there but delivered again a moment later, and the
+  unraisable-exception hook does the same for any other finaliser that swallowed it.
 """
 from __future__ import annotations
 
@@ -56,11 +57,27 @@ def received() -> int | None:
 def _handler(signum: int, frame: Any) -> None:
     if _state["signum"] is not None:
         return   # already unwinding
+    if _in_finaliser(frame):
+        _deliver_again(signum)
+        return
     _state["signum"] = signum
     if _state["defer"] or _in_held_module(frame):
         _state["pending"] = signum
         return
     raise Interrupted(signum)
+
+
+def _in_finaliser(frame: Any) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _deliver_again(signum: int) -> None:
+    """Send the signal once more in a moment (from a helper thread), when the finaliser is done."""
+    threading.Timer(0.01, signal.raise_signal, args=(signum,)).start()
 
 
 def _in_held_module(frame: Any) -> bool:
@@ -92,9 +109,9 @@ def deferred() -> Iterator[None]:
 
 def _unraisable(previous: Any) -> Any:
     def hook(unraisable: Any) -> None:
-        if isinstance(unraisable.exc_value, Interrupted):   # swallowed in a finaliser: deliver it again,
-            _state["signum"] = None                          # a moment later, once the finaliser is done
-            threading.Timer(0.01, signal.raise_signal, args=(unraisable.exc_value.signum,)).start()
+        if isinstance(unraisable.exc_value, Interrupted):   # swallowed by a finaliser: deliver it again
+            _state["signum"] = None
+            _deliver_again(unraisable.exc_value.signum)
             return
         previous(unraisable)
 

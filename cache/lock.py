@@ -23,13 +23,15 @@ Use::
     def run_grid(cache_path, out_dir, ...): ...
 
 Multi-process runs (`accelerate launch --num_processes N`) share one lock: every rank calls `hold_output` with
-its `Accelerator` (or accelerate `PartialState`) as `ranks`; rank 0 takes the lock, the outcome is broadcast,
+its `Accelerator` or accelerate `PartialState` (anything with `num_processes` and `is_main_process`, or `world`
+and `is_main`, once accelerate's process group exists) as `ranks`; rank 0 takes the lock, the outcome is broadcast,
 and either every rank goes on (rank 0 holding the lock for all of them, released when rank 0 leaves the
-block) or every rank raises the same FolderInUse. Rank 0 must therefore be the last rank to write (the dump's
-rank 0 merges after the others are done; fine-tuning's ranks end together): end the block with a barrier if
-another rank may still be writing -- hold_output adds none of its own, since `Accelerator.end_training()`
-inside the block may already have destroyed the process group. With `ranks=None` an initialised multi-process accelerate
-state is found by itself, so a decorated function called after the Accelerator exists (e.g. `run_grid` under
+block) or every rank stops with rank 0's message (FolderInUse on rank 0, OutputUnavailable on the others).
+Rank 0 must therefore be the last rank to write (the dump's rank 0 merges after the others are done;
+fine-tuning's ranks end together): end the block with a barrier if another rank may still be writing --
+hold_output adds none of its own, since `Accelerator.end_training()` inside the block may already have
+destroyed the process group. With `ranks=None` an initialised multi-process accelerate state is found by
+itself, so a decorated function called after the Accelerator exists (e.g. `run_grid` under
 `accelerate launch -m heads.ablate`) needs nothing more; calling it before a multi-process state exists is an
 error, since each rank would otherwise find the others holding the lock. A process that already holds a lock
 may take it again (nested calls count), e.g. a command that wraps a locked function.
@@ -210,14 +212,16 @@ def hold_output(target: str | os.PathLike, *, is_file: bool = False, ranks: Any 
     """Hold the lock of `target` for the block (see the module docstring for `ranks`)."""
     ranks = ranks if ranks is not None else _accelerate_ranks()
     lock = OutputLock(target, is_file=is_file)
-    if ranks is None or getattr(ranks, "num_processes", 1) <= 1:
+    world = getattr(ranks, "num_processes", getattr(ranks, "world", 1))
+    if ranks is None or world <= 1:
         with lock:
             yield
         return
+    main = getattr(ranks, "is_main_process", getattr(ranks, "is_main", False))
     from accelerate.utils import broadcast_object_list  # noqa: PLC0415
 
     failure: BaseException | None = None
-    if ranks.is_main_process:
+    if main:
         try:
             lock.acquire()
         except (OSError, ValueError) as err:   # busy, or the lock file cannot be written
@@ -231,7 +235,7 @@ def hold_output(target: str | os.PathLike, *, is_file: bool = False, ranks: Any 
     try:
         yield
     finally:
-        if ranks.is_main_process:
+        if main:
             lock.release()
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -157,6 +158,9 @@ def test_ranks_share_rank_0s_lock_and_all_fail_with_its_error(tmp_path, monkeypa
     assert sent == [[None]] and not (tmp_path / "ft" / LOCK_NAME).exists()
     with hold_output(tmp_path / "ft", ranks=FakeRanks(main=False)):    # rank 1 never touches the file
         assert not (tmp_path / "ft" / LOCK_NAME).exists()
+    with hold_output(tmp_path / "grid", ranks=SimpleNamespace(world=2, is_main=True)):   # world / is_main work too
+        assert (tmp_path / "grid" / LOCK_NAME).exists()
+    assert sent[-1] == [None] and not (tmp_path / "grid" / LOCK_NAME).exists()
 
     holder = holders(tmp_path / "ft")
     with pytest.raises(FolderInUse):
