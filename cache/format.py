@@ -55,6 +55,13 @@ class CacheError(ValueError):
     """A cache file that is missing, incomplete, corrupt or inconsistent, or a bad argument to the writer."""
 
 
+def where(path: Any, row: int, clip_id: str, what: str | None = None) -> str:
+    """`P, row n (File_ID [x])[, what]`: how every error about one clip says where it is -- the file, the row,
+    the clip's id (what a user searches for) and the column or layer, in label CSVs, prediction CSVs and caches
+    alike. CSV rows count the header as row 1; cache rows are 0-based dataset rows."""
+    return f"{path}, row {row} (File_ID [{clip_id}])" + (f", {what}" if what else "")
+
+
 def code_version() -> str:
     """Version of the installed package, stored in every cache so a result can be traced to its code."""
     try:

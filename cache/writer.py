@@ -4,10 +4,12 @@ The writer buffers appended rows and writes them in blocks of `chunk_rows` into 
 grow in whole-chunk steps: the dump hands over a handful of clips per batch, and writing those one small
 slice at a time into 1.5 MB chunks would rewrite every chunk dozens of times. The file is written under a
 temporary name and renamed only by a successful `close()`, and `n_clips` is the last attribute written, so
-a crash never leaves something at the final path that a reader would take for a complete cache.
+a crash never leaves something at the final path that a reader would take for a complete cache. HDF5 writes
+through a `GuardedFile`, so a full disk ends in a WriteError (and no temporary file), never in a crash.
 """
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,11 +19,14 @@ import h5py
 import numpy as np
 
 from cache.atomic import atomic_path
+from cache.guarded_file import GuardedFile
+from cache.interrupt import raise_pending
 from cache.reader import label_meta, read_attrs
+from cache.write_errors import WriteError, write_errno
 from cache.format import (
     DTYPES, FORMAT_NAME, FORMAT_VERSION, FRAME_OFFSETS, FRAMES, IDS, LABELS, N_FRAMES, POOLED, POOLING,
     RESERVED_ATTRS, SPLITS, SPLITS_DS, CacheError, check_name, chunk_rows_for, code_version, encode_attr,
-    frame_chunk_rows, n_frames_kept, read_ranges, read_rows,
+    frame_chunk_rows, n_frames_kept, read_ranges, read_rows, where,
 )
 
 # Attributes a cache needs that only the caller knows (the dump fills them from the backbone and audio config).
@@ -55,8 +60,11 @@ class CacheWriter:
         label_classes: Mapping[str, Sequence[str]] | None = None,
         chunk_rows: int = 1024,
         compression: str | None = None,
+        expected_clips: int | None = None,
     ) -> None:
+        """`expected_clips`: how many clips the file will hold, if known; only sizes the hint of a full disk."""
         self.path = Path(path)
+        self.expected_clips = expected_clips
         self.layer_dims = _check_layer_dims(layer_dims)
         self.label_columns = _check_label_columns(label_columns)
         self.label_classes = _check_label_classes(label_classes or {}, self.label_columns)
@@ -89,10 +97,12 @@ class CacheWriter:
         self._atomic = atomic_path(self.path, suffix=".h5")
         self._tmp = self._atomic.__enter__()
         try:
+            self._file = GuardedFile(self._tmp)
             # A generous chunk cache keeps a partly written chunk in memory between flushes.
-            self._h5 = h5py.File(self._tmp, "w", rdcc_nbytes=FLUSH_BYTES)
+            self._h5 = h5py.File(self._file, "w", rdcc_nbytes=FLUSH_BYTES)
             for key, value in root_attrs.items():
                 self._h5.attrs[key] = value
+            raise_pending()   # a signal HDF5's calls into the GuardedFile held
         except BaseException as err:
             self._abort(err)
             raise
@@ -103,7 +113,10 @@ class CacheWriter:
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         if exc is not None:
-            self._abort(exc)
+            failure = self._failure_behind(exc)
+            self._abort(failure or exc)
+            if failure is not None:
+                raise failure from exc
         elif not self._closed:
             self.close()
         return False
@@ -133,6 +146,8 @@ class CacheWriter:
         self._buffer_bytes += block["nbytes"]
         if self._buffer_rows >= self.chunk_rows or self._buffer_bytes >= FLUSH_BYTES:
             self._flush(final=False)
+            self._raise_write_error()
+            raise_pending()
 
     def close(self) -> Path:
         """Write what is buffered, trim the datasets, set `n_clips` and rename the file into place."""
@@ -143,8 +158,14 @@ class CacheWriter:
             self._trim()
             self._h5.attrs["n_clips"] = int(self._n)
             self._h5.close()
+            self._file.close()
+            self._raise_write_error()
+            raise_pending()
         except BaseException as err:
-            self._abort(err)
+            failure = self._failure_behind(err)
+            self._abort(failure or err)
+            if failure is not None:
+                raise failure from err
             raise
         self._closed = True
         self._atomic.__exit__(None, None, None)
@@ -155,6 +176,30 @@ class CacheWriter:
         self._abort(CacheError("aborted"))
 
     # ------------------------------------------------------------------ internals
+    def _write_failure(self) -> WriteError | None:
+        """The write failure the GuardedFile kept (HDF5 itself was told the write succeeded), if any."""
+        file = getattr(self, "_file", None)
+        err = file.error if file is not None else None
+        if err is None:
+            return None
+        needed = file.high
+        if self.expected_clips and self.n_clips:
+            needed = max(needed, int(needed * self.expected_clips / self.n_clips))
+        failure = WriteError(write_errno(err) or err.errno or errno.EIO, self.path, needed)
+        failure.__cause__ = err
+        return failure
+
+    def _raise_write_error(self) -> None:
+        failure = self._write_failure()
+        if failure is not None:
+            raise failure
+
+    def _failure_behind(self, err: BaseException) -> WriteError | None:
+        """The kept write failure when `err` is only its consequence (HDF5 reading back data that was dropped)."""
+        if self._closed or isinstance(err, WriteError) or not isinstance(err, Exception):
+            return None
+        return self._write_failure()
+
     def _root_attrs(self, attrs: Mapping[str, Any]) -> dict[str, Any]:
         for key in RESERVED_ATTRS:
             if key in attrs:
@@ -192,21 +237,25 @@ class CacheWriter:
     ) -> dict[str, Any]:
         ids = list(ids)
         b = len(ids)
+
+        def at(i: int, what: str | None = None) -> str:   # where clip i of the batch would go in the file
+            return "append: " + where(self.path, self.n_clips + i, ids[i], what)
+
         batch_seen: set[str] = set()
-        for clip_id in ids:
+        for i, clip_id in enumerate(ids):
             if not isinstance(clip_id, str) or not clip_id:
                 raise CacheError(f"append: ids must be non-empty strings, got {clip_id!r}")
             if clip_id.startswith("["):
                 raise CacheError(f"append: id {clip_id!r} has brackets; the cache stores ids without them")
             if clip_id in self._seen or clip_id in batch_seen:
-                raise CacheError(f"append: duplicate id '{clip_id}' in {self.path}")
+                raise CacheError(f"{at(i)}: duplicate File_ID (already appended)")
             batch_seen.add(clip_id)
         splits = list(splits)
         if len(splits) != b:
             raise CacheError(f"append: {len(splits)} splits for {b} ids")
-        for clip_id, split in zip(ids, splits):
+        for i, split in enumerate(splits):
             if split not in SPLITS:
-                raise CacheError(f"append: split {split!r} of id '{clip_id}' is not one of {', '.join(SPLITS)}")
+                raise CacheError(f"{at(i, 'split')}: {split!r} is not one of {', '.join(SPLITS)}")
 
         nf = np.asarray(n_frames)
         if nf.shape != (b,) or (b and not np.issubdtype(nf.dtype, np.integer)):
@@ -215,7 +264,7 @@ class CacheWriter:
         nf = nf.astype(np.int32)
         if b and nf.min() < 1:
             bad = int(np.argmin(nf))
-            raise CacheError(f"append: n_frames of id '{ids[bad]}' is {int(nf[bad])}; every clip needs >= 1 valid frame")
+            raise CacheError(f"{at(bad, 'n_frames')}: {int(nf[bad])}; every clip needs >= 1 valid frame")
 
         _check_keys("labels", labels, self.label_columns)
         label_block: dict[str, np.ndarray] = {}
@@ -224,12 +273,13 @@ class CacheWriter:
             if arr.shape != (b, len(columns)):
                 raise CacheError(f"append: labels['{name}'] has shape {tuple(arr.shape)}, expected ({b}, {len(columns)})")
             if name in self.label_classes:
-                known = arr[~np.isnan(arr)]
                 n_cls = len(self.label_classes[name])
-                bad = (known != np.round(known)) | (known < 0) | (known >= n_cls)
+                with np.errstate(invalid="ignore"):   # NaN (unknown) is allowed
+                    bad = ~np.isnan(arr) & ((arr != np.round(arr)) | (arr < 0) | (arr >= n_cls))
                 if bad.any():
-                    raise CacheError(f"append: labels['{name}'] holds {float(known[bad][0])!r}, "
-                                     f"not a class index in 0..{n_cls - 1} (or NaN)")
+                    i = int(np.argwhere(bad)[0][0])
+                    raise CacheError(f"{at(i, f'labels[{name!r}]')}: {float(arr[bad][0])!r} is not a class index in "
+                                     f"0..{n_cls - 1} (or NaN)")
             label_block[name] = arr
 
         _check_keys("pooled", pooled, self.layer_dims)
@@ -239,7 +289,7 @@ class CacheWriter:
             arr = np.asarray(pooled[layer])
             if arr.shape != (b, dim):
                 raise CacheError(f"append: pooled['{layer}'] has shape {tuple(arr.shape)}, expected ({b}, {dim})")
-            arr = _cast_finite(arr, self.dtype, f"pooled['{layer}']", ids)
+            arr = _cast_finite(arr, self.dtype, f"pooled['{layer}']", at)
             pooled_block[layer] = arr
             nbytes += arr.nbytes
 
@@ -259,9 +309,9 @@ class CacheWriter:
                     arr = np.asarray(clip)
                     if arr.shape != (int(want[i]), dim):
                         raise CacheError(
-                            f"append: frames['{layer}'] of id '{ids[i]}' has shape {tuple(arr.shape)}, expected "
-                            f"({int(want[i])}, {dim}) = (ceil(n_frames {int(nf[i])} / stride {self.frame_stride}), dim)")
-                    arr = _cast_finite(arr, self.dtype, f"frames['{layer}']", [ids[i]] * len(arr))
+                            f"{at(i, f'frames[{layer!r}]')}: shape {tuple(arr.shape)}, expected ({int(want[i])}, "
+                            f"{dim}) = (ceil(n_frames {int(nf[i])} / stride {self.frame_stride}), dim)")
+                    arr = _cast_finite(arr, self.dtype, f"frames['{layer}']", lambda _, what, i=i: at(i, what))
                     cast.append(arr)
                     nbytes += arr.nbytes
                 frame_block[layer] = cast
@@ -353,6 +403,9 @@ class CacheWriter:
             if h5 is not None and h5.id.valid:
                 h5.close()
         finally:
+            file = getattr(self, "_file", None)
+            if file is not None:
+                file.close()
             # Hands the exception to atomic_path, whose cleanup deletes the temporary file.
             self._atomic.__exit__(type(err), err, err.__traceback__)
 
@@ -366,7 +419,8 @@ def _write(ds: h5py.Dataset, start: int, data: np.ndarray, step: int) -> None:
         ds[start:end] = data
 
 
-def _cast_finite(arr: np.ndarray, dtype: np.dtype, what: str, ids: Sequence[str]) -> np.ndarray:
+def _cast_finite(arr: np.ndarray, dtype: np.dtype, what: str, at: Any) -> np.ndarray:
+    """`arr` as `dtype`, refused when a value is not finite there; `at(row, what)` says where row `row` goes."""
     if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
         raise CacheError(f"append: {what} has dtype {arr.dtype}, expected a float array")
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, with the clip id
@@ -374,7 +428,7 @@ def _cast_finite(arr: np.ndarray, dtype: np.dtype, what: str, ids: Sequence[str]
     finite = np.isfinite(out)
     if not finite.all():
         row = int(np.argwhere(~finite)[0][0])
-        raise CacheError(f"append: {what} of id '{ids[row]}' is not finite after casting to {dtype} "
+        raise CacheError(f"{at(row, what)}: not finite after casting to {dtype} "
                          f"(source value {arr[np.unravel_index(int(np.argmin(finite)), arr.shape)]!r})")
     return out
 
@@ -470,20 +524,20 @@ def merge_shards(
         shard_of = np.concatenate([np.full(len(x), s, np.int64) for s, x in enumerate(ids)])
         row_of = np.concatenate([np.arange(len(x), dtype=np.int64) for x in ids])
         all_ids = [str(i) for x in ids for i in x]
-        where: dict[str, int] = {}
+        position: dict[str, int] = {}
         for k, clip_id in enumerate(all_ids):
-            if clip_id in where:
-                first, second = paths[shard_of[where[clip_id]]], paths[shard_of[k]]
-                place = f"twice in {first}" if first == second else f"in {first} and {second}"
-                raise CacheError(f"duplicate id '{clip_id}' {place}")
-            where[clip_id] = k
+            if clip_id in position:
+                j = position[clip_id]
+                raise CacheError(f"{where(paths[shard_of[k]], int(row_of[k]), clip_id)}: duplicate File_ID (also "
+                                 f"{paths[shard_of[j]]}, row {int(row_of[j])})")
+            position[clip_id] = k
         if order is None:
             out_ids = sorted(all_ids)
         else:
             out_ids = [str(i) for i in order]
             seen: set[str] = set()
             for clip_id in out_ids:
-                if clip_id not in where:
+                if clip_id not in position:
                     raise CacheError(f"order lists id '{clip_id}', which is in none of the shards")
                 if clip_id in seen:
                     raise CacheError(f"order lists id '{clip_id}' twice")
@@ -492,7 +546,7 @@ def merge_shards(
                 missing = next(i for i in all_ids if i not in seen)
                 raise CacheError(f"order lacks id '{missing}' (and {len(all_ids) - len(out_ids) - 1} more) "
                                  f"that the shards hold")
-        perm = np.array([where[i] for i in out_ids], dtype=np.int64)
+        perm = np.array([position[i] for i in out_ids], dtype=np.int64)
         src_shard, src_row = shard_of[perm], row_of[perm]
 
         splits = [f[SPLITS_DS].asstr()[()] for f in files]
@@ -514,7 +568,7 @@ def merge_shards(
         writer = CacheWriter(out_path, layer_dims=layer_dims, label_columns=label_columns, attrs=extra,
                              frame_layers=frame_layers, frame_stride=int(ref["frame_stride"]), dtype=ref["dtype"],
                              label_classes=label_classes, chunk_rows=chunk_rows_for(n_total, chunk_rows),
-                             compression=compression)
+                             compression=compression, expected_clips=n_total)
         with writer:
             for b0 in range(0, n_total, block):
                 sh, rw = src_shard[b0:b0 + block], src_row[b0:b0 + block]

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cache.atomic import atomic_path
+from cache.atomic import write_bytes_atomic
 
 SAMPLE_RATE = 16000
 MAX_SECONDS = 60.0  # far beyond any vocal burst (A-VB max 9.96 s); guards against decoding a wrong file
@@ -264,5 +264,4 @@ def write_wav(
         raise ValueError(f"sample rate must be positive, got {sample_rate}")
     data = _encode(np.ascontiguousarray(wave).reshape(-1), tag, bits)
     payload = _riff_bytes(tag, bits, wave.shape[1], int(sample_rate), wave.shape[0], data, extensible)
-    with atomic_path(path, suffix=".wav") as tmp:
-        tmp.write_bytes(payload)
+    write_bytes_atomic(path, payload, suffix=".wav")

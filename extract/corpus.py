@@ -7,7 +7,8 @@ fills in the tasks whose file is absent and supplies `Country` when present. Col
 
 Everything a later stage would trip over -- an id in one file but not another, a split typo, a label outside
 [0, 1], an id that would name a path outside `audio/wav` -- is rejected here with one line naming the file,
-the row (header = row 1) and the value, so a day-long fine-tuning run never starts on a broken corpus.
+the row (header = row 1), the clip's File_ID and the value, so a day-long fine-tuning run never starts on a
+broken corpus.
 Test rows are unlabelled by definition, so whatever their label cells hold is ignored (NaN).
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from heads.submission import bracket_id, strip_brackets
+from cache.format import where
+from heads.submission import bracket_id, row_where, strip_brackets
 from heads.tasks import SPLITS, TASKS, Task
 
 LABELS_DIR = "labels"
@@ -87,7 +89,9 @@ def _read_table(path: Path) -> _Table:
                     header = cells
                     continue
                 if len(cells) != len(header):
-                    raise CorpusError(f"{path}, row {reader.line_num}: {len(cells)} cells, expected {len(header)}")
+                    at = header.index(_ID) if _ID in header else len(cells)
+                    raise CorpusError(f"{row_where(path, reader.line_num, cells[at] if at < len(cells) else None)}: "
+                                      f"{len(cells)} cells, expected {len(header)}")
                 rows.append((reader.line_num, cells))
     except UnicodeDecodeError:
         raise CorpusError(f"{path}: not a UTF-8 text file") from None
@@ -123,7 +127,7 @@ def _parse_ids(table: _Table) -> None:
         first_row[clip] = line
         split = cells[split_col]
         if split not in SPLITS:
-            raise CorpusError(f"{table.path}, row {line}, column Split: unknown split {split!r} "
+            raise CorpusError(f"{where(table.path, line, clip, 'column Split')}: unknown split {split!r} "
                               f"(expected Train, Val or Test)")
         table.ids.append(clip)
         table.splits.append(split)
@@ -158,8 +162,8 @@ def _parse_labels(table: _Table, task: Task) -> dict[str, np.ndarray]:
         for line, cells, clip, _ in labelled:
             name = cells[cols[0]]
             if name not in task.classes:
-                raise CorpusError(f"{table.path}, row {line}, column {task.columns[0]}: unknown vocal type "
-                                  f"{name!r} (expected one of {', '.join(task.classes)})")
+                raise CorpusError(f"{where(table.path, line, clip, f'column {task.columns[0]}')}: unknown vocal "
+                                  f"type {name!r} (expected one of {', '.join(task.classes)})")
             out[clip] = np.array([task.classes.index(name)], dtype=np.float32)
         return out
     # Fast path: numpy parses the whole block at once (59k x 40 cells); the cell-by-cell loop only runs to
@@ -170,9 +174,9 @@ def _parse_labels(table: _Table, task: Task) -> dict[str, np.ndarray]:
     except ValueError:
         values, ok = None, False
     if not ok:
-        for line, cells, _, split in labelled:
+        for line, cells, clip, split in labelled:
             for col, name in zip(cols, task.columns):
-                _check_cell(cells[col], f"{table.path}, row {line}, column {name}", split)
+                _check_cell(cells[col], where(table.path, line, clip, f"column {name}"), split)
     if values is None:  # numpy refused a spelling Python's float() accepts: all cells are valid, parse them so
         values = np.array([[float(cells[c]) for c in cols] for _, cells, _, _ in labelled], dtype=np.float64)
     values = values.reshape(len(labelled), len(cols)).astype(np.float32)

@@ -34,7 +34,9 @@ from typing import Any
 
 import click
 
-from cache.atomic import write_json_atomic
+from cache.atomic import write_json_atomic, written_via
+from cache.command import command_errors
+from cache.lock import LOCK_NAME, hold_output
 
 STAGES_DIR = ".stages"
 MARKER = "demo.json"
@@ -119,11 +121,14 @@ def stage_backbone(cfg: DemoConfig, p: DemoPaths, progress: bool, resume: bool) 
     import torch  # noqa: PLC0415
     from transformers import Wav2Vec2Config, Wav2Vec2Model  # noqa: PLC0415
 
+    from extract.finetune import state_bytes  # noqa: PLC0415
+
     torch.manual_seed(cfg.seed)
     model = Wav2Vec2Model(Wav2Vec2Config(**cfg.backbone))
     tmp = p.root / ".pretrained.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    with written_via(tmp, p.pretrained, state_bytes(model)):
+        model.save_pretrained(tmp)
     tmp.rename(p.pretrained)   # the folder appears complete or not at all
     n = sum(t.numel() for t in model.parameters())
     click.echo(f"random wav2vec2: {cfg.backbone['num_hidden_layers']} layers x {cfg.backbone['hidden_size']}-d, "
@@ -261,7 +266,7 @@ def prepare_out(root: Path) -> None:
     """Refuse to scatter demo outputs over a folder that holds something else."""
     if root.exists() and not root.is_dir():
         raise DemoError(f"--out {root} exists and is not a directory")
-    if root.is_dir() and any(root.iterdir()) and not (root / MARKER).is_file():
+    if root.is_dir() and any(p.name != LOCK_NAME for p in root.iterdir()) and not (root / MARKER).is_file():
         raise DemoError(f"--out {root} is not empty and holds no {MARKER}; choose a new or empty folder")
     root.mkdir(parents=True, exist_ok=True)
 
@@ -278,6 +283,11 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> list[StageResult]:
     cfg.validate()
     paths = DemoPaths(Path(cfg.out))
     prepare_out(paths.root)
+    with hold_output(paths.root):   # a second demo on the same folder stops at once
+        return _run_stages(cfg, paths, progress)
+
+
+def _run_stages(cfg: DemoConfig, paths: DemoPaths, progress: bool) -> list[StageResult]:
     write_json_atomic(paths.root / MARKER, {"config": asdict(cfg)})
     upstream: dict[str, Any] = {}
     redo_rest = False
@@ -360,9 +370,7 @@ def demo_command(out: Path, clips: int | None, epochs: int | None, finetune_epoc
     from extract.backbone import hf_progress_bars  # noqa: PLC0415
 
     start = time.perf_counter()
-    try:
+    with command_errors():  # DemoError, every stage's own one-line errors, write errors, SIGINT/SIGTERM
         with hf_progress_bars(False):  # sub-second weight loads/saves: their bars would only bury the stages
             results = run_demo(cfg, progress=not quiet)
         click.echo(summary(cfg, results, time.perf_counter() - start))
-    except ValueError as err:  # DemoError and every stage's own one-line errors
-        raise click.ClickException(str(err)) from None

@@ -30,7 +30,9 @@ from typing import Any
 import click
 import numpy as np
 
+from cache.command import command_errors
 from cache.format import CacheError
+from cache.lock import hold_output
 from cache.reader import check_compatible, load_cache, read_attrs
 from cache.writer import CacheWriter, merge_shards
 from extract.audio import SAMPLE_RATE
@@ -168,7 +170,7 @@ def dump_shard(
         batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, collate_fn=collate_clips,
     )
     model.eval()
-    with CacheWriter(path, **_writer_args(attrs)) as writer, torch.inference_mode():
+    with CacheWriter(path, expected_clips=len(rows), **_writer_args(attrs)) as writer, torch.inference_mode():
         for batch in tqdm(loader, desc=f"dump {path.name}", unit="batch", disable=not progress):
             waves, mask = batch["waves"].to(device), batch["mask"].to(device)
             with autocast() if autocast is not None else contextlib.nullcontext():
@@ -192,12 +194,26 @@ def run_dump(cfg: DumpConfig, *, progress: bool = True) -> DumpResult:
     cfg.validate()
     from accelerate.utils import InitProcessGroupKwargs
 
-    from extract.backbone import layer_names, load_backbone, make_accelerator
-    from extract.corpus import read_corpus
+    from extract.backbone import make_accelerator
 
     out = Path(cfg.out)
     if out.is_dir():
         raise DumpError(f"--out {out} is a directory; give the path of the .h5 file to write")
+    # Ranks wait for each other once, for the slowest shard; after a crash one rank may reuse its shard while
+    # another recomputes its own for hours, so the barrier must not time out after the default 30 minutes.
+    accelerator = make_accelerator(mixed_precision=cfg.mixed_precision,
+                                   kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=48))])
+    # One lock for all ranks (rank 0 holds it): a second dump into the same file stops before it loads anything.
+    with hold_output(out, is_file=True, ranks=accelerator):
+        return _dump_in_role(cfg, accelerator, progress)
+
+
+def _dump_in_role(cfg: DumpConfig, accelerator: Any, progress: bool) -> DumpResult:
+    """This rank's shard, the barrier and (rank 0) the merge; `run_dump` holds the output's lock meanwhile."""
+    from extract.backbone import layer_names, load_backbone
+    from extract.corpus import read_corpus
+
+    out = Path(cfg.out)
     corpus = read_corpus(cfg.corpus)
     if len(corpus) == 0:
         raise DumpError(f"corpus {cfg.corpus} has no clips")
@@ -207,11 +223,6 @@ def run_dump(cfg: DumpConfig, *, progress: bool = True) -> DumpResult:
         raise DumpError(f"unknown frame layer(s) {', '.join(unknown)}; this backbone has "
                         f"{', '.join(layer_names(model))}")
     attrs = expected_attrs(cfg, model)
-
-    # Ranks wait for each other once, for the slowest shard; after a crash one rank may reuse its shard while
-    # another recomputes its own for hours, so the barrier must not time out after the default 30 minutes.
-    accelerator = make_accelerator(mixed_precision=cfg.mixed_precision,
-                                   kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=48))])
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     show = progress and accelerator.is_local_main_process
@@ -295,10 +306,8 @@ def dump_command(corpus: Path, model: str, out: Path, frame_layers: str, frame_s
     cfg = DumpConfig(corpus=str(corpus), model=str(model), out=str(out), frame_layers=parse_layers(frame_layers),
                      frame_stride=frame_stride, batch_size=batch_size, clip_seconds=clip_seconds, dtype=dtype,
                      mixed_precision=mixed_precision, num_workers=num_workers, overwrite=overwrite)
-    try:
+    with command_errors():  # DumpError, CorpusError, CacheError, AudioError, write errors, SIGINT/SIGTERM
         run_dump(cfg, progress=not quiet)
-    except ValueError as err:  # DumpError, CorpusError, CacheError, AudioError, BackboneLoadError
-        raise click.ClickException(str(err)) from None
 
 
 def main() -> None:

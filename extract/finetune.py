@@ -46,7 +46,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cache.atomic import write_json_atomic
+from cache.atomic import write_json_atomic, written_via
+from cache.command import command_errors
+from cache.lock import hold_output
 from heads.models import ARCHS
 from heads.runs import FINETUNE_FORMAT, FINETUNE_KIND
 from heads.tasks import TASK_NAMES
@@ -240,6 +242,11 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def state_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers: about what saving its weights writes."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
 def save_best(unwrapped: FinetuneModel, out: Path, step: int | None = None) -> None:
     """OUT/backbone (save_pretrained) and OUT/head.safetensors, each replaced atomically.
 
@@ -253,10 +260,12 @@ def save_best(unwrapped: FinetuneModel, out: Path, step: int | None = None) -> N
     tmp = out / ".backbone.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    unwrapped.backbone.save_pretrained(tmp)
-    _replace_dir(tmp, out / "backbone")
+    with written_via(tmp, out / "backbone", state_bytes(unwrapped.backbone)):
+        unwrapped.backbone.save_pretrained(tmp)
+        _replace_dir(tmp, out / "backbone")
     state = {k: v.detach().float().cpu().contiguous() for k, v in unwrapped.head.state_dict().items()}
-    with atomic_path(out / "head.safetensors", suffix=".safetensors") as path:
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    with atomic_path(out / "head.safetensors", suffix=".safetensors", size=size) as path:
         save_file(state, str(path), metadata={"format": "pt", **({"step": str(step)} if step is not None else {})})
 
 
@@ -359,18 +368,12 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
     """Train (or resume) one fine-tuning run; every process calls this. Returns the metrics dict."""
     cfg.validate()
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
-    from safetensors.torch import load_file, save_file
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
 
     from accelerate.utils import ProjectConfiguration
 
-    from extract.backbone import layer_dims, load_backbone, make_accelerator
-    from extract.clips import ClipDataset, EpochShuffleSampler, collate_clips
+    from extract.backbone import load_backbone, make_accelerator
     from extract.corpus import read_corpus
-    from heads.models import HeadConfig, build_head
-    from heads.tracking import TRACKING_DIR, accelerate_init_kwargs, flat_config, resolve_report_to
-    from heads.weighting import build_weighting
+    from heads.tracking import TRACKING_DIR, resolve_report_to
 
     out = Path(cfg.out)
     trackers = resolve_report_to(cfg.report_to)     # before any work: a missing package is found at once
@@ -402,6 +405,29 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(log_dir)),
     )
+    # One lock for all ranks (rank 0 holds it): a second run into the same --out stops before writing anything.
+    with hold_output(out, ranks=accelerator):
+        return _train(cfg, accelerator, corpus, backbone, train_rows, val_rows, latest, trackers, log_dir,
+                      progress=progress)
+
+
+def _train(cfg: FinetuneConfig, accelerator: Any, corpus: Any, backbone: nn.Module, train_rows: np.ndarray,
+           val_rows: np.ndarray, latest: Path | None, trackers: list[str], log_dir: Path, *,
+           progress: bool) -> dict[str, Any]:
+    """The rest of `run_finetune` (head, optimizer, resume, epochs), run while it holds the output's lock."""
+    from accelerate.utils import set_seed
+    from safetensors.torch import load_file, save_file
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from extract.backbone import layer_dims
+    from extract.clips import ClipDataset, EpochShuffleSampler, collate_clips
+    from heads.models import HeadConfig, build_head
+    from heads.tracking import accelerate_init_kwargs, flat_config
+    from heads.weighting import build_weighting
+
+    out = Path(cfg.out)
+    ckpt_root = out / "checkpoints"
     world, rank = accelerator.num_processes, accelerator.process_index
     if len(train_rows) < cfg.batch_size * world:
         raise FinetuneError(f"corpus {cfg.corpus} has {len(train_rows)} fully labelled Train clips, fewer than one "
@@ -476,17 +502,20 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
     def save_checkpoint() -> None:
         name = f"step-{state.step:08d}"
         tmp, final = ckpt_root / f".tmp-{name}", ckpt_root / name
+        # model + AdamW's two moments of every trainable parameter; a failure or a signal removes the half folder
+        with written_via(tmp, final, 3 * state_bytes(unwrapped), remove=accelerator.is_main_process):
+            if accelerator.is_main_process:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(tmp))
+            save_file({"state": dropout_gen.get_state()}, str(_generator_file(tmp, rank)))
+            state.scheduler = scheduler_state(scheduler)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                write_json_atomic(tmp / STATE_FILE, _finite(asdict(state)))   # written last: marks it complete
         if accelerator.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        save_file({"state": dropout_gen.get_state()}, str(_generator_file(tmp, rank)))
-        state.scheduler = scheduler_state(scheduler)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            write_json_atomic(tmp / STATE_FILE, _finite(asdict(state)))   # written last: marks it complete
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -642,10 +671,8 @@ def finetune_command(corpus: Path, model: str, out: Path, epochs: int, batch_siz
                          grad_clip=grad_clip, mixed_precision=mixed_precision, max_steps=max_steps, resume=resume,
                          seed=seed, num_workers=num_workers, report_to=report_to,
                          tracking_dir=str(tracking_dir) if tracking_dir else "")
-    try:
+    with command_errors():  # FinetuneError, CorpusError, BackboneLoadError, write errors, SIGINT/SIGTERM, ...
         metrics = run_finetune(cfg, progress=not quiet)
-    except ValueError as err:  # FinetuneError, CorpusError, BackboneLoadError, HeadConfigError, ...
-        raise click.ClickException(str(err)) from None
     best = metrics.get("best") or {}
     if best and os.environ.get("RANK", "0") == "0":
         click.echo(f"best epoch {best['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in best["val"].items()

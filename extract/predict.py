@@ -33,6 +33,7 @@ from typing import Any
 import click
 import numpy as np
 
+from cache.command import command_errors
 from heads.runs import (
     BACKBONE_DIR, CONFIG_FILE, HEAD_FILE, is_finetune_dir, read_finetune_config, read_json_object, read_run_config,
 )
@@ -518,12 +519,10 @@ def predict_command(audio: tuple[Path, ...], model: str | None, heads_dir: Path,
     Two, High and Culture columns."""
     from extract.backbone import hf_progress_bars  # noqa: PLC0415  (imports torch: only when the command runs)
 
-    try:
+    with command_errors():  # PredictError, AudioError, BackboneLoadError, HeadConfigError, write errors, signals
         with hf_progress_bars(not quiet):
             preds = predict_files(model, heads_dir, audio, batch_size=batch_size, skip_bad=skip_bad,
                                   device=device, progress=not quiet)
         write_predictions(out, preds)
-    except ValueError as err:  # PredictError, AudioError, BackboneLoadError, HeadConfigError, CacheError
-        raise click.ClickException(str(err)) from None
     extra = f", skipped {len(preds.skipped)} unreadable" if preds.skipped else ""
     click.echo(f"wrote {out} ({len(preds.paths)} file{'s' if len(preds.paths) != 1 else ''}{extra})")

@@ -36,6 +36,7 @@ from scipy.signal import lfilter
 from tqdm.auto import tqdm
 
 from cache.atomic import atomic_path, write_json_atomic, write_text_atomic
+from cache.command import command_errors
 from heads.tasks import COUNTRIES, CULTURE, EMOTIONS, HIGH, SPLITS, TWO, TYPE, TYPE_CLASSES
 
 MARKER = "synth_config.json"
@@ -348,7 +349,7 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
 def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
     """16-bit PCM mono, written under a temporary name and renamed."""
     pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
-    with atomic_path(path, suffix=".wav") as tmp:
+    with atomic_path(path, suffix=".wav", size=pcm.nbytes + 44) as tmp:
         wavfile.write(tmp, sample_rate, pcm)
 
 
@@ -420,9 +421,7 @@ def synth_command(out: Path, clips: int, seed: int, min_seconds: float, max_seco
     loudness, pitch, pulse rate; pleasantness -> brightness, pitch direction), so models can learn all four
     tasks from it. Test rows have empty label cells, as in the real corpus.
     """
-    try:
+    with command_errors():
         path = synthesize_corpus(out, clips, seed, min_seconds, max_seconds, sample_rate,
                                  overwrite=overwrite, progress=not quiet)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from err
     click.echo(summary_line(path))

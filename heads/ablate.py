@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cache.atomic import write_json_atomic, write_text_atomic
+from cache.lock import hold_output
 from heads.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, BootstrapConfig
 from heads.comparison import CI_KEYS, add_uncertainty, paired_markdown
 from heads.device import resolve_device
@@ -225,8 +226,8 @@ def run_grid(
     """Train (or reuse) every arch x weighting x seed run under `out_dir` and write the result tables.
 
     The runs of one architecture train jointly in groups whose training state (`run_state_bytes` per run)
-    fits `max_group_bytes` (0: one group per architecture; None: `default_group_bytes` of the device). Returns one row per run (RESULT_FIELDS), in grid
-    order. Writes `config.json` (the resolved grid), `results.csv`, `results.json` and `results.md` (Table I
+    fits `max_group_bytes` (0: one group per architecture; None: `default_group_bytes` of the device).
+    Returns one row per run (RESULT_FIELDS), in grid order. Writes `config.json` (the resolved grid), `results.csv`, `results.json` and `results.md` (Table I
     layout) into `out_dir`. Under `accelerate launch --num_processes N` every process trains its share of the
     joint groups (`heads.distributed`); rank 0 writes the tables once all have finished, the others return [].
     With `ci` (a level in (0, 1); 0: none) the tables carry `n_boot`-resample bootstrap intervals and paired
@@ -256,20 +257,30 @@ def run_grid(
     train_device = resolve_device(procs.device(device))
     if max_group_bytes is None:
         grid.max_group_bytes = default_group_bytes(train_device)
-    cache = load_cache(cache_path)
+    # One grid per folder: a second command on it stops at once (cache.lock); the processes of one launch share
+    # the lock of rank 0, which leaves last (it writes the tables after every rank has finished).
+    with hold_output(out, ranks=procs):
+        cache = load_cache(cache_path)
+        rows = _run_locked(grid, cache, Path(cache_path), out, procs, train_device, progress, tracker)
+        if procs.is_main:
+            _write_tables(grid, rows, out, cache, BootstrapConfig(level=ci, n_boot=n_boot) if ci else None)
+    return rows if procs.is_main else []
+
+
+def _run_locked(grid: GridConfig, cache: Any, cache_path: Path, out: Path, procs: Any, device: Any, progress: bool,
+                tracker: Any) -> list[dict]:
+    """Every process trains its joint groups; rank 0 returns the rows of all runs once all have finished."""
+    from cache.reader import FrameReader  # noqa: PLC0415 - h5py only when a grid actually runs
+
     if procs.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "config.json", grid.to_dict())
-    frames = None
-    if grid.head.branch_use_frames and "branch" in grid.archs:
-        from cache.reader import FrameReader  # noqa: PLC0415
-
-        frames = FrameReader(cache_path)
+    frames = FrameReader(cache_path) if grid.head.branch_use_frames and "branch" in grid.archs else None
     try:
-        groups = _plan_groups(grid, cache, Path(cache_path), out)
+        groups = _plan_groups(grid, cache, cache_path, out)
         procs.barrier()   # every rank has read which runs are finished before any rank writes
         mine = assign_groups([g.cost for g in groups], procs.world)[procs.rank]
-        _train_groups([groups[i] for i in mine], cache, Path(cache_path), out, frames, train_device,
+        _train_groups([groups[i] for i in mine], cache, cache_path, out, frames, device,
                       progress and procs.is_main, procs.provenance(), tracker)
         procs.barrier()
     finally:
@@ -277,18 +288,22 @@ def run_grid(
             frames.close()
     if not procs.is_main:
         return []
-    rows = [_row(cfg, json.loads((out / cfg.name / METRICS_FILE).read_text(encoding="utf-8")))
+    return [_row(cfg, json.loads((out / cfg.name / METRICS_FILE).read_text(encoding="utf-8")))
             for arch in grid.archs for cfg in grid.run_configs(arch)]
+
+
+def _write_tables(grid: GridConfig, rows: list[dict], out: Path, cache: Any, bootstrap: BootstrapConfig | None
+                  ) -> None:
+    """results.csv, results.json and results.md, with bootstrap intervals and paired comparisons if asked."""
     summary = summarise(rows)
     uncertainty = None
-    if ci:
+    if bootstrap is not None:
         run_dirs = [out / run_name(r["arch"], r["weighting"], r["seed"]) for r in rows]
-        uncertainty = add_uncertainty(rows, summary, run_dirs, cache, BootstrapConfig(level=ci, n_boot=n_boot))
+        uncertainty = add_uncertainty(rows, summary, run_dirs, cache, bootstrap)
     write_text_atomic(out / "results.csv", results_csv(rows))
     write_json_atomic(out / "results.json", {"config": grid.to_dict(), "runs": rows, "summary": summary,
                                              **({"bootstrap": uncertainty} if uncertainty else {})})
     write_text_atomic(out / "results.md", results_markdown(summary, uncertainty))
-    return rows
 
 
 @dataclass

@@ -4,10 +4,14 @@ Heavy imports (torch, h5py) happen inside the commands, so `avb heads --help` st
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
+from cache.command import command_errors
+from cache.lock import hold_output
 from heads.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT
 from heads.tasks import METRIC_KEYS
 from heads.tracking import REPORT_TO_CHOICES
@@ -51,15 +55,21 @@ def _head_config(hidden: int, dropout: float, input_layer: str, chain_order: str
                       n_heads=n_heads, branch_blocks=branch_blocks, branch_use_frames=branch_frames)
 
 
-def _tracker(report_to: str, tracking_dir: Path | None, out: Path, config_path):
-    """A HeadsTracker for --report-to (None for 'none'); each run's config.json is stored with its log."""
+@contextlib.contextmanager
+def _tracking(report_to: str, tracking_dir: Path | None, out: Path, config_path) -> Iterator[object | None]:
+    """A HeadsTracker for --report-to (None for 'none'), closed on the way out; each run's config.json is
+    stored with its log."""
     from heads.runs import read_json_object  # noqa: PLC0415
     from heads.tracking import TRACKING_DIR, HeadsTracker, resolve_report_to  # noqa: PLC0415
 
     names = resolve_report_to(report_to)
-    if not names:
-        return None
-    return HeadsTracker(names, tracking_dir or out / TRACKING_DIR, lambda run: read_json_object(config_path(run)))
+    tracker = (HeadsTracker(names, tracking_dir or out / TRACKING_DIR, lambda run: read_json_object(config_path(run)))
+               if names else None)
+    try:
+        yield tracker
+    finally:
+        if tracker is not None:
+            tracker.close()
 
 
 def _head_options(func):
@@ -116,9 +126,8 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
                   report_to: str, tracking_dir: Path | None) -> None:
     """Train one head run on the cache's Train split, select its best epoch on Val, predict Val and Test."""
     head = _head_config(hidden, dropout, input_layer, chain_order, n_heads, branch_blocks, branch_frames)
-    tracker = None
-    try:
-        tracker = _tracker(report_to, tracking_dir, out, lambda run: out / "config.json")
+    with (command_errors(), hold_output(out),   # the run folder is locked while it is written
+          _tracking(report_to, tracking_dir, out, lambda run: out / "config.json") as tracker):
         from cache.reader import load_cache  # noqa: PLC0415
         from heads.device import resolve_device  # noqa: PLC0415
         from heads.train import TrainConfig, train_runs  # noqa: PLC0415
@@ -134,11 +143,6 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
             frames = FrameReader(cache_path)
         metrics = train_runs(cache, [cfg], [out], progress=progress, frames=frames, cache_path=cache_path,
                              device=train_device, tracker=tracker)[0]
-    except (ValueError, OSError) as err:
-        raise click.ClickException(str(err)) from None
-    finally:
-        if tracker is not None:
-            tracker.close()
     click.echo(f"best epoch {metrics['best_epoch']} of {epochs} (Val):")
     for key in (*METRIC_KEYS, "mean"):
         click.echo(f"  {key:<16} {metrics[key]:.4f}")
@@ -176,22 +180,16 @@ def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, see
     weighting_list = _csv_list(weightings, "weighting", WEIGHTING_CHOICES)
     seed_list = _seed_list(seeds)
     head = _head_config(hidden, dropout, input_layer, chain_order, n_heads, branch_blocks, branch_frames)
-    tracker = None
-    try:
+    with command_errors(), _tracking(report_to, tracking_dir, out, lambda run: out / run / "config.json") as tracker:
+        # the grid folder's lock is taken inside run_grid, once the processes of a launch know each other
         from heads.ablate import run_grid  # noqa: PLC0415
         from heads.device import resolve_device  # noqa: PLC0415
 
         resolve_device(device)   # a machine without the device fails before anything loads
-        tracker = _tracker(report_to, tracking_dir, out, lambda run: out / run / "config.json")
         rows = run_grid(cache_path, out, archs=arch_list, weightings=weighting_list, seeds=seed_list, epochs=epochs,
                         batch_size=batch_size, lr=lr, head=head, progress=progress,
-                        max_group_bytes=None if max_group_mib is None else max_group_mib * 2**20, device=device, precision=precision, ci=ci,
-                        n_boot=n_boot, tracker=tracker)
-    except (ValueError, OSError) as err:
-        raise click.ClickException(str(err)) from None
-    finally:
-        if tracker is not None:
-            tracker.close()
+                        max_group_bytes=None if max_group_mib is None else max_group_mib * 2**20, device=device,
+                        precision=precision, ci=ci, n_boot=n_boot, tracker=tracker)
     if not rows:   # another process of a multi-process grid: process 0 prints the tables
         return
     click.echo((out / "results.md").read_text(encoding="utf-8"), nl=False)

@@ -29,6 +29,7 @@ import click
 import numpy as np
 
 from cache.atomic import write_json_atomic
+from cache.command import command_errors
 from heads.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, BootstrapConfig, score_intervals, with_intervals
 from heads.metrics import score_all
 from heads.runs import METRICS_FILE, find_runs, read_json_object, read_run_config
@@ -440,10 +441,8 @@ def ensemble_command(run_dirs: tuple[Path, ...], out: Path, strategy: str, top_k
                      submission: int, cache: Path | None, ci: float, n_boot: int) -> None:
     """Ensemble RUN_DIRS (run dirs, or ablation dirs meaning every complete run inside) on Val."""
     config = EnsembleConfig(strategy, top_k, rounds, team, submission, str(cache) if cache else None, ci, n_boot)
-    try:
+    with command_errors():
         result = build_ensemble(run_dirs, out, config)
-    except (ValueError, OSError) as err:
-        raise click.ClickException(str(err)) from None
     for warning in result.warnings:
         click.echo(f"Warning: {warning}", err=True)
     click.echo(format_table(result))

@@ -15,6 +15,7 @@ with the Agg canvas directly (no pyplot, so no global backend state and no displ
 from __future__ import annotations
 
 import html
+import io
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,7 +26,8 @@ from typing import Any
 import click
 import numpy as np
 
-from cache.atomic import atomic_path, write_text_atomic
+from cache.atomic import write_bytes_atomic, write_text_atomic
+from cache.command import command_errors
 from heads.runs import (
     METRICS_FILE, is_finetune_dir, is_run_dir, not_a_head_run, read_json_object, read_run_config, runs_inside,
 )
@@ -187,8 +189,9 @@ def _figure_factory():
 
 
 def _save(fig: Any, path: Path) -> Path:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
+    buffer = io.BytesIO()   # rendered first: the write then knows its size (for a full disk's message)
+    fig.savefig(buffer, format="png")
+    write_bytes_atomic(path, buffer.getvalue(), suffix=".png")
     return path
 
 
@@ -512,10 +515,8 @@ def _safe(name: str) -> str:
 def report_command(dirs: tuple[Path, ...], out: Path) -> None:
     """Plot DIRS (run, ablation, ensemble and probe dirs): Val curves, loss weights, the ablation grid,
     ensembles, and the layer x task heatmap of linear probes."""
-    try:
+    with command_errors():
         files, warnings = make_report(dirs, out)
-    except (ValueError, OSError) as err:
-        raise click.ClickException(str(err)) from None
     for warning in warnings:
         click.echo(f"Warning: {warning}", err=True)
     for path in files:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from cache.atomic import write_text_atomic
+from cache.format import where
 from heads.metrics import type_indices
 from heads.tasks import TASKS, TYPE, Task
 
@@ -37,6 +38,14 @@ def strip_brackets(file_id: str, where: str = "") -> str:
     if not text:
         raise ValueError(f"{where}empty File_ID")
     return text
+
+
+def row_where(path: str | os.PathLike, row: int, raw_id: str | None) -> str:
+    """`P, row n (File_ID [x])` (cache.format.where), or `P, row n` when the row has no usable File_ID cell."""
+    try:
+        return where(path, row, strip_brackets(raw_id or ""))
+    except ValueError:
+        return f"{path}, row {row}"
 
 
 def submission_name(task: Task, team: str, number: int) -> str:
@@ -147,26 +156,34 @@ def read_submission(path: str | os.PathLike) -> tuple[Task, list[str], np.ndarra
     task = detect_task(header, path)
     for n, row in enumerate(rows, start=2):
         if len(row) != len(header):
-            raise ValueError(f"{path}, row {n}: {len(row)} cells, expected {len(header)}")
+            raise ValueError(f"{row_where(path, n, row[0] if row else None)}: {len(row)} cells, "
+                             f"expected {len(header)}")
     ids = _parse_ids(rows, path)
     if task.is_classification:
         values = np.empty(len(rows), dtype=np.int64)
-        for n, row in enumerate(rows, start=2):
+        for n, (clip, row) in enumerate(zip(ids, rows), start=2):
             name = row[1].strip()
             if name not in task.classes:
-                raise ValueError(f"{path}, row {n}, column Voc_Type: unknown class {name!r}")
+                raise ValueError(f"{where(path, n, clip, 'column Voc_Type')}: unknown class {name!r}")
             values[n - 2] = task.classes.index(name)
         return task, ids, values
-    values = np.empty((len(rows), len(task.columns)), dtype=np.float64)
-    for n, row in enumerate(rows, start=2):
+    return task, ids, _parse_numbers(path, rows, ids, task.columns)
+
+
+def _parse_numbers(path: Path, rows: list[list[str]], ids: list[str], columns: Sequence[str]) -> np.ndarray:
+    """The cells after File_ID as floats [N, k]; a bad cell is named by its row, File_ID and column."""
+    values = np.empty((len(rows), len(columns)), dtype=np.float64)
+    for n, (clip, row) in enumerate(zip(ids, rows), start=2):
+        if len(row) != len(columns) + 1:
+            raise ValueError(f"{where(path, n, clip)}: {len(row)} cells, expected {len(columns) + 1}")
         for j, cell in enumerate(row[1:]):
             try:
                 values[n - 2, j] = float(cell)
             except ValueError:
-                raise ValueError(f"{path}, row {n}, column {task.columns[j]}: not a number: {cell!r}") from None
+                raise ValueError(f"{where(path, n, clip, f'column {columns[j]}')}: not a number: {cell!r}") from None
             if not math.isfinite(values[n - 2, j]):
-                raise ValueError(f"{path}, row {n}, column {task.columns[j]}: not a finite number: {cell!r}")
-    return task, ids, values
+                raise ValueError(f"{where(path, n, clip, f'column {columns[j]}')}: not a finite number: {cell!r}")
+    return values
 
 
 def read_type_probs(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
@@ -176,8 +193,4 @@ def read_type_probs(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     if tuple(header) != ("File_ID",) + TYPE.classes:
         raise ValueError(f"{path}: expected columns File_ID,{','.join(TYPE.classes)}")
     ids = _parse_ids(rows, path)
-    try:
-        probs = np.array([[float(c) for c in row[1:]] for row in rows], dtype=np.float64)
-    except ValueError as err:
-        raise ValueError(f"{path}: non-numeric probability ({err})") from None
-    return ids, probs.reshape(len(rows), len(TYPE.classes))
+    return ids, _parse_numbers(path, rows, ids, TYPE.classes)

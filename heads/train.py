@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from cache.atomic import atomic_path, write_json_atomic
+from cache.format import where
 from cache.reader import compat_attrs
 from heads.losses import task_losses
 from heads.metrics import score_all
@@ -161,9 +162,10 @@ def _check_features(cache: CacheData, layers: Sequence[str], rows: np.ndarray) -
                               for i in range(0, len(rows), FEATURE_CHECK_ROWS)] or [np.zeros(0, bool)])
         if bad.any():
             first = rows[np.flatnonzero(bad)[0]]
+            file_row = int(cache.rows[first]) if getattr(cache, "rows", None) is not None else int(first)
             raise TrainingError(
-                f"cache layer {layer!r} has non-finite features in {int(bad.sum())} clip(s), "
-                f"first clip id {cache.ids[first]!s} ({cache.splits[first]!s})")
+                f"{where(cache.path, file_row, str(cache.ids[first]), f'layer {layer!r}')}: non-finite features "
+                f"({cache.splits[first]!s} clip; {int(bad.sum())} clip(s) in all)")
 
 
 # ------------------------------------------------------------------------------------------- batching

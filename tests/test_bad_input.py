@@ -239,7 +239,8 @@ def test_unknown_split(corpus):
     rows[0][header.index("Split")] = "validation"
     write_rows(path, header, rows)
     fails_with(invoke("corpus", "check", corpus),
-               f"{path}, row 2, column Split: unknown split 'validation' (expected Train, Val or Test)")
+               f"{path}, row 2 (File_ID {rows[0][header.index('File_ID')]}), column Split: unknown split "
+               "'validation' (expected Train, Val or Test)")
 
 
 def test_unknown_voc_type(corpus):
@@ -249,7 +250,7 @@ def test_unknown_voc_type(corpus):
     rows[line - 2][header.index("Voc_Type")] = "laugh"  # case matters
     write_rows(path, header, rows)
     fails_with(invoke("corpus", "check", corpus),
-               f"{path}, row {line}, column Voc_Type: unknown vocal type 'laugh' "
+               f"{path}, row {line} (File_ID {rows[line - 2][0]}), column Voc_Type: unknown vocal type 'laugh' "
                "(expected one of Gasp, Laugh, Cry, Scream, Grunt, Groan, Pant, Other)")
 
 
@@ -263,7 +264,8 @@ def test_nan_or_out_of_range_label_in_train(corpus, value, problem):
     header, rows = read_rows(path)
     rows[line - 2][header.index("Arousal")] = value
     write_rows(path, header, rows)
-    fails_with(invoke("corpus", "check", corpus), f"{path}, row {line}, column Arousal: {problem}")
+    fails_with(invoke("corpus", "check", corpus), f"{path}, row {line} (File_ID {rows[line - 2][0]}), column "
+                                                  f"Arousal: {problem}")
 
 
 def test_nonexistent_corpus_path(tmp_path):
@@ -325,8 +327,8 @@ def test_predictions_without_file_id_column(base_corpus, val_ids, tmp_path):
 ])
 def test_predictions_with_non_numeric_cells(base_corpus, val_ids, tmp_path, cell, problem):
     path = two_csv(tmp_path / "p.csv", val_ids, cells={val_ids[2]: cell})
-    message = (f"{path}, row 4, column Arousal: {problem}" if problem
-               else f"{path}, row 4: 4 cells, expected 3")  # a decimal comma splits the cell
+    message = (f"{path}, row 4 (File_ID [{val_ids[2]}]), column Arousal: {problem}" if problem
+               else f"{path}, row 4 (File_ID [{val_ids[2]}]): 4 cells, expected 3")  # a decimal comma splits the cell
     fails_with(invoke("score", "--corpus", base_corpus, path), message)
 
 
@@ -420,7 +422,8 @@ def test_cache_writer_killed_before_close(tmp_path):
     result = invoke("cache", "info", tmp)  # even pointed at the temp file, nobody takes it for a cache
     assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1
     assert re.fullmatch(re.escape(f"Error: {tmp} ") + r"(cannot be opened: the HDF5 file is truncated or corrupt "
-                        r"\(.*\)|is incomplete: attribute 'n_clips' is missing \(was it interrupted\?\))\n",
+                        r"\(.*\)|is incomplete: attribute 'n_clips' is missing \(was it interrupted\?\)"
+                        r"|is not an HDF5 file)\n",
                         result.stderr), result.stderr
     write_cache(final, n=6)  # the rerun succeeds and its file is complete
     assert load_cache(final).ids.tolist() == [f"{i:05d}" for i in range(6)]

@@ -323,7 +323,7 @@ def test_merge_refuses_duplicates_and_bad_order(tmp_path):
     b = write(tmp_path / "b.h5", subset(clips, [2, 3, 4, 5]))
     with pytest.raises(CacheError) as err:
         merge_shards([a, b], tmp_path / "m.h5")
-    assert str(err.value) == f"duplicate id '{clips['ids'][2]}' in {a} and {b}"
+    assert str(err.value) == f"{b}, row 0 (File_ID [{clips['ids'][2]}]): duplicate File_ID (also {a}, row 2)"
     c = write(tmp_path / "c.h5", subset(clips, [3, 4, 5]))
     with pytest.raises(CacheError, match=re.escape(f"order lacks id '{clips['ids'][5]}'")):
         merge_shards([a, c], tmp_path / "m.h5", order=clips["ids"][:5])
@@ -483,25 +483,30 @@ def test_append_validation_messages(tmp_path):
             w.append(**{**base, **change})
         assert str(err.value) == message
 
+    LABEL_TYPE, FRAMES_1, POOLED_0 = "labels['type']", "frames['hidden_1']", "pooled['hidden_0']"
+
+    def at(row: int, clip_id: str, what: str | None = None) -> str:   # file, row, File_ID and column of one clip
+        return f"append: {tmp_path / 'c.h5'}, row {row} (File_ID [{clip_id}])" + (f", {what}" if what else "")
+
     fails("append: pooled['cnn'] has shape (3, 5), expected (3, 6)",
           pooled={**clips["pooled"], "cnn": np.zeros((3, 5))})
     fails("append: pooled lacks 'hidden_0'", pooled={k: v for k, v in clips["pooled"].items() if k != "hidden_0"})
     fails("append: labels has unexpected 'high'", labels={**clips["labels"], "high": np.zeros((3, 10))})
     fails("append: labels['two'] has shape (3, 3), expected (3, 2)", labels={**clips["labels"], "two": np.zeros((3, 3))})
-    fails("append: labels['type'] holds 3.0, not a class index in 0..2 (or NaN)",
+    fails(f"{at(1, clips['ids'][1], LABEL_TYPE)}: 3.0 is not a class index in 0..2 (or NaN)",
           labels={**clips["labels"], "type": np.array([[0], [3], [np.nan]])})
-    fails(f"append: split 'train' of id '{clips['ids'][0]}' is not one of Train, Val, Test",
+    fails(f"{at(0, clips['ids'][0], 'split')}: 'train' is not one of Train, Val, Test",
           splits=["train", "Val", "Test"])
     fails("append: id '[10000]' has brackets; the cache stores ids without them", ids=["[10000]", "b", "c"])
-    fails(f"append: duplicate id 'x' in {tmp_path / 'c.h5'}", ids=["x", "y", "x"])
-    fails("append: n_frames of id 'a' is 0; every clip needs >= 1 valid frame",
+    fails(f"{at(2, 'x')}: duplicate File_ID (already appended)", ids=["x", "y", "x"])
+    fails(f"{at(0, 'a', 'n_frames')}: 0; every clip needs >= 1 valid frame",
           ids=["a", "b", "c"], n_frames=np.array([0, 2, 3]))
     bad = [clips["frames"]["hidden_1"][0], np.zeros((9, 4)), clips["frames"]["hidden_1"][2]]
     t1 = int(clips["n_frames"][1])
-    fails(f"append: frames['hidden_1'] of id '{clips['ids'][1]}' has shape (9, 4), expected "
+    fails(f"{at(1, clips['ids'][1], FRAMES_1)}: shape (9, 4), expected "
           f"({math.ceil(t1 / 2)}, 4) = (ceil(n_frames {t1} / stride 2), dim)", frames={"hidden_1": bad})
     big = {**clips["pooled"], "hidden_0": np.full((3, 4), 1e5, np.float32)}
-    fails(f"append: pooled['hidden_0'] of id '{clips['ids'][0]}' is not finite after casting to float16 "
+    fails(f"{at(0, clips['ids'][0], POOLED_0)}: not finite after casting to float16 "
           f"(source value {np.float32(1e5)!r})", pooled=big)
     # Nothing above was buffered: the valid batch still goes in, and its ids are not "duplicates".
     w.append(**base)

@@ -226,7 +226,8 @@ def test_unknown_split(tmp_path):
     rows = make_rows()
     rows[2]["Split"] = "Validation"
     make_corpus(tmp_path, audio=False, rows=rows)
-    assert error(tmp_path) == (f"{tmp_path / 'labels' / 'type_info.csv'}, row 4, column Split: unknown split "
+    assert error(tmp_path) == (f"{tmp_path / 'labels' / 'type_info.csv'}, row 4 (File_ID {rows[2]['File_ID']}), "
+                               "column Split: unknown split "
                                "'Validation' (expected Train, Val or Test)")
 
 
@@ -268,14 +269,15 @@ def test_bad_regression_labels_in_train(tmp_path, value, problem):
     rows = make_rows()
     rows[1]["Sadness"] = value  # [00001], Train, row 3
     make_corpus(tmp_path, audio=False, rows=rows)
-    assert error(tmp_path) == f"{tmp_path / 'labels' / 'high_info.csv'}, row 3, column Sadness: {problem}"
+    assert error(tmp_path) == (f"{tmp_path / 'labels' / 'high_info.csv'}, row 3 (File_ID [00001]), column Sadness: "
+                               f"{problem}")
 
 
 def test_bad_label_in_val_is_caught_too(tmp_path):
     rows = make_rows()
     rows[0]["United States_Surprise"] = "2"  # [00005], Val
     make_corpus(tmp_path, audio=False, rows=rows)
-    assert error(tmp_path) == (f"{tmp_path / 'labels' / 'culture_info.csv'}, row 2, column "
+    assert error(tmp_path) == (f"{tmp_path / 'labels' / 'culture_info.csv'}, row 2 (File_ID [00005]), column "
                                "United States_Surprise: value 2 is outside [0, 1]")
 
 
@@ -283,15 +285,18 @@ def test_unknown_voc_type(tmp_path):
     rows = make_rows()
     rows[0]["Voc_Type"] = "Sigh"
     make_corpus(tmp_path, audio=False, rows=rows)
-    assert error(tmp_path) == (f"{tmp_path / 'labels' / 'type_info.csv'}, row 2, column Voc_Type: unknown vocal "
-                               "type 'Sigh' (expected one of Gasp, Laugh, Cry, Scream, Grunt, Groan, Pant, Other)")
+    assert error(tmp_path) == (f"{tmp_path / 'labels' / 'type_info.csv'}, row 2 (File_ID [00005]), column Voc_Type: "
+                               "unknown vocal type 'Sigh' (expected one of Gasp, Laugh, Cry, Scream, Grunt, Groan, "
+                               "Pant, Other)")
 
 
 def test_ragged_row(tmp_path):
     make_corpus(tmp_path, audio=False)
     path = tmp_path / "labels" / "type_info.csv"
     path.write_text(path.read_text() + "\n,,\n[00010],Train\n")  # blank lines are skipped but still counted
-    assert error(tmp_path) == f"{path}, row 13: 2 cells, expected 3"
+    assert error(tmp_path) == f"{path}, row 13 (File_ID [00010]): 2 cells, expected 3"
+    path.write_text(path.read_text().replace("[00010],Train\n", ",Train,Laugh,x\n"))   # no File_ID to name
+    assert error(tmp_path) == f"{path}, row 13: 4 cells, expected 3"
 
 
 def test_check_audio_names_a_missing_wav(tmp_path):
@@ -380,6 +385,6 @@ def test_cli_invalid_corpus_is_one_error_line(tmp_path):
     result = run(tmp_path)
     assert result.exit_code == 1
     assert result.stdout == ""
-    assert result.stderr == (f"Error: {tmp_path / 'labels' / 'type_info.csv'}, row 2, column Voc_Type: unknown "
-                             "vocal type 'Sigh' (expected one of Gasp, Laugh, Cry, Scream, Grunt, Groan, Pant, "
-                             "Other)\n")
+    assert result.stderr == (f"Error: {tmp_path / 'labels' / 'type_info.csv'}, row 2 (File_ID [00005]), column "
+                             "Voc_Type: unknown vocal type 'Sigh' (expected one of Gasp, Laugh, Cry, Scream, Grunt, "
+                             "Groan, Pant, Other)\n")

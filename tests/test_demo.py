@@ -94,6 +94,44 @@ def test_a_rerun_skips_every_completed_stage(done):
     assert table_rows(result.output) == table_rows(first)
 
 
+def test_a_demo_stopped_by_sigint_exits_130_in_one_line_and_the_rerun_resumes_to_the_same_results(done, monkeypatch):
+    """A real SIGINT (Ctrl-C) while the ablation trains: one line, exit 130, no temporary or lock left, and the
+    rerun skips the four finished stages and resumes the ablation to byte-identical results."""
+    import os
+    import signal
+
+    from cache.interrupt import MESSAGE
+    from heads import train as train_mod
+
+    out, _ = done
+    ablation = out / "ablation"
+    before = {p.relative_to(out): p.read_bytes() for p in ablation.rglob("*") if p.is_file()}
+    for run in ablation.glob("chain-*-s0"):                        # one whole joint group left to train
+        (run / "metrics.json").unlink()
+    stamp = json.loads((out / ".stages" / "ablation.json").read_text())
+    (out / ".stages" / "ablation.json").write_text(json.dumps({**stamp, "done": False}))
+    real = train_mod.write_json_atomic
+
+    def ctrl_c(path, obj):
+        if Path(path).name == "metrics.json":
+            os.kill(os.getpid(), signal.SIGINT)
+        real(path, obj)
+
+    monkeypatch.setattr(train_mod, "write_json_atomic", ctrl_c)
+    result = demo("--out", out)
+    monkeypatch.undo()
+    assert result.exit_code == 130, (result.output, result.exception)
+    assert result.stderr.rstrip("\n").splitlines()[-1] == MESSAGE and result.stderr.count(MESSAGE) == 1
+    assert [p for p in out.rglob(".*") if ".tmp" in p.name or p.name.endswith(".avb-lock")] == []
+    result = demo("--out", out)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("done in an earlier run") == 4          # synth, backbone, finetune, dump
+    after = {p.relative_to(out): p.read_bytes() for p in ablation.rglob("*") if p.is_file()}
+    assert sorted(after) == sorted(before)
+    changed = [str(k) for k in before if before[k] != after[k]]
+    assert changed == [], "\n".join(changed)
+
+
 def test_an_interrupted_stage_resumes_and_a_changed_setting_redoes_its_stage_and_later_ones(done):
     out, _ = done
     ablation = out / "ablation"

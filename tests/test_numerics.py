@@ -250,8 +250,8 @@ def test_nan_feature_in_a_cache_file_is_a_one_line_cli_error(cache_file, tmp_pat
     res = CliRunner().invoke(avb, ["heads", "train", "--cache", str(bad), "--out", str(out), "--epochs", "2",
                                    "--hidden", "8", "--no-progress"])
     assert res.exit_code == 1
-    assert res.output.strip() == ("Error: cache layer 'hidden_2' has non-finite features in 1 clip(s), "
-                                  "first clip id 00005 (Train)")
+    assert res.output.strip() == (f"Error: {bad}, row 5 (File_ID [00005]), layer 'hidden_2': non-finite features "
+                                  "(Train clip; 1 clip(s) in all)")
     assert not out.exists()
 
 

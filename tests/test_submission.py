@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from heads.submission import (
-    read_submission, read_type_probs, submission_name, write_submissions, write_type_probs,
+    PROBS_FILE, read_submission, read_type_probs, submission_name, write_submissions, write_type_probs,
 )
 from heads.tasks import TASKS
 
@@ -50,11 +50,12 @@ def test_bom_and_crlf_are_tolerated(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("File_ID,Arousal,Valence\n[1],0.1,0.2\n", "match no A-VB task"),
     ("Id,Valence,Arousal\n[1],0.1,0.2\n", "first column must be 'File_ID'"),
-    ("File_ID,Valence,Arousal\n[1],0.1,abc\n", "row 2, column Arousal: not a number: 'abc'"),
-    ("File_ID,Valence,Arousal\n[1],0.1,nan\n", "row 2, column Arousal: not a finite number"),
+    ("File_ID,Valence,Arousal\n[1],0.1,abc\n", "row 2 (File_ID [1]), column Arousal: not a number: 'abc'"),
+    ("File_ID,Valence,Arousal\n[1],0.1,nan\n", "row 2 (File_ID [1]), column Arousal: not a finite number"),
     ("File_ID,Valence,Arousal\n[1],0.1,0.2\n[1],0.3,0.2\n", "row 3: duplicate File_ID '[1]'"),
-    ("File_ID,Valence,Arousal\n[1],0.1\n", "row 2: 2 cells, expected 3"),
-    ("File_ID,Voc_Type\n[1],Sigh\n", "row 2, column Voc_Type: unknown class 'Sigh'"),
+    ("File_ID,Valence,Arousal\n[1],0.1\n", "row 2 (File_ID [1]): 2 cells, expected 3"),
+    ("File_ID,Valence,Arousal\n,0.1\n", "row 2: 2 cells, expected 3"),
+    ("File_ID,Voc_Type\n[1],Sigh\n", "row 2 (File_ID [1]), column Voc_Type: unknown class 'Sigh'"),
     ("", "empty file"),
 ])
 def test_read_errors_name_file_row_and_column(tmp_path, text, message):
@@ -63,6 +64,19 @@ def test_read_errors_name_file_row_and_column(tmp_path, text, message):
     with pytest.raises(ValueError, match=re.escape(message)) as err:
         read_submission(path)
     assert str(path) in str(err.value)
+
+
+def test_type_probability_errors_name_row_file_id_and_column(tmp_path):
+    path = tmp_path / PROBS_FILE
+    header = "File_ID," + ",".join(TASKS["type"].classes)
+    path.write_text(f"{header}\n[7]" + ",0.125" * 7 + ",x\n")
+    with pytest.raises(ValueError) as err:
+        read_type_probs(path)
+    assert str(err.value) == f"{path}, row 2 (File_ID [7]), column Other: not a number: 'x'"
+    path.write_text(f"{header}\n[7]" + ",0.125" * 7 + "\n")
+    with pytest.raises(ValueError) as err:
+        read_type_probs(path)
+    assert str(err.value) == f"{path}, row 2 (File_ID [7]): 8 cells, expected 9"
 
 
 def test_non_finite_predictions_are_refused(tmp_path):

@@ -302,8 +302,8 @@ def test_nan_features_are_refused_before_training(cache_file, tmp_path):
     cache.pooled["hidden_2"][5, 3] = np.nan
     with pytest.raises(TrainingError) as err:
         train_runs(cache, [_cfg()], [tmp_path / "run"], progress=False)
-    assert str(err.value) == ("cache layer 'hidden_2' has non-finite features in 1 clip(s), "
-                              "first clip id 00005 (Train)")
+    assert str(err.value) == (f"{cache_file}, row 5 (File_ID [00005]), layer 'hidden_2': non-finite features "
+                              "(Train clip; 1 clip(s) in all)")
     assert not (tmp_path / "run").exists()
 
 
