@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from cache.jsonable import jsonable
+
 FORMAT_NAME = "avb-feature-cache"
 FORMAT_VERSION = 1
 POOLING = "masked_mean"
@@ -96,17 +98,11 @@ def encode_attr(key: str, value: Any) -> Any:
     if isinstance(value, str):
         return value
     try:
-        return json.dumps(value, allow_nan=False, default=_json_default)
+        return json.dumps(jsonable(value, nonfinite_to_none=False), allow_nan=False)
     except (TypeError, ValueError) as err:
         raise CacheError(f"attribute '{key}' is not JSON-serialisable: {err}") from None
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
 
 
 def decode_attr(key: str, value: Any, *, where: str = "") -> Any:

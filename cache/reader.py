@@ -22,6 +22,7 @@ from cache.format import (
     COMPAT_ATTRS, DTYPES, FORMAT_NAME, FORMAT_VERSION, FRAME_OFFSETS, FRAMES, IDS, LABELS, N_FRAMES, POOLED,
     POOLING, REQUIRED_ATTRS, SPLITS, SPLITS_DS, CacheError, decode_attr, read_ranges, read_rows,
 )
+from cache.jsonable import jsonable
 
 __all__ = [
     "CacheError", "CacheData", "FrameReader", "cache_info", "check_compatible", "compat_attrs", "label_meta",
@@ -441,11 +442,11 @@ def check_compatible(attrs: Mapping[str, Any], expected: Mapping[str, Any], *, s
     what turns that into an error. Both sides are compared as JSON values (tuples equal lists).
     """
     where = f"{source}: " if source is not None else ""
-    want_all = json.loads(json.dumps(dict(expected), default=_jsonable))
+    want_all = jsonable(dict(expected))
     for key, want in want_all.items():
         if key not in attrs:
             raise CacheError(f"{where}cache lacks attribute '{key}' (expected {want!r})")
-        got = json.loads(json.dumps(attrs[key], default=_jsonable))
+        got = jsonable(attrs[key])
         diff = _first_diff(got, want, key)
         if diff is not None:
             name, got_v, want_v = diff
@@ -472,9 +473,3 @@ def _first_diff(got: Any, want: Any, name: str) -> tuple[str, Any, Any] | None:
     return None if got == want else (name, got, want)
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")

@@ -36,6 +36,7 @@ import click
 
 from cache.atomic import write_json_atomic, written_via
 from cache.command import command_errors
+from cache.jsonable import jsonable
 from cache.lock import LOCK_NAME, hold_output
 
 STAGES_DIR = ".stages"
@@ -243,10 +244,6 @@ STAGES: tuple[Stage, ...] = (
 
 # ------------------------------------------------------------------------------------------------ driver
 
-def _json(value: Any) -> Any:
-    return json.loads(json.dumps(value))
-
-
 def _read_stamp(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -293,7 +290,7 @@ def _run_stages(cfg: DemoConfig, paths: DemoPaths, progress: bool) -> list[Stage
     redo_rest = False
     results: list[StageResult] = []
     for i, stage in enumerate(STAGES, start=1):
-        upstream = {**upstream, stage.name: _json(stage.settings(cfg))}
+        upstream = {**upstream, stage.name: jsonable(stage.settings(cfg))}
         stamp_path = paths.root / STAGES_DIR / f"{stage.name}.json"
         stamp = _read_stamp(stamp_path)
         same = stamp is not None and stamp.get("settings") == upstream

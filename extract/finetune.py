@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from cache.atomic import write_json_atomic, written_via
 from cache.command import command_errors
+from cache.jsonable import jsonable
 from cache.lock import hold_output
 from heads.models import ARCHS
 from heads.runs import FINETUNE_FORMAT, FINETUNE_KIND
@@ -191,17 +192,6 @@ class TrainState:
             return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
         except (OSError, ValueError, TypeError) as err:
             raise FinetuneError(f"{path}: unreadable training state ({err})") from None
-
-
-def _finite(obj: Any) -> Any:
-    """JSON-safe copy: non-finite floats become None (a diverged loss must not break the metrics file)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def scheduler_state(scheduler: Any) -> dict:
@@ -514,7 +504,7 @@ def _train(cfg: FinetuneConfig, accelerator: Any, corpus: Any, backbone: nn.Modu
             state.scheduler = scheduler_state(scheduler)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                write_json_atomic(tmp / STATE_FILE, _finite(asdict(state)))   # written last: marks it complete
+                write_json_atomic(tmp / STATE_FILE, jsonable(asdict(state)))   # written last: marks it complete
         if accelerator.is_main_process:
             if final.exists():
                 shutil.rmtree(final)
@@ -525,7 +515,7 @@ def _train(cfg: FinetuneConfig, accelerator: Any, corpus: Any, backbone: nn.Modu
         accelerator.wait_for_everyone()
 
     def write_metrics() -> dict[str, Any]:
-        metrics = _finite({"best": state.best, "history": state.history})
+        metrics = jsonable({"best": state.best, "history": state.history})
         if accelerator.is_main_process:
             write_json_atomic(out / "metrics.json", metrics)
         return metrics

@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cache.atomic import write_json_atomic, write_text_atomic
+from cache.jsonable import jsonable
 from cache.lock import hold_output
 from heads.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, BootstrapConfig
 from heads.comparison import CI_KEYS, add_uncertainty, paired_markdown
@@ -100,7 +101,7 @@ class GridConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON types; the head template's `arch` is left out (each run sets its own)."""
-        data = json.loads(json.dumps(asdict(self)))
+        data = jsonable(asdict(self))
         data["head"].pop("arch", None)
         return data
 
@@ -135,7 +136,7 @@ def _is_finished(run_dir: Path, record: dict[str, Any]) -> bool:
         json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
-    return stored == json.loads(json.dumps(record))
+    return stored == jsonable(record)
 
 
 def run_state_bytes(head: HeadConfig, layer_dims: dict[str, int]) -> int:

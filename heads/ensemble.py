@@ -18,7 +18,6 @@ Rows are always matched by File_ID, never by position, and members must come fro
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import numpy as np
 
 from cache.atomic import write_json_atomic
 from cache.command import command_errors
+from cache.jsonable import jsonable
 from heads.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, BootstrapConfig, score_intervals, with_intervals
 from heads.metrics import score_all
 from heads.runs import METRICS_FILE, find_runs, read_json_object, read_run_config
@@ -181,8 +181,8 @@ def check_run_matches_cache(run: Run, attrs: Mapping[str, Any], cache_path: str 
 
 
 def _plain(value: Any) -> Any:
-    """JSON round trip, so cache attributes compare equal to what a run stored in config.json."""
-    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    """As JSON, so cache attributes compare equal to what a run stored in config.json."""
+    return jsonable(value)
 
 
 @dataclass

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import time
@@ -34,6 +33,7 @@ import click
 import numpy as np
 
 from cache.atomic import write_json_atomic, write_text_atomic
+from cache.jsonable import jsonable
 from heads.metrics import labelled_rows, score_task
 from heads.tasks import TASK_NAMES, TASKS
 from heads.threads import limited_threads
@@ -351,7 +351,7 @@ def _run_probe(cache_path: str | os.PathLike, cfg: ProbeConfig, progress: bool) 
         cache=str(Path(cache_path).resolve()),
         backbone={k: backbone.get(k) for k in ("name_or_path", "model_type")},
         layers=layers, tasks=list(cfg.tasks), n_train=int(len(train)), n_val=int(len(val)), scores=scores,
-        chosen=chosen, config=json.loads(json.dumps(asdict(cfg))), seconds=time.perf_counter() - started)
+        chosen=chosen, config=jsonable(asdict(cfg)), seconds=time.perf_counter() - started)
 
 
 # ----------------------------------------------------------------------------------------------- output

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from cache.atomic import atomic_path, write_json_atomic
 from cache.format import where
+from cache.jsonable import jsonable
 from cache.reader import compat_attrs
 from heads.losses import task_losses
 from heads.metrics import score_all
@@ -117,7 +118,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (tuples become lists), so a stored config compares equal to a fresh one."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        return jsonable(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -322,22 +323,6 @@ def _score_runs(labels: dict[str, np.ndarray], preds: dict[str, np.ndarray], n_r
 
 # ---------------------------------------------------------------------------------------------- output
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def run_config_record(cfg: TrainConfig, cache: CacheData, cache_path: str | Path | None) -> dict[str, Any]:
     """What config.json holds: the TrainConfig's fields at top level (so readers find `arch`, `weighting`,
     `seed` directly), the cache path and the cache facts that decide whether features are interchangeable.
@@ -348,7 +333,7 @@ def run_config_record(cfg: TrainConfig, cache: CacheData, cache_path: str | Path
         "run_format": RUN_FORMAT,
         **cfg.to_dict(),
         "cache": str(Path(path).resolve()) if path is not None else None,
-        "cache_attrs": _jsonable(compat_attrs(attrs)),
+        "cache_attrs": jsonable(compat_attrs(attrs)),
     }
 
 
