@@ -17,6 +17,9 @@ trained end to end with it, on raw audio rather than cached features.
     <ft>/head.safetensors         the best epoch's head (one run, R = 1)
     <ft>/metrics.json             {"best": ..., "history": [...]} (rewritten after every validation)
 
+Both write the same history: `metrics.json["history"]` is a list of `history_entry` records, one per
+validation, so one plotting and tracking path serves both stages; `read_history` is the only reader.
+
 Its config.json carries the marker `"kind": "finetune"`, so readers can tell it from a head run (outputs of
 versions before the marker are recognised by their `lr_backbone` and `layer_dims` fields); `avb predict`
 applies its head to its own backbone, and run readers refuse it with a message saying what it is.
@@ -25,9 +28,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from heads.tasks import TASK_NAMES
 
 RUN_FORMAT = 2            # bump when the files of a run folder change meaning; readers refuse other values
                           # (2: the heads stack their four tasks, so head.safetensors holds other tensors)
@@ -38,6 +43,9 @@ PREDICTIONS_DIR = "predictions"
 FINETUNE_KIND = "finetune"   # config.json "kind" of a fine-tuning output
 FINETUNE_FORMAT = 1          # bump when the files of a fine-tuning output change meaning
 BACKBONE_DIR = "backbone"
+
+
+HISTORY_KEYS = ("epoch", "step", "partial", "loss", "task_losses", "weights", "lr", "val")
 
 
 class RunDirError(ValueError):
@@ -154,3 +162,44 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[str]
                 seen.add(run.resolve())
                 runs.append(run)
     return runs, warnings
+
+
+def history_entry(*, epoch: int, step: int, loss: float, task_losses: Mapping[str, float],
+                  weights: Mapping[str, float], lr: Mapping[str, float], val: Mapping[str, float],
+                  partial: bool = False) -> dict[str, Any]:
+    """One validation's record, the same in both stages.
+
+    `epoch` counts from 1, `step` is the optimiser steps taken so far, `partial` marks a validation inside an
+    epoch (fine-tuning's --val-every); `loss` is the mean weighted training loss since the last record,
+    `task_losses`/`weights` map each task to its mean loss and its loss weight, `lr` maps each parameter group
+    ("head"; fine-tuning also "backbone") to its learning rate, `val` maps each Val metric to its score.
+    """
+    return {"epoch": int(epoch), "step": int(step), "partial": bool(partial), "loss": float(loss),
+            "task_losses": {t: float(task_losses[t]) for t in TASK_NAMES},
+            "weights": {t: float(weights[t]) for t in TASK_NAMES},
+            "lr": {str(k): float(v) for k, v in lr.items()},
+            "val": {str(k): float(v) for k, v in val.items()}}
+
+
+def read_history(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The history of a metrics.json in the `history_entry` schema.
+
+    Files written before the schema was shared are read too: fine-tuning's `train_loss`, `loss_weights`,
+    `lr_backbone`/`lr_head`, and the heads' single float `lr` without `step`.
+    """
+    history = []
+    for entry in metrics.get("history") or []:
+        if not isinstance(entry, Mapping):
+            continue
+        entry = dict(entry)
+        if "train_loss" in entry:
+            entry["loss"] = entry.pop("train_loss")
+        if "loss_weights" in entry:
+            entry["weights"] = entry.pop("loss_weights")
+        if "lr_head" in entry or "lr_backbone" in entry:
+            entry["lr"] = {"backbone": entry.pop("lr_backbone", None), "head": entry.pop("lr_head", None)}
+        if isinstance(entry.get("lr"), (int, float)):
+            entry["lr"] = {"head": entry["lr"]}
+        entry.setdefault("partial", False)
+        history.append(entry)
+    return history
