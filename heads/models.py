@@ -131,6 +131,8 @@ class MultiTaskHead(nn.Module):
     initial values from `gens`, one generator per run, in a fixed order) and implement `_forward`.
     """
 
+    eval_row_cost = 1   # activation memory of one evaluated row relative to VANILLA's; evaluation chunks shrink by it
+
     def __init__(self, cfg: HeadConfig, layer_dims: dict[str, int], seeds: Sequence[int]) -> None:
         super().__init__()
         cfg.validate()
@@ -355,6 +357,8 @@ class BranchHead(MultiTaskHead):
     """BRANCH: per task a stack of attention blocks whose queries are successive backbone layers and whose
     keys/values are the previous block's output (block 1: the CNN features and hidden_0); over per-layer
     pooled tokens, or over frames when the cache has them (`branch_use_frames`)."""
+
+    eval_row_cost = 4   # every task attends over all layer tokens: [R, tasks, B, tokens, H] per block
 
     def __init__(self, cfg: HeadConfig, layer_dims: dict[str, int], seeds: Sequence[int]) -> None:
         super().__init__(cfg, layer_dims, seeds)

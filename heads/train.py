@@ -293,9 +293,10 @@ def _predict(model: MultiTaskHead, feats: _Features, rows: np.ndarray, n_runs: i
     was_training = model.training
     model.eval()
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in TASK_NAMES}
-    for start in range(0, len(rows), feats.eval_batch):
+    chunk = max(8, feats.eval_batch // model.eval_row_cost)
+    for start in range(0, len(rows), chunk):
         with autocast(feats.device, precision):
-            out = model(feats.shared(rows[start:start + feats.eval_batch]))
+            out = model(feats.shared(rows[start:start + chunk]))
         for name in TASK_NAMES:
             value = out[name].float()
             chunks[name].append(torch.softmax(value, -1) if TASKS[name].is_classification else value)
