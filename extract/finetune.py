@@ -730,9 +730,10 @@ class Finetuning:
               help="SpecAugment time-masking probability.")
 @click.option("--spec-feature-p", default=FinetuneConfig.spec_feature_p, show_default=True, type=float,
               help="SpecAugment feature-masking probability.")
-@click.option("--arch", default=FinetuneConfig.arch, show_default=True, type=click.Choice(ARCHS))
+@click.option("--arch", default=FinetuneConfig.arch, show_default=True,
+              type=click.Choice(ARCHS, case_sensitive=False))
 @click.option("--weighting", default=FinetuneConfig.weighting, show_default=True,
-              type=click.Choice(("uniform", "dwa", "rruw", "druw")))
+              type=click.Choice(("uniform", "dwa", "rruw", "druw"), case_sensitive=False))
 @click.option("--freeze-cnn", is_flag=True, help="Do not train the CNN feature encoder.")
 @click.option("--grad-accum", default=1, show_default=True, type=int, help="Micro-batches per optimizer step.")
 @click.option("--grad-clip", default=FinetuneConfig.grad_clip, show_default=True, type=float,
@@ -764,7 +765,7 @@ def finetune_command(corpus: Path, model: str, out: Path, epochs: int, batch_siz
     cfg = FinetuneConfig(corpus=str(corpus), model=str(model), out=str(out), epochs=epochs, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, lr_backbone=lr_backbone, lr_head=lr_head,
                          clip_seconds=clip_seconds, spec_time_p=spec_time_p, spec_feature_p=spec_feature_p,
-                         arch=arch, weighting=weighting, freeze_cnn=freeze_cnn, grad_accum=grad_accum,
+                         arch=arch.lower(), weighting=weighting.lower(), freeze_cnn=freeze_cnn, grad_accum=grad_accum,
                          grad_clip=grad_clip, mixed_precision=mixed_precision, max_steps=max_steps, resume=resume,
                          seed=seed, num_workers=num_workers, report_to=report_to,
                          tracking_dir=str(tracking_dir) if tracking_dir else "")
