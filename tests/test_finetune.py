@@ -178,6 +178,18 @@ def test_cli_refuses_to_clobber_or_resume_with_other_settings(setup, two_process
         "use the same settings or another --out")
 
 
+def test_cli_arch_and_weighting_are_case_insensitive(setup, two_process_run):
+    _, corpus_root, model_dir = setup
+    out = two_process_run[0]
+    res = CliRunner().invoke(finetune_command, [
+        "--corpus", str(corpus_root), "--model", str(model_dir), "--out", str(out), "--epochs", "3",
+        "--batch-size", "2", "--lr-backbone", "1e-3", "--resume", "--arch", "Vanilla", "--weighting", "DWA"])
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines()[-1] == (   # lower-cased before use; the arch matches the run's
+        f"Error: --resume with weighting='dwa', but {out / 'config.json'} was trained with weighting='uniform'; "
+        "use the same settings or another --out")
+
+
 def test_config_defaults_are_the_papers():
     cfg = FinetuneConfig()
     assert (cfg.epochs, cfg.batch_size, cfg.lr_backbone, cfg.lr_head) == (30, 8, 1e-5, 1e-3)
