@@ -50,7 +50,7 @@ from cache.atomic import write_json_atomic, written_via
 from cache.command import command_errors
 from cache.jsonable import jsonable
 from cache.lock import hold_output
-from extract.clips import ClipDataset, EpochShuffleSampler, collate_clips
+from extract.clips import PRECISIONS, ClipDataset, ClipRunConfig, EpochShuffleSampler, collate_clips
 from heads.models import ARCHS
 from heads.runs import FINETUNE_FORMAT, FINETUNE_KIND, history_entry, read_history
 from heads.tasks import TASK_NAMES
@@ -59,7 +59,6 @@ from heads.tracking import REPORT_TO_CHOICES
 CHECKPOINT = re.compile(r"^step-(\d{8,})$")
 TRACKER_PROJECT = "finetune"      # accelerate's project name: TensorBoard logs go to OUT/tracking/finetune
 STATE_FILE = "train_state.json"
-PRECISIONS = ("no", "fp16", "bf16")
 
 
 class FinetuneError(ValueError):
@@ -67,12 +66,9 @@ class FinetuneError(ValueError):
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(ClipRunConfig):
     """Everything a fine-tuning run depends on; defaults are the paper's settings."""
 
-    corpus: str = ""
-    model: str = "facebook/wav2vec2-base"
-    out: str = ""
     epochs: int = 30
     batch_size: int = 8               # per process and micro-batch
     eval_batch_size: int = 16
