@@ -10,8 +10,10 @@ through a `GuardedFile`, so a full disk ends in a WriteError (and no temporary f
 from __future__ import annotations
 
 import errno
+import functools
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +141,16 @@ class CacheWriter:
         raises CacheError and leaves the writer as it was."""
         if self._closed:
             raise CacheError(f"{self.path}: append after close")
-        block = self._validate(ids, splits, labels, n_frames, pooled, frames)
+        ids = self._checked_ids(ids)
+        at = functools.partial(self._at, ids)   # at(i, what): where clip i of the batch would go in the file
+        b = len(ids)
+        block: dict[str, Any] = {IDS: ids, SPLITS_DS: self._checked_splits(splits, at, b),
+                                 N_FRAMES: self._checked_n_frames(n_frames, at, b)}
+        block[LABELS] = self._label_block(labels, at, b)
+        block[POOLED] = self._pooled_block(pooled, at, b)
+        block[FRAMES] = self._frame_block(frames, block[N_FRAMES], at)
+        block["nbytes"] = sum(a.nbytes for a in block[POOLED].values()) + sum(
+            a.nbytes for clips in block[FRAMES].values() for a in clips)
         self._seen.update(block[IDS])
         self._buffer.append(block)
         self._buffer_rows += len(block[IDS])
@@ -226,21 +237,12 @@ class CacheWriter:
             out[key] = encode_attr(key, value)
         return out
 
-    def _validate(
-        self,
-        ids: Sequence[str],
-        splits: Sequence[str],
-        labels: Mapping[str, np.ndarray],
-        n_frames: np.ndarray | Sequence[int],
-        pooled: Mapping[str, np.ndarray],
-        frames: Mapping[str, Sequence[np.ndarray]] | None,
-    ) -> dict[str, Any]:
+    def _at(self, ids: list[str], i: int, what: str | None = None) -> str:
+        """Where clip i of the batch would go in the file."""
+        return "append: " + where(self.path, self.n_clips + i, ids[i], what)
+
+    def _checked_ids(self, ids: Sequence[str]) -> list[str]:
         ids = list(ids)
-        b = len(ids)
-
-        def at(i: int, what: str | None = None) -> str:   # where clip i of the batch would go in the file
-            return "append: " + where(self.path, self.n_clips + i, ids[i], what)
-
         batch_seen: set[str] = set()
         for i, clip_id in enumerate(ids):
             if not isinstance(clip_id, str) or not clip_id:
@@ -248,15 +250,22 @@ class CacheWriter:
             if clip_id.startswith("["):
                 raise CacheError(f"append: id {clip_id!r} has brackets; the cache stores ids without them")
             if clip_id in self._seen or clip_id in batch_seen:
-                raise CacheError(f"{at(i)}: duplicate File_ID (already appended)")
+                raise CacheError(f"{self._at(ids, i)}: duplicate File_ID (already appended)")
             batch_seen.add(clip_id)
+        return ids
+
+    @staticmethod
+    def _checked_splits(splits: Sequence[str], at: Any, b: int) -> list[str]:
         splits = list(splits)
         if len(splits) != b:
             raise CacheError(f"append: {len(splits)} splits for {b} ids")
         for i, split in enumerate(splits):
             if split not in SPLITS:
                 raise CacheError(f"{at(i, 'split')}: {split!r} is not one of {', '.join(SPLITS)}")
+        return splits
 
+    @staticmethod
+    def _checked_n_frames(n_frames: np.ndarray | Sequence[int], at: Any, b: int) -> np.ndarray:
         nf = np.asarray(n_frames)
         if nf.shape != (b,) or (b and not np.issubdtype(nf.dtype, np.integer)):
             raise CacheError(f"append: n_frames must be an integer array of shape ({b},), "
@@ -265,9 +274,11 @@ class CacheWriter:
         if b and nf.min() < 1:
             bad = int(np.argmin(nf))
             raise CacheError(f"{at(bad, 'n_frames')}: {int(nf[bad])}; every clip needs >= 1 valid frame")
+        return nf
 
+    def _label_block(self, labels: Mapping[str, np.ndarray], at: Any, b: int) -> dict[str, np.ndarray]:
         _check_keys("labels", labels, self.label_columns)
-        label_block: dict[str, np.ndarray] = {}
+        block: dict[str, np.ndarray] = {}
         for name, columns in self.label_columns.items():
             arr = np.asarray(labels[name], dtype=np.float32)
             if arr.shape != (b, len(columns)):
@@ -280,45 +291,45 @@ class CacheWriter:
                     i = int(np.argwhere(bad)[0][0])
                     raise CacheError(f"{at(i, f'labels[{name!r}]')}: {float(arr[bad][0])!r} is not a class index in "
                                      f"0..{n_cls - 1} (or NaN)")
-            label_block[name] = arr
+            block[name] = arr
+        return block
 
+    def _pooled_block(self, pooled: Mapping[str, np.ndarray], at: Any, b: int) -> dict[str, np.ndarray]:
         _check_keys("pooled", pooled, self.layer_dims)
-        pooled_block: dict[str, np.ndarray] = {}
-        nbytes = 0
+        block: dict[str, np.ndarray] = {}
         for layer, dim in self.layer_dims.items():
             arr = np.asarray(pooled[layer])
             if arr.shape != (b, dim):
                 raise CacheError(f"append: pooled['{layer}'] has shape {tuple(arr.shape)}, expected ({b}, {dim})")
-            arr = _cast_finite(arr, self.dtype, f"pooled['{layer}']", at)
-            pooled_block[layer] = arr
-            nbytes += arr.nbytes
+            block[layer] = _cast_finite(arr, self.dtype, f"pooled['{layer}']", at)
+        return block
 
-        frame_block: dict[str, list[np.ndarray]] = {}
-        if self.frame_layers:
-            if frames is None:
-                raise CacheError(f"append: frames are required for frame layers {', '.join(self.frame_layers)}")
-            _check_keys("frames", frames, dict.fromkeys(self.frame_layers))
-            want = n_frames_kept(nf.astype(np.int64), self.frame_stride)
-            for layer in self.frame_layers:
-                clips = list(frames[layer])
-                if len(clips) != b:
-                    raise CacheError(f"append: frames['{layer}'] has {len(clips)} clips for {b} ids")
-                dim = self.layer_dims[layer]
-                cast = []
-                for i, clip in enumerate(clips):
-                    arr = np.asarray(clip)
-                    if arr.shape != (int(want[i]), dim):
-                        raise CacheError(
-                            f"{at(i, f'frames[{layer!r}]')}: shape {tuple(arr.shape)}, expected ({int(want[i])}, "
-                            f"{dim}) = (ceil(n_frames {int(nf[i])} / stride {self.frame_stride}), dim)")
-                    arr = _cast_finite(arr, self.dtype, f"frames['{layer}']", lambda _, what, i=i: at(i, what))
-                    cast.append(arr)
-                    nbytes += arr.nbytes
-                frame_block[layer] = cast
-        elif frames:
-            raise CacheError("append: frames given but the writer has no frame_layers")
-        return {IDS: ids, SPLITS_DS: splits, N_FRAMES: nf, LABELS: label_block, POOLED: pooled_block,
-                FRAMES: frame_block, "nbytes": nbytes}
+    def _frame_block(self, frames: Mapping[str, Sequence[np.ndarray]] | None, nf: np.ndarray, at: Any
+                     ) -> dict[str, list[np.ndarray]]:
+        if not self.frame_layers:
+            if frames:
+                raise CacheError("append: frames given but the writer has no frame_layers")
+            return {}
+        if frames is None:
+            raise CacheError(f"append: frames are required for frame layers {', '.join(self.frame_layers)}")
+        _check_keys("frames", frames, dict.fromkeys(self.frame_layers))
+        want = n_frames_kept(nf.astype(np.int64), self.frame_stride)
+        block: dict[str, list[np.ndarray]] = {}
+        for layer in self.frame_layers:
+            clips = list(frames[layer])
+            if len(clips) != len(nf):
+                raise CacheError(f"append: frames['{layer}'] has {len(clips)} clips for {len(nf)} ids")
+            dim = self.layer_dims[layer]
+            cast = []
+            for i, clip in enumerate(clips):
+                arr = np.asarray(clip)
+                if arr.shape != (int(want[i]), dim):
+                    raise CacheError(
+                        f"{at(i, f'frames[{layer!r}]')}: shape {tuple(arr.shape)}, expected ({int(want[i])}, "
+                        f"{dim}) = (ceil(n_frames {int(nf[i])} / stride {self.frame_stride}), dim)")
+                cast.append(_cast_finite(arr, self.dtype, f"frames['{layer}']", lambda _, what, i=i: at(i, what)))
+            block[layer] = cast
+        return block
 
     def _create(self, final: bool) -> None:
         """Create the datasets on the first flush; if that flush is the last, chunks fit the whole file."""
@@ -501,6 +512,32 @@ def merge_shards(
     paths = [Path(p) for p in shard_paths]
     if not paths:
         raise CacheError("merge_shards: no shard files given")
+    ref = _agreed_attrs(paths)
+    files = [h5py.File(p, "r") for p in paths]
+    try:
+        label_columns, label_classes = _agreed_labels(files, paths)
+        out_ids, src_shard, src_row = _source_rows(files, paths, order)
+        shards = _Shards.read(files, ref, label_columns)
+        n_total = len(out_ids)
+        block = _block_rows(shards, n_total, chunk_rows)
+        writer = CacheWriter(out_path, layer_dims=shards.layer_dims, label_columns=label_columns,
+                             attrs={k: v for k, v in ref.items() if k not in RESERVED_ATTRS},
+                             frame_layers=shards.frame_layers, frame_stride=int(ref["frame_stride"]),
+                             dtype=ref["dtype"], label_classes=label_classes,
+                             chunk_rows=chunk_rows_for(n_total, chunk_rows), compression=compression,
+                             expected_clips=n_total)
+        with writer:
+            for b0 in range(0, n_total, block):
+                writer.append(ids=out_ids[b0:b0 + block],
+                              **shards.rows(src_shard[b0:b0 + block], src_row[b0:b0 + block]))
+        return Path(out_path)
+    finally:
+        for f in files:
+            f.close()
+
+
+def _agreed_attrs(paths: list[Path]) -> dict[str, Any]:
+    """The first shard's attributes, once every shard agrees with them (but for n_clips and code_version)."""
     attrs = [read_attrs(p) for p in paths]
     ref = attrs[0]
     ignore = {"n_clips", "code_version"}
@@ -509,92 +546,107 @@ def merge_shards(
             if ref.get(key) != other.get(key):
                 raise CacheError(f"{path} differs from {paths[0]} in attribute '{key}': "
                                  f"{other.get(key)!r} vs {ref.get(key)!r}")
+    return ref
 
-    files = [h5py.File(p, "r") for p in paths]
-    try:
-        label_columns, label_classes = label_meta(files[0], paths[0])
-        for path, f in zip(paths[1:], files[1:]):
-            cols, classes = label_meta(f, path)
-            if cols != label_columns:
-                raise CacheError(f"{path} differs from {paths[0]} in its labels: {cols} vs {label_columns}")
-            if classes != label_classes:
-                raise CacheError(f"{path} differs from {paths[0]} in its label classes: {classes} vs {label_classes}")
 
-        ids = [f[IDS].asstr()[()] for f in files]
-        shard_of = np.concatenate([np.full(len(x), s, np.int64) for s, x in enumerate(ids)])
-        row_of = np.concatenate([np.arange(len(x), dtype=np.int64) for x in ids])
-        all_ids = [str(i) for x in ids for i in x]
-        position: dict[str, int] = {}
-        for k, clip_id in enumerate(all_ids):
-            if clip_id in position:
-                j = position[clip_id]
-                raise CacheError(f"{where(paths[shard_of[k]], int(row_of[k]), clip_id)}: duplicate File_ID (also "
-                                 f"{paths[shard_of[j]]}, row {int(row_of[j])})")
-            position[clip_id] = k
-        if order is None:
-            out_ids = sorted(all_ids)
-        else:
-            out_ids = [str(i) for i in order]
-            seen: set[str] = set()
-            for clip_id in out_ids:
-                if clip_id not in position:
-                    raise CacheError(f"order lists id '{clip_id}', which is in none of the shards")
-                if clip_id in seen:
-                    raise CacheError(f"order lists id '{clip_id}' twice")
-                seen.add(clip_id)
-            if len(out_ids) != len(all_ids):
-                missing = next(i for i in all_ids if i not in seen)
-                raise CacheError(f"order lacks id '{missing}' (and {len(all_ids) - len(out_ids) - 1} more) "
-                                 f"that the shards hold")
-        perm = np.array([position[i] for i in out_ids], dtype=np.int64)
-        src_shard, src_row = shard_of[perm], row_of[perm]
+def _agreed_labels(files: list[h5py.File], paths: list[Path]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """The label columns and classes, the same in every shard."""
+    label_columns, label_classes = label_meta(files[0], paths[0])
+    for path, f in zip(paths[1:], files[1:]):
+        cols, classes = label_meta(f, path)
+        if cols != label_columns:
+            raise CacheError(f"{path} differs from {paths[0]} in its labels: {cols} vs {label_columns}")
+        if classes != label_classes:
+            raise CacheError(f"{path} differs from {paths[0]} in its label classes: {classes} vs {label_classes}")
+    return label_columns, label_classes
 
-        splits = [f[SPLITS_DS].asstr()[()] for f in files]
-        n_frames = [f[N_FRAMES][()] for f in files]
-        labels = {name: [f[LABELS][name][()] for f in files] for name in label_columns}
+
+def _source_rows(files: list[h5py.File], paths: list[Path], order: Sequence[str] | None
+                 ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The merged file's ids, and for each the shard and the row it comes from; an id in two shards is refused."""
+    ids = [f[IDS].asstr()[()] for f in files]
+    shard_of = np.concatenate([np.full(len(x), s, np.int64) for s, x in enumerate(ids)])
+    row_of = np.concatenate([np.arange(len(x), dtype=np.int64) for x in ids])
+    all_ids = [str(i) for x in ids for i in x]
+    position: dict[str, int] = {}
+    for k, clip_id in enumerate(all_ids):
+        if clip_id in position:
+            j = position[clip_id]
+            raise CacheError(f"{where(paths[shard_of[k]], int(row_of[k]), clip_id)}: duplicate File_ID (also "
+                             f"{paths[shard_of[j]]}, row {int(row_of[j])})")
+        position[clip_id] = k
+    out_ids = sorted(all_ids) if order is None else _checked_order(order, all_ids, position)
+    perm = np.array([position[i] for i in out_ids], dtype=np.int64)
+    return out_ids, shard_of[perm], row_of[perm]
+
+
+def _checked_order(order: Sequence[str], all_ids: list[str], position: Mapping[str, int]) -> list[str]:
+    """`order` as a list, refused unless it names every id of the shards exactly once."""
+    out_ids = [str(i) for i in order]
+    seen: set[str] = set()
+    for clip_id in out_ids:
+        if clip_id not in position:
+            raise CacheError(f"order lists id '{clip_id}', which is in none of the shards")
+        if clip_id in seen:
+            raise CacheError(f"order lists id '{clip_id}' twice")
+        seen.add(clip_id)
+    if len(out_ids) != len(all_ids):
+        missing = next(i for i in all_ids if i not in seen)
+        raise CacheError(f"order lacks id '{missing}' (and {len(all_ids) - len(out_ids) - 1} more) "
+                         f"that the shards hold")
+    return out_ids
+
+
+@dataclass
+class _Shards:
+    """The open shard files of a merge, with their small per-clip columns read whole."""
+
+    files: list[h5py.File]
+    layer_dims: dict[str, int]
+    frame_layers: list[str]
+    dtype: np.dtype
+    splits: list[np.ndarray]
+    n_frames: list[np.ndarray]
+    labels: dict[str, list[np.ndarray]]
+    offsets: list[np.ndarray]          # FRAME_OFFSETS of each shard (empty without frame layers)
+
+    @classmethod
+    def read(cls, files: list[h5py.File], ref: Mapping[str, Any], label_columns: Mapping[str, Any]) -> "_Shards":
         frame_layers = list(ref["frame_layers"])
-        offsets = [f[FRAME_OFFSETS][()] for f in files] if frame_layers else []
+        return cls(files=files, layer_dims=dict(ref["layer_dims"]), frame_layers=frame_layers,
+                   dtype=np.dtype(ref["dtype"]), splits=[f[SPLITS_DS].asstr()[()] for f in files],
+                   n_frames=[f[N_FRAMES][()] for f in files],
+                   labels={name: [f[LABELS][name][()] for f in files] for name in label_columns},
+                   offsets=[f[FRAME_OFFSETS][()] for f in files] if frame_layers else [])
 
-        layer_dims = dict(ref["layer_dims"])
-        dtype = np.dtype(ref["dtype"])
-        n_total = len(out_ids)
-        per_clip = sum(layer_dims.values()) * dtype.itemsize
-        if frame_layers:
-            total_frames = sum(int(o[-1]) for o in offsets)
-            per_clip += (total_frames / max(1, n_total)) * sum(layer_dims[x] for x in frame_layers) * dtype.itemsize
-        block = int(max(1, min(chunk_rows, MERGE_BLOCK_BYTES // max(1.0, per_clip))))
+    def rows(self, shard: np.ndarray, row: np.ndarray) -> dict[str, Any]:
+        """CacheWriter.append's arguments (but the ids) for the clips at (shard[k], row[k])."""
+        n = len(shard)
+        pooled = {layer: np.empty((n, dim), self.dtype) for layer, dim in self.layer_dims.items()}
+        frames: dict[str, list[Any]] = {layer: [None] * n for layer in self.frame_layers}
+        for s in np.unique(shard):
+            sel = np.flatnonzero(shard == s)
+            rows = row[sel]
+            for layer in self.layer_dims:
+                pooled[layer][sel] = read_rows(self.files[s][POOLED][layer], rows)
+            for layer in self.frame_layers:
+                parts = read_ranges(self.files[s][FRAMES][layer], self.offsets[s][rows], self.offsets[s][rows + 1])
+                for k, part in zip(sel, parts):
+                    frames[layer][k] = part
+        pairs = list(zip(shard, row))
+        return {"splits": [str(self.splits[s][r]) for s, r in pairs],
+                "labels": {name: np.stack([values[s][r] for s, r in pairs]).reshape(n, -1)
+                           for name, values in self.labels.items()},
+                "n_frames": np.array([self.n_frames[s][r] for s, r in pairs], dtype=np.int32),
+                "pooled": pooled, "frames": frames if self.frame_layers else None}
 
-        extra = {k: v for k, v in ref.items() if k not in RESERVED_ATTRS}
-        writer = CacheWriter(out_path, layer_dims=layer_dims, label_columns=label_columns, attrs=extra,
-                             frame_layers=frame_layers, frame_stride=int(ref["frame_stride"]), dtype=ref["dtype"],
-                             label_classes=label_classes, chunk_rows=chunk_rows_for(n_total, chunk_rows),
-                             compression=compression, expected_clips=n_total)
-        with writer:
-            for b0 in range(0, n_total, block):
-                sh, rw = src_shard[b0:b0 + block], src_row[b0:b0 + block]
-                n = len(sh)
-                pooled = {layer: np.empty((n, dim), dtype) for layer, dim in layer_dims.items()}
-                frames: dict[str, list[Any]] = {layer: [None] * n for layer in frame_layers}
-                for s in np.unique(sh):
-                    sel = np.flatnonzero(sh == s)
-                    rows = rw[sel]
-                    for layer in layer_dims:
-                        pooled[layer][sel] = read_rows(files[s][POOLED][layer], rows)
-                    for layer in frame_layers:
-                        parts = read_ranges(files[s][FRAMES][layer], offsets[s][rows], offsets[s][rows + 1])
-                        for k, part in zip(sel, parts):
-                            frames[layer][k] = part
-                writer.append(
-                    ids=out_ids[b0:b0 + n],
-                    splits=[str(splits[s][r]) for s, r in zip(sh, rw)],
-                    labels={name: np.stack([labels[name][s][r] for s, r in zip(sh, rw)]).reshape(n, -1)
-                            for name in label_columns},
-                    n_frames=np.array([n_frames[s][r] for s, r in zip(sh, rw)], dtype=np.int32),
-                    pooled=pooled,
-                    frames=frames if frame_layers else None,
-                )
-        return Path(out_path)
-    finally:
-        for f in files:
-            f.close()
 
+def _block_rows(shards: _Shards, n_total: int, chunk_rows: int) -> int:
+    """Clips per merge step: at most `chunk_rows`, and about MERGE_BLOCK_BYTES of features."""
+    itemsize = shards.dtype.itemsize
+    per_clip = sum(shards.layer_dims.values()) * itemsize
+    if shards.frame_layers:
+        total_frames = sum(int(o[-1]) for o in shards.offsets)
+        per_clip += (total_frames / max(1, n_total)) * sum(shards.layer_dims[x] for x in shards.frame_layers) \
+            * itemsize
+    return int(max(1, min(chunk_rows, MERGE_BLOCK_BYTES // max(1.0, per_clip))))

@@ -36,11 +36,11 @@ from cache.lock import hold_output
 from cache.reader import check_compatible, load_cache, read_attrs
 from cache.writer import CacheWriter, merge_shards
 from extract.audio import SAMPLE_RATE
+from extract.clips import PRECISIONS, ClipRunConfig
 from heads.tasks import TASKS, TYPE
 
 SHARD_PATTERN = re.compile(r"\.shard-(\d+)-of-(\d+)$")
 DTYPES = ("float16", "float32")
-PRECISIONS = ("no", "fp16", "bf16")
 
 
 class DumpError(ValueError):
@@ -48,12 +48,9 @@ class DumpError(ValueError):
 
 
 @dataclass
-class DumpConfig:
+class DumpConfig(ClipRunConfig):
     """Settings of one dump; defaults are the paper's (2.5 s clips) and the cache's (float16, pooled only)."""
 
-    corpus: str = ""
-    model: str = "facebook/wav2vec2-base"
-    out: str = ""
     frame_layers: tuple[str, ...] = ()
     frame_stride: int = 1
     batch_size: int = 16

@@ -50,15 +50,15 @@ from cache.atomic import write_json_atomic, written_via
 from cache.command import command_errors
 from cache.jsonable import jsonable
 from cache.lock import hold_output
+from extract.clips import PRECISIONS, ClipDataset, ClipRunConfig, EpochShuffleSampler, collate_clips
 from heads.models import ARCHS
-from heads.runs import FINETUNE_FORMAT, FINETUNE_KIND
+from heads.runs import FINETUNE_FORMAT, FINETUNE_KIND, history_entry, read_history
 from heads.tasks import TASK_NAMES
 from heads.tracking import REPORT_TO_CHOICES
 
 CHECKPOINT = re.compile(r"^step-(\d{8,})$")
 TRACKER_PROJECT = "finetune"      # accelerate's project name: TensorBoard logs go to OUT/tracking/finetune
 STATE_FILE = "train_state.json"
-PRECISIONS = ("no", "fp16", "bf16")
 
 
 class FinetuneError(ValueError):
@@ -66,12 +66,9 @@ class FinetuneError(ValueError):
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(ClipRunConfig):
     """Everything a fine-tuning run depends on; defaults are the paper's settings."""
 
-    corpus: str = ""
-    model: str = "facebook/wav2vec2-base"
-    out: str = ""
     epochs: int = 30
     batch_size: int = 8               # per process and micro-batch
     eval_batch_size: int = 16
@@ -178,36 +175,63 @@ class TrainState:
     loss_sum: float = 0.0           # sums over the current epoch's micro-batches, all processes
     task_loss_sum: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
     n_batches: int = 0
-    history: list[dict] = field(default_factory=list)   # one entry per validation
+    history: list[dict] = field(default_factory=list)   # one heads.runs.history_entry per validation
     best: dict | None = None        # the history entry of the best validation so far
-    scheduler: dict | None = None   # ReduceLROnPlateau bookkeeping (see scheduler_state)
+    scheduler: dict | None = None   # the plateau schedule's bookkeeping (GroupPlateau.state_dict)
 
     def __post_init__(self) -> None:
         self.task_loss_sum = tuple(self.task_loss_sum)
 
     @classmethod
     def load(cls, path: Path) -> "TrainState":
+        """The state of a checkpoint; the history of older versions (other entry keys) is read as today's."""
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+            state = cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+            state.history = read_history({"history": state.history})
+            state.best = read_history({"history": [state.best]})[0] if state.best else None
+            return state
         except (OSError, ValueError, TypeError) as err:
             raise FinetuneError(f"{path}: unreadable training state ({err})") from None
 
 
-def scheduler_state(scheduler: Any) -> dict:
-    best = float(scheduler.best)
-    return {"best": best if math.isfinite(best) else None, "num_bad_epochs": int(scheduler.num_bad_epochs),
-            "last_epoch": int(scheduler.last_epoch), "cooldown_counter": int(scheduler.cooldown_counter)}
+class GroupPlateau:
+    """Halve every learning rate of a torch optimizer when the Val score stops improving (`--plateau-*`).
 
+    The bookkeeping is heads.optim.PlateauHalving's, with the optimizer's parameter groups as its runs, all fed
+    the same score: so each group's rate drops on the same epochs, exactly as torch's
+    ReduceLROnPlateau(mode="max") would drop it. `lr` is the [G] view of the groups' rates PlateauHalving reads
+    and writes; the groups are read again at each step (loading an optimizer state replaces them).
+    """
 
-def load_scheduler_state(scheduler: Any, state: dict | None) -> None:
-    if not state:
-        return
-    scheduler.best = scheduler.mode_worse if state["best"] is None else float(state["best"])
-    scheduler.num_bad_epochs = int(state["num_bad_epochs"])
-    scheduler.last_epoch = int(state["last_epoch"])
-    scheduler.cooldown_counter = int(state["cooldown_counter"])
-    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    def __init__(self, optimizer: Any, *, patience: int, factor: float) -> None:
+        from heads.optim import PlateauHalving
+
+        self.optimizer = optimizer
+        self.n_runs = len(optimizer.param_groups)
+        self.lr = torch.tensor([g["lr"] for g in optimizer.param_groups], dtype=torch.float64)
+        self.plateau = PlateauHalving(self, patience=patience, factor=factor)
+
+    def step(self, score: float) -> None:
+        """One validation score (higher is better; pass -inf for a non-finite one)."""
+        groups = self.optimizer.param_groups
+        self.lr.copy_(torch.tensor([g["lr"] for g in groups], dtype=torch.float64))
+        self.plateau.step(np.full(self.n_runs, score, dtype=np.float64))
+        for group, lr in zip(groups, self.lr.tolist()):
+            group["lr"] = lr
+
+    def state_dict(self) -> dict[str, list]:
+        return self.plateau.state_dict()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Restore `state_dict`'s value, or that of a checkpoint written with torch's ReduceLROnPlateau (one
+        `best` and `num_bad_epochs` for all groups; its `last_epoch` and `cooldown_counter` never changed
+        the rates here, the cooldown being 0)."""
+        if not state:
+            return
+        if not isinstance(state["num_bad_epochs"], list):
+            state = {"best": [state["best"]] * self.n_runs, "num_bad_epochs": [state["num_bad_epochs"]] * self.n_runs}
+        self.plateau.load_state_dict(state)
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
@@ -397,150 +421,174 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
     )
     # One lock for all ranks (rank 0 holds it): a second run into the same --out stops before writing anything.
     with hold_output(out, ranks=accelerator):
-        return _train(cfg, accelerator, corpus, backbone, train_rows, val_rows, latest, trackers, log_dir,
-                      progress=progress)
+        run = Finetuning(cfg, accelerator, corpus, backbone, train_rows, val_rows, trackers, log_dir,
+                         progress=progress)
+        run.resume(latest)
+        return run.train()
 
 
-def _train(cfg: FinetuneConfig, accelerator: Any, corpus: Any, backbone: nn.Module, train_rows: np.ndarray,
-           val_rows: np.ndarray, latest: Path | None, trackers: list[str], log_dir: Path, *,
-           progress: bool) -> dict[str, Any]:
-    """The rest of `run_finetune` (head, optimizer, resume, epochs), run while it holds the output's lock."""
-    from accelerate.utils import set_seed
-    from safetensors.torch import load_file, save_file
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+class Finetuning:
+    """The rest of `run_finetune`, run while it holds the output's lock, as the steps a reader follows:
 
-    from extract.backbone import layer_dims
-    from extract.clips import ClipDataset, EpochShuffleSampler, collate_clips
-    from heads.models import HeadConfig, build_head
-    from heads.tracking import accelerate_init_kwargs, flat_config
-    from heads.weighting import build_weighting
+        run = Finetuning(...)   # setup: head, optimizer, plateau schedule, data, accelerate's prepare
+        run.resume(latest)      # the newest checkpoint, or a fresh seed
+        run.train()             # config.json and trackers, then per epoch:
+            train_epoch()       #   train steps (gradient accumulation, clipping, step logs)
+            validate()          #   history entry, best so far, loss-weighting and plateau steps at the epoch end
+            checkpoint()        #   save_state + train_state.json, committed by a rename
+            export_best()       #   save_pretrained backbone + head, when validation improved
+            write_metrics()     #   metrics.json
+    """
 
-    out = Path(cfg.out)
-    ckpt_root = out / "checkpoints"
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if len(train_rows) < cfg.batch_size * world:
-        raise FinetuneError(f"corpus {cfg.corpus} has {len(train_rows)} fully labelled Train clips, fewer than one "
-                            f"batch per process ({cfg.batch_size} x {world})")
-    show = progress and accelerator.is_local_main_process
-    dims = layer_dims(backbone)
-    head_cfg = HeadConfig(arch=cfg.arch, hidden=cfg.hidden, dropout=cfg.dropout, input_layer=cfg.input_layer)
-    head = build_head(head_cfg, dims, seeds=[cfg.seed])
-    # Dropout masks of the head: one stream per rank (different samples, different masks), saved in checkpoints.
-    dropout_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * (rank + 1))
-    head.set_run_generators([dropout_gen])
-    weighting = build_weighting(cfg.weighting, n_runs=1)
-    model = FinetuneModel(backbone, head, weighting)
+    def __init__(self, cfg: FinetuneConfig, accelerator: Any, corpus: Any, backbone: nn.Module,
+                 train_rows: np.ndarray, val_rows: np.ndarray, trackers: list[str], log_dir: Path, *,
+                 progress: bool) -> None:
+        self.cfg, self.accelerator, self.corpus = cfg, accelerator, corpus
+        self.trackers, self.log_dir = trackers, log_dir
+        self.out = Path(cfg.out)
+        self.ckpt_root = self.out / "checkpoints"
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        if len(train_rows) < cfg.batch_size * self.world:
+            raise FinetuneError(f"corpus {cfg.corpus} has {len(train_rows)} fully labelled Train clips, fewer than "
+                                f"one batch per process ({cfg.batch_size} x {self.world})")
+        self.show = progress and accelerator.is_local_main_process
+        model = self._build_model(backbone)
+        optimizer = self._build_optimizer(model)
+        self.plateau = GroupPlateau(optimizer, patience=cfg.plateau_patience, factor=cfg.plateau_factor)
+        train_loader, val_loader = self._build_loaders(train_rows, val_rows)
+        self.model, self.optimizer, self.train_loader, self.val_loader = accelerator.prepare(
+            model, optimizer, train_loader, val_loader)
+        self.unwrapped: FinetuneModel = accelerator.unwrap_model(self.model)
+        self.state = TrainState(world=self.world)
+        self.stop = False
 
-    groups = [
-        {"params": [p for p in backbone.parameters() if p.requires_grad], "lr": cfg.lr_backbone},
-        {"params": list(head.parameters()), "lr": cfg.lr_head},
-        {"params": list(weighting.parameters()), "lr": cfg.lr_head, "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.plateau_factor,
-                                                           patience=cfg.plateau_patience)
-    train_set = ClipDataset(corpus, train_rows, clip_seconds=cfg.clip_seconds, train=True, seed=cfg.seed)
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, drop_last=True, collate_fn=collate_clips,
-                              sampler=EpochShuffleSampler(len(train_set), cfg.seed), num_workers=cfg.num_workers)
-    val_set = ClipDataset(corpus, val_rows, clip_seconds=cfg.clip_seconds)
-    val_loader = DataLoader(val_set, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate_clips,
-                            num_workers=cfg.num_workers)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    unwrapped: FinetuneModel = accelerator.unwrap_model(model)
+    # ------------------------------------------------------------------ setup
+    def _build_model(self, backbone: nn.Module) -> FinetuneModel:
+        """Backbone + head (one run) + loss weighting; the head's dropout masks come from a generator per rank
+        (different samples, different masks), saved in the checkpoints."""
+        from extract.backbone import layer_dims
+        from heads.models import HeadConfig, build_head
+        from heads.weighting import build_weighting
 
-    state = TrainState(world=world)
-    if cfg.resume and latest is not None:
+        cfg = self.cfg
+        self.dims = layer_dims(backbone)
+        self.head_cfg = HeadConfig(arch=cfg.arch, hidden=cfg.hidden, dropout=cfg.dropout, input_layer=cfg.input_layer)
+        head = build_head(self.head_cfg, self.dims, seeds=[cfg.seed])
+        self.dropout_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * (self.rank + 1))
+        head.set_run_generators([self.dropout_gen])
+        return FinetuneModel(backbone, head, build_weighting(cfg.weighting, n_runs=1))
+
+    def _build_optimizer(self, model: FinetuneModel) -> torch.optim.Optimizer:
+        """AdamW: the backbone at its LR, the head and the weighting's alpha (no weight decay) at the head's."""
+        cfg = self.cfg
+        groups = [
+            {"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": cfg.lr_backbone},
+            {"params": list(model.head.parameters()), "lr": cfg.lr_head},
+            {"params": list(model.weighting.parameters()), "lr": cfg.lr_head, "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
+
+    def _build_loaders(self, train_rows: np.ndarray, val_rows: np.ndarray) -> tuple[Any, Any]:
+        """Random crops in a (seed, epoch) order for training; the whole of Val, first windows, for validation."""
+        from torch.utils.data import DataLoader
+
+        cfg = self.cfg
+        self.train_set = ClipDataset(self.corpus, train_rows, clip_seconds=cfg.clip_seconds, train=True,
+                                     seed=cfg.seed)
+        train_loader = DataLoader(self.train_set, batch_size=cfg.batch_size, drop_last=True, collate_fn=collate_clips,
+                                  sampler=EpochShuffleSampler(len(self.train_set), cfg.seed),
+                                  num_workers=cfg.num_workers)
+        val_set = ClipDataset(self.corpus, val_rows, clip_seconds=cfg.clip_seconds)
+        val_loader = DataLoader(val_set, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate_clips,
+                                num_workers=cfg.num_workers)
+        return train_loader, val_loader
+
+    # ------------------------------------------------------------------ resume
+    def resume(self, latest: Path | None) -> None:
+        """Continue from `latest` under --resume, else start afresh (SpecAugment masks differ between ranks)."""
+        from accelerate.utils import set_seed
+
+        if self.cfg.resume and latest is not None:
+            self._load_checkpoint(latest)
+        else:
+            if self.cfg.resume and self.accelerator.is_main_process:
+                _log(f"--resume: no checkpoint under {self.ckpt_root}; starting a new run")
+            set_seed(self.cfg.seed, device_specific=True)
+        self.state.world = self.world
+
+    def _load_checkpoint(self, latest: Path) -> None:
+        """Model, optimizer and RNG states (accelerate), the progress and plateau state, the dropout generator."""
+        from safetensors.torch import load_file
+
+        accelerator = self.accelerator
         accelerator.load_state(str(latest))
-        state = TrainState.load(latest / STATE_FILE)
-        if state.batches_in_epoch and state.world != world:
+        state = self.state = TrainState.load(latest / STATE_FILE)
+        if state.batches_in_epoch and state.world != self.world:
             raise FinetuneError(f"{latest} stopped inside epoch {state.epoch + 1} with {state.world} processes; "
-                                f"resume it with the same number of processes (got {world})")
-        load_scheduler_state(scheduler, state.scheduler)
-        gen_file = _generator_file(latest, rank)
+                                f"resume it with the same number of processes (got {self.world})")
+        self.plateau.load_state_dict(state.scheduler)
+        gen_file = _generator_file(latest, self.rank)
         if gen_file.exists():
-            dropout_gen.set_state(load_file(str(gen_file))["state"])
+            self.dropout_gen.set_state(load_file(str(gen_file))["state"])
         if not accelerator.is_main_process:   # the epoch's sums so far are counted once, on rank 0
             state.loss_sum, state.task_loss_sum, state.n_batches = 0.0, (0.0,) * 4, 0
         if accelerator.is_main_process:
             _log(f"resuming from {latest} (epoch {state.epoch + 1}, step {state.step})")
-    else:
-        if cfg.resume and accelerator.is_main_process:
-            _log(f"--resume: no checkpoint under {ckpt_root}; starting a new run")
-        set_seed(cfg.seed, device_specific=True)   # SpecAugment masks differ between ranks
-    state.world = world
-    if accelerator.is_main_process:
-        write_json_atomic(out / "config.json", {**cfg.to_json(), "head": asdict(head_cfg), "layer_dims": dims,
-                                                "processes": world, "kind": FINETUNE_KIND,
-                                                "finetune_format": FINETUNE_FORMAT})
-    if trackers:   # TensorBoard: OUT/tracking/finetune; a resumed run replaces the steps it redoes
-        accelerator.init_trackers(TRACKER_PROJECT, config=flat_config(cfg.to_json()),
-                                  init_kwargs=accelerate_init_kwargs(trackers, log_dir, out.name,
-                                                                     purge_step=state.step + 1 if state.step else None))
 
-    def export_best() -> None:
-        if accelerator.is_main_process:
-            save_best(unwrapped, out, step=state.step)
-        accelerator.wait_for_everyone()
-
-    # The best weights are exported only after their checkpoint is committed (below), so the export can lag the
-    # newest checkpoint but never run ahead of it: a run killed in between resumes with exactly the weights of
-    # its best validation loaded, and finishes the export here.
-    if state.best is not None and state.best.get("step") == state.step and exported_step(out) != state.step:
-        export_best()
-
-    def save_checkpoint() -> None:
-        name = f"step-{state.step:08d}"
-        tmp, final = ckpt_root / f".tmp-{name}", ckpt_root / name
-        # model + AdamW's two moments of every trainable parameter; a failure or a signal removes the half folder
-        with written_via(tmp, final, 3 * state_bytes(unwrapped), remove=accelerator.is_main_process):
-            if accelerator.is_main_process:
-                if tmp.exists():
-                    shutil.rmtree(tmp)
-                tmp.mkdir(parents=True)
-            accelerator.wait_for_everyone()
-            accelerator.save_state(str(tmp))
-            save_file({"state": dropout_gen.get_state()}, str(_generator_file(tmp, rank)))
-            state.scheduler = scheduler_state(scheduler)
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                write_json_atomic(tmp / STATE_FILE, jsonable(asdict(state)))   # written last: marks it complete
-        if accelerator.is_main_process:
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            done = sorted((int(m.group(1)), p) for p in ckpt_root.iterdir() if (m := CHECKPOINT.match(p.name)))
-            for _, old in done[:-cfg.keep_checkpoints]:
-                shutil.rmtree(old)
-        accelerator.wait_for_everyone()
-
-    def write_metrics() -> dict[str, Any]:
-        metrics = jsonable({"best": state.best, "history": state.history})
-        if accelerator.is_main_process:
-            write_json_atomic(out / "metrics.json", metrics)
+    # ------------------------------------------------------------------ the epochs
+    def train(self) -> dict[str, Any]:
+        """config.json and the trackers, then epochs until --epochs or --max-steps; the final metrics."""
+        self._start()
+        while self.state.epoch < self.cfg.epochs and not self.stop:
+            sums = self.train_epoch()
+            improved = self.validate(sums)
+            self.checkpoint()
+            if improved:
+                self.export_best()
+            self.write_metrics()
+        metrics = self.write_metrics()
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
         return metrics
 
-    stop = bool(cfg.max_steps) and state.step >= cfg.max_steps
-    while state.epoch < cfg.epochs and not stop:
-        epoch = state.epoch
-        train_set.set_epoch(epoch)
-        train_loader.set_epoch(epoch)
-        loader = train_loader
+    def _start(self) -> None:
+        from heads.tracking import accelerate_init_kwargs, flat_config
+
+        cfg, state, out = self.cfg, self.state, self.out
+        if self.accelerator.is_main_process:
+            write_json_atomic(out / "config.json", {**cfg.to_json(), "head": asdict(self.head_cfg),
+                                                    "layer_dims": self.dims, "processes": self.world,
+                                                    "kind": FINETUNE_KIND, "finetune_format": FINETUNE_FORMAT})
+        if self.trackers:   # TensorBoard: OUT/tracking/finetune; a resumed run replaces the steps it redoes
+            self.accelerator.init_trackers(
+                TRACKER_PROJECT, config=flat_config(cfg.to_json()),
+                init_kwargs=accelerate_init_kwargs(self.trackers, self.log_dir, out.name,
+                                                   purge_step=state.step + 1 if state.step else None))
+        # The best weights are exported only after their checkpoint is committed, so the export can lag the
+        # newest checkpoint but never run ahead of it: a run killed in between resumes with exactly the weights
+        # of its best validation loaded, and finishes the export here.
+        if state.best is not None and state.best.get("step") == state.step and exported_step(out) != state.step:
+            self.export_best()
+        self.stop = bool(cfg.max_steps) and state.step >= cfg.max_steps
+
+    def train_epoch(self) -> Tensor:
+        """Train the rest of the current epoch, or up to --max-steps; this process's sums (loss, 4 task losses,
+        micro-batches)."""
+        from tqdm.auto import tqdm
+
+        accelerator, state, epoch = self.accelerator, self.state, self.state.epoch
+        self.train_set.set_epoch(epoch)
+        self.train_loader.set_epoch(epoch)
+        loader = self.train_loader
         if state.batches_in_epoch:
-            loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-        model.train()
-        sums = torch.zeros(6, dtype=torch.float64)   # loss, 4 task losses, batches (this process)
+            loader = accelerator.skip_first_batches(self.train_loader, state.batches_in_epoch)
+        self.model.train()
+        sums = torch.zeros(6, dtype=torch.float64)       # loss, 4 task losses, batches (this process)
         step_sums = torch.zeros(6, dtype=torch.float64)  # the same over the micro-batches of one optimizer step
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show,
-                   initial=state.batches_in_epoch, total=len(train_loader))
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch", disable=not self.show,
+                   initial=state.batches_in_epoch, total=len(self.train_loader))
         for batch in bar:
-            with accelerator.accumulate(model):
-                result = model(batch["waves"], batch["mask"], batch["labels"])
-                accelerator.backward(result["loss"])
-                if accelerator.sync_gradients:
-                    _clip_or_stop(accelerator, model, cfg, epoch, state.step + 1)
-                optimizer.step()
-                optimizer.zero_grad()
+            result = self._micro_step(batch)
             state.batches_in_epoch += 1
             batch_sums = torch.cat([result["loss"].detach().float().reshape(1),
                                     result["task_losses"].detach().float(), torch.ones(1)]).cpu().double()
@@ -548,61 +596,116 @@ def _train(cfg: FinetuneConfig, accelerator: Any, corpus: Any, backbone: nn.Modu
             step_sums += batch_sums
             if accelerator.sync_gradients:
                 state.step += 1
-                if trackers:
-                    accelerator.log(_step_values(step_sums, unwrapped, optimizer), step=state.step)
+                if self.trackers:
+                    accelerator.log(_step_values(step_sums, self.unwrapped, self.optimizer), step=state.step)
                 step_sums.zero_()
                 bar.set_postfix(loss=f"{result['loss'].detach().item():.4f}", step=state.step)
-                if cfg.max_steps and state.step >= cfg.max_steps:
-                    stop = True
+                if self.cfg.max_steps and state.step >= self.cfg.max_steps:
+                    self.stop = True
                     break
         bar.close()
-        epoch_done = state.batches_in_epoch >= len(train_loader)
+        return sums
 
-        # Epoch statistics over every process (plus what a resumed epoch had before the restart).
-        total = accelerator.reduce(sums.float().to(accelerator.device), reduction="sum").double().cpu()
-        state.loss_sum += float(total[0])
-        state.task_loss_sum = tuple(float(a + b) for a, b in zip(state.task_loss_sum, total[1:5].tolist()))
-        state.n_batches += int(round(float(total[5])))
-        n = max(1, state.n_batches)
-        task_means = [s / n for s in state.task_loss_sum]
-        weights = unwrapped.weighting.weights()[0].tolist()
+    def _micro_step(self, batch: dict) -> dict[str, Any]:
+        """Forward and backward of one micro-batch; the optimizer steps when accelerate's accumulation syncs."""
+        accelerator = self.accelerator
+        with accelerator.accumulate(self.model):
+            result = self.model(batch["waves"], batch["mask"], batch["labels"])
+            accelerator.backward(result["loss"])
+            if accelerator.sync_gradients:
+                _clip_or_stop(accelerator, self.model, self.cfg, self.state.epoch, self.state.step + 1)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        return result
 
-        scores, _, _ = evaluate(accelerator, model, val_loader, corpus, progress=show)
-        entry = {
-            "epoch": epoch + 1, "step": state.step, "partial": not epoch_done,
-            "train_loss": state.loss_sum / n, "task_losses": dict(zip(TASK_NAMES, task_means)),
-            "loss_weights": dict(zip(TASK_NAMES, weights)),
-            "lr_backbone": optimizer.param_groups[0]["lr"], "lr_head": optimizer.param_groups[-1]["lr"],
-            "val": scores,
-        }
+    # ------------------------------------------------------------------ validate and select
+    def validate(self, sums: Tensor) -> bool:
+        """Score Val and record the history entry; at an epoch's end step the loss weighting and the plateau
+        schedule. Whether this validation is the best so far."""
+        state, epoch = self.state, self.state.epoch
+        epoch_done = state.batches_in_epoch >= len(self.train_loader)
+        task_means = self._epoch_losses(sums)
+        weights = self.unwrapped.weighting.weights()[0].tolist()
+        scores, _, _ = evaluate(self.accelerator, self.model, self.val_loader, self.corpus, progress=self.show)
+        groups = self.optimizer.param_groups
+        entry = history_entry(epoch=epoch + 1, step=state.step, partial=not epoch_done,
+                              loss=state.loss_sum / max(1, state.n_batches),
+                              task_losses=dict(zip(TASK_NAMES, task_means)), weights=dict(zip(TASK_NAMES, weights)),
+                              lr={"backbone": groups[0]["lr"], "head": groups[-1]["lr"]}, val=scores)
         state.history.append(entry)
-        if trackers:
-            accelerator.log({"epoch": entry["epoch"], **{f"val/{k}": v for k, v in scores.items()}}, step=state.step)
+        if self.trackers:
+            self.accelerator.log({"epoch": entry["epoch"], **{f"val/{k}": v for k, v in scores.items()}},
+                                 step=state.step)
         score = scores.get("mean", float("nan"))
         best_score = None if state.best is None else state.best["val"].get("mean")
         improved = state.best is None or (math.isfinite(score) and (best_score is None or score > best_score))
         if improved:
             state.best = entry
         if epoch_done:
-            unwrapped.weighting.end_epoch(torch.tensor([task_means], dtype=torch.float32))
-            scheduler.step(score if math.isfinite(score) else float("-inf"))
+            self.unwrapped.weighting.end_epoch(torch.tensor([task_means], dtype=torch.float32))
+            self.plateau.step(score if math.isfinite(score) else float("-inf"))
             state.epoch += 1
             state.batches_in_epoch, state.loss_sum, state.task_loss_sum, state.n_batches = 0, 0.0, (0.0,) * 4, 0
-        elif not accelerator.is_main_process:
+        elif not self.accelerator.is_main_process:
             state.loss_sum, state.task_loss_sum, state.n_batches = 0.0, (0.0,) * 4, 0
-        if accelerator.is_main_process:
+        if self.accelerator.is_main_process:
             _log(f"epoch {entry['epoch']}{' (partial)' if entry['partial'] else ''} step {state.step}: "
-                 f"train loss {entry['train_loss']:.4f}, val " +
-                 ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-        save_checkpoint()
-        if improved:
-            export_best()
-        write_metrics()
+                 f"train loss {entry['loss']:.4f}, val " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        return improved
 
-    metrics = write_metrics()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return metrics
+    def _epoch_losses(self, sums: Tensor) -> list[float]:
+        """Add this epoch's sums over every process to the state (plus what a resumed epoch had before the
+        restart); the mean loss of each task so far."""
+        state = self.state
+        total = self.accelerator.reduce(sums.float().to(self.accelerator.device), reduction="sum").double().cpu()
+        state.loss_sum += float(total[0])
+        state.task_loss_sum = tuple(float(a + b) for a, b in zip(state.task_loss_sum, total[1:5].tolist()))
+        state.n_batches += int(round(float(total[5])))
+        return [s / max(1, state.n_batches) for s in state.task_loss_sum]
+
+    # ------------------------------------------------------------------ checkpoint and export
+    def checkpoint(self) -> None:
+        """OUT/checkpoints/step-XXXXXXXX: accelerate's save_state, the dropout generator, train_state.json last;
+        written under a temporary name and renamed, then all but the newest --keep-checkpoints removed."""
+        from safetensors.torch import save_file
+
+        accelerator, state, root = self.accelerator, self.state, self.ckpt_root
+        name = f"step-{state.step:08d}"
+        tmp, final = root / f".tmp-{name}", root / name
+        # model + AdamW's two moments of every trainable parameter; a failure or a signal removes the half folder
+        with written_via(tmp, final, 3 * state_bytes(self.unwrapped), remove=accelerator.is_main_process):
+            if accelerator.is_main_process:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(tmp))
+            save_file({"state": self.dropout_gen.get_state()}, str(_generator_file(tmp, self.rank)))
+            state.scheduler = self.plateau.state_dict()
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                write_json_atomic(tmp / STATE_FILE, jsonable(asdict(state)))   # written last: marks it complete
+        if accelerator.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            done = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT.match(p.name)))
+            for _, old in done[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+
+    def export_best(self) -> None:
+        """OUT/backbone + OUT/head.safetensors of the current step (rank 0), after its checkpoint."""
+        if self.accelerator.is_main_process:
+            save_best(self.unwrapped, self.out, step=self.state.step)
+        self.accelerator.wait_for_everyone()
+
+    def write_metrics(self) -> dict[str, Any]:
+        """OUT/metrics.json: the best entry and the history (rank 0 writes; every rank returns it)."""
+        metrics = jsonable({"best": self.state.best, "history": self.state.history})
+        if self.accelerator.is_main_process:
+            write_json_atomic(self.out / "metrics.json", metrics)
+        return metrics
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -623,9 +726,10 @@ def _train(cfg: FinetuneConfig, accelerator: Any, corpus: Any, backbone: nn.Modu
               help="SpecAugment time-masking probability.")
 @click.option("--spec-feature-p", default=FinetuneConfig.spec_feature_p, show_default=True, type=float,
               help="SpecAugment feature-masking probability.")
-@click.option("--arch", default=FinetuneConfig.arch, show_default=True, type=click.Choice(ARCHS))
+@click.option("--arch", default=FinetuneConfig.arch, show_default=True,
+              type=click.Choice(ARCHS, case_sensitive=False))
 @click.option("--weighting", default=FinetuneConfig.weighting, show_default=True,
-              type=click.Choice(("uniform", "dwa", "rruw", "druw")))
+              type=click.Choice(("uniform", "dwa", "rruw", "druw"), case_sensitive=False))
 @click.option("--freeze-cnn", is_flag=True, help="Do not train the CNN feature encoder.")
 @click.option("--grad-accum", default=1, show_default=True, type=int, help="Micro-batches per optimizer step.")
 @click.option("--grad-clip", default=FinetuneConfig.grad_clip, show_default=True, type=float,
@@ -657,7 +761,7 @@ def finetune_command(corpus: Path, model: str, out: Path, epochs: int, batch_siz
     cfg = FinetuneConfig(corpus=str(corpus), model=str(model), out=str(out), epochs=epochs, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, lr_backbone=lr_backbone, lr_head=lr_head,
                          clip_seconds=clip_seconds, spec_time_p=spec_time_p, spec_feature_p=spec_feature_p,
-                         arch=arch, weighting=weighting, freeze_cnn=freeze_cnn, grad_accum=grad_accum,
+                         arch=arch.lower(), weighting=weighting.lower(), freeze_cnn=freeze_cnn, grad_accum=grad_accum,
                          grad_clip=grad_clip, mixed_precision=mixed_precision, max_steps=max_steps, resume=resume,
                          seed=seed, num_workers=num_workers, report_to=report_to,
                          tracking_dir=str(tracking_dir) if tracking_dir else "")

@@ -265,3 +265,16 @@ class PlateauHalving:
             self.optimizer.lr.copy_(torch.from_numpy(np.where(apply, new, old)))
             self.num_bad_epochs = np.where(reduce, 0, self.num_bad_epochs)
         return reduce
+
+    def state_dict(self) -> dict[str, list]:
+        """The per-run bookkeeping as JSON values: `best` (None where no score beat -inf yet) and `num_bad_epochs`."""
+        return {"best": [float(b) if math.isfinite(b) else None for b in self.best],
+                "num_bad_epochs": [int(n) for n in self.num_bad_epochs]}
+
+    def load_state_dict(self, state: dict[str, Sequence]) -> None:
+        """Restore what `state_dict` returned (one value per run); the learning rates live in the optimiser."""
+        best = np.array([-np.inf if b is None else float(b) for b in state["best"]], dtype=np.float64)
+        bad = np.array([int(n) for n in state["num_bad_epochs"]], dtype=np.int64)
+        if best.shape != self.best.shape or bad.shape != self.num_bad_epochs.shape:
+            raise ValueError(f"plateau state for {len(best)} runs, expected {self.best.shape[0]}")
+        self.best, self.num_bad_epochs = best, bad

@@ -218,4 +218,4 @@ def test_finetuning_logs_steps_and_epochs_to_tensorboard(pipeline, corpus_root):
     # per epoch the mean of the logged step losses is the epoch's train loss (1 process, no accumulation)
     losses = [e.value for e in events.Scalars("train/loss")]
     for epoch, h in enumerate(history):
-        assert np.mean(losses[epoch * per_epoch:(epoch + 1) * per_epoch]) == pytest.approx(h["train_loss"], rel=1e-5)
+        assert np.mean(losses[epoch * per_epoch:(epoch + 1) * per_epoch]) == pytest.approx(h["loss"], rel=1e-5)

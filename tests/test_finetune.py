@@ -90,12 +90,12 @@ def test_training_loss_decreases_and_history_is_logged(two_process_run):
     out = two_process_run[0]
     metrics = json.loads((out / "metrics.json").read_text())
     full = [h for h in metrics["history"] if not h["partial"]]
-    assert full[-1]["train_loss"] < full[0]["train_loss"]
+    assert full[-1]["loss"] < full[0]["loss"]
     for h in full:
-        assert set(h["task_losses"]) == set(TASK_NAMES) == set(h["loss_weights"])
-        assert h["loss_weights"] == {t: 1.0 for t in TASK_NAMES}  # uniform weighting
+        assert set(h["task_losses"]) == set(TASK_NAMES) == set(h["weights"])
+        assert h["weights"] == {t: 1.0 for t in TASK_NAMES}  # uniform weighting
         # uniform weighting: the total is the plain sum of the task losses
-        assert h["train_loss"] == pytest.approx(sum(h["task_losses"].values()), rel=1e-5)
+        assert h["loss"] == pytest.approx(sum(h["task_losses"].values()), rel=1e-5)
         assert {"type_uar", "two_ccc", "high_ccc", "culture_ccc", "mean"} <= set(h["val"])
     best = metrics["best"]
     assert best["val"]["mean"] == max(h["val"]["mean"] for h in metrics["history"])
@@ -178,6 +178,18 @@ def test_cli_refuses_to_clobber_or_resume_with_other_settings(setup, two_process
         "use the same settings or another --out")
 
 
+def test_cli_arch_and_weighting_are_case_insensitive(setup, two_process_run):
+    _, corpus_root, model_dir = setup
+    out = two_process_run[0]
+    res = CliRunner().invoke(finetune_command, [
+        "--corpus", str(corpus_root), "--model", str(model_dir), "--out", str(out), "--epochs", "3",
+        "--batch-size", "2", "--lr-backbone", "1e-3", "--resume", "--arch", "Vanilla", "--weighting", "DWA"])
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines()[-1] == (   # lower-cased before use; the arch matches the run's
+        f"Error: --resume with weighting='dwa', but {out / 'config.json'} was trained with weighting='uniform'; "
+        "use the same settings or another --out")
+
+
 def test_config_defaults_are_the_papers():
     cfg = FinetuneConfig()
     assert (cfg.epochs, cfg.batch_size, cfg.lr_backbone, cfg.lr_head) == (30, 8, 1e-5, 1e-3)
@@ -201,7 +213,7 @@ def test_one_process_finetune_beats_chance_on_type(tmp_path):
     chance = 1.0 / n_classes     # UAR of any constant prediction
     assert metrics["best"]["val"]["type_uar"] > 2 * chance
     # DWA: weights 1 for the first two epochs, then dynamic, always summing to K = 4.
-    weights = [h["loss_weights"] for h in metrics["history"]]
+    weights = [h["weights"] for h in metrics["history"]]
     assert weights[0] == weights[1] == {t: 1.0 for t in TASK_NAMES}
     assert weights[2] != weights[1]
     for w in weights:
@@ -252,20 +264,68 @@ def test_clip_dataset_crops_are_seeded_per_epoch_and_row(setup):
 
 
 def test_plateau_state_survives_a_json_round_trip():
-    from extract.finetune import load_scheduler_state, scheduler_state
+    from extract.finetune import GroupPlateau
 
     def make():
         opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        return opt, torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=2)
+        return opt, GroupPlateau(opt, factor=0.5, patience=2)
 
     opt, sched = make()
     for score in (0.5, 0.4, 0.4):
         sched.step(score)
-    saved = json.loads(json.dumps(scheduler_state(sched), allow_nan=False))
+    saved = json.loads(json.dumps(sched.state_dict(), allow_nan=False))
     opt2, sched2 = make()
-    load_scheduler_state(sched2, saved)
+    sched2.load_state_dict(saved)
     for s in (sched, sched2):
         s.step(0.3)   # third epoch without improvement > patience 2: halve
     assert opt.param_groups[0]["lr"] == opt2.param_groups[0]["lr"] == 0.5
-    fresh = json.loads(json.dumps(scheduler_state(make()[1]), allow_nan=False))
-    assert fresh["best"] is None   # -inf is stored as null, the file stays strict JSON
+    fresh = json.loads(json.dumps(make()[1].state_dict(), allow_nan=False))
+    assert fresh["best"] == [None]   # -inf is stored as null, the file stays strict JSON
+
+
+def test_plateau_matches_torch_on_every_group_and_reads_its_old_state():
+    """GroupPlateau = torch's ReduceLROnPlateau(mode="max") over all parameter groups; a train_state.json of the
+    versions that used torch's scheduler resumes with the same bookkeeping."""
+    from extract.finetune import GroupPlateau
+
+    def groups():
+        return [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-5},
+                {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-3}]
+
+    opt, ref_opt = torch.optim.AdamW(groups()), torch.optim.AdamW(groups())
+    sched = GroupPlateau(opt, factor=0.5, patience=2)
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(ref_opt, mode="max", factor=0.5, patience=2)
+    scores = [0.1, 0.2, 0.2, 0.2, 0.2, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, float("-inf")] + [0.1] * 40
+    for k, score in enumerate(scores):
+        sched.step(score)
+        ref.step(score)
+        assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in ref_opt.param_groups], k
+    assert opt.param_groups[0]["lr"] < 1e-5 / 4 and opt.param_groups[1]["lr"] < 1e-3 / 4
+
+    old = {"best": 0.5, "num_bad_epochs": 2, "last_epoch": 3, "cooldown_counter": 0}   # ReduceLROnPlateau's
+    opt = torch.optim.AdamW(groups())
+    sched = GroupPlateau(opt, factor=0.5, patience=2)
+    sched.load_state_dict(json.loads(json.dumps(old)))
+    assert sched.state_dict() == {"best": [0.5, 0.5], "num_bad_epochs": [2, 2]}
+    sched.step(0.5)   # not better than 0.5: a third bad epoch > patience 2
+    assert [g["lr"] for g in opt.param_groups] == [0.5e-5, 0.5e-3]
+    sched.load_state_dict({"best": None, "num_bad_epochs": 0, "last_epoch": 0, "cooldown_counter": 0})
+    assert sched.state_dict() == {"best": [None, None], "num_bad_epochs": [0, 0]}
+
+
+def test_train_state_of_an_older_version_reads_its_history_in_todays_schema(tmp_path):
+    from extract.finetune import TrainState
+
+    old_entry = {"epoch": 1, "step": 3, "partial": False, "train_loss": 2.5,
+                 "task_losses": {t: 0.625 for t in TASK_NAMES}, "loss_weights": {t: 1.0 for t in TASK_NAMES},
+                 "lr_backbone": 1e-5, "lr_head": 1e-3, "val": {"mean": 0.25}}
+    scheduler = {"best": 0.25, "num_bad_epochs": 0, "last_epoch": 1, "cooldown_counter": 0}
+    path = tmp_path / "train_state.json"
+    path.write_text(json.dumps({"epoch": 1, "step": 3, "history": [old_entry], "best": old_entry,
+                                "scheduler": scheduler}))
+    state = TrainState.load(path)
+    expected = {"epoch": 1, "step": 3, "partial": False, "loss": 2.5, "task_losses": {t: 0.625 for t in TASK_NAMES},
+                "weights": {t: 1.0 for t in TASK_NAMES}, "lr": {"backbone": 1e-5, "head": 1e-3},
+                "val": {"mean": 0.25}}
+    assert state.history == [expected] and state.best == expected
+    assert (state.epoch, state.step, state.scheduler) == (1, 3, scheduler)
