@@ -50,7 +50,7 @@ from cache.atomic import write_json_atomic, written_via
 from cache.command import command_errors
 from cache.jsonable import jsonable
 from cache.lock import hold_output
-from heads.models import ARCHS
+from heads.names import ARCHS, CLIP_SECONDS, DEFAULT_EPOCHS, WEIGHTINGS
 from heads.runs import FINETUNE_FORMAT, FINETUNE_KIND
 from heads.tasks import TASK_NAMES
 from heads.tracking import REPORT_TO_CHOICES
@@ -72,7 +72,7 @@ class FinetuneConfig:
     corpus: str = ""
     model: str = "facebook/wav2vec2-base"
     out: str = ""
-    epochs: int = 30
+    epochs: int = DEFAULT_EPOCHS
     batch_size: int = 8               # per process and micro-batch
     eval_batch_size: int = 16
     lr_backbone: float = 1e-5
@@ -81,7 +81,7 @@ class FinetuneConfig:
     grad_clip: float = 5.0            # max global gradient norm per optimizer step, as the heads use (0: none)
     plateau_patience: int = 5         # halve the LRs after this many epochs without a better Val mean score
     plateau_factor: float = 0.5
-    clip_seconds: float = 2.5
+    clip_seconds: float = CLIP_SECONDS
     spec_time_p: float = 0.05
     spec_feature_p: float = 0.05
     mask_time_length: int = 10
@@ -130,8 +130,6 @@ class FinetuneConfig:
                                 f"got {self.mixed_precision!r}")
         if self.arch not in ARCHS:
             raise FinetuneError(f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        from heads.weighting import WEIGHTINGS
-
         if self.weighting not in WEIGHTINGS:
             raise FinetuneError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
 
@@ -625,7 +623,7 @@ def _train(cfg: FinetuneConfig, accelerator: Any, corpus: Any, backbone: nn.Modu
               help="SpecAugment feature-masking probability.")
 @click.option("--arch", default=FinetuneConfig.arch, show_default=True, type=click.Choice(ARCHS))
 @click.option("--weighting", default=FinetuneConfig.weighting, show_default=True,
-              type=click.Choice(("uniform", "dwa", "rruw", "druw")))
+              type=click.Choice(WEIGHTINGS))
 @click.option("--freeze-cnn", is_flag=True, help="Do not train the CNN feature encoder.")
 @click.option("--grad-accum", default=1, show_default=True, type=int, help="Micro-batches per optimizer step.")
 @click.option("--grad-clip", default=FinetuneConfig.grad_clip, show_default=True, type=float,

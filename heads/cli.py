@@ -13,13 +13,14 @@ import click
 from cache.command import command_errors
 from cache.lock import hold_output
 from heads.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT
+from heads.names import ARCHS, DEFAULT_MAX_GROUP_MIB, WEIGHTINGS
 from heads.tasks import METRIC_KEYS
 from heads.tracking import REPORT_TO_CHOICES
 
 PRECISIONS = ("fp32", "bf16")   # = heads.device.PRECISIONS (that module imports torch)
 
-ARCH_CHOICES = ("vanilla", "chain", "branch")
-WEIGHTING_CHOICES = ("uniform", "dwa", "rruw", "druw")
+ARCH_CHOICES = ARCHS
+WEIGHTING_CHOICES = WEIGHTINGS
 INPUT_LAYER_HELP = "Pooled layer feeding VANILLA/CHAIN: 'last', 'weighted' (learned mix of all layers) or a name."
 
 
@@ -161,7 +162,7 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
 @click.option("--max-group-mib", default=None, type=click.IntRange(min=0),
               help="Memory budget of one joint training call in MiB (per run: parameters, gradients, AdamW "
                    "moments, best-epoch copy); an architecture's runs train in as few equal groups as fit. "
-                   "0: no limit. Default: 640 on the CPU, a quarter of the GPU's memory on CUDA.")
+                   f"0: no limit. Default: {DEFAULT_MAX_GROUP_MIB} on the CPU, a quarter of the GPU's memory on CUDA.")
 @click.option("--ci", default=DEFAULT_LEVEL, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Level of the percentile-bootstrap intervals in results.csv/.json/.md and of the paired "
                    "comparison with the best configuration; 0: none.")

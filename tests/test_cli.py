@@ -19,8 +19,7 @@ def test_every_subcommand_in_the_lazy_map_resolves_and_has_help():
 
 def test_cli_choices_match_the_registries_they_mirror():
     from heads.cli import ARCH_CHOICES, WEIGHTING_CHOICES
-    from heads.models import ARCHS
-    from heads.weighting import WEIGHTINGS
+    from heads.names import ARCHS, WEIGHTINGS
 
     assert tuple(ARCH_CHOICES) == tuple(ARCHS)
     assert tuple(WEIGHTING_CHOICES) == tuple(WEIGHTINGS)

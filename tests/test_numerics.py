@@ -30,6 +30,7 @@ from extract.cli import main as avb
 from extract.corpus import read_corpus
 from heads.metrics import score_all
 from heads.models import HeadConfig
+from heads.names import WEIGHTINGS
 from heads.optim import StackedAdamW
 from heads.submission import read_submission, read_type_probs
 from heads.tasks import METRIC_KEYS, TASK_NAMES
@@ -39,7 +40,6 @@ from heads.weighting import DRUWWeighting
 torch.set_num_threads(1)
 
 HEAD = HeadConfig(hidden=16, n_heads=2, branch_blocks=2)
-WEIGHTINGS = ("uniform", "dwa", "rruw", "druw")
 
 
 @pytest.fixture(scope="module")

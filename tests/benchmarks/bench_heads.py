@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from heads.names import ARCHS, WEIGHTINGS
 from tests.benchmarks.bench_common import (
     BASE_DIMS,
     HUME_SIZES,
@@ -50,8 +51,6 @@ from tests.benchmarks.bench_common import (
     workdir,
 )
 
-ARCHS = ("vanilla", "chain", "branch")
-WEIGHTINGS = ("uniform", "dwa", "rruw", "druw")
 SEEDS = (0, 1, 2)
 EPOCHS = 30
 BATCH = 8
