@@ -31,17 +31,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 from safetensors.torch import load_file
-from test_dump import subprocess_env
-from test_train import make_signal_cache
+from helpers import accelerate_command, assert_same_cache, make_signal_cache, subprocess_env, visible_files
 from tiny_model import make_tiny_backbone
 
 from cache.interrupt import MESSAGE
 from cache.lock import LOCK_NAME
-from cache.reader import FrameReader, load_cache, read_attrs
+from cache.reader import load_cache, read_attrs
 from heads.submission import read_submission, read_type_probs
 
 pytestmark = pytest.mark.slow
@@ -252,8 +250,7 @@ def dump_cmd(world: dict, out: Path, processes: int = 1) -> list[str]:
             "--batch-size", "1", *FRAME_ARGS, "--quiet"]
     if processes == 1:
         return [sys.executable, "-m", "extract.dump", *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "extract.dump", *args]
+    return [*accelerate_command("extract.dump", processes), *args]
 
 
 def dump_watcher(world: dict, out: Path, snap: Path) -> FinalPathWatcher:
@@ -283,23 +280,6 @@ def run_dump_case(world: dict, tmp: Path, processes: int, kill_after: float | No
     assert watcher.checked >= 1
     assert not list(out.parent.glob("c.h5.shard-*")), "shards are merged and removed"
     return out, first, second
-
-
-def assert_same_cache(a: Path, b: Path) -> None:
-    """Bit-for-bit equal caches: attributes, ids, splits, labels, frame counts, pooled and frame-level states."""
-    assert read_attrs(a) == read_attrs(b)
-    x, y = load_cache(a), load_cache(b)
-    assert x.ids.tolist() == y.ids.tolist() and x.splits.tolist() == y.splits.tolist()
-    assert np.array_equal(x.n_frames, y.n_frames)
-    for name in x.labels:
-        assert np.array_equal(x.labels[name], y.labels[name], equal_nan=True), name
-    for layer in x.pooled:
-        assert x.pooled[layer].dtype == y.pooled[layer].dtype
-        assert x.pooled[layer].tobytes() == y.pooled[layer].tobytes(), layer
-    with FrameReader(a) as fa, FrameReader(b) as fb:
-        rows = list(range(len(x.ids)))
-        for layer in fa.layers:
-            assert all(u.tobytes() == v.tobytes() for u, v in zip(fa.get(rows)[layer], fb.get(rows)[layer])), layer
 
 
 # ----------------------------------------------------------------------------------------------- dump
@@ -373,11 +353,6 @@ ABLATE_CHECKS: list[tuple[str, Check]] = [
 def ablate_cmd(world: dict, out: Path) -> list[str]:
     return [sys.executable, "-m", "extract.cli", "heads", "ablate", "--cache", str(world["cache"]), "--out",
             str(out), *ABLATE_ARGS]
-
-
-def visible_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}
 
 
 @pytest.fixture(scope="module")

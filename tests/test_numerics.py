@@ -20,8 +20,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from scipy.io import wavfile
-from test_dump import conv_frames
-from test_train import make_signal_cache
+from helpers import conv_frames, make_signal_cache
 from tiny_model import make_tiny_backbone
 
 from cache.reader import load_cache

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_dump import subprocess_env
+from helpers import subprocess_env
 from tiny_model import make_tiny_backbone
 
 from cache.reader import load_cache, read_attrs
