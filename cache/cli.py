@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from cache.options import option_or_argument
 from cache.reader import CacheError, cache_info
 
 
@@ -15,10 +16,11 @@ def cache_group() -> None:
 
 
 @cache_group.command("info")
-@click.argument("file", type=click.Path(dir_okay=True, path_type=str))
+@option_or_argument("--cache", "file", "FILE", type=click.Path(dir_okay=True, path_type=str),
+                    help="HDF5 feature cache written by `avb dump` (or by hand, see cache/FORMAT.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the information as one JSON object.")
 def info_command(file: str, as_json: bool) -> None:
-    """Show what FILE holds: backbone, layers, dtype, frames, clips per split, labels and size on disk."""
+    """Show what the --cache file holds: backbone, layers, dtype, frames, clips per split, labels and size on disk."""
     try:
         info = cache_info(file)
     except CacheError as err:
