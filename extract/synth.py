@@ -15,8 +15,8 @@ same hidden causes that produce its labels:
   max-normalised per clip, and the 40 Culture columns are the High emotions shifted by a fixed per-country bias
   plus small noise. The noise keeps the labels from being a deterministic function of the audio.
 
-The layout, column names and order are exactly the official ones (`docs/avb-format.md`, taken from
-`heads.tasks`), Test rows have empty label cells, and the same seed gives byte-identical files. Beside the
+The layout, column names and order are exactly the official ones (as `heads.tasks` lists them; the layout is
+described in the README, "The workflow on the real corpus"), Test rows have empty label cells, and the same seed gives byte-identical files. Beside the
 official files sits `synth_config.json` (the resolved settings): it marks the folder as a synth corpus, so a
 rerun may replace it without `--overwrite`, and documents how the corpus was made.
 """
