@@ -9,6 +9,9 @@ import click
 from cache.options import option_or_argument
 from cache.reader import CacheError, cache_info
 
+CACHE_PATH = click.Path(dir_okay=True, path_type=str)
+CACHE_HELP = "HDF5 feature cache written by `avb dump` (or by hand, see cache/FORMAT.md)."
+
 
 @click.group("cache")
 def cache_group() -> None:
@@ -16,8 +19,7 @@ def cache_group() -> None:
 
 
 @cache_group.command("info")
-@option_or_argument("--cache", "file", "FILE", type=click.Path(dir_okay=True, path_type=str),
-                    help="HDF5 feature cache written by `avb dump` (or by hand, see cache/FORMAT.md).")
+@option_or_argument("--cache", "file", "FILE", type=CACHE_PATH, help=CACHE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the information as one JSON object.")
 def info_command(file: str, as_json: bool) -> None:
     """Show what the --cache file holds: backbone, layers, dtype, frames, clips per split, labels and size on disk."""

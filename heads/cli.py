@@ -132,7 +132,8 @@ def heads_group() -> None:
 @click.option("--arch", type=click.Choice(ARCH_CHOICES, case_sensitive=False), default=ConfigDefault(TRAIN + "arch"),
               show_default=True)
 @click.option("--weighting", type=click.Choice(WEIGHTING_CHOICES, case_sensitive=False),
-              default=ConfigDefault(TRAIN + "weighting"), show_default=True, help="Loss weighting across the four tasks.")
+              default=ConfigDefault(TRAIN + "weighting"), show_default=True,
+              help="Loss weighting across the four tasks.")
 @click.option("--seed", type=int, default=ConfigDefault(TRAIN + "seed"), show_default=True,
               help="Seeds the head's initialisation, shuffling and dropout.")
 @_head_options

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import csv
 import os
+import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -42,6 +43,24 @@ def accelerate_command(module: str, processes: int) -> list[str]:
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]
     launcher += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
     return launcher + ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module]
+
+
+def accelerate_launch(module: str, args: list[str], processes: int, cwd: Path,
+                      timeout: int) -> subprocess.CompletedProcess:
+    """`accelerate launch` of `module` for real, as a user would type it; asserts that it succeeded."""
+    proc = subprocess.run(accelerate_command(module, processes) + args, cwd=cwd, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def corpus_and_backbone(root: Path, clips: int, seed: int, max_seconds: float, **backbone: Any) -> tuple[Path, Path]:
+    """A generated corpus (root/corpus) and a tiny random backbone (root/model, `backbone` overrides its config)."""
+    from extract.synth import synthesize_corpus  # noqa: PLC0415
+    from tiny_model import make_tiny_backbone  # noqa: PLC0415
+
+    corpus = synthesize_corpus(root / "corpus", clips, seed=seed, max_seconds=max_seconds, progress=False)
+    return corpus, make_tiny_backbone(root / "model", **backbone)
 
 
 # ----------------------------------------------------------------------------------- tiny backbone

@@ -234,7 +234,8 @@ def test_both_ranks_of_an_accelerate_launch_stop_on_a_busy_cache(world, tmp_path
     (Two ranks sharing a free lock is what every two-process dump in test_dump.py and test_interruption.py does.)"""
     out = tmp_path / "c.h5"
     holder = holders(out, is_file=True)
-    cmd = [*accelerate_command("extract.dump", 2), "--corpus", str(world["corpus"]), "--model", str(world["model"]), "--out", str(out), "--quiet"]
+    cmd = [*accelerate_command("extract.dump", 2), "--corpus", str(world["corpus"]), "--model", str(world["model"]),
+           "--out", str(out), "--quiet"]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode != 0
     line = f"Error: {out} is in use by another avb process (pid {holder.pid})"

@@ -9,32 +9,26 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import S, accelerate_command, conv_frames, subprocess_env
-from tiny_model import make_tiny_backbone
+from helpers import S, accelerate_launch, conv_frames, corpus_and_backbone
 
 from cache.reader import FrameReader, load_cache, read_attrs
 from extract.audio import crop_or_pad, load_wav
 from extract.corpus import read_corpus
 from extract.dump import DumpConfig, dump_command, run_dump, shard_path
-from extract.synth import synthesize_corpus
 from heads.tasks import TASK_NAMES, TYPE_CLASSES
 
 torch.set_num_threads(1)
 
 
 def launch(args: list[str], processes: int, cwd: Path, timeout: int = 180) -> subprocess.CompletedProcess:
-    """`accelerate launch` for real: N processes (gloo on CPU), as a user would type it."""
-    proc = subprocess.run(accelerate_command("extract.dump", processes) + args, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    """`accelerate launch -m extract.dump` for real: N processes (gloo on CPU)."""
+    return accelerate_launch("extract.dump", args, processes, cwd, timeout)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dump")
-    corpus = synthesize_corpus(root / "corpus", 26, seed=3, max_seconds=3.0, progress=False)
-    model = make_tiny_backbone(root / "model")
-    return root, corpus, model
+    return (root, *corpus_and_backbone(root, 26, seed=3, max_seconds=3.0))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from helpers import accelerate_command, subprocess_env
+from helpers import accelerate_launch, corpus_and_backbone, subprocess_env
 from tiny_model import make_tiny_backbone
 
 from extract.corpus import read_corpus
@@ -26,20 +26,15 @@ S = 40000
 
 def finetune(args: list[str], processes: int, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
     """`accelerate launch [--multi_gpu --num_processes N] -m extract.finetune ...` for real (gloo on CPU)."""
-    cmd = accelerate_command("extract.finetune", processes) + ["--quiet"] + args
-    proc = subprocess.run(cmd, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+    return accelerate_launch("extract.finetune", ["--quiet", *args], processes, cwd, timeout)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")
-    corpus = synthesize_corpus(root / "corpus", 40, seed=5, max_seconds=3.0, progress=False)
     # The checkpoint asks for LayerDrop; load_backbone must switch it off, or layers would vanish from
     # hidden_states (transformers 5) and DDP would see unused parameters on some ranks.
-    model = make_tiny_backbone(root / "model", layerdrop=0.3)
-    return root, corpus, model
+    return (root, *corpus_and_backbone(root, 40, seed=5, max_seconds=3.0, layerdrop=0.3))
 
 
 @pytest.fixture(scope="module")

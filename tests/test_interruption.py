@@ -34,8 +34,9 @@ from pathlib import Path
 import psutil
 import pytest
 from safetensors.torch import load_file
-from helpers import accelerate_command, assert_same_cache, make_signal_cache, subprocess_env, visible_files
-from tiny_model import make_tiny_backbone
+from helpers import (
+    accelerate_command, assert_same_cache, corpus_and_backbone, make_signal_cache, subprocess_env, visible_files,
+)
 
 from cache.interrupt import MESSAGE
 from cache.lock import LOCK_NAME
@@ -235,11 +236,9 @@ def check_cache(expected_ids: Sequence[str] | None) -> Check:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from extract.corpus import read_corpus
-    from extract.synth import synthesize_corpus
 
     root = tmp_path_factory.mktemp("interruption")
-    corpus = synthesize_corpus(root / "corpus", 36, seed=11, max_seconds=2.0, progress=False)
-    model = make_tiny_backbone(root / "model")
+    corpus, model = corpus_and_backbone(root, 36, seed=11, max_seconds=2.0)
     cache = make_signal_cache(root / "signal.h5", sizes=(400, 100, 50))
     return {"root": root, "corpus": corpus, "model": model, "cache": cache, "ids": read_corpus(corpus).ids}
 
@@ -355,12 +354,19 @@ def ablate_cmd(world: dict, out: Path) -> list[str]:
             str(out), *ABLATE_ARGS]
 
 
+def reference_run(world: dict, tmp_path_factory, name: str, checks, command: Callable[[dict, Path], list[str]]
+                  ) -> tuple[Path, Outcome, FinalPathWatcher]:
+    """`command(world, out)` run to the end, every final path checked the moment it appears."""
+    tmp = tmp_path_factory.mktemp(f"{name}_reference")
+    out = tmp / {"ablate": "grid", "finetune": "run"}[name]
+    watcher = FinalPathWatcher(out, checks, tmp / "snap")
+    outcome = completed(run_watched(command(world, out), out, watcher, tmp / "log.txt"))
+    return out, outcome, watcher
+
+
 @pytest.fixture(scope="module")
 def ablate_reference(world, tmp_path_factory) -> tuple[Path, Outcome]:
-    tmp = tmp_path_factory.mktemp("ablate_reference")
-    out = tmp / "grid"
-    watcher = FinalPathWatcher(out, ABLATE_CHECKS, tmp / "snap")
-    outcome = completed(run_watched(ablate_cmd(world, out), out, watcher, tmp / "log.txt"))
+    out, outcome, watcher = reference_run(world, tmp_path_factory, "ablate", ABLATE_CHECKS, ablate_cmd)
     assert watcher.errors == [] and watcher.checked >= 12 * 8
     return out, outcome
 
@@ -441,10 +447,7 @@ FINETUNE_CHECKS: list[tuple[str, Check]] = [
 
 @pytest.fixture(scope="module")
 def finetune_reference(world, tmp_path_factory) -> tuple[Path, Outcome]:
-    tmp = tmp_path_factory.mktemp("finetune_reference")
-    out = tmp / "run"
-    watcher = FinalPathWatcher(out, FINETUNE_CHECKS, tmp / "snap")
-    outcome = completed(run_watched(finetune_cmd(world, out), out, watcher, tmp / "log.txt"))
+    out, outcome, watcher = reference_run(world, tmp_path_factory, "finetune", FINETUNE_CHECKS, finetune_cmd)
     assert watcher.errors == [], watcher.errors
     return out, outcome
 
