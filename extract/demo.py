@@ -351,7 +351,7 @@ def summary(cfg: DemoConfig, results: list[StageResult], total: float) -> str:
               help=f"Head epochs in the ablation [default: {DemoConfig.epochs}, --quick 3].")
 @click.option("--finetune-epochs", type=int, default=None,
               help=f"Backbone fine-tuning epochs [default: {DemoConfig.finetune_epochs}, --quick 1].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Corpus, backbone and head seed.")
+@click.option("--seed", type=int, default=DemoConfig.seed, show_default=True, help="Corpus, backbone and head seed.")
 @click.option("--quick", is_flag=True, help="A much smaller version (tiny backbone, 48 clips, few epochs): ~20-40 s.")
 @progress_option()
 def demo_command(out: Path, clips: int | None, epochs: int | None, finetune_epochs: int | None, seed: int,

@@ -145,3 +145,10 @@ def test_probe_demo_and_finetune_cli_defaults_are_their_configs():
     _assert_defaults_come_from(probe_command, [ProbeConfig], {"progress", "quiet_alias"})
     _assert_defaults_come_from(demo_command, [DemoConfig], {"progress", "quiet_alias", "quick"})
     _assert_defaults_come_from(finetune_command, [FinetuneConfig], {"quiet"})
+
+
+def test_score_cli_defaults_are_the_bootstrap_config():
+    from extract.score import score_command
+    from heads.bootstrap import BootstrapConfig
+
+    _assert_defaults_come_from(score_command, [BootstrapConfig], {"split", "as_json"})
