@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from cache.options import option_or_argument
+from cache.options import OptionOrArgumentCommand, option_or_argument
 from cache.reader import CacheError, cache_info
 
 CACHE_PATH = click.Path(dir_okay=True, path_type=str)
@@ -18,7 +18,7 @@ def cache_group() -> None:
     """Inspect HDF5 feature caches (see cache/FORMAT.md for the layout)."""
 
 
-@cache_group.command("info")
+@cache_group.command("info", cls=OptionOrArgumentCommand)
 @option_or_argument("--cache", "file", "FILE", type=CACHE_PATH, help=CACHE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the information as one JSON object.")
 def info_command(file: str, as_json: bool) -> None:

@@ -70,27 +70,50 @@ def progress_option(help: str = "Show progress bars.") -> Callable:
     return decorate
 
 
+class _NewSpelling(click.Option):
+    """The option an `option_or_argument` adds for an older positional spelling."""
+
+
+class OptionOrArgumentCommand(click.Command):
+    """The command class of an `option_or_argument` command: click's "Did you mean ...?" for an unknown option
+    never proposes the option added for the older positional spelling (so `--bogus` is not answered with
+    "Did you mean '--corpus'?"), and the errors stay what they were before that option existed."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as err:
+            added = {opt for p in self.params if isinstance(p, _NewSpelling) for opt in p.opts}
+            if not added & set(err.possibilities or ()):
+                raise
+            kept = [p for p in err.possibilities if p not in added]
+            raise click.NoSuchOption(err.option_name, possibilities=kept, ctx=ctx) from None
+
+
 def option_or_argument(flag: str, dest: str, metavar: str, *, help: str, type: click.ParamType,
                        required: bool = True) -> Callable:
     """The option `flag` (the command's `dest` parameter), also accepted as an optional positional argument
-    METAVAR (the older spelling); giving both with different values is a usage error."""
+    METAVAR (the older spelling); giving both with different values is a usage error. The errors of the older
+    spelling are unchanged (`Missing argument 'METAVAR'.`, `Invalid value for 'METAVAR': ...`); the command
+    needs `cls=OptionOrArgumentCommand`."""
     alias = f"{dest}_argument"
 
     def decorate(func: Callable) -> Callable:
         @functools.wraps(func)
         def command(*args: Any, **kwargs: Any) -> Any:
             positional, given = kwargs.pop(alias), kwargs[dest]
+            ctx = click.get_current_context()
             if positional is not None and given is not None and positional != given:
-                raise click.UsageError(f"{metavar} and {flag} name different paths; give one of them")
+                raise click.UsageError(f"{metavar} and {flag} name different paths; give one of them", ctx)
             if positional is not None:
                 kwargs[dest] = positional
             if required and kwargs[dest] is None:
-                raise click.UsageError(f"Missing option '{flag}'.")
+                raise click.UsageError(f"Missing argument '{metavar}'.", ctx)
             return func(*args, **kwargs)
 
-        command = click.argument(alias, metavar=f"[{metavar}]", required=False, type=type,
+        command = click.argument(alias, metavar=metavar, required=False, type=type,
                                  help=f"Same as {flag} (the older spelling).")(command)
-        return click.option(flag, dest, default=None, type=type,
+        return click.option(flag, dest, cls=_NewSpelling, default=None, type=type,
                             help=help + ("  [required]" if required else ""))(command)
 
     return decorate

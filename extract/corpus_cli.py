@@ -15,7 +15,7 @@ from typing import Any
 import click
 import numpy as np
 
-from cache.options import option_or_argument
+from cache.options import OptionOrArgumentCommand, option_or_argument
 from extract.audio import MAX_SECONDS, AudioError, wav_info
 from extract.corpus import Corpus, CorpusError, missing_wavs, read_corpus
 from heads.tasks import COUNTRIES, SPLITS, TYPE
@@ -115,7 +115,7 @@ def corpus_group() -> None:
     """Validate and summarise an A-VB corpus."""
 
 
-@corpus_group.command("check")
+@corpus_group.command("check", cls=OptionOrArgumentCommand)
 @option_or_argument("--corpus", "root", "ROOT", type=click.Path(file_okay=False, path_type=Path),
                     help="Corpus root in the official layout (labels/ and audio/wav/).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of text.")

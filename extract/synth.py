@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from cache.atomic import atomic_path, write_json_atomic, write_text_atomic
 from cache.command import command_errors
-from cache.options import option_or_argument, progress_option
+from cache.options import OptionOrArgumentCommand, option_or_argument, progress_option
 from heads.tasks import COUNTRIES, CULTURE, EMOTIONS, HIGH, SPLITS, TWO, TYPE, TYPE_CLASSES
 
 MARKER = "synth_config.json"
@@ -409,7 +409,7 @@ def summary_line(out: Path) -> str:
 _DEFAULTS = inspect.signature(synthesize_corpus).parameters   # the CLI's defaults are the function's
 
 
-@click.command("synth")
+@click.command("synth", cls=OptionOrArgumentCommand)
 @option_or_argument("--out", "out", "OUT", type=click.Path(file_okay=False, path_type=Path),
                     help="Folder the corpus is written to (labels/ and audio/wav/).")
 @click.option("--clips", type=int, default=300, show_default=True, help="Number of clips (split ~1/3 each).")
