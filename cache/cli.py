@@ -6,7 +6,11 @@ from typing import Any
 
 import click
 
+from cache.options import OptionOrArgumentCommand, option_or_argument
 from cache.reader import CacheError, cache_info
+
+CACHE_PATH = click.Path(dir_okay=True, path_type=str)
+CACHE_HELP = "HDF5 feature cache written by `avb dump` (or by hand, see cache/FORMAT.md)."
 
 
 @click.group("cache")
@@ -14,11 +18,11 @@ def cache_group() -> None:
     """Inspect HDF5 feature caches (see cache/FORMAT.md for the layout)."""
 
 
-@cache_group.command("info")
-@click.argument("file", type=click.Path(dir_okay=True, path_type=str))
+@cache_group.command("info", cls=OptionOrArgumentCommand)
+@option_or_argument("--cache", "file", "FILE", type=CACHE_PATH, help=CACHE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the information as one JSON object.")
 def info_command(file: str, as_json: bool) -> None:
-    """Show what FILE holds: backbone, layers, dtype, frames, clips per split, labels and size on disk."""
+    """Show what the --cache file holds: backbone, layers, dtype, frames, clips per split, labels and size on disk."""
     try:
         info = cache_info(file)
     except CacheError as err:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from extract.audio import SAMPLE_RATE, crop_or_pad, load_wav
@@ -113,8 +112,3 @@ class EpochShuffleSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         order = np.random.default_rng([self.seed, self.epoch, 7]).permutation(self.n)
         return iter(order.tolist())
-
-
-def labels_to_targets(labels: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Batch labels {task: [B, label_dim]} -> the heads' targets {task: [1, B, label_dim]} for one run (R = 1)."""
-    return {task: values[None] for task, values in labels.items()}

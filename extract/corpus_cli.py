@@ -15,6 +15,7 @@ from typing import Any
 import click
 import numpy as np
 
+from cache.options import OptionOrArgumentCommand, option_or_argument
 from extract.audio import MAX_SECONDS, AudioError, wav_info
 from extract.corpus import Corpus, CorpusError, missing_wavs, read_corpus
 from heads.tasks import COUNTRIES, SPLITS, TYPE
@@ -114,12 +115,13 @@ def corpus_group() -> None:
     """Validate and summarise an A-VB corpus."""
 
 
-@corpus_group.command("check")
-@click.argument("root", type=click.Path(file_okay=False, path_type=Path))
+@corpus_group.command("check", cls=OptionOrArgumentCommand)
+@option_or_argument("--corpus", "root", "ROOT", type=click.Path(file_okay=False, path_type=Path),
+                    help="Corpus root in the official layout (labels/ and audio/wav/).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of text.")
 @click.option("--no-audio", is_flag=True, help="Validate the label files only; do not look at the wav files.")
 def check_command(root: Path, as_json: bool, no_audio: bool) -> None:
-    """Validate the corpus at ROOT (labels/ and audio/wav/) and print a summary.
+    """Validate the corpus at --corpus (labels/ and audio/wav/) and print a summary.
 
     Exits non-zero if a label file is invalid or any wav file is missing or unreadable.
     """

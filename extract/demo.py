@@ -38,6 +38,7 @@ from cache.atomic import write_json_atomic, written_via
 from cache.command import command_errors
 from cache.jsonable import jsonable
 from cache.lock import LOCK_NAME, hold_output
+from cache.options import progress_option
 
 STAGES_DIR = ".stages"
 MARKER = "demo.json"
@@ -350,11 +351,11 @@ def summary(cfg: DemoConfig, results: list[StageResult], total: float) -> str:
               help=f"Head epochs in the ablation [default: {DemoConfig.epochs}, --quick 3].")
 @click.option("--finetune-epochs", type=int, default=None,
               help=f"Backbone fine-tuning epochs [default: {DemoConfig.finetune_epochs}, --quick 1].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Corpus, backbone and head seed.")
+@click.option("--seed", type=int, default=DemoConfig.seed, show_default=True, help="Corpus, backbone and head seed.")
 @click.option("--quick", is_flag=True, help="A much smaller version (tiny backbone, 48 clips, few epochs): ~20-40 s.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@progress_option()
 def demo_command(out: Path, clips: int | None, epochs: int | None, finetune_epochs: int | None, seed: int,
-                 quick: bool, quiet: bool) -> None:
+                 quick: bool, progress: bool) -> None:
     """Run the whole pipeline on a generated corpus with a small random wav2vec2 (no download): synth,
     fine-tune, dump, 3 x 4 ablation, combined ensemble, report and predict."""
     cfg = DemoConfig.quick(str(out)) if quick else DemoConfig(out=str(out))
@@ -369,5 +370,5 @@ def demo_command(out: Path, clips: int | None, epochs: int | None, finetune_epoc
     start = time.perf_counter()
     with command_errors():  # DemoError, every stage's own one-line errors, write errors, SIGINT/SIGTERM
         with hf_progress_bars(False):  # sub-second weight loads/saves: their bars would only bury the stages
-            results = run_demo(cfg, progress=not quiet)
+            results = run_demo(cfg, progress=progress)
         click.echo(summary(cfg, results, time.perf_counter() - start))

@@ -51,7 +51,7 @@ from cache.command import command_errors
 from cache.jsonable import jsonable
 from cache.lock import hold_output
 from extract.clips import PRECISIONS, ClipDataset, ClipRunConfig, EpochShuffleSampler, collate_clips
-from heads.models import ARCHS
+from heads.names import ARCHS, CLIP_SECONDS, DEFAULT_EPOCHS, WEIGHTINGS
 from heads.runs import FINETUNE_FORMAT, FINETUNE_KIND, history_entry, read_history
 from heads.tasks import TASK_NAMES
 from heads.tracking import REPORT_TO_CHOICES
@@ -69,7 +69,7 @@ class FinetuneError(ValueError):
 class FinetuneConfig(ClipRunConfig):
     """Everything a fine-tuning run depends on; defaults are the paper's settings."""
 
-    epochs: int = 30
+    epochs: int = DEFAULT_EPOCHS
     batch_size: int = 8               # per process and micro-batch
     eval_batch_size: int = 16
     lr_backbone: float = 1e-5
@@ -78,7 +78,7 @@ class FinetuneConfig(ClipRunConfig):
     grad_clip: float = 5.0            # max global gradient norm per optimizer step, as the heads use (0: none)
     plateau_patience: int = 5         # halve the LRs after this many epochs without a better Val mean score
     plateau_factor: float = 0.5
-    clip_seconds: float = 2.5
+    clip_seconds: float = CLIP_SECONDS
     spec_time_p: float = 0.05
     spec_feature_p: float = 0.05
     mask_time_length: int = 10
@@ -127,8 +127,6 @@ class FinetuneConfig(ClipRunConfig):
                                 f"got {self.mixed_precision!r}")
         if self.arch not in ARCHS:
             raise FinetuneError(f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        from heads.weighting import WEIGHTINGS
-
         if self.weighting not in WEIGHTINGS:
             raise FinetuneError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
 
@@ -729,7 +727,7 @@ class Finetuning:
 @click.option("--arch", default=FinetuneConfig.arch, show_default=True,
               type=click.Choice(ARCHS, case_sensitive=False))
 @click.option("--weighting", default=FinetuneConfig.weighting, show_default=True,
-              type=click.Choice(("uniform", "dwa", "rruw", "druw"), case_sensitive=False))
+              type=click.Choice(WEIGHTINGS, case_sensitive=False))
 @click.option("--freeze-cnn", is_flag=True, help="Do not train the CNN feature encoder.")
 @click.option("--grad-accum", default=1, show_default=True, type=int, help="Micro-batches per optimizer step.")
 @click.option("--grad-clip", default=FinetuneConfig.grad_clip, show_default=True, type=float,

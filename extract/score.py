@@ -88,7 +88,8 @@ def format_scores(scores: dict[str, Any], level: float | None = None) -> str:
                    "the split's clips resampled with replacement, the same resamples for every task.")
 @click.option("--n-boot", default=DEFAULT_N_BOOT, show_default=True, type=click.IntRange(min=1),
               help="Bootstrap resamples (with --ci).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap resamples (with --ci).")
+@click.option("--seed", default=BootstrapConfig.seed, show_default=True,
+              help="Seed of the bootstrap resamples (with --ci).")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON (with --ci: <score>_ci = [low, high]).")
 @click.argument("predictions", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 def score_command(root: Path, split: str, level: float | None, n_boot: int, seed: int, as_json: bool,

@@ -15,14 +15,15 @@ same hidden causes that produce its labels:
   max-normalised per clip, and the 40 Culture columns are the High emotions shifted by a fixed per-country bias
   plus small noise. The noise keeps the labels from being a deterministic function of the audio.
 
-The layout, column names and order are exactly the official ones (`docs/avb-format.md`, taken from
-`heads.tasks`), Test rows have empty label cells, and the same seed gives byte-identical files. Beside the
+The layout, column names and order are exactly the official ones (as `heads.tasks` lists them; the layout is
+described in the README, "The workflow on the real corpus"), Test rows have empty label cells, and the same seed gives byte-identical files. Beside the
 official files sits `synth_config.json` (the resolved settings): it marks the folder as a synth corpus, so a
 rerun may replace it without `--overwrite`, and documents how the corpus was made.
 """
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import math
 import re
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 
 from cache.atomic import atomic_path, write_json_atomic, write_text_atomic
 from cache.command import command_errors
+from cache.options import OptionOrArgumentCommand, option_or_argument, progress_option
 from heads.tasks import COUNTRIES, CULTURE, EMOTIONS, HIGH, SPLITS, TWO, TYPE, TYPE_CLASSES
 
 MARKER = "synth_config.json"
@@ -404,18 +406,25 @@ def summary_line(out: Path) -> str:
     return f"wrote {sum(counts.values())} clips ({parts}; {seconds:.1f} s of audio) to {out}"
 
 
-@click.command("synth")
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+_DEFAULTS = inspect.signature(synthesize_corpus).parameters   # the CLI's defaults are the function's
+
+
+@click.command("synth", cls=OptionOrArgumentCommand)
+@option_or_argument("--out", "out", "OUT", type=click.Path(file_okay=False, path_type=Path),
+                    help="Folder the corpus is written to (labels/ and audio/wav/).")
 @click.option("--clips", type=int, default=300, show_default=True, help="Number of clips (split ~1/3 each).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed -> byte-identical corpus.")
-@click.option("--min-seconds", type=float, default=0.5, show_default=True, help="Shortest clip.")
-@click.option("--max-seconds", type=float, default=10.0, show_default=True, help="Longest clip.")
-@click.option("--sample-rate", type=int, default=16000, show_default=True, help="WAV sample rate in Hz.")
+@click.option("--min-seconds", type=float, default=_DEFAULTS["min_seconds"].default, show_default=True,
+              help="Shortest clip.")
+@click.option("--max-seconds", type=float, default=_DEFAULTS["max_seconds"].default, show_default=True,
+              help="Longest clip.")
+@click.option("--sample-rate", type=int, default=_DEFAULTS["sample_rate"].default, show_default=True,
+              help="WAV sample rate in Hz.")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty folder that is not a synth corpus.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@progress_option("Show a progress bar.")
 def synth_command(out: Path, clips: int, seed: int, min_seconds: float, max_seconds: float, sample_rate: int,
-                  overwrite: bool, quiet: bool) -> None:
-    """Write a generated corpus in the official A-VB layout to OUT.
+                  overwrite: bool, progress: bool) -> None:
+    """Write a generated corpus in the official A-VB layout to --out.
 
     Every clip's sound is rendered from the same hidden factors as its labels (type recipe; activation ->
     loudness, pitch, pulse rate; pleasantness -> brightness, pitch direction), so models can learn all four
@@ -423,5 +432,5 @@ def synth_command(out: Path, clips: int, seed: int, min_seconds: float, max_seco
     """
     with command_errors():
         path = synthesize_corpus(out, clips, seed, min_seconds, max_seconds, sample_rate,
-                                 overwrite=overwrite, progress=not quiet)
+                                 overwrite=overwrite, progress=progress)
     click.echo(summary_line(path))

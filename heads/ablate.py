@@ -34,19 +34,11 @@ from heads.comparison import CI_KEYS, add_uncertainty, paired_markdown
 from heads.device import resolve_device
 from heads.distributed import assign_groups, grid_processes
 from heads.models import HeadConfig, build_head
+from heads.names import ARCHS, DEFAULT_EPOCHS, DEFAULT_MAX_GROUP_MIB, WEIGHTING_TITLES, WEIGHTINGS
 from heads.tasks import METRIC_KEYS
 from heads.runs import CONFIG_FILE, METRICS_FILE
 from heads.train import SELECTION_KEY, TrainConfig, run_config_record, run_name, train_runs
 
-ARCHS: tuple[str, ...] = ("vanilla", "chain", "branch")
-WEIGHTINGS: tuple[str, ...] = ("uniform", "dwa", "rruw", "druw")
-# Group titles as the paper's Table I prints them.
-WEIGHTING_TITLES: dict[str, str] = {
-    "uniform": "Uniform Weighting",
-    "dwa": "Dynamic Weight Average",
-    "rruw": "Restrained Revised Uncertainty Weighting",
-    "druw": "Dynamic Restrained Uncertainty Weighting",
-}
 # Table columns: (metric key, header); the headline score of each task first, Pearson's r beside it.
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("type_uar", "A-VB-TYPE UAR"),
@@ -64,7 +56,7 @@ GROUP_MARKER = ".training-{first}.json"
 STATE_ARRAYS = 5
 # Default budget of one joint call's training state. Fits 12 VANILLA/CHAIN runs at the paper's head size
 # (12 x 15.5 MiB) and 4 BRANCH runs (4 x 132 MiB): the HUME-scale BRANCH grid of 12 runs trains as 3 groups of 4.
-DEFAULT_MAX_GROUP_BYTES = 640 * 2**20
+DEFAULT_MAX_GROUP_BYTES = DEFAULT_MAX_GROUP_MIB * 2**20
 # On a GPU the state of a joint call lives in device memory: a quarter of it by default (12 BRANCH runs need
 # ~1.6 GB), so a grid's joint groups are as large as the grid allows.
 GPU_GROUP_FRACTION = 0.25
@@ -91,7 +83,7 @@ class GridConfig:
     archs: tuple[str, ...] = ARCHS
     weightings: tuple[str, ...] = WEIGHTINGS
     seeds: tuple[int, ...] = (0,)
-    epochs: int = 30
+    epochs: int = DEFAULT_EPOCHS
     batch_size: int = 8
     lr: float = 1e-3
     head: HeadConfig = field(default_factory=HeadConfig)   # template; `arch` is set per run
@@ -211,7 +203,7 @@ def run_grid(
     archs: Sequence[str] = ARCHS,
     weightings: Sequence[str] = WEIGHTINGS,
     seeds: Sequence[int] = (0,),
-    epochs: int = 30,
+    epochs: int = DEFAULT_EPOCHS,
     batch_size: int = 8,
     lr: float = 1e-3,
     head: HeadConfig | None = None,

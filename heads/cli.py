@@ -1,6 +1,7 @@
 """`avb heads train` (one run) and `avb heads ablate` (the grid) from a feature cache.
 
-Heavy imports (torch, h5py) happen inside the commands, so `avb heads --help` stays fast.
+Heavy imports (torch, h5py) happen inside the commands, so `avb heads --help` stays fast. The options' defaults
+are the config dataclasses' (HeadConfig, TrainConfig, GridConfig), read when click first needs them.
 """
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ import click
 
 from cache.command import command_errors
 from cache.lock import hold_output
+from cache.options import ConfigDefault, csv_text, progress_option
 from heads.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT
+from heads.names import ARCHS, DEFAULT_MAX_GROUP_MIB, WEIGHTINGS
 from heads.tasks import METRIC_KEYS
 from heads.tracking import REPORT_TO_CHOICES
 
 PRECISIONS = ("fp32", "bf16")   # = heads.device.PRECISIONS (that module imports torch)
 
-ARCH_CHOICES = ("vanilla", "chain", "branch")
-WEIGHTING_CHOICES = ("uniform", "dwa", "rruw", "druw")
+ARCH_CHOICES = ARCHS
+WEIGHTING_CHOICES = WEIGHTINGS
+HEAD, TRAIN, GRID = "heads.models:HeadConfig.", "heads.train:TrainConfig.", "heads.ablate:GridConfig."
 INPUT_LAYER_HELP = "Pooled layer feeding VANILLA/CHAIN: 'last', 'weighted' (learned mix of all layers) or a name."
 
 
@@ -75,24 +79,34 @@ def _tracking(report_to: str, tracking_dir: Path | None, out: Path, config_path)
 def _head_options(func):
     """Options shared by `train` and `ablate` that shape the head (defaults = the paper's)."""
     options = [
-        click.option("--hidden", default=256, show_default=True, help="Task-network hidden width / attention dim."),
-        click.option("--dropout", default=0.3, show_default=True, help="Dropout in the heads."),
-        click.option("--input-layer", default="last", show_default=True, help=INPUT_LAYER_HELP),
-        click.option("--chain-order", default="type,two,high,culture", show_default=True,
-                     help="CHAIN task order (a permutation of type,two,high,culture)."),
-        click.option("--n-heads", default=8, show_default=True, help="BRANCH attention heads."),
-        click.option("--branch-blocks", default=4, show_default=True, help="BRANCH attention blocks per task."),
-        click.option("--branch-frames/--branch-layers", default=False, show_default=True,
+        click.option("--hidden", type=int, default=ConfigDefault(HEAD + "hidden"), show_default=True,
+                     help="Task-network hidden width / attention dim."),
+        click.option("--dropout", type=float, default=ConfigDefault(HEAD + "dropout"), show_default=True,
+                     help="Dropout in the heads."),
+        click.option("--input-layer", type=str, default=ConfigDefault(HEAD + "input_layer"), show_default=True,
+                     help=INPUT_LAYER_HELP),
+        click.option("--chain-order", type=str, default=ConfigDefault(HEAD + "chain_order", csv_text),
+                     show_default=True, help="CHAIN task order (a permutation of type,two,high,culture)."),
+        click.option("--n-heads", type=int, default=ConfigDefault(HEAD + "n_heads"), show_default=True,
+                     help="BRANCH attention heads."),
+        click.option("--branch-blocks", type=int, default=ConfigDefault(HEAD + "branch_blocks"), show_default=True,
+                     help="BRANCH attention blocks per task."),
+        click.option("--branch-frames/--branch-layers", default=ConfigDefault(HEAD + "branch_use_frames"),
+                     show_default=True,
                      help="BRANCH attends over frames (needs a frame-level cache) or per-layer pooled tokens."),
-        click.option("--epochs", default=30, show_default=True, help="Training epochs."),
-        click.option("--batch-size", default=8, show_default=True, help="Training batch size."),
-        click.option("--lr", default=1e-3, show_default=True, help="Head learning rate (AdamW)."),
+        click.option("--epochs", type=int, default=ConfigDefault(TRAIN + "epochs"), show_default=True,
+                     help="Training epochs."),
+        click.option("--batch-size", type=int, default=ConfigDefault(TRAIN + "batch_size"), show_default=True,
+                     help="Training batch size."),
+        click.option("--lr", type=float, default=ConfigDefault(TRAIN + "lr"), show_default=True,
+                     help="Head learning rate (AdamW)."),
         click.option("--device", default="auto", show_default=True,
                      help="Where the heads train: auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps. "
                           "Under `accelerate launch` each process takes its own GPU."),
-        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+        click.option("--precision", type=click.Choice(PRECISIONS), default=ConfigDefault(TRAIN + "precision"),
+                     show_default=True,
                      help="bf16: the heads' matmuls under bf16 autocast (for GPUs; parameters stay float32)."),
-        click.option("--progress/--no-progress", default=True, help="Show progress bars."),
+        progress_option(),
         click.option("--report-to", type=click.Choice(REPORT_TO_CHOICES, case_sensitive=False), default="none",
                      show_default=True, help="Experiment tracker(s) for per-epoch losses, loss weights, LR and "
                                              "Val scores; one log per run; offline by default ('all': every "
@@ -115,10 +129,13 @@ def heads_group() -> None:
               help="HDF5 feature cache written by `avb dump`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run folder: config.json, head.safetensors, predictions/, metrics.json.")
-@click.option("--arch", type=click.Choice(ARCH_CHOICES, case_sensitive=False), default="vanilla", show_default=True)
-@click.option("--weighting", type=click.Choice(WEIGHTING_CHOICES, case_sensitive=False), default="uniform",
-              show_default=True, help="Loss weighting across the four tasks.")
-@click.option("--seed", default=0, show_default=True, help="Seeds the head's initialisation, shuffling and dropout.")
+@click.option("--arch", type=click.Choice(ARCH_CHOICES, case_sensitive=False), default=ConfigDefault(TRAIN + "arch"),
+              show_default=True)
+@click.option("--weighting", type=click.Choice(WEIGHTING_CHOICES, case_sensitive=False),
+              default=ConfigDefault(TRAIN + "weighting"), show_default=True,
+              help="Loss weighting across the four tasks.")
+@click.option("--seed", type=int, default=ConfigDefault(TRAIN + "seed"), show_default=True,
+              help="Seeds the head's initialisation, shuffling and dropout.")
 @_head_options
 def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: int, hidden: int, dropout: float,
                   input_layer: str, chain_order: str, n_heads: int, branch_blocks: int, branch_frames: bool,
@@ -154,14 +171,16 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
               help="HDF5 feature cache written by `avb dump`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Grid folder: one run folder per arch-weighting-seed, results.csv/.json/.md, config.json.")
-@click.option("--archs", default=",".join(ARCH_CHOICES), show_default=True, help="Architectures, comma-separated.")
-@click.option("--weightings", default=",".join(WEIGHTING_CHOICES), show_default=True,
+@click.option("--archs", type=str, default=ConfigDefault(GRID + "archs", csv_text), show_default=True,
+              help="Architectures, comma-separated.")
+@click.option("--weightings", type=str, default=ConfigDefault(GRID + "weightings", csv_text), show_default=True,
               help="Loss weightings, comma-separated.")
-@click.option("--seeds", default="0", show_default=True, help="Seeds, comma-separated (e.g. 0,1,2).")
+@click.option("--seeds", type=str, default=ConfigDefault(GRID + "seeds", csv_text), show_default=True,
+              help="Seeds, comma-separated (e.g. 0,1,2).")
 @click.option("--max-group-mib", default=None, type=click.IntRange(min=0),
               help="Memory budget of one joint training call in MiB (per run: parameters, gradients, AdamW "
                    "moments, best-epoch copy); an architecture's runs train in as few equal groups as fit. "
-                   "0: no limit. Default: 640 on the CPU, a quarter of the GPU's memory on CUDA.")
+                   f"0: no limit. Default: {DEFAULT_MAX_GROUP_MIB} on the CPU, a quarter of the GPU's memory on CUDA.")
 @click.option("--ci", default=DEFAULT_LEVEL, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Level of the percentile-bootstrap intervals in results.csv/.json/.md and of the paired "
                    "comparison with the best configuration; 0: none.")

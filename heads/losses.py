@@ -3,7 +3,7 @@
 Regression tasks use 1 - CCC (the challenge metric) per column with POPULATION moments over the batch, averaged
 over the task's columns; TYPE uses cross-entropy on raw logits. The authors' code mixed unbiased variance with
 biased covariance (a perfect prediction on a batch of 8 scored 7/8) and had no epsilon (a constant batch gave
-NaN), see `docs/reference-notes.md`; this version is exact and finite everywhere.
+NaN); this version is exact and finite everywhere.
 
 Unknown labels follow the project's convention (`heads.metrics`): NaN in a regression target, NaN (float) or
 a negative index (long) for TYPE. They are left out of the loss rather than poisoning the whole batch.

@@ -33,9 +33,8 @@ from heads.featurizer import Featurizer, FeaturizerError
 from heads.layers import (
     StackedDropout, StackedLayerNorm, StackedLinear, StackedMultiheadAttention, make_generators, per_run,
 )
+from heads.names import ARCHS
 from heads.tasks import TASK_NAMES, TASKS
-
-ARCHS: tuple[str, ...] = ("vanilla", "chain", "branch")
 
 # Dropout streams are seeded apart from the init streams so masks are not correlated with initial weights.
 DROPOUT_SEED_OFFSET = 0x5EED_D0

@@ -34,6 +34,7 @@ import numpy as np
 
 from cache.atomic import write_json_atomic, write_text_atomic
 from cache.jsonable import jsonable
+from cache.options import csv_text, progress_option
 from heads.metrics import labelled_rows, score_task
 from heads.tasks import TASK_NAMES, TASKS
 from heads.threads import limited_threads
@@ -422,11 +423,12 @@ def read_probe(folder: str | os.PathLike) -> dict[str, Any]:
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for probe.csv, probe.json and probe.md.")
 @click.option("--layers", default="", help="Pooled layers to probe, comma-separated (default: all).")
-@click.option("--tasks", default=",".join(TASK_NAMES), show_default=True, help="Tasks to probe, comma-separated.")
-@click.option("--seed", default=0, show_default=True, help="Seeds the Train holdout that picks TYPE's L2 strength.")
-@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=0),
+@click.option("--tasks", default=csv_text(ProbeConfig.tasks), show_default=True, help="Tasks to probe, comma-separated.")
+@click.option("--seed", default=ProbeConfig.seed, show_default=True,
+              help="Seeds the Train holdout that picks TYPE's L2 strength.")
+@click.option("--threads", default=ProbeConfig.threads, show_default=True, type=click.IntRange(min=0),
               help="BLAS and torch threads (1 is fastest on a busy machine; 0: the libraries' defaults).")
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar over the layers.")
+@progress_option("Show a progress bar over the layers.")
 def probe_command(cache_path: Path, out: Path, layers: str, tasks: str, seed: int, threads: int,
                   progress: bool) -> None:
     """Linear probes of every pooled layer for every task: trained on Train, scored on Val with the task's own

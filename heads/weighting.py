@@ -208,21 +208,14 @@ class DRUWWeighting(RRUWWeighting):
 
     with the same regulariser departure and alpha parametrisation as `RRUWWeighting`, and lambda from a
     contained `DWAWeighting` (epoch-average losses, temperature 2, lambda = 1 for the first two epochs).
+    Its options are RRUW's (phi, alpha_init, alpha_min, alpha_max; passed on as `rruw_options`) and DWA's
+    temperature.
     """
 
     name = "druw"
 
-    def __init__(
-        self,
-        n_runs: int,
-        n_tasks: int = 4,
-        phi: float = 1.0,
-        alpha_init: float = 1.0,
-        alpha_min: float = 1e-3,
-        alpha_max: float = 1e3,
-        temperature: float = 2.0,
-    ) -> None:
-        super().__init__(n_runs, n_tasks, phi=phi, alpha_init=alpha_init, alpha_min=alpha_min, alpha_max=alpha_max)
+    def __init__(self, n_runs: int, n_tasks: int = 4, temperature: float = 2.0, **rruw_options: float) -> None:
+        super().__init__(n_runs, n_tasks, **rruw_options)
         self.dwa = DWAWeighting(n_runs, n_tasks, temperature=temperature)
 
     def forward(self, losses: Tensor) -> Tensor:
@@ -245,9 +238,15 @@ WEIGHTINGS: dict[str, type[Weighting]] = {
 
 def weighting_options(name: str) -> dict[str, Any]:
     """The options a weighting kind accepts, with their defaults (the paper's settings)."""
-    cls = _lookup(name)
+    return _options(_lookup(name))
+
+
+def _options(cls: type[Weighting]) -> dict[str, Any]:
     params = list(inspect.signature(cls.__init__).parameters.values())[3:]  # self, n_runs, n_tasks
-    return {p.name: p.default for p in params}
+    own = {p.name: p.default for p in params if p.kind is not p.VAR_KEYWORD}
+    if any(p.kind is p.VAR_KEYWORD for p in params):   # the rest are the base class's (DRUW: RRUW's)
+        return {**_options(cls.__mro__[1]), **own}
+    return own
 
 
 def _lookup(name: str) -> type[Weighting]:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import make_signal_cache
 
 from cache.reader import load_cache
 from extract.cli import main as avb
@@ -20,7 +21,6 @@ from heads.ensemble import read_split_predictions
 from heads.metrics import score_task
 from heads.models import HeadConfig, build_head
 from heads.tasks import METRIC_KEYS, TASKS
-from test_train import make_signal_cache
 
 torch.set_num_threads(1)
 

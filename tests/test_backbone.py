@@ -5,31 +5,12 @@ import math
 
 import pytest
 import torch
+from helpers import NO_DROPOUT, S, conv_frames, padded_batch
 from tiny_model import make_tiny_backbone, tiny_config
 
 from extract.backbone import BackboneLoadError, forward_layers, layer_dims, layer_names, load_backbone
 
 torch.set_num_threads(1)
-S = 40000  # 2.5 s at 16 kHz
-NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
-                  final_dropout=0.0, layerdrop=0.0)
-
-
-def conv_frames(n: int) -> int:
-    """Frames of the tiny CNN (kernels 10, 8, 4; strides 5, 8, 8), worked out by hand from the conv formula."""
-    for k, s in zip((10, 8, 4), (5, 8, 8)):
-        n = (n - k) // s + 1
-    return n
-
-
-def padded_batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    waves = torch.zeros(len(lengths), S)
-    mask = torch.zeros(len(lengths), S, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        waves[b, :n] = 0.3 * torch.randn(n, generator=g)
-        mask[b, :n] = 1
-    return waves, mask
 
 
 def direct_states(model, wave: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import NO_DROPOUT, S, TOL, conv_frames, padded_batch, read_csv, row_values, run_val_predictions
 from tiny_model import make_tiny_backbone
 
 from cache.reader import load_cache
@@ -29,8 +30,6 @@ from heads.models import HeadConfig
 from heads.runs import CONFIG_FILE, RunDirError, find_runs
 from heads.tasks import TASKS, TYPE_CLASSES
 from heads.train import TrainConfig, train_runs
-from test_backbone import NO_DROPOUT, S, conv_frames, padded_batch
-from test_predict import TOL, read_csv, row_values, run_val_predictions
 
 torch.set_num_threads(1)
 FAMILIES = ("wav2vec2", "hubert", "wavlm")

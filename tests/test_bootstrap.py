@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import val_labels
 
 from extract.cli import main
 from extract.synth import synthesize_corpus
@@ -15,7 +16,6 @@ from heads.bootstrap import (
 from heads.metrics import score_all
 from heads.submission import write_submissions
 from heads.tasks import TASKS
-from test_score import val_labels
 
 
 def random_task_data(n: int, seed: int):

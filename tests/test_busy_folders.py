@@ -17,8 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
-from test_dump import subprocess_env
-from test_train import make_signal_cache
+from helpers import accelerate_command, make_signal_cache, subprocess_env
 from tiny_model import make_tiny_backbone
 
 from cache.lock import LOCK_NAME, FolderInUse, OutputLock, OutputUnavailable, hold_output, holds_output, lock_path
@@ -229,14 +228,14 @@ def test_read_only_commands_are_never_blocked(world, tmp_path, holders):
     assert scored.exit_code == 0, scored.output
 
 
+@pytest.mark.slow
 def test_both_ranks_of_an_accelerate_launch_stop_on_a_busy_cache(world, tmp_path, holders):
     """Two ranks, one lock: rank 0 finds it taken and tells rank 1, so both stop before writing a shard.
     (Two ranks sharing a free lock is what every two-process dump in test_dump.py and test_interruption.py does.)"""
     out = tmp_path / "c.h5"
     holder = holders(out, is_file=True)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "extract.dump",
-           "--corpus", str(world["corpus"]), "--model", str(world["model"]), "--out", str(out), "--quiet"]
+    cmd = [*accelerate_command("extract.dump", 2), "--corpus", str(world["corpus"]), "--model", str(world["model"]),
+           "--out", str(out), "--quiet"]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode != 0
     line = f"Error: {out} is in use by another avb process (pid {holder.pid})"

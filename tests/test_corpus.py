@@ -107,6 +107,14 @@ def error(root: Path, **kwargs) -> str:
     return message
 
 
+def error_in_cell(root: Path, row: int, column: str, value: str) -> str:
+    """The corpus error after `make_rows()[row][column] = value` (labels only)."""
+    rows = make_rows()
+    rows[row][column] = value
+    make_corpus(root, audio=False, rows=rows)
+    return error(root)
+
+
 # ---------------------------------------------------------------------------------------------- reading
 
 def test_task_file_layout_reads_sorted_ids_splits_and_labels(tmp_path):
@@ -223,12 +231,10 @@ def test_duplicate_id(tmp_path):
 
 
 def test_unknown_split(tmp_path):
-    rows = make_rows()
-    rows[2]["Split"] = "Validation"
-    make_corpus(tmp_path, audio=False, rows=rows)
-    assert error(tmp_path) == (f"{tmp_path / 'labels' / 'type_info.csv'}, row 4 (File_ID {rows[2]['File_ID']}), "
-                               "column Split: unknown split "
-                               "'Validation' (expected Train, Val or Test)")
+    message = error_in_cell(tmp_path, 2, "Split", "Validation")
+    assert message == (f"{tmp_path / 'labels' / 'type_info.csv'}, row 4 (File_ID {make_rows()[2]['File_ID']}), "
+                       "column Split: unknown split "
+                       "'Validation' (expected Train, Val or Test)")
 
 
 def test_inconsistent_split_across_files(tmp_path):
@@ -244,18 +250,14 @@ def test_inconsistent_split_across_files(tmp_path):
     ("[../evil]", "contains '/'"), ("[a\\b]", "contains '\\\\'"), ("[..x]", "contains '..'"),
 ])
 def test_ids_that_would_escape_audio_wav(tmp_path, bad_id, reason):
-    rows = make_rows()
-    rows[0]["File_ID"] = bad_id
-    make_corpus(tmp_path, audio=False, rows=rows)
-    assert error(tmp_path) == (f"{tmp_path / 'labels' / 'type_info.csv'}, row 2: File_ID {bad_id!r} cannot "
-                               f"name a file under audio/wav ({reason})")
+    message = error_in_cell(tmp_path, 0, "File_ID", bad_id)
+    assert message == (f"{tmp_path / 'labels' / 'type_info.csv'}, row 2: File_ID {bad_id!r} cannot "
+                       f"name a file under audio/wav ({reason})")
 
 
 def test_empty_id(tmp_path):
-    rows = make_rows()
-    rows[3]["File_ID"] = "[]"
-    make_corpus(tmp_path, audio=False, rows=rows)
-    assert error(tmp_path) == f"{tmp_path / 'labels' / 'type_info.csv'}, row 5: empty File_ID"
+    message = error_in_cell(tmp_path, 3, "File_ID", "[]")
+    assert message == f"{tmp_path / 'labels' / 'type_info.csv'}, row 5: empty File_ID"
 
 
 @pytest.mark.parametrize("value, problem", [
@@ -266,28 +268,22 @@ def test_empty_id(tmp_path):
     ("-0.01", "value -0.01 is outside [0, 1]"),
 ])
 def test_bad_regression_labels_in_train(tmp_path, value, problem):
-    rows = make_rows()
-    rows[1]["Sadness"] = value  # [00001], Train, row 3
-    make_corpus(tmp_path, audio=False, rows=rows)
-    assert error(tmp_path) == (f"{tmp_path / 'labels' / 'high_info.csv'}, row 3 (File_ID [00001]), column Sadness: "
-                               f"{problem}")
+    message = error_in_cell(tmp_path, 1, "Sadness", value)  # [00001], Train, row 3
+    assert message == (f"{tmp_path / 'labels' / 'high_info.csv'}, row 3 (File_ID [00001]), column Sadness: "
+                       f"{problem}")
 
 
 def test_bad_label_in_val_is_caught_too(tmp_path):
-    rows = make_rows()
-    rows[0]["United States_Surprise"] = "2"  # [00005], Val
-    make_corpus(tmp_path, audio=False, rows=rows)
-    assert error(tmp_path) == (f"{tmp_path / 'labels' / 'culture_info.csv'}, row 2 (File_ID [00005]), column "
-                               "United States_Surprise: value 2 is outside [0, 1]")
+    message = error_in_cell(tmp_path, 0, "United States_Surprise", "2")  # [00005], Val
+    assert message == (f"{tmp_path / 'labels' / 'culture_info.csv'}, row 2 (File_ID [00005]), column "
+                       "United States_Surprise: value 2 is outside [0, 1]")
 
 
 def test_unknown_voc_type(tmp_path):
-    rows = make_rows()
-    rows[0]["Voc_Type"] = "Sigh"
-    make_corpus(tmp_path, audio=False, rows=rows)
-    assert error(tmp_path) == (f"{tmp_path / 'labels' / 'type_info.csv'}, row 2 (File_ID [00005]), column Voc_Type: "
-                               "unknown vocal type 'Sigh' (expected one of Gasp, Laugh, Cry, Scream, Grunt, Groan, "
-                               "Pant, Other)")
+    message = error_in_cell(tmp_path, 0, "Voc_Type", "Sigh")
+    assert message == (f"{tmp_path / 'labels' / 'type_info.csv'}, row 2 (File_ID [00005]), column Voc_Type: "
+                       "unknown vocal type 'Sigh' (expected one of Gasp, Laugh, Cry, Scream, Grunt, Groan, "
+                       "Pant, Other)")
 
 
 def test_ragged_row(tmp_path):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import DIMS, accelerate_command, cfg_of, make_inputs, make_signal_cache, make_targets
 
 from cache.reader import load_cache
 from extract.cli import main as avb
@@ -20,8 +20,6 @@ from heads.device import DeviceError, autocast, resolve_device
 from heads.models import HeadConfig, build_head
 from heads.tasks import METRIC_KEYS, TASK_NAMES
 from heads.train import TrainConfig, TrainingError, train_runs
-from test_models import DIMS, cfg_of, make_inputs, make_targets
-from test_train import make_signal_cache
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -144,10 +142,7 @@ def test_gradient_buffers_give_autograd_gradients_step_after_step(variant):
 # --------------------------------------------------------------------------- the grid over processes
 
 def _launch(args: list[str], processes: int, cwd: Path) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
-    launcher += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
-    cmd = launcher + ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                      "-m", "heads.ablate", *args]
+    cmd = [*accelerate_command("heads.ablate", processes), *args]
     env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(cwd), "PYTHONPATH": str(REPO)}
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env, check=False)
 
@@ -156,6 +151,7 @@ def _prediction_bytes(grid: Path) -> dict[str, bytes]:
     return {str(p.relative_to(grid)): p.read_bytes() for p in sorted(grid.glob("*/predictions/*/*.csv"))}
 
 
+@pytest.mark.slow
 def test_grid_on_two_accelerate_processes_equals_one_process(cache_file, tmp_path):
     from heads.ablate import run_grid
 

@@ -21,9 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_dump import subprocess_env
-from test_interruption import assert_same_cache, visible_files
-from test_train import make_signal_cache
+from helpers import assert_same_cache, make_signal_cache, subprocess_env, visible_files
 from tiny_model import make_tiny_backbone
 
 import cache.guarded_file

@@ -2,62 +2,33 @@
 from __future__ import annotations
 
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny_model import make_tiny_backbone
+from helpers import S, accelerate_launch, conv_frames, corpus_and_backbone
 
 from cache.reader import FrameReader, load_cache, read_attrs
 from extract.audio import crop_or_pad, load_wav
 from extract.corpus import read_corpus
 from extract.dump import DumpConfig, dump_command, run_dump, shard_path
-from extract.synth import synthesize_corpus
 from heads.tasks import TASK_NAMES, TYPE_CLASSES
 
 torch.set_num_threads(1)
-S = 40000
-
-
-def conv_frames(n: int) -> int:
-    """Frames of the tiny CNN (kernels 10, 8, 4; strides 5, 8, 8), from the conv output-length formula."""
-    for k, s in zip((10, 8, 4), (5, 8, 8)):
-        n = (n - k) // s + 1
-    return n
-
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    return env
 
 
 def launch(args: list[str], processes: int, cwd: Path, timeout: int = 180) -> subprocess.CompletedProcess:
-    """`accelerate launch` for real: N processes (gloo on CPU), as a user would type it."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
-    if processes > 1:
-        launcher += ["--multi_gpu", "--num_processes", str(processes)]
-    else:
-        launcher += ["--num_processes", "1"]
-    cmd = launcher + ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                      "-m", "extract.dump"] + args
-    proc = subprocess.run(cmd, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    """`accelerate launch -m extract.dump` for real: N processes (gloo on CPU)."""
+    return accelerate_launch("extract.dump", args, processes, cwd, timeout)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dump")
-    corpus = synthesize_corpus(root / "corpus", 26, seed=3, max_seconds=3.0, progress=False)
-    model = make_tiny_backbone(root / "model")
-    return root, corpus, model
+    return (root, *corpus_and_backbone(root, 26, seed=3, max_seconds=3.0))
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +59,7 @@ def direct_states(model_dir: Path, corpus_root: Path, clip_id: str) -> tuple[int
     return conv_frames(min(len(wave), S)), states
 
 
+@pytest.mark.slow
 def test_one_and_two_processes_give_the_same_cache(setup, dumps):
     _, corpus_root, _ = setup
     corpus = read_corpus(corpus_root)
@@ -113,6 +85,7 @@ def test_one_and_two_processes_give_the_same_cache(setup, dumps):
     assert not list(dumps[2].parent.glob("cache2.h5.shard-*"))  # merged and cleaned up
 
 
+@pytest.mark.slow
 def test_cache_equals_direct_forward_pass(setup, dumps):
     _, corpus_root, model_dir = setup
     cache = load_cache(dumps[2])

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from helpers import accelerate_launch, corpus_and_backbone, subprocess_env
 from tiny_model import make_tiny_backbone
 
 from extract.corpus import read_corpus
@@ -24,32 +24,17 @@ torch.set_num_threads(1)
 S = 40000
 
 
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    return env
-
-
 def finetune(args: list[str], processes: int, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
     """`accelerate launch [--multi_gpu --num_processes N] -m extract.finetune ...` for real (gloo on CPU)."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
-    launcher += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
-    cmd = launcher + ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                      "-m", "extract.finetune", "--quiet"] + args
-    proc = subprocess.run(cmd, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+    return accelerate_launch("extract.finetune", ["--quiet", *args], processes, cwd, timeout)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")
-    corpus = synthesize_corpus(root / "corpus", 40, seed=5, max_seconds=3.0, progress=False)
     # The checkpoint asks for LayerDrop; load_backbone must switch it off, or layers would vanish from
     # hidden_states (transformers 5) and DDP would see unused parameters on some ranks.
-    model = make_tiny_backbone(root / "model", layerdrop=0.3)
-    return root, corpus, model
+    return (root, *corpus_and_backbone(root, 40, seed=5, max_seconds=3.0, layerdrop=0.3))
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +52,7 @@ def two_process_run(setup):
     return out, first, stopped_at, state_at_stop, proc
 
 
+@pytest.mark.slow
 def test_max_steps_stops_with_a_checkpoint_and_resume_continues(two_process_run):
     out, first, stopped_at, state_at_stop, proc = two_process_run
     # 14 fully labelled Train clips / (2 per process x 2 processes) = 3 steps per epoch.
@@ -86,6 +72,7 @@ def test_max_steps_stops_with_a_checkpoint_and_resume_continues(two_process_run)
     assert {f"random_states_{r}.pkl" for r in (0, 1)} <= {p.name for p in final.iterdir()}
 
 
+@pytest.mark.slow
 def test_training_loss_decreases_and_history_is_logged(two_process_run):
     out = two_process_run[0]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -130,6 +117,7 @@ def _direct_val_scores(out: Path, corpus_root: Path) -> dict[str, float]:
     return score_all({t: corpus.labels[t][rows] for t in TASK_NAMES}, {t: np.stack(p) for t, p in preds.items()})
 
 
+@pytest.mark.slow
 def test_saved_backbone_is_the_best_epoch_and_val_metrics_match_a_direct_pass(setup, two_process_run):
     from transformers import AutoModel
 
@@ -160,6 +148,7 @@ def test_saved_backbone_is_the_best_epoch_and_val_metrics_match_a_direct_pass(se
         assert best["val"][k] == pytest.approx(v, abs=1e-5), k
 
 
+@pytest.mark.slow
 def test_cli_refuses_to_clobber_or_resume_with_other_settings(setup, two_process_run):
     _, corpus_root, model_dir = setup
     out = two_process_run[0]

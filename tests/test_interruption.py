@@ -31,17 +31,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 from safetensors.torch import load_file
-from test_dump import subprocess_env
-from test_train import make_signal_cache
-from tiny_model import make_tiny_backbone
+from helpers import (
+    accelerate_command, assert_same_cache, corpus_and_backbone, make_signal_cache, subprocess_env, visible_files,
+)
 
 from cache.interrupt import MESSAGE
 from cache.lock import LOCK_NAME
-from cache.reader import FrameReader, load_cache, read_attrs
+from cache.reader import load_cache, read_attrs
 from heads.submission import read_submission, read_type_probs
 
 pytestmark = pytest.mark.slow
@@ -237,11 +236,9 @@ def check_cache(expected_ids: Sequence[str] | None) -> Check:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from extract.corpus import read_corpus
-    from extract.synth import synthesize_corpus
 
     root = tmp_path_factory.mktemp("interruption")
-    corpus = synthesize_corpus(root / "corpus", 36, seed=11, max_seconds=2.0, progress=False)
-    model = make_tiny_backbone(root / "model")
+    corpus, model = corpus_and_backbone(root, 36, seed=11, max_seconds=2.0)
     cache = make_signal_cache(root / "signal.h5", sizes=(400, 100, 50))
     return {"root": root, "corpus": corpus, "model": model, "cache": cache, "ids": read_corpus(corpus).ids}
 
@@ -252,8 +249,7 @@ def dump_cmd(world: dict, out: Path, processes: int = 1) -> list[str]:
             "--batch-size", "1", *FRAME_ARGS, "--quiet"]
     if processes == 1:
         return [sys.executable, "-m", "extract.dump", *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "extract.dump", *args]
+    return [*accelerate_command("extract.dump", processes), *args]
 
 
 def dump_watcher(world: dict, out: Path, snap: Path) -> FinalPathWatcher:
@@ -283,23 +279,6 @@ def run_dump_case(world: dict, tmp: Path, processes: int, kill_after: float | No
     assert watcher.checked >= 1
     assert not list(out.parent.glob("c.h5.shard-*")), "shards are merged and removed"
     return out, first, second
-
-
-def assert_same_cache(a: Path, b: Path) -> None:
-    """Bit-for-bit equal caches: attributes, ids, splits, labels, frame counts, pooled and frame-level states."""
-    assert read_attrs(a) == read_attrs(b)
-    x, y = load_cache(a), load_cache(b)
-    assert x.ids.tolist() == y.ids.tolist() and x.splits.tolist() == y.splits.tolist()
-    assert np.array_equal(x.n_frames, y.n_frames)
-    for name in x.labels:
-        assert np.array_equal(x.labels[name], y.labels[name], equal_nan=True), name
-    for layer in x.pooled:
-        assert x.pooled[layer].dtype == y.pooled[layer].dtype
-        assert x.pooled[layer].tobytes() == y.pooled[layer].tobytes(), layer
-    with FrameReader(a) as fa, FrameReader(b) as fb:
-        rows = list(range(len(x.ids)))
-        for layer in fa.layers:
-            assert all(u.tobytes() == v.tobytes() for u, v in zip(fa.get(rows)[layer], fb.get(rows)[layer])), layer
 
 
 # ----------------------------------------------------------------------------------------------- dump
@@ -375,17 +354,19 @@ def ablate_cmd(world: dict, out: Path) -> list[str]:
             str(out), *ABLATE_ARGS]
 
 
-def visible_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+def reference_run(world: dict, tmp_path_factory, name: str, checks, command: Callable[[dict, Path], list[str]]
+                  ) -> tuple[Path, Outcome, FinalPathWatcher]:
+    """`command(world, out)` run to the end, every final path checked the moment it appears."""
+    tmp = tmp_path_factory.mktemp(f"{name}_reference")
+    out = tmp / {"ablate": "grid", "finetune": "run"}[name]
+    watcher = FinalPathWatcher(out, checks, tmp / "snap")
+    outcome = completed(run_watched(command(world, out), out, watcher, tmp / "log.txt"))
+    return out, outcome, watcher
 
 
 @pytest.fixture(scope="module")
 def ablate_reference(world, tmp_path_factory) -> tuple[Path, Outcome]:
-    tmp = tmp_path_factory.mktemp("ablate_reference")
-    out = tmp / "grid"
-    watcher = FinalPathWatcher(out, ABLATE_CHECKS, tmp / "snap")
-    outcome = completed(run_watched(ablate_cmd(world, out), out, watcher, tmp / "log.txt"))
+    out, outcome, watcher = reference_run(world, tmp_path_factory, "ablate", ABLATE_CHECKS, ablate_cmd)
     assert watcher.errors == [] and watcher.checked >= 12 * 8
     return out, outcome
 
@@ -466,10 +447,7 @@ FINETUNE_CHECKS: list[tuple[str, Check]] = [
 
 @pytest.fixture(scope="module")
 def finetune_reference(world, tmp_path_factory) -> tuple[Path, Outcome]:
-    tmp = tmp_path_factory.mktemp("finetune_reference")
-    out = tmp / "run"
-    watcher = FinalPathWatcher(out, FINETUNE_CHECKS, tmp / "snap")
-    outcome = completed(run_watched(finetune_cmd(world, out), out, watcher, tmp / "log.txt"))
+    out, outcome, watcher = reference_run(world, tmp_path_factory, "finetune", FINETUNE_CHECKS, finetune_cmd)
     assert watcher.errors == [], watcher.errors
     return out, outcome
 

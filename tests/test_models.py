@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from helpers import B, DIMS, T, VARIANTS, cfg_of, make_inputs, make_targets
 
 from heads.layers import (
     StackedDropout, StackedLayerNorm, StackedLinear, StackedMultiheadAttention, make_generators,
@@ -15,39 +16,6 @@ from heads.models import (
 from heads.tasks import TASK_NAMES, TASKS
 
 torch.set_num_threads(1)
-
-L = 4                      # tiny backbone: hidden_0 .. hidden_4
-B, T = 5, 6
-DIMS = {"cnn": 16, **{f"hidden_{i}": 24 for i in range(L + 1)}}
-VARIANTS = {
-    "vanilla": dict(arch="vanilla"),
-    "vanilla_weighted": dict(arch="vanilla", input_layer="weighted"),
-    "chain": dict(arch="chain"),
-    "branch": dict(arch="branch"),
-    "branch_frames": dict(arch="branch", branch_use_frames=True),
-}
-
-
-def cfg_of(name: str, **kw) -> HeadConfig:
-    return HeadConfig(hidden=8, n_heads=2, **{**VARIANTS[name], **kw})
-
-
-def make_inputs(n_runs: int, seed: int = 0, n_valid: list[int] | None = None) -> HeadInputs:
-    g = torch.Generator().manual_seed(seed)
-    pooled = {k: torch.randn(n_runs, B, d, generator=g) for k, d in DIMS.items()}
-    frames = {k: torch.randn(n_runs, B, T, d, generator=g) for k, d in DIMS.items()}
-    n_valid = n_valid or [T, 4, 1, 3, T]
-    mask = torch.zeros(n_runs, B, T, dtype=torch.bool)
-    for b, n in enumerate(n_valid):
-        mask[:, b, :n] = True
-    return HeadInputs(pooled=pooled, frames=frames, frame_mask=mask)
-
-
-def make_targets(n_runs: int, seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = {t: torch.rand(n_runs, B, TASKS[t].label_dim, generator=g) for t in TASK_NAMES if t != "type"}
-    out["type"] = torch.randint(0, 8, (n_runs, B, 1), generator=g).float()
-    return out
 
 
 def run_slice(x: HeadInputs, r: int) -> HeadInputs:

@@ -20,8 +20,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from scipy.io import wavfile
-from test_dump import conv_frames
-from test_train import make_signal_cache
+from helpers import conv_frames, make_signal_cache
 from tiny_model import make_tiny_backbone
 
 from cache.reader import load_cache
@@ -30,6 +29,7 @@ from extract.cli import main as avb
 from extract.corpus import read_corpus
 from heads.metrics import score_all
 from heads.models import HeadConfig
+from heads.names import WEIGHTINGS
 from heads.optim import StackedAdamW
 from heads.submission import read_submission, read_type_probs
 from heads.tasks import METRIC_KEYS, TASK_NAMES
@@ -39,7 +39,6 @@ from heads.weighting import DRUWWeighting
 torch.set_num_threads(1)
 
 HEAD = HeadConfig(hidden=16, n_heads=2, branch_blocks=2)
-WEIGHTINGS = ("uniform", "dwa", "rruw", "druw")
 
 
 @pytest.fixture(scope="module")

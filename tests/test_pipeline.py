@@ -16,19 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_dump import subprocess_env
+from helpers import subprocess_env
 from tiny_model import make_tiny_backbone
 
 from cache.reader import load_cache, read_attrs
 from extract.cli import main as avb
 from extract.corpus import read_corpus
+from heads.names import ARCHS, WEIGHTINGS
 from heads.tasks import METRIC_KEYS, TASK_NAMES
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-ARCHS = ("vanilla", "chain", "branch")
-WEIGHTINGS = ("uniform", "dwa", "rruw", "druw")
 ACCELERATE_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 

@@ -1,7 +1,6 @@
 """avb predict: new audio of any rate/channels -> the heads' predictions, equal to the cached-feature path."""
 from __future__ import annotations
 
-import csv
 import shutil
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import TOL, read_csv, row_values, run_val_predictions
 from tiny_model import make_tiny_backbone
 
 from cache.reader import FrameReader, load_cache
@@ -18,7 +18,6 @@ from extract.dump import DumpConfig, run_dump
 from extract.synth import synthesize_corpus
 from heads.ensemble import EnsembleConfig, build_ensemble
 from heads.models import HeadConfig
-from heads.submission import PROBS_FILE, read_submission, read_type_probs
 from heads.tasks import COUNTRIES, EMOTIONS, TASKS, TYPE_CLASSES
 from heads.train import TrainConfig, train_runs
 
@@ -26,7 +25,6 @@ torch.set_num_threads(1)
 
 HEAD = HeadConfig(hidden=16, n_heads=2, branch_blocks=2, dropout=0.1)
 # Float16 features in the cache vs float32 features here: outputs agree to ~5e-5 (measured); 10x margin.
-TOL = 5e-4
 
 
 @pytest.fixture(scope="module")
@@ -60,39 +58,11 @@ def error_line(result) -> str:
     return result.output.strip().splitlines()[-1]
 
 
-def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        return list(reader.fieldnames), list(reader)
-
-
 def expected_columns() -> list[str]:
     """Built from the official lists (not from csv_columns): 2 + 8 + 2 + 10 + 40 = 62 columns."""
     culture = [f"{c}_{e}" for c in COUNTRIES for e in EMOTIONS if e != "Surprise"]
     culture += [f"{c}_Surprise" for c in COUNTRIES]
     return ["path", "Voc_Type"] + [f"p_{c}" for c in TYPE_CLASSES] + ["Valence", "Arousal"] + list(EMOTIONS) + culture
-
-
-def run_val_predictions(run: Path) -> dict[str, dict[str, np.ndarray]]:
-    """A run's own Val predictions (the head applied to the cache's pooled features): id -> task -> values."""
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for path in sorted((run / "predictions" / "val").glob("A-VB-*.csv")):
-        task, ids, values = read_submission(path)
-        if task.is_classification:
-            continue
-        for i, clip in enumerate(ids):
-            out.setdefault(clip, {})[task.name] = values[i]
-    ids, probs = read_type_probs(run / "predictions" / "val" / PROBS_FILE)
-    for i, clip in enumerate(ids):
-        out[clip]["type"] = probs[i]
-    return out
-
-
-def row_values(row: dict[str, str]) -> dict[str, np.ndarray]:
-    return {
-        "type": np.array([float(row[f"p_{c}"]) for c in TYPE_CLASSES]),
-        **{name: np.array([float(row[c]) for c in TASKS[name].columns]) for name in ("two", "high", "culture")},
-    }
 
 
 def val_wavs(world, n: int = 6) -> list[Path]:

@@ -1,5 +1,4 @@
 """`avb score` agrees with sklearn/scipy/hand formulas on random predictions, in any row order."""
-import csv
 import json
 
 import numpy as np
@@ -7,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 from scipy.stats import pearsonr
 from sklearn.metrics import recall_score
+from helpers import val_labels
 
 from extract.cli import main
 from extract.synth import synthesize_corpus
@@ -18,16 +18,6 @@ from heads.tasks import TASKS
 def corpus_root(tmp_path_factory):
     return synthesize_corpus(tmp_path_factory.mktemp("score") / "corpus", clips=90, seed=4, max_seconds=1.0,
                              progress=False)
-
-
-def val_labels(root, task):
-    """Val labels read straight from the CSV with the csv module (independent of the corpus reader)."""
-    with open(root / "labels" / task.info_csv, newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if r["Split"] == "Val"]
-    ids = [r["File_ID"][1:-1] for r in rows]
-    if task.is_classification:
-        return ids, np.array([task.classes.index(r["Voc_Type"]) for r in rows])
-    return ids, np.array([[float(r[c]) for c in task.columns] for r in rows])
 
 
 def pop_ccc(x, y):

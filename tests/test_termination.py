@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_interruption import visible_files
-from test_train import make_signal_cache
+from helpers import make_signal_cache, visible_files
 
 from cache.command import command_errors
 from cache.interrupt import MESSAGE, Interrupted, received, termination_raises

@@ -8,61 +8,20 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from helpers import SPLIT_SIZES, make_signal_cache
 
 from cache.reader import load_cache
-from cache.writer import CacheWriter
 from heads import train as train_mod
 from heads.metrics import score_all
 from heads.models import HeadConfig, HeadInputs, build_head
 from heads.optim import PlateauHalving, StackedAdamW
 from heads.submission import read_submission, read_type_probs
-from heads.tasks import METRIC_KEYS, TASK_NAMES, TASKS, TYPE_CLASSES
+from heads.tasks import METRIC_KEYS, TASK_NAMES
 from heads.train import TrainConfig, TrainingError, train_runs
 
 torch.set_num_threads(1)
 
-SPLIT_SIZES = (300, 200, 100)
 SMALL_HEAD = HeadConfig(hidden=32, n_heads=4, branch_blocks=2)
-
-
-def make_signal_cache(path: Path, *, seed: int = 0, sizes=SPLIT_SIZES, invert_val: bool = False,
-                      frames: bool = False) -> Path:
-    """A cache whose labels are functions of a latent z that every layer carries (plus noise).
-
-    Layers: cnn (16-d), hidden_0..hidden_2 (24-d), each a random projection of z. TYPE = argmax of a random
-    projection of z; the regression targets are sigmoids of random projections. With `invert_val`, Val
-    labels come from the NEGATED relation, so fitting Train makes Val worse (the best epoch is an early one).
-    With `frames`, every layer is also stored per frame (the frames average to the pooled value).
-    """
-    rng = np.random.default_rng(seed)
-    n = sum(sizes)
-    z = rng.normal(size=(n, 8)).astype(np.float32)
-    splits = ["Train"] * sizes[0] + ["Val"] * sizes[1] + ["Test"] * sizes[2]
-    is_val = np.array(splits) == "Val"
-    zl = np.where(is_val[:, None] & invert_val, -z, z)
-    labels = {"type": np.argmax(zl @ rng.normal(size=(8, 8)), 1).astype(np.float32)[:, None]}
-    for name in ("two", "high", "culture"):
-        k = len(TASKS[name].columns)
-        labels[name] = (1.0 / (1.0 + np.exp(-0.7 * (zl @ rng.normal(size=(8, k)))))).astype(np.float32)
-    for name in labels:
-        labels[name][sizes[0] + sizes[1]:] = np.nan  # Test rows are unlabelled
-    dims = {"cnn": 16, "hidden_0": 24, "hidden_1": 24, "hidden_2": 24}
-    pooled = {layer: (z @ rng.normal(size=(8, d)) + 0.3 * rng.normal(size=(n, d))).astype(np.float32)
-              for layer, d in dims.items()}
-    n_frames = rng.integers(2, 7, size=n) if frames else np.full(n, 4)
-    frame_data = None
-    if frames:
-        frame_data = {layer: [] for layer in dims}
-        for i in range(n):
-            for layer, d in dims.items():
-                wiggle = rng.normal(size=(int(n_frames[i]), d)).astype(np.float32) * 0.2
-                frame_data[layer].append(pooled[layer][i] + wiggle - wiggle.mean(0))
-    with CacheWriter(path, layer_dims=dims, label_columns={k: list(t.columns) for k, t in TASKS.items()},
-                     label_classes={"type": list(TYPE_CLASSES)}, dtype="float32",
-                     frame_layers=list(dims) if frames else (),
-                     attrs={"backbone": {"name": "synthetic"}, "sample_rate": 16000, "clip_seconds": 2.5}) as w:
-        w.append([f"{i:05d}" for i in range(n)], splits, labels, n_frames, pooled, frame_data)
-    return path
 
 
 @pytest.fixture(scope="module")

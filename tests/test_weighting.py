@@ -35,6 +35,14 @@ def set_alphas(m: RRUWWeighting, alphas: list[list[float]]) -> None:
         m.log_alpha_sq.copy_(torch.log(torch.tensor(alphas, dtype=torch.float32) ** 2))
 
 
+def descend(m, losses: list[float], opt: torch.optim.Optimizer, steps: int) -> None:
+    """`steps` optimiser steps on the weighted total of the same task losses (one run)."""
+    for _ in range(steps):
+        opt.zero_grad()
+        m(torch.tensor([losses])).sum().backward()
+        opt.step()
+
+
 def test_registry_and_build():
     assert list(WEIGHTINGS) == ["uniform", "dwa", "rruw", "druw"]
     assert isinstance(build_weighting("DWA", 2), DWAWeighting)
@@ -140,11 +148,7 @@ def test_rruw_gradient_matches_hand_derivative():
 
 def test_rruw_larger_loss_grows_alpha():
     m = RRUWWeighting(1, 2)
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    for _ in range(5):
-        opt.zero_grad()
-        m(torch.tensor([[5.0, 0.05]])).sum().backward()
-        opt.step()
+    descend(m, [5.0, 0.05], torch.optim.SGD(m.parameters(), lr=0.1), steps=5)
     a = m.alphas()[0]
     assert a[0] > 1.0 > a[1]
     w = m.weights()[0]
@@ -172,11 +176,7 @@ def test_rruw_extreme_alpha_is_clamped_finite_and_can_come_back(s_value):
 
 def test_rruw_single_task_zero_loss_stays_bounded():
     m = RRUWWeighting(1, 2)
-    opt = torch.optim.Adam(m.parameters(), lr=1.0)
-    for _ in range(50):
-        opt.zero_grad()
-        m(torch.tensor([[0.0, 1.0]])).sum().backward()
-        opt.step()
+    descend(m, [0.0, 1.0], torch.optim.Adam(m.parameters(), lr=1.0), steps=50)
     w = m.weights()
     assert torch.isfinite(w).all() and w.max().item() <= 1e6 * (1 + 1e-5)
 

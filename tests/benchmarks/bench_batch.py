@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from heads.names import ARCHS, WEIGHTINGS
 from tests.benchmarks.bench_common import BASE_DIMS, Figures, machine_line, make_cache_in_child, set_threads, workdir
 
-ARCHS = ("vanilla", "chain", "branch")
-WEIGHTINGS = ("uniform", "dwa", "rruw", "druw")
 BATCHES = (8, 32, 128)
 
 

@@ -10,14 +10,13 @@ both wall times, and the intervals alone (`heads.bootstrap.score_intervals` on w
 """
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from tests.benchmarks.bench_common import HUME_SIZES, Figures, machine_line, workdir
+from tests.benchmarks.bench_common import HUME_SIZES, Figures, bench_parser, machine_line, workdir
 
 
 def write_labels_only_corpus(root: Path, n_val: int, seed: int = 0) -> list[str]:
@@ -52,10 +51,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from extract.cli import main as avb
 
-    p = argparse.ArgumentParser(prog="python -m tests.benchmarks.bench_bootstrap", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="300 Val clips (checks the script, not the figure)")
+    p = bench_parser("bench_bootstrap", __doc__, "300 Val clips (checks the script, not the figure)", threads=None,
+                     json_help="write the figures to this JSON file")
     p.add_argument("--repeat", type=int, default=3, help="runs of each command (the best is reported)")
-    p.add_argument("--json", type=Path, default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
     print(machine_line(1), flush=True)
     figs = Figures("bootstrap")

@@ -6,13 +6,14 @@ Generated caches go into the system temp dir and are deleted at the end unless `
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import resource
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,47 @@ def machine_line(threads: int) -> str:
     busy = " (machine under load from other processes)" if load[0] > 0.5 else ""
     return (f"machine: {os.cpu_count()} CPUs, torch threads {threads}, load average "
             f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}{busy}")
+
+
+def begin(bench: str, threads: int) -> tuple[Figures, int]:
+    """The figures of `bench`, once torch's threads are set (returned) and the machine line is printed."""
+    threads = set_threads(threads)
+    print(machine_line(threads), flush=True)
+    return Figures(bench), threads
+
+
+def bench_parser(module: str, doc: str, quick_help: str, *, threads: str | None = "torch intra-op threads (default 2)",
+                 json_help: str = "also write the figures to this JSON file") -> argparse.ArgumentParser:
+    """The options every benchmark script shares: --quick, --threads (default 2; None: no such option), --json."""
+    p = argparse.ArgumentParser(prog=f"python -m tests.benchmarks.{module}", description=doc.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    if threads is not None:
+        p.add_argument("--threads", type=int, default=2, help=threads)
+    p.add_argument("--json", type=Path, default=None, help=json_help)
+    return p
+
+
+def run_benchmark(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Figures],
+                  argv: Sequence[str] | None) -> None:
+    """A benchmark's main: parse `argv`, run, write the figures to --json (if given)."""
+    args = parser.parse_args(argv)
+    run(args).write(args.json)
+
+
+def random_wav2vec2(directory: Path, quick: bool) -> Path:
+    """A randomly initialised wav2vec2 saved to `directory`: the tests' tiny model with `quick`, else
+    wav2vec2-base's architecture (the Wav2Vec2Config defaults, without LayerDrop)."""
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    if quick:
+        from tests.tiny_model import tiny_config
+        config = tiny_config()
+    else:
+        config = Wav2Vec2Config(layerdrop=0.0)
+    torch.manual_seed(0)
+    Wav2Vec2Model(config).save_pretrained(directory)
+    return directory
 
 
 def peak_rss_bytes() -> int:

@@ -17,14 +17,16 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from tests.benchmarks.bench_common import (
     Figures,
+    begin,
+    bench_parser,
     machine_line,
-    set_threads,
+    random_wav2vec2,
+    run_benchmark,
     verdict,
     workdir,
 )
@@ -35,7 +37,6 @@ GOAL_RATIO = 1.05
 def run(args: argparse.Namespace) -> Figures:
     import torch
     from torch.utils.data import DataLoader
-    from transformers import Wav2Vec2Config, Wav2Vec2Model
     from transformers.utils import logging as hf_logging
 
     from cache.writer import CacheWriter
@@ -47,20 +48,12 @@ def run(args: argparse.Namespace) -> Figures:
     from heads.tasks import TASKS
 
     hf_logging.disable_progress_bar()   # the save/load bars of the generated model would bury the figures
-    fig = Figures("dump")
-    threads = set_threads(args.threads)
-    print(machine_line(threads), flush=True)
+    fig, threads = begin("dump", args.threads)
     n_clips = args.clips or (16 if args.quick else 32)
     batch = args.batch_size or (4 if args.quick else 16)
     with workdir(args.keep) as tmp:
         corpus_dir = synthesize_corpus(tmp / "corpus", n_clips, seed=0, progress=False)
-        if args.quick:
-            from tests.tiny_model import tiny_config
-            config = tiny_config()
-        else:
-            config = Wav2Vec2Config(layerdrop=0.0)  # the defaults are wav2vec2-base's architecture
-        torch.manual_seed(0)
-        Wav2Vec2Model(config).save_pretrained(tmp / "model")
+        random_wav2vec2(tmp / "model", args.quick)
         model = load_backbone(tmp / "model").eval()   # as the dump loads it (SpecAugment is off in eval)
         n_params = sum(p.numel() for p in model.parameters())
         corpus = read_corpus(corpus_dir)
@@ -147,20 +140,16 @@ def run(args: argparse.Namespace) -> Figures:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tests.benchmarks.bench_dump", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny backbone and 16 clips: seconds (for the test suite)")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p = bench_parser("bench_dump", __doc__, "tiny backbone and 16 clips: seconds (for the test suite)")
     p.add_argument("--clips", type=int, default=0, help="clips to dump (default 32; quick 16)")
     p.add_argument("--batch-size", type=int, default=0, help="clips per batch (default 16, the dump's; quick 4)")
     p.add_argument("--repeats", type=int, default=4, help="alternating bare/dump pairs (default 4)")
     p.add_argument("--keep", action="store_true", help="keep the generated corpus, model and caches")
-    p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    run(args).write(args.json)
+    run_benchmark(parser(), run, argv)
 
 
 if __name__ == "__main__":

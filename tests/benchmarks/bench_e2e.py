@@ -26,9 +26,12 @@ from pathlib import Path
 from tests.benchmarks.bench_common import (
     HUME_SIZES,
     Figures,
+    begin,
+    bench_parser,
     fmt_duration,
     machine_line,
-    set_threads,
+    random_wav2vec2,
+    run_benchmark,
 )
 
 EPOCHS = 30
@@ -38,7 +41,6 @@ BATCH = 8
 
 def run(args: argparse.Namespace) -> Figures:
     import torch
-    from transformers import Wav2Vec2Config, Wav2Vec2Model
     from transformers.utils import logging as hf_logging
 
     from extract.backbone import layer_dims, load_backbone
@@ -49,17 +51,9 @@ def run(args: argparse.Namespace) -> Figures:
     from tests.benchmarks.bench_common import workdir
 
     hf_logging.disable_progress_bar()   # the save/load bars of the generated model would bury the figures
-    fig = Figures("e2e")
-    threads = set_threads(args.threads)
-    print(machine_line(threads), flush=True)
+    fig, threads = begin("e2e", args.threads)
     with workdir() as tmp:
-        if args.quick:
-            from tests.tiny_model import tiny_config
-            config = tiny_config()
-        else:
-            config = Wav2Vec2Config(layerdrop=0.0)   # wav2vec2-base's architecture
-        torch.manual_seed(0)
-        Wav2Vec2Model(config).save_pretrained(tmp / "model")
+        random_wav2vec2(tmp / "model", args.quick)
         backbone = load_backbone(tmp / "model")      # SpecAugment p = 0.05 on time and features, as stage 1
     head = build_head(HeadConfig(arch="vanilla", hidden=32 if args.quick else 256), layer_dims(backbone), [0])
     model = FinetuneModel(backbone, head, build_weighting("uniform", n_runs=1))
@@ -121,21 +115,17 @@ def run(args: argparse.Namespace) -> Figures:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tests.benchmarks.bench_e2e", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny backbone: seconds (for the test suite)")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p = bench_parser("bench_e2e", __doc__, "tiny backbone: seconds (for the test suite)")
     p.add_argument("--steps", type=int, default=0, help="measured training steps (default 3; quick 2)")
     p.add_argument("--best", action="store_true", help="take the fastest step instead of the mean")
     p.add_argument("--heads-json", type=Path, default=None, help="figures of bench_heads (--json) for the speedup")
     p.add_argument("--dump-ratio", type=float, default=1.05,
                    help="dump time / bare forward time for the stage-1 estimate (default: the goal of (a))")
-    p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    run(args).write(args.json)
+    run_benchmark(parser(), run, argv)
 
 
 if __name__ == "__main__":

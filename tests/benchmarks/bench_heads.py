@@ -36,22 +36,23 @@ from typing import Any
 
 import numpy as np
 
+from heads.names import ARCHS, WEIGHTINGS
 from tests.benchmarks.bench_common import (
     BASE_DIMS,
     HUME_SIZES,
     Figures,
+    begin,
+    bench_parser,
     current_rss_bytes,
     fmt_duration,
     machine_line,
     make_cache_in_child,
     peak_rss_bytes,
-    set_threads,
+    run_benchmark,
     verdict,
     workdir,
 )
 
-ARCHS = ("vanilla", "chain", "branch")
-WEIGHTINGS = ("uniform", "dwa", "rruw", "druw")
 SEEDS = (0, 1, 2)
 EPOCHS = 30
 BATCH = 8
@@ -236,9 +237,7 @@ def run(args: argparse.Namespace) -> Figures:
     from cache.reader import cache_info, load_cache
     from heads.models import HeadConfig
 
-    fig = Figures("heads")
-    threads = set_threads(args.threads)
-    print(machine_line(threads), flush=True)
+    fig, threads = begin("heads", args.threads)
     quick = args.quick
     sizes = QUICK_SIZES if quick else HUME_SIZES
     dims = QUICK_DIMS if quick else BASE_DIMS
@@ -371,9 +370,7 @@ def _measure_frames(fig: Figures, args: argparse.Namespace, tmp: Path, head: Any
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tests.benchmarks.bench_heads", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny cache and head: runs in seconds (for the test suite)")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p = bench_parser("bench_heads", __doc__, "tiny cache and head: runs in seconds (for the test suite)")
     p.add_argument("--steps", type=int, default=0,
                    help="measured training steps per architecture (default: 300, BRANCH 60; quick: 8)")
     p.add_argument("--val-rows", type=int, default=2048, help="Val clips evaluated per measurement")
@@ -388,13 +385,11 @@ def parser() -> argparse.ArgumentParser:
                    help="architectures to measure, comma-separated (default: all; the grid total needs all)")
     p.add_argument("--skip-frames", action="store_true", help="skip BRANCH over frames (and its frame cache)")
     p.add_argument("--keep", action="store_true", help="keep the generated caches and runs")
-    p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    run(args).write(args.json)
+    run_benchmark(parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ machine load before and after, since the 2 CPU cores may be shared with other wo
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -20,7 +19,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.benchmarks.bench_common import machine_line
+from tests.benchmarks.bench_common import bench_parser, machine_line
 
 REPO = Path(__file__).resolve().parents[2]
 GOALS = (  # (bench, figure, goal text)
@@ -47,11 +46,9 @@ def _run(module: str, args: list[str], json_path: Path) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tests.benchmarks.run_all", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="every benchmark in its --quick mode")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads for every benchmark")
-    p.add_argument("--json", type=Path, default=None, help="write all figures to this JSON file")
-    args = p.parse_args(argv)
+    args = bench_parser("run_all", __doc__, "every benchmark in its --quick mode",
+                        threads="torch intra-op threads for every benchmark",
+                        json_help="write all figures to this JSON file").parse_args(argv)
     common = ["--threads", str(args.threads)] + (["--quick"] if args.quick else [])
     print(machine_line(args.threads), flush=True)
     with tempfile.TemporaryDirectory(prefix="avb-bench-all-") as tmp:

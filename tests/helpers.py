@@ -1,0 +1,243 @@
+"""Helpers shared by several test modules (no test module imports another one; see tests/conftest.py).
+
+Heavy imports (torch, the heads) happen inside the helpers that need them, so a light test module that uses
+only a CSV or cache helper stays light. Tiny backbones live in tiny_model.py, the hand-written h5py cache in
+plain_cache.py.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cache.reader import FrameReader, load_cache, read_attrs
+from cache.writer import CacheWriter
+from heads.submission import PROBS_FILE, read_submission, read_type_probs
+from heads.tasks import TASK_NAMES, TASKS, TYPE_CLASSES
+
+if TYPE_CHECKING:
+    import torch
+
+    from heads.models import HeadConfig, HeadInputs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------ subprocesses
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def accelerate_command(module: str, processes: int) -> list[str]:
+    """`accelerate launch [--multi_gpu --num_processes N] -m MODULE` for real, on the CPU (gloo); append the
+    module's arguments."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
+    launcher += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+    return launcher + ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module]
+
+
+def accelerate_launch(module: str, args: list[str], processes: int, cwd: Path,
+                      timeout: int) -> subprocess.CompletedProcess:
+    """`accelerate launch` of `module` for real, as a user would type it; asserts that it succeeded."""
+    proc = subprocess.run(accelerate_command(module, processes) + args, cwd=cwd, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def corpus_and_backbone(root: Path, clips: int, seed: int, max_seconds: float, **backbone: Any) -> tuple[Path, Path]:
+    """A generated corpus (root/corpus) and a tiny random backbone (root/model, `backbone` overrides its config)."""
+    from extract.synth import synthesize_corpus  # noqa: PLC0415
+    from tiny_model import make_tiny_backbone  # noqa: PLC0415
+
+    corpus = synthesize_corpus(root / "corpus", clips, seed=seed, max_seconds=max_seconds, progress=False)
+    return corpus, make_tiny_backbone(root / "model", **backbone)
+
+
+# ----------------------------------------------------------------------------------- tiny backbone
+
+S = 40000  # 2.5 s at 16 kHz
+NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+                  final_dropout=0.0, layerdrop=0.0)
+
+
+def conv_frames(n: int) -> int:
+    """Frames of the tiny CNN (kernels 10, 8, 4; strides 5, 8, 8), from the conv output-length formula."""
+    for k, s in zip((10, 8, 4), (5, 8, 8)):
+        n = (n - k) // s + 1
+    return n
+
+
+def padded_batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(seed)
+    waves = torch.zeros(len(lengths), S)
+    mask = torch.zeros(len(lengths), S, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        waves[b, :n] = 0.3 * torch.randn(n, generator=g)
+        mask[b, :n] = 1
+    return waves, mask
+
+
+# ------------------------------------------------------------------------------------------- heads
+
+L = 4                      # tiny backbone: hidden_0 .. hidden_4
+B, T = 5, 6
+DIMS = {"cnn": 16, **{f"hidden_{i}": 24 for i in range(L + 1)}}
+VARIANTS = {
+    "vanilla": dict(arch="vanilla"),
+    "vanilla_weighted": dict(arch="vanilla", input_layer="weighted"),
+    "chain": dict(arch="chain"),
+    "branch": dict(arch="branch"),
+    "branch_frames": dict(arch="branch", branch_use_frames=True),
+}
+
+
+def cfg_of(name: str, **kw) -> HeadConfig:
+    from heads.models import HeadConfig  # noqa: PLC0415
+
+    return HeadConfig(hidden=8, n_heads=2, **{**VARIANTS[name], **kw})
+
+
+def make_inputs(n_runs: int, seed: int = 0, n_valid: list[int] | None = None) -> HeadInputs:
+    import torch  # noqa: PLC0415
+
+    from heads.models import HeadInputs  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(seed)
+    pooled = {k: torch.randn(n_runs, B, d, generator=g) for k, d in DIMS.items()}
+    frames = {k: torch.randn(n_runs, B, T, d, generator=g) for k, d in DIMS.items()}
+    n_valid = n_valid or [T, 4, 1, 3, T]
+    mask = torch.zeros(n_runs, B, T, dtype=torch.bool)
+    for b, n in enumerate(n_valid):
+        mask[:, b, :n] = True
+    return HeadInputs(pooled=pooled, frames=frames, frame_mask=mask)
+
+
+def make_targets(n_runs: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    import torch  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(seed)
+    out = {t: torch.rand(n_runs, B, TASKS[t].label_dim, generator=g) for t in TASK_NAMES if t != "type"}
+    out["type"] = torch.randint(0, 8, (n_runs, B, 1), generator=g).float()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ caches
+
+SPLIT_SIZES = (300, 200, 100)
+
+
+def make_signal_cache(path: Path, *, seed: int = 0, sizes=SPLIT_SIZES, invert_val: bool = False,
+                      frames: bool = False) -> Path:
+    """A cache whose labels are functions of a latent z that every layer carries (plus noise).
+
+    Layers: cnn (16-d), hidden_0..hidden_2 (24-d), each a random projection of z. TYPE = argmax of a random
+    projection of z; the regression targets are sigmoids of random projections. With `invert_val`, Val
+    labels come from the NEGATED relation, so fitting Train makes Val worse (the best epoch is an early one).
+    With `frames`, every layer is also stored per frame (the frames average to the pooled value).
+    """
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    z = rng.normal(size=(n, 8)).astype(np.float32)
+    splits = ["Train"] * sizes[0] + ["Val"] * sizes[1] + ["Test"] * sizes[2]
+    is_val = np.array(splits) == "Val"
+    zl = np.where(is_val[:, None] & invert_val, -z, z)
+    labels = {"type": np.argmax(zl @ rng.normal(size=(8, 8)), 1).astype(np.float32)[:, None]}
+    for name in ("two", "high", "culture"):
+        k = len(TASKS[name].columns)
+        labels[name] = (1.0 / (1.0 + np.exp(-0.7 * (zl @ rng.normal(size=(8, k)))))).astype(np.float32)
+    for name in labels:
+        labels[name][sizes[0] + sizes[1]:] = np.nan  # Test rows are unlabelled
+    dims = {"cnn": 16, "hidden_0": 24, "hidden_1": 24, "hidden_2": 24}
+    pooled = {layer: (z @ rng.normal(size=(8, d)) + 0.3 * rng.normal(size=(n, d))).astype(np.float32)
+              for layer, d in dims.items()}
+    n_frames = rng.integers(2, 7, size=n) if frames else np.full(n, 4)
+    frame_data = None
+    if frames:
+        frame_data = {layer: [] for layer in dims}
+        for i in range(n):
+            for layer, d in dims.items():
+                wiggle = rng.normal(size=(int(n_frames[i]), d)).astype(np.float32) * 0.2
+                frame_data[layer].append(pooled[layer][i] + wiggle - wiggle.mean(0))
+    with CacheWriter(path, layer_dims=dims, label_columns={k: list(t.columns) for k, t in TASKS.items()},
+                     label_classes={"type": list(TYPE_CLASSES)}, dtype="float32",
+                     frame_layers=list(dims) if frames else (),
+                     attrs={"backbone": {"name": "synthetic"}, "sample_rate": 16000, "clip_seconds": 2.5}) as w:
+        w.append([f"{i:05d}" for i in range(n)], splits, labels, n_frames, pooled, frame_data)
+    return path
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    """Bit-for-bit equal caches: attributes, ids, splits, labels, frame counts, pooled and frame-level states."""
+    assert read_attrs(a) == read_attrs(b)
+    x, y = load_cache(a), load_cache(b)
+    assert x.ids.tolist() == y.ids.tolist() and x.splits.tolist() == y.splits.tolist()
+    assert np.array_equal(x.n_frames, y.n_frames)
+    for name in x.labels:
+        assert np.array_equal(x.labels[name], y.labels[name], equal_nan=True), name
+    for layer in x.pooled:
+        assert x.pooled[layer].dtype == y.pooled[layer].dtype
+        assert x.pooled[layer].tobytes() == y.pooled[layer].tobytes(), layer
+    with FrameReader(a) as fa, FrameReader(b) as fb:
+        rows = list(range(len(x.ids)))
+        for layer in fa.layers:
+            assert all(u.tobytes() == v.tobytes() for u, v in zip(fa.get(rows)[layer], fb.get(rows)[layer])), layer
+
+
+def visible_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+
+
+# -------------------------------------------------------------------------- predictions and labels
+
+TOL = 5e-4
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames), list(reader)
+
+
+def run_val_predictions(run: Path) -> dict[str, dict[str, np.ndarray]]:
+    """A run's own Val predictions (the head applied to the cache's pooled features): id -> task -> values."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for path in sorted((run / "predictions" / "val").glob("A-VB-*.csv")):
+        task, ids, values = read_submission(path)
+        if task.is_classification:
+            continue
+        for i, clip in enumerate(ids):
+            out.setdefault(clip, {})[task.name] = values[i]
+    ids, probs = read_type_probs(run / "predictions" / "val" / PROBS_FILE)
+    for i, clip in enumerate(ids):
+        out[clip]["type"] = probs[i]
+    return out
+
+
+def row_values(row: dict[str, str]) -> dict[str, np.ndarray]:
+    return {
+        "type": np.array([float(row[f"p_{c}"]) for c in TYPE_CLASSES]),
+        **{name: np.array([float(row[c]) for c in TASKS[name].columns]) for name in ("two", "high", "culture")},
+    }
+
+
+def val_labels(root, task):
+    """Val labels read straight from the CSV with the csv module (independent of the corpus reader)."""
+    with open(root / "labels" / task.info_csv, newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["Split"] == "Val"]
+    ids = [r["File_ID"][1:-1] for r in rows]
+    if task.is_classification:
+        return ids, np.array([task.classes.index(r["Voc_Type"]) for r in rows])
+    return ids, np.array([[float(r[c]) for c in task.columns] for r in rows])

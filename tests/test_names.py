@@ -1,0 +1,34 @@
+"""heads.names: the one list of every registry's names, importable without torch."""
+import subprocess
+import sys
+
+from heads import names
+
+
+def test_names_import_without_torch_or_numpy():
+    code = "import sys, heads.names; assert not {'torch', 'numpy'} & set(sys.modules), sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_registry_has_exactly_the_names_in_their_order():
+    from heads.ensemble import STRATEGIES
+    from heads.models import ARCHITECTURES
+    from heads.weighting import WEIGHTINGS
+
+    assert tuple(ARCHITECTURES) == names.ARCHS == ("vanilla", "chain", "branch")
+    assert tuple(WEIGHTINGS) == names.WEIGHTINGS == ("uniform", "dwa", "rruw", "druw")
+    assert tuple(names.WEIGHTING_TITLES) == names.WEIGHTINGS
+    assert tuple(STRATEGIES) == names.ENSEMBLE_STRATEGIES
+    for name, cls in WEIGHTINGS.items():
+        assert cls.name == name
+
+
+def test_shared_defaults_reach_every_config():
+    from extract.finetune import FinetuneConfig
+    from heads.ablate import DEFAULT_MAX_GROUP_BYTES, GridConfig
+    from heads.train import TrainConfig
+
+    assert FinetuneConfig.epochs == TrainConfig.epochs == GridConfig.epochs == names.DEFAULT_EPOCHS == 30
+    assert FinetuneConfig.clip_seconds == names.CLIP_SECONDS == 2.5
+    assert GridConfig.max_group_bytes == DEFAULT_MAX_GROUP_BYTES == names.DEFAULT_MAX_GROUP_BYTES == 640 * 2**20
+    assert GridConfig.archs == names.ARCHS and GridConfig.weightings == names.WEIGHTINGS
