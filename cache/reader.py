@@ -25,8 +25,8 @@ from cache.format import (
 from cache.jsonable import jsonable
 
 __all__ = [
-    "CacheError", "CacheData", "FrameReader", "cache_info", "check_compatible", "compat_attrs", "label_meta",
-    "load_cache", "read_attrs",
+    "CacheError", "CacheData", "FrameReader", "IncompatibleCache", "cache_info", "check_compatible", "compat_attrs",
+    "label_meta", "load_cache", "read_attrs",
 ]
 
 
@@ -434,9 +434,37 @@ def compat_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return {key: attrs[key] for key in COMPAT_ATTRS if key in attrs}
 
 
+class IncompatibleCache(CacheError):
+    """`check_compatible`'s refusal, with the difference it found: `path` (keys and list indices from the
+    top-level attribute down to the first differing value), `got` (that value in `attrs`) and `want` (in
+    `expected`); a value absent on one side is `MISSING`."""
+
+    def __init__(self, message: str, path: tuple[str | int, ...], got: Any, want: Any) -> None:
+        super().__init__(message)
+        self.path, self.got, self.want = path, got, want
+
+    @property
+    def key(self) -> str:
+        """The top-level attribute that differs."""
+        return str(self.path[0])
+
+    @property
+    def name(self) -> str:
+        """The differing value's dotted name: `backbone.config.conv_stride[2]`."""
+        return _dotted(self.path)
+
+    @property
+    def detail(self) -> str:
+        """`key want vs got`, naming the nested value when the difference lies inside the attribute."""
+        if len(self.path) == 1:
+            return f"{self.key} {self.want!r} vs {self.got!r}"
+        return f"{self.key} differs at {self.name}: {self.want!r} vs {self.got!r}"
+
+
 def check_compatible(attrs: Mapping[str, Any], expected: Mapping[str, Any], *, source: str | os.PathLike | None = None
                      ) -> None:
-    """Raise CacheError naming the first key (dotted for nested values) where `attrs` differs from `expected`.
+    """Raise IncompatibleCache (a CacheError) naming the first key (dotted for nested values) where `attrs`
+    differs from `expected`; keys `expected` does not name are not compared.
 
     A head trained on backbone A's layers is meaningless on backbone B's, and silently so; this check is
     what turns that into an error. Both sides are compared as JSON values (tuples equal lists).
@@ -445,31 +473,33 @@ def check_compatible(attrs: Mapping[str, Any], expected: Mapping[str, Any], *, s
     want_all = jsonable(dict(expected))
     for key, want in want_all.items():
         if key not in attrs:
-            raise CacheError(f"{where}cache lacks attribute '{key}' (expected {want!r})")
+            raise IncompatibleCache(f"{where}cache lacks attribute '{key}' (expected {want!r})", (key,), MISSING, want)
         got = jsonable(attrs[key])
-        diff = _first_diff(got, want, key)
+        diff = _first_diff(got, want, (key,))
         if diff is not None:
-            name, got_v, want_v = diff
-            raise CacheError(f"{where}cache attribute '{name}' is {got_v!r}, but {want_v!r} is expected "
-                             f"(features from a different backbone or layer set)")
+            path, got_v, want_v = diff
+            raise IncompatibleCache(f"{where}cache attribute '{_dotted(path)}' is {got_v!r}, but {want_v!r} is "
+                                    "expected (features from a different backbone or layer set)", path, got_v, want_v)
 
 
-_MISSING = "<missing>"
+MISSING = "<missing>"
 
 
-def _first_diff(got: Any, want: Any, name: str) -> tuple[str, Any, Any] | None:
+def _dotted(path: Sequence[str | int]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(path))
+
+
+def _first_diff(got: Any, want: Any, path: tuple[str | int, ...]) -> tuple[tuple[str | int, ...], Any, Any] | None:
     if isinstance(got, dict) and isinstance(want, dict):
         for key in list(want) + [k for k in got if k not in want]:
-            sub = _first_diff(got.get(key, _MISSING), want.get(key, _MISSING), f"{name}.{key}")
+            sub = _first_diff(got.get(key, MISSING), want.get(key, MISSING), (*path, key))
             if sub is not None:
                 return sub
         return None
     if isinstance(got, list) and isinstance(want, list) and len(got) == len(want):
         for i, (a, b) in enumerate(zip(got, want)):
-            sub = _first_diff(a, b, f"{name}[{i}]")
+            sub = _first_diff(a, b, (*path, i))
             if sub is not None:
                 return sub
         return None
-    return None if got == want else (name, got, want)
-
-
+    return None if got == want else (path, got, want)

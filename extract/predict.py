@@ -25,7 +25,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,8 @@ import numpy as np
 
 from cache.command import command_errors
 from heads.runs import (
-    BACKBONE_DIR, CONFIG_FILE, HEAD_FILE, is_finetune_dir, read_finetune_config, read_json_object, read_run_config,
+    BACKBONE_DIR, CONFIG_FILE, ENSEMBLE, FINETUNE, HEAD_FILE, MEMBERS_FILE, RUN, output_kind, read_ensemble,
+    read_finetune_config, read_json_object, read_run_config,
 )
 from heads.tasks import CULTURE, HIGH, TASK_NAMES, TASKS, TWO, TYPE
 
@@ -115,7 +116,7 @@ def _frame_stride(run_dir: Path, config: dict[str, Any]) -> int:
 
     cache = config.get("cache")
     if not cache:
-        raise PredictError(f"run {run_dir} attends over frames, and its config.json names no cache to read the "
+        raise PredictError(f"run {run_dir} attends over frames, and its {CONFIG_FILE} names no cache to read the "
                            "frame stride from")
     try:
         return int(read_attrs(cache)["frame_stride"])
@@ -191,16 +192,23 @@ def load_run_head(run_dir: str | os.PathLike) -> LoadedRun:
     return run
 
 
-def _resolve_member(path_text: str, ensemble_dir: Path) -> Path:
-    """A member path from members.json: absolute, or relative to the working dir it was built from (tried
-    first) or to the ensemble dir / its parent (an ensemble moved together with its runs)."""
-    path = Path(path_text)
-    candidates = [path] if path.is_absolute() else [path, ensemble_dir / path, ensemble_dir.parent / path]
-    for candidate in candidates:
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise PredictError(f"{ensemble_dir / 'members.json'}: member run {path_text} not found "
-                       f"(looked in {', '.join(str(c) for c in candidates)})")
+def load_ensemble_heads(source: Path) -> HeadSet:
+    """An ensemble dir: each member run loaded once, and per task its members' weights normalised to sum 1."""
+    ensemble = read_ensemble(source)
+    runs: list[LoadedRun] = []
+    index: dict[Path, int] = {}
+    members: dict[str, list[tuple[int, float]]] = {}
+    for name, chosen in ensemble.members.items():
+        picked = []
+        for run, weight in chosen:
+            path = ensemble.member_dir(run).resolve()
+            if path not in index:
+                index[path] = len(runs)
+                runs.append(load_run_head(path))
+            picked.append((index[path], weight))
+        total = sum(w for _, w in picked)
+        members[name] = [(i, w / total) for i, w in picked]
+    return HeadSet(runs, members, source, is_ensemble=True)
 
 
 def load_heads(source: str | os.PathLike) -> HeadSet:
@@ -210,38 +218,17 @@ def load_heads(source: str | os.PathLike) -> HeadSet:
     if not source.is_dir():
         raise PredictError(f"--heads {source}: not a directory (give a run dir, an ensemble dir or a fine-tuning "
                            "output)")
-    if is_finetune_dir(source):
+    kind = output_kind(source)
+    if kind == FINETUNE:
         heads = HeadSet([load_finetune_head(source)], {name: [(0, 1.0)] for name in TASK_NAMES}, source,
                         backbone_dir=source / BACKBONE_DIR)
-    elif (source / "members.json").is_file():
-        members_json = read_json_object(source / "members.json")
-        tasks = members_json.get("tasks")
-        if not isinstance(tasks, dict) or sorted(tasks) != sorted(TASK_NAMES):
-            raise PredictError(f"{source / 'members.json'}: 'tasks' must map each of {', '.join(TASK_NAMES)} "
-                               "to its members")
-        runs: list[LoadedRun] = []
-        index: dict[Path, int] = {}
-        members: dict[str, list[tuple[int, float]]] = {}
-        for name in TASK_NAMES:
-            chosen = []
-            for entry in tasks[name]:
-                if not isinstance(entry, dict) or "run" not in entry or "weight" not in entry:
-                    raise PredictError(f"{source / 'members.json'}: task {name} has a member without run/weight")
-                path = _resolve_member(str(entry["run"]), source).resolve()
-                if path not in index:
-                    index[path] = len(runs)
-                    runs.append(load_run_head(path))
-                chosen.append((index[path], float(entry["weight"])))
-            total = sum(w for _, w in chosen)
-            if not chosen or not total > 0:
-                raise PredictError(f"{source / 'members.json'}: task {name} has no members with positive weight")
-            members[name] = [(i, w / total) for i, w in chosen]
-        heads = HeadSet(runs, members, source, is_ensemble=True)
-    elif (source / "config.json").is_file():
+    elif kind == ENSEMBLE:
+        heads = load_ensemble_heads(source)
+    elif kind == RUN or (source / CONFIG_FILE).is_file():   # an incomplete run: load_run_head says what is wrong
         heads = HeadSet([load_run_head(source)], {name: [(0, 1.0)] for name in TASK_NAMES}, source)
     else:
-        raise PredictError(f"--heads {source}: neither a run dir (config.json + head.safetensors), an "
-                           "ensemble dir (members.json) nor a fine-tuning output (config.json + backbone/)")
+        raise PredictError(f"--heads {source}: neither a run dir ({CONFIG_FILE} + {HEAD_FILE}), an ensemble dir "
+                           f"({MEMBERS_FILE}) nor a fine-tuning output ({CONFIG_FILE} + {BACKBONE_DIR}/)")
     clips = {float(run.cache_attrs.get("clip_seconds", DEFAULT_CLIP_SECONDS)) for run in heads.runs}
     if len(clips) > 1:
         raise PredictError(f"{source}: members were trained on different clip lengths {sorted(clips)}")
@@ -254,32 +241,56 @@ def _layers_text(layers: Sequence[str]) -> str:
     return ",".join(layers) if len(layers) <= 4 else f"{layers[0]},{layers[1]},...,{layers[-1]} ({len(layers)})"
 
 
+def backbone_identity(layers: Sequence[str] | None, layer_dims: dict[str, Any], config: dict[str, Any] | None,
+                      arch_keys: Sequence[str]) -> dict[str, Any]:
+    """What decides whether two backbones give the same features, in the shape of the cache attributes
+    (`cache.reader.compat_attrs`): layer names, their widths and the `arch_keys` of the backbone's config.
+    Built the same way for the recorded side and the model side, and compared by `check_compatible`."""
+    out: dict[str, Any] = {}
+    if layers is not None:
+        out["layers"] = list(layers)
+    out["layer_dims"] = {layer: int(width) for layer, width in layer_dims.items()}
+    if config is not None:
+        out["backbone"] = {"config": {key: config.get(key) for key in arch_keys}}
+    return out
+
+
 def check_backbone(run: LoadedRun, model: Any, model_name: str) -> None:
     """Refuse a backbone whose layers, widths or architecture differ from the ones the run's cache recorded."""
+    from cache.reader import IncompatibleCache, check_compatible  # noqa: PLC0415
     from extract.backbone import layer_dims, layer_names  # noqa: PLC0415
 
     attrs = run.cache_attrs
-    where = f"run {run.path} was trained on features of a different backbone than --model {model_name}"
-    names, dims = layer_names(model), layer_dims(model)
-    recorded = attrs.get("layers")
-    if recorded is not None and list(recorded) != names:
-        raise PredictError(f"{where}: its cache has layers {_layers_text(list(recorded))}, the model gives "
-                           f"{_layers_text(names)}")
-    for layer, width in attrs["layer_dims"].items():
-        if layer not in dims:
-            raise PredictError(f"{where}: its cache has layer {layer}, the model has no such layer")
-        if int(width) != dims[layer]:
-            raise PredictError(f"{where}: layer {layer} is {width}-d in its cache and {dims[layer]}-d in the model")
     backbone = attrs.get("backbone")
     recorded_cfg = backbone.get("config") if isinstance(backbone, dict) else None
-    if isinstance(recorded_cfg, dict):
-        current = json.loads(model.config.to_json_string(use_diff=False))
-        for key in ARCH_KEYS:
-            if key not in recorded_cfg and key not in current:
-                continue
-            a, b = recorded_cfg.get(key), current.get(key)
-            if json.dumps(a) != json.dumps(b):
-                raise PredictError(f"{where}: config field {key} is {a!r} in its cache and {b!r} in the model")
+    recorded_cfg = recorded_cfg if isinstance(recorded_cfg, dict) else None
+    current = json.loads(model.config.to_json_string(use_diff=False))
+    keys = [k for k in ARCH_KEYS if recorded_cfg is not None and (k in recorded_cfg or k in current)]
+    expected = backbone_identity(attrs.get("layers"), attrs["layer_dims"], recorded_cfg, keys)
+    actual = backbone_identity(layer_names(model), layer_dims(model), current, keys)
+    try:
+        check_compatible(actual, expected, source=model_name)
+    except IncompatibleCache as err:
+        where = f"run {run.path} was trained on features of a different backbone than --model {model_name}"
+        raise PredictError(f"{where}: {_backbone_difference(err, expected, actual)}") from None
+
+
+def _backbone_difference(err: Any, expected: dict[str, Any], actual: dict[str, Any]) -> str:
+    """`check_compatible`'s difference between the run's record and the model, in the words of this check."""
+    if err.key == "layers":
+        return (f"its cache has layers {_layers_text(expected['layers'])}, the model gives "
+                f"{_layers_text(actual['layers'])}")
+    if err.key == "layer_dims":
+        layer = err.path[1]
+        if layer not in actual["layer_dims"]:
+            return f"its cache has layer {layer}, the model has no such layer"
+        if layer not in expected["layer_dims"]:
+            return f"the model has layer {layer}, its cache has no such layer"
+        return f"layer {layer} is {expected['layer_dims'][layer]}-d in its cache and {actual['layer_dims'][layer]}-d " \
+               "in the model"
+    field = err.path[2]
+    a, b = expected["backbone"]["config"][field], actual["backbone"]["config"][field]
+    return f"config field {field} is {a!r} in its cache and {b!r} in the model"
 
 
 # ------------------------------------------------------------------------------------------------ audio
@@ -348,20 +359,43 @@ def apply_heads(heads: HeadSet, pooled: dict[str, Any], frames: dict[str, Any] |
     return blend(per_run, heads.members)
 
 
-def _pad_frames(frames: dict[str, list[Any]]) -> tuple[dict[str, Any], Any]:
-    """Ragged per-clip frames -> zero-padded [B, T, D] per layer and the [B, T] valid mask."""
-    import torch  # noqa: PLC0415
+@dataclass
+class _AudioFiles:
+    """Audio files as the corpus `ClipDataset` reads: clip id k is the k-th file, and there are no labels."""
 
-    first = next(iter(frames.values()))
-    lengths = torch.tensor([len(x) for x in first])
-    t_max = max(1, int(lengths.max()))
-    padded = {}
-    for layer, clips in frames.items():
-        arr = torch.zeros(len(clips), t_max, clips[0].shape[-1])
-        for i, clip in enumerate(clips):
-            arr[i, :len(clip)] = clip
-        padded[layer] = arr
-    return padded, torch.arange(t_max)[None, :] < lengths[:, None]
+    files: list[Path]
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+    ids: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ids = [str(k) for k in range(len(self.files))]
+
+    def wav_path(self, clip_id: str) -> Path:
+        return self.files[int(clip_id)]
+
+
+def clip_batches(files: Sequence[Path], clip_seconds: float, batch_size: int, *, skip_bad: bool,
+                 skipped: list[str]) -> Iterator[tuple[int, list[Path], dict[str, Any]]]:
+    """The files as the dump reads a corpus (`ClipDataset`: the first `clip_seconds` window, zero-padded with a
+    mask; `collate_clips`), `batch_size` files at a time: (files tried, the files read, their batch). An
+    unreadable file stops with its one-line error, or with `skip_bad` is left out, its message in `skipped`."""
+    from extract.clips import ClipDataset, collate_clips  # noqa: PLC0415
+
+    dataset = ClipDataset(_AudioFiles(list(files)), np.arange(len(files)), clip_seconds=clip_seconds, train=False)
+    for start in range(0, len(files), batch_size):
+        items, paths = [], []
+        stop = min(start + batch_size, len(files))
+        for k in range(start, stop):
+            try:
+                items.append(dataset[k])
+            except ValueError as err:  # AudioError: one line naming the file
+                if not skip_bad:
+                    raise PredictError(str(err)) from None
+                skipped.append(str(err))
+                click.echo(f"Warning: skipping {err}", err=True)
+                continue
+            paths.append(files[k])
+        yield stop - start, paths, (collate_clips(items) if items else {})
 
 
 def _weight_files(directory: Path) -> dict[str, str]:
@@ -406,10 +440,9 @@ def predict_files(
     import torch  # noqa: PLC0415
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    from extract.audio import crop_or_pad, load_wav  # noqa: PLC0415
     from extract.backbone import forward_layers, load_backbone  # noqa: PLC0415
-    from extract.clips import clip_samples  # noqa: PLC0415
     from heads.device import resolve_device  # noqa: PLC0415
+    from heads.train import pad_frames  # noqa: PLC0415
 
     if batch_size < 1:
         raise PredictError(f"--batch-size must be >= 1, got {batch_size}")
@@ -428,38 +461,21 @@ def predict_files(
     model.to(device).eval()
     for run in heads.runs:
         run.head.to(device)
-    n_samples = clip_samples(heads.clip_seconds)
     frame_layers, stride = heads.frame_layers, heads.frame_stride
 
     kept: list[Path] = []
     skipped: list[str] = []
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in TASK_NAMES}
     bar = tqdm(total=len(files), desc="predict", unit="file", disable=not progress)
-    for start in range(0, len(files), batch_size):
-        waves, masks, batch_paths = [], [], []
-        for path in files[start:start + batch_size]:
-            try:
-                wave = load_wav(path)
-            except ValueError as err:  # AudioError: one line naming the file
-                if not skip_bad:
-                    raise PredictError(str(err)) from None
-                skipped.append(str(err))
-                click.echo(f"Warning: skipping {err}", err=True)
-                continue
-            clip, mask = crop_or_pad(wave, n_samples)
-            waves.append(torch.from_numpy(clip))
-            masks.append(torch.from_numpy(mask))
-            batch_paths.append(path)
-        bar.update(len(files[start:start + batch_size]))
+    for tried, batch_paths, batch in clip_batches(files, heads.clip_seconds, batch_size, skip_bad=skip_bad,
+                                                  skipped=skipped):
+        bar.update(tried)
         if not batch_paths:
             continue
         with torch.inference_mode():
-            pooled, _, frames = forward_layers(model, torch.stack(waves).to(device), torch.stack(masks).to(device),
+            pooled, _, frames = forward_layers(model, batch["waves"].to(device), batch["mask"].to(device),
                                                frame_layers=frame_layers, frame_stride=stride)
-            padded, frame_mask = _pad_frames(frames) if frame_layers else (None, None)
-            if padded is not None:
-                padded = {k: v.to(device) for k, v in padded.items()}
-                frame_mask = frame_mask.to(device)
+            padded, frame_mask = pad_frames(frames, frame_layers, device) if frame_layers else (None, None)
             out = apply_heads(heads, pooled, padded, frame_mask)
         for name in TASK_NAMES:
             chunks[name].append(out[name])

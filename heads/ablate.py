@@ -36,7 +36,7 @@ from heads.distributed import assign_groups, grid_processes
 from heads.models import HeadConfig, build_head
 from heads.names import ARCHS, DEFAULT_EPOCHS, DEFAULT_MAX_GROUP_MIB, WEIGHTING_TITLES, WEIGHTINGS
 from heads.tasks import METRIC_KEYS
-from heads.runs import CONFIG_FILE, METRICS_FILE
+from heads.runs import CONFIG_FILE, RunDirError, is_complete, read_run
 from heads.train import SELECTION_KEY, TrainConfig, run_config_record, run_name, train_runs
 
 # Table columns: (metric key, header); the headline score of each task first, Pearson's r beside it.
@@ -121,12 +121,11 @@ def _unique(kind: str, values: Sequence[Any], valid: Sequence[Any] | None = None
 
 def _is_finished(run_dir: Path, record: dict[str, Any]) -> bool:
     """metrics.json present (written last) and the stored config equal to the one the run would get now."""
-    if not (run_dir / METRICS_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
+    if not is_complete(run_dir):
         return False
     try:
-        stored = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-        json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        stored = read_run(run_dir).config
+    except RunDirError:   # unreadable, from another run-folder format, or not a head run: train it again
         return False
     return stored == jsonable(record)
 
@@ -267,7 +266,7 @@ def _run_locked(grid: GridConfig, cache: Any, cache_path: Path, out: Path, procs
 
     if procs.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "config.json", grid.to_dict())
+        write_json_atomic(out / CONFIG_FILE, grid.to_dict())
     frames = FrameReader(cache_path) if grid.head.branch_use_frames and "branch" in grid.archs else None
     try:
         groups = _plan_groups(grid, cache, cache_path, out)
@@ -281,7 +280,7 @@ def _run_locked(grid: GridConfig, cache: Any, cache_path: Path, out: Path, procs
             frames.close()
     if not procs.is_main:
         return []
-    return [_row(cfg, json.loads((out / cfg.name / METRICS_FILE).read_text(encoding="utf-8")))
+    return [_row(cfg, read_run(out / cfg.name).metrics)
             for arch in grid.archs for cfg in grid.run_configs(arch)]
 
 

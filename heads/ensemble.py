@@ -29,10 +29,13 @@ import numpy as np
 
 from cache.atomic import write_json_atomic
 from cache.command import command_errors
-from cache.jsonable import jsonable
 from heads.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, BootstrapConfig, score_intervals, with_intervals
 from heads.metrics import score_all
-from heads.runs import METRICS_FILE, find_runs, read_json_object, read_run_config
+from cache.reader import IncompatibleCache, check_compatible
+from heads.runs import (
+    CONFIG_FILE, METRICS_FILE, PREDICTIONS_DIR, RunFolder, find_runs, members_record, read_run,
+    write_members,
+)
 from heads.submission import (
     PROBS_FILE, bracket_id, read_submission, read_type_probs, submission_name, write_submission,
     write_type_probs,
@@ -40,8 +43,6 @@ from heads.submission import (
 from heads.tasks import HEADLINE_KEYS, METRIC_KEYS, TASK_NAMES, TASKS, TYPE
 
 STRATEGIES: tuple[str, ...] = ("combined", "mean", "greedy")
-# Cache attributes a run records in config.json that must agree for runs to be ensembled.
-CACHE_KEYS: tuple[str, ...] = ("backbone", "layers", "layer_dims")
 
 
 class EnsembleError(ValueError):
@@ -80,12 +81,14 @@ class SplitPredictions:
 
 @dataclass
 class Run:
-    path: Path
-    config: dict[str, Any]
-    metrics: dict[str, Any]
+    folder: RunFolder
     val: SplitPredictions
     test: SplitPredictions | None
     scores: dict[str, float] = field(default_factory=dict)  # re-scored on the cache's Val labels
+
+    @property
+    def path(self) -> Path:
+        return self.folder.path
 
     @property
     def name(self) -> str:
@@ -128,43 +131,28 @@ def read_split_predictions(folder: Path) -> SplitPredictions | None:
 
 
 def load_run(path: Path) -> Run:
-    config = read_run_config(path)
-    metrics = read_json_object(path / METRICS_FILE)
-    val = read_split_predictions(path / "predictions" / "val")
+    folder = read_run(path)
+    val = read_split_predictions(path / PREDICTIONS_DIR / "val")
     if val is None:
-        raise EnsembleError(f"{path}: no Val predictions in {path / 'predictions' / 'val'}")
+        raise EnsembleError(f"{path}: no Val predictions in {path / PREDICTIONS_DIR / 'val'}")
     missing = [TASKS[n].title for n in TASK_NAMES if n not in val.preds]
     if missing:
         raise EnsembleError(f"{path}: Val predictions lack {', '.join(missing)}")
-    return Run(path, config, metrics, val, read_split_predictions(path / "predictions" / "test"))
+    return Run(folder, val, read_split_predictions(path / PREDICTIONS_DIR / "test"))
 
 
 # ------------------------------------------------------------------------------------------- cache identity
 
-def _cache_attrs(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The cache facts a run recorded: its path, backbone and layers (flat or under a "cache_attrs" key)."""
-    cache = config.get("cache")
-    nested = config.get("cache_attrs") if isinstance(config.get("cache_attrs"), dict) else {}
-    if isinstance(cache, dict):  # tolerate {"cache": {"path": ..., "backbone": ...}}
-        nested, cache = cache, cache.get("path")
-    return {
-        "path": cache,
-        "backbone": nested.get("backbone", config.get("backbone")),
-        "layers": nested.get("layers", config.get("layers")),
-        "layer_dims": nested.get("layer_dims", config.get("layer_dims")),
-    }
-
-
 def check_same_cache(runs: Sequence[Run]) -> None:
-    """Refuse runs trained on different caches: different backbones, layers or Val id sets."""
+    """Refuse runs trained on different caches: different cache attributes (`check_compatible` of what each
+    run recorded) or Val id sets."""
     first = runs[0]
-    a = _cache_attrs(first.config)
     for run in runs[1:]:
-        b = _cache_attrs(run.config)
-        for key in CACHE_KEYS:
-            if a[key] is not None and b[key] is not None and a[key] != b[key]:
-                raise EnsembleError(f"runs {first.path} and {run.path} come from different caches "
-                                    f"({key} {a[key]!r} vs {b[key]!r})")
+        try:
+            check_compatible(run.folder.cache_attrs, first.folder.cache_attrs, source=run.path)
+        except IncompatibleCache as err:
+            raise EnsembleError(f"runs {first.path} and {run.path} come from different caches "
+                                f"({err.detail})") from None
         if set(run.val.ids) != set(first.val.ids):
             only = sorted(set(first.val.ids) ^ set(run.val.ids))[0]
             raise EnsembleError(f"runs {first.path} and {run.path} come from different caches "
@@ -173,16 +161,11 @@ def check_same_cache(runs: Sequence[Run]) -> None:
 
 def check_run_matches_cache(run: Run, attrs: Mapping[str, Any], cache_path: str | os.PathLike) -> None:
     """Refuse a label cache (e.g. from --cache) that is not the one the runs were trained on."""
-    recorded = _cache_attrs(run.config)
-    for key in CACHE_KEYS:
-        if recorded[key] is not None and key in attrs and _plain(attrs[key]) != recorded[key]:
-            raise EnsembleError(f"run {run.path} was trained on a different cache than {cache_path} "
-                                f"({key} {recorded[key]!r} vs {_plain(attrs[key])!r})")
-
-
-def _plain(value: Any) -> Any:
-    """As JSON, so cache attributes compare equal to what a run stored in config.json."""
-    return jsonable(value)
+    try:
+        check_compatible(attrs, run.folder.cache_attrs, source=cache_path)
+    except IncompatibleCache as err:
+        raise EnsembleError(f"run {run.path} was trained on a different cache than {cache_path} "
+                            f"({err.detail})") from None
 
 
 @dataclass
@@ -315,18 +298,18 @@ def build_ensemble(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike
     runs = [load_run(p) for p in paths]
     check_same_cache(runs)
 
-    cache_path = config.cache or _cache_attrs(runs[0].config)["path"]
+    cache_path = config.cache or runs[0].folder.cache
     if not cache_path:
-        raise EnsembleError(f"{runs[0].path / 'config.json'}: no \"cache\" path recorded; pass --cache")
+        raise EnsembleError(f"{runs[0].path / CONFIG_FILE}: no \"cache\" path recorded; pass --cache")
     labels = read_cache_labels(cache_path)
     check_run_matches_cache(runs[0], labels.attrs, cache_path)
 
     val_preds = [_align(run, "Val", run.val, labels.val_ids) for run in runs]
     for run, preds in zip(runs, val_preds):
         run.scores = score_all(labels.val_labels, preds)
-        recorded = run.metrics.get("mean")
+        recorded = run.folder.metrics.get("mean")
         if isinstance(recorded, (int, float)) and abs(recorded - run.scores["mean"]) > 1e-3:
-            warnings.append(f"{run.path}: metrics.json says mean {recorded:.4f} but its Val predictions score "
+            warnings.append(f"{run.path}: {METRICS_FILE} says mean {recorded:.4f} but its Val predictions score "
                             f"{run.scores['mean']:.4f} (predictions not from the best epoch?)")
 
     if config.strategy == "combined":
@@ -337,32 +320,32 @@ def build_ensemble(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike
         members = select_greedy(val_preds, labels.val_labels, config.rounds)
 
     out = Path(out)
-    (out / "metrics.json").unlink(missing_ok=True)  # written last: never leave an old one beside new files
+    (out / METRICS_FILE).unlink(missing_ok=True)  # written last: never leave an old one beside new files
     files: list[Path] = []
     val = blend(val_preds, members)
-    files += _write_predictions(out / "predictions" / "val", labels.val_ids, val, config)
-    metrics = _rescore_written(out / "predictions" / "val", labels, config)
+    files += _write_predictions(out / PREDICTIONS_DIR / "val", labels.val_ids, val, config)
+    metrics = _rescore_written(out / PREDICTIONS_DIR / "val", labels, config)
 
     test_ids = labels.test_ids or (runs[0].test.ids if runs[0].test else [])
     if test_ids:
         test_preds = []
         for run in runs:
             if run.test is None:
-                raise EnsembleError(f"{run.path}: no Test predictions in {run.path / 'predictions' / 'test'}")
+                raise EnsembleError(f"{run.path}: no Test predictions in {run.path / PREDICTIONS_DIR / 'test'}")
             test_preds.append(_align(run, "Test", run.test, test_ids))
         test = blend(test_preds, members)
         for name in TASK_NAMES:
             path = out / submission_name(TASKS[name], config.team, config.submission)
             write_submission(TASKS[name], path, test_ids, test[name])
             files.append(path)
-        write_type_probs(out / "predictions" / "test" / PROBS_FILE, test_ids, test["type"])
-        files.append(out / "predictions" / "test" / PROBS_FILE)
+        write_type_probs(out / PREDICTIONS_DIR / "test" / PROBS_FILE, test_ids, test["type"])
+        files.append(out / PREDICTIONS_DIR / "test" / PROBS_FILE)
     else:
         warnings.append(f"{cache_path}: no Test rows in the cache or the runs; no submission files written")
 
-    write_json_atomic(out / "members.json", _members_json(runs, members, config))
-    write_json_atomic(out / "metrics.json", metrics)
-    files += [out / "members.json", out / "metrics.json"]
+    files.append(write_members(out, _members_record(runs, members, config)))
+    write_json_atomic(out / METRICS_FILE, metrics)
+    files.append(out / METRICS_FILE)
     return EnsembleResult(runs, members, metrics, warnings, files)
 
 
@@ -391,15 +374,14 @@ def _rescore_written(folder: Path, labels: CacheLabels, config: EnsembleConfig) 
     return with_intervals(metrics, score_intervals(labels.val_labels, preds, boot))
 
 
-def _members_json(runs: Sequence[Run], members: Members, config: EnsembleConfig) -> dict[str, Any]:
-    return {
-        "strategy": config.strategy,
-        "top_k": config.top_k if config.strategy == "mean" else None,
-        "rounds": config.rounds if config.strategy == "greedy" else None,
-        "tasks": {name: [{"run": str(runs[i].path), "weight": float(w)} for i, w in members[name]]
-                  for name in TASK_NAMES},
-        "runs": [{"run": str(r.path), "val": _short_metrics(r.scores)} for r in runs],
-    }
+def _members_record(runs: Sequence[Run], members: Members, config: EnsembleConfig) -> dict[str, Any]:
+    return members_record(
+        strategy=config.strategy,
+        top_k=config.top_k if config.strategy == "mean" else None,
+        rounds=config.rounds if config.strategy == "greedy" else None,
+        tasks={name: [(runs[i].path, w) for i, w in members[name]] for name in TASK_NAMES},
+        runs=[(r.path, _short_metrics(r.scores)) for r in runs],
+    )
 
 
 def format_table(result: EnsembleResult) -> str:

@@ -29,7 +29,8 @@ import numpy as np
 from cache.atomic import write_bytes_atomic, write_text_atomic
 from cache.command import command_errors
 from heads.runs import (
-    METRICS_FILE, is_finetune_dir, is_run_dir, not_a_head_run, read_json_object, read_run_config, runs_inside,
+    ABLATION, CONFIG_FILE, ENSEMBLE, FINETUNE, MEMBERS_FILE, METRICS_FILE, RUN, EnsembleFolder, RunFolder,
+    find_runs, not_a_head_run, output_kind, read_ensemble, read_run,
 )
 from heads.tasks import HEADLINE_KEYS, TASK_NAMES, TASKS
 
@@ -50,10 +51,8 @@ class ReportError(ValueError):
 # ----------------------------------------------------------------------------------------------- the inputs
 
 @dataclass
-class RunInfo:
-    path: Path
-    config: dict[str, Any]
-    metrics: dict[str, Any]
+class RunInfo(RunFolder):
+    """A run folder as the report shows it: its label, arch, weighting and seed."""
 
     @property
     def train(self) -> dict[str, Any]:
@@ -79,18 +78,6 @@ class RunInfo:
             return f"{self.arch}-{self.weighting}" + (f"-s{self.seed}" if self.seed is not None else "")
         return self.path.name
 
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        history = self.metrics.get("history") or []
-        return [h for h in history if isinstance(h, dict)]
-
-
-@dataclass
-class EnsembleInfo:
-    path: Path
-    metrics: dict[str, Any]
-    members: dict[str, Any]
-
 
 @dataclass
 class ProbeInfo:
@@ -101,71 +88,58 @@ class ProbeInfo:
 @dataclass
 class ReportInputs:
     runs: list[RunInfo] = field(default_factory=list)
-    ensembles: list[EnsembleInfo] = field(default_factory=list)
+    ensembles: list[EnsembleFolder] = field(default_factory=list)
     ablations: list[Path] = field(default_factory=list)
     probes: list[ProbeInfo] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
 
 def collect_inputs(dirs: Iterable[str | os.PathLike]) -> ReportInputs:
-    """Classify each folder as a run, an ensemble (members.json), a probe (probe.json) or an ablation (runs
-    inside)."""
+    """Classify each folder as a run, an ensemble, a probe (probe.json) or an ablation (runs inside); a run
+    named twice (directly and through its ablation) is shown once."""
+    from heads.probe import read_probe  # noqa: PLC0415
+
     found = ReportInputs()
     seen: set[Path] = set()
-
-    def add_run(path: Path) -> None:
-        if path.resolve() in seen:
-            return
-        seen.add(path.resolve())
-        if not (path / "metrics.json").is_file():
-            found.warnings.append(f"skipping incomplete run {path} (no metrics.json)")
-            return
-        found.runs.append(RunInfo(path, read_run_config(path), read_json_object(path / METRICS_FILE)))
-
     for given in dirs:
         path = Path(given)
         if not path.is_dir():
             raise ReportError(f"{path}: not a directory")
-        if is_run_dir(path):
-            add_run(path)
-        elif (path / "probe.json").is_file():
-            from heads.probe import read_probe  # noqa: PLC0415
-
-            found.probes.append(ProbeInfo(path, read_probe(path)))
-        elif is_finetune_dir(path):
-            raise not_a_head_run(path)
-        elif (path / "members.json").is_file():
-            found.ensembles.append(EnsembleInfo(path, read_json_object(path / "metrics.json")
-                                                if (path / "metrics.json").is_file() else {},
-                                                read_json_object(path / "members.json")))
-        else:
-            runs = runs_inside(path)
-            if not runs:
-                raise ReportError(f"{path}: not a run, ensemble, probe or ablation dir (no run dirs inside)")
-            found.ablations.append(path)
+        kind = output_kind(path)
+        if kind in (RUN, ABLATION):
+            if kind == ABLATION:
+                found.ablations.append(path)
+            runs, warnings = find_runs([path])
+            found.warnings += [w for w in warnings if w not in found.warnings]
             for run in runs:
-                add_run(run)
+                if run.resolve() not in seen:
+                    seen.add(run.resolve())
+                    folder = read_run(run)
+                    found.runs.append(RunInfo(folder.path, folder.config, folder.metrics))
+        elif (path / "probe.json").is_file():
+            found.probes.append(ProbeInfo(path, read_probe(path)))
+        elif kind == FINETUNE:
+            raise not_a_head_run(path)
+        elif kind == ENSEMBLE:
+            found.ensembles.append(read_ensemble(path))
+        else:
+            raise ReportError(f"{path}: not a run, ensemble, probe or ablation dir (no run dirs inside)")
     if not found.runs and not found.ensembles and not found.probes:
         raise ReportError("nothing to report: no complete runs, ensembles or probes")
     return found
 
 
 def _epoch_value(entry: Mapping[str, Any], key: str) -> float | None:
-    """A Val metric of one history entry, flat (`type_uar`, `val_type_uar`) or nested (`val: {...}`)."""
-    for holder, name in ((entry, key), (entry, f"val_{key}"), (entry.get("val"), key),
-                         (entry.get("val_metrics"), key), (entry.get("metrics"), key)):
-        if isinstance(holder, Mapping) and isinstance(holder.get(name), (int, float)):
-            return float(holder[name])
-    return None
+    """A Val metric of one `read_history` entry."""
+    value = (entry.get("val") or {}).get(key)
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _epoch_weights(entry: Mapping[str, Any]) -> list[float] | None:
+    """The loss weights of one `read_history` entry, in task order."""
     weights = entry.get("weights")
-    if isinstance(weights, Mapping):  # {"type": w, ...}
-        weights = [weights.get(n) for n in TASK_NAMES]
-    if isinstance(weights, Sequence) and len(weights) == len(TASK_NAMES) and all(
-            isinstance(w, (int, float)) for w in weights):
-        return [float(w) for w in weights]
+    if isinstance(weights, Mapping) and all(isinstance(weights.get(n), (int, float)) for n in TASK_NAMES):
+        return [float(weights[n]) for n in TASK_NAMES]
     return None
 
 
@@ -295,23 +269,22 @@ def plot_ablation(make: Any, runs: Sequence[RunInfo], path: Path) -> Path | None
     return _save(fig, path)
 
 
-def plot_ensemble(make: Any, ensemble: EnsembleInfo, path: Path) -> Path | None:
+def plot_ensemble(make: Any, ensemble: EnsembleFolder, path: Path) -> Path | None:
     """Per task: every single run's Val score (dots; the task's members in orange) and the ensemble's (red line)."""
-    runs = [r for r in ensemble.members.get("runs", []) if isinstance(r, Mapping) and isinstance(r.get("val"), Mapping)]
+    runs = ensemble.runs
     if not runs and not ensemble.metrics:
         return None
     names = (*TASK_NAMES, "mean")
     fig, axes = make(1, len(names), 2.6 * len(names), 3.4)
     rng = np.random.default_rng(0)  # fixed jitter: the same inputs give the same picture
     jitter = rng.uniform(-0.3, 0.3, len(runs))
-    tasks = ensemble.members.get("tasks", {})
+    tasks = ensemble.members
     for ax, name in zip(axes[0], names):
         key = HEADLINE_KEYS.get(name, "mean")
-        chosen = {m.get("run") for m in tasks.get(name, [])} if name in TASKS else \
-            {m.get("run") for ms in tasks.values() for m in ms}
+        chosen = {run for run, _ in tasks[name]} if name in TASKS else {run for ms in tasks.values() for run, _ in ms}
         for is_member, colour, label in ((False, "tab:blue", "single run"), (True, "tab:orange", "member")):
-            points = [(x, float(r["val"][key])) for x, r in zip(jitter, runs)
-                      if (r.get("run") in chosen) == is_member and isinstance(r["val"].get(key), (int, float))]
+            points = [(x, float(val[key])) for x, (run, val) in zip(jitter, runs)
+                      if (run in chosen) == is_member and isinstance(val.get(key), (int, float))]
             if points:
                 ax.scatter(*zip(*points), s=20, color=colour, label=label, zorder=3)
         if isinstance(ensemble.metrics.get(key), (int, float)):
@@ -321,7 +294,7 @@ def plot_ensemble(make: Any, ensemble: EnsembleInfo, path: Path) -> Path | None:
         ax.set_title(TASKS[name].title if name in TASKS else "mean", fontsize="medium")
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize="x-small", loc="best")
-    fig.suptitle(f"{ensemble.path.name}: {ensemble.members.get('strategy', '?')} ensemble vs single runs (Val)")
+    fig.suptitle(f"{ensemble.path.name}: {ensemble.strategy or '?'} ensemble vs single runs (Val)")
     return _save(fig, path)
 
 
@@ -379,7 +352,7 @@ def results_table(inputs: ReportInputs) -> tuple[list[str], list[list[str]]]:
         rows.append([run.path.name, run.arch, run.weighting, str(run.seed), str(run.metrics.get("best_epoch", ""))]
                     + [_fmt(run.metrics.get(k)) for k in keys])
     for ens in inputs.ensembles:
-        rows.append([ens.path.name, "ensemble", str(ens.members.get("strategy", "")), "", ""]
+        rows.append([ens.path.name, "ensemble", ens.strategy or "", "", ""]
                     + [_fmt(ens.metrics.get(k)) for k in keys])
     return header, rows
 
@@ -430,11 +403,11 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def _data_links(inputs: ReportInputs, out: Path) -> list[Path]:
     files: list[Path] = []
     for ablation in inputs.ablations:
-        files += [ablation / n for n in ("results.csv", "results.json", "results.md", "config.json")]
+        files += [ablation / n for n in ("results.csv", "results.json", "results.md", CONFIG_FILE)]
     for ens in inputs.ensembles:
-        files += [ens.path / "metrics.json", ens.path / "members.json"]
+        files += [ens.path / METRICS_FILE, ens.path / MEMBERS_FILE]
     for run in inputs.runs:
-        files += [run.path / "metrics.json", run.path / "config.json"]
+        files += [run.path / METRICS_FILE, run.path / CONFIG_FILE]
     for probe in inputs.probes:
         files += [probe.path / n for n in ("probe.csv", "probe.json", "probe.md")]
     return [f for f in files if f.is_file()]

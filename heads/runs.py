@@ -9,6 +9,16 @@
 
 An ablation directory holds many run directories (plus results.csv/md/json and its own config.json).
 
+An ensemble directory (`avb ensemble`) holds the blended predictions of some runs and says which:
+
+    <ens>/members.json            {"strategy", "top_k", "rounds", "tasks": {task: [{"run", "weight"}]},
+                                   "runs": [{"run", "val"}]}: per task the member runs and their weights, and every
+                                   candidate run with its Val scores (`members_record` is the schema)
+    <ens>/predictions/{val,test}/ the ensemble's Val predictions and type_probs.csv; the Test submission beside them
+    <ens>/metrics.json            the ensemble's Val scores; written LAST
+
+`output_kind` tells these folders apart; `read_run` and `read_ensemble` give their typed contents.
+
 A fine-tuning output (`avb finetune`) looks similar but is another thing: the backbone itself and the head
 trained end to end with it, on raw audio rather than cached features.
 
@@ -28,22 +38,28 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cache.atomic import write_json_atomic
 from heads.tasks import TASK_NAMES
 
 RUN_FORMAT = 2            # bump when the files of a run folder change meaning; readers refuse other values
                           # (2: the heads stack their four tasks, so head.safetensors holds other tensors)
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
+MEMBERS_FILE = "members.json"
 HEAD_FILE = "head.safetensors"
 PREDICTIONS_DIR = "predictions"
 FINETUNE_KIND = "finetune"   # config.json "kind" of a fine-tuning output
 FINETUNE_FORMAT = 1          # bump when the files of a fine-tuning output change meaning
 BACKBONE_DIR = "backbone"
 
+
+# What `output_kind` calls each folder.
+RUN, ENSEMBLE, FINETUNE, ABLATION = "run", "ensemble", "finetune", "ablation"
 
 HISTORY_KEYS = ("epoch", "step", "partial", "loss", "task_losses", "weights", "lr", "val")
 
@@ -162,6 +178,121 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[str]
                 seen.add(run.resolve())
                 runs.append(run)
     return runs, warnings
+
+
+def output_kind(path: str | os.PathLike) -> str | None:
+    """FINETUNE, ENSEMBLE (members.json), RUN (`is_run_dir`), ABLATION (run dirs inside) or None."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if is_finetune_dir(path):
+        return FINETUNE
+    if (path / MEMBERS_FILE).is_file():
+        return ENSEMBLE
+    if is_run_dir(path):
+        return RUN
+    return ABLATION if runs_inside(path) else None
+
+
+@dataclass
+class RunFolder:
+    """A complete run folder: its config.json and metrics.json."""
+
+    path: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+
+    @property
+    def cache(self) -> str | None:
+        """The cache path the run was trained on, as recorded."""
+        cache = self.config.get("cache")
+        return str(cache) if cache else None
+
+    @property
+    def cache_attrs(self) -> dict[str, Any]:
+        """The cache attributes the run was trained on (`cache.reader.compat_attrs`), {} when none recorded."""
+        attrs = self.config.get("cache_attrs")
+        return dict(attrs) if isinstance(attrs, Mapping) else {}
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return read_history(self.metrics)
+
+
+def read_run(run_dir: str | os.PathLike) -> RunFolder:
+    """A complete run: config.json (checked by `read_run_config`) and metrics.json."""
+    run_dir = Path(run_dir)
+    return RunFolder(run_dir, read_run_config(run_dir), read_json_object(run_dir / METRICS_FILE))
+
+
+@dataclass
+class EnsembleFolder:
+    """An ensemble folder: per task its member runs and weights (paths as written in members.json, see
+    `member_dir`), every candidate run with its Val scores, and the ensemble's metrics ({} before they exist)."""
+
+    path: Path
+    strategy: str | None
+    members: dict[str, list[tuple[Path, float]]]
+    runs: list[tuple[Path, dict[str, Any]]]
+    metrics: dict[str, Any]
+
+    def member_dir(self, run: Path) -> Path:
+        """A member path: absolute, or relative to the working dir the ensemble was built from (tried first) or
+        to the ensemble dir / its parent (an ensemble moved together with its runs)."""
+        candidates = [run] if run.is_absolute() else [run, self.path / run, self.path.parent / run]
+        for candidate in candidates:
+            if (candidate / CONFIG_FILE).is_file():
+                return candidate
+        raise RunDirError(f"{self.path / MEMBERS_FILE}: member run {run} not found "
+                          f"(looked in {', '.join(str(c) for c in candidates)})")
+
+
+def members_record(*, strategy: str, top_k: int | None, rounds: int | None,
+                   tasks: Mapping[str, Sequence[tuple[str | os.PathLike, float]]],
+                   runs: Sequence[tuple[str | os.PathLike, Mapping[str, float]]]) -> dict[str, Any]:
+    """members.json: the strategy and its setting, per task the member runs and weights, every candidate's Val."""
+    return {
+        "strategy": strategy,
+        "top_k": top_k,
+        "rounds": rounds,
+        "tasks": {name: [{"run": str(run), "weight": float(w)} for run, w in tasks[name]] for name in TASK_NAMES},
+        "runs": [{"run": str(run), "val": dict(val)} for run, val in runs],
+    }
+
+
+def _task_members(path: Path, name: str, entries: Any) -> list[tuple[Path, float]]:
+    chosen = []
+    for entry in entries if isinstance(entries, list) else [None]:
+        if not isinstance(entry, Mapping) or "run" not in entry or "weight" not in entry:
+            raise RunDirError(f"{path}: task {name} has a member without run/weight")
+        chosen.append((Path(str(entry["run"])), float(entry["weight"])))
+    if not chosen or not sum(w for _, w in chosen) > 0:
+        raise RunDirError(f"{path}: task {name} has no members with positive weight")
+    return chosen
+
+
+def read_ensemble(ens_dir: str | os.PathLike) -> EnsembleFolder:
+    """An ensemble folder's members.json (checked: every task has members with positive total weight) and its
+    metrics.json when present."""
+    ens_dir = Path(ens_dir)
+    path = ens_dir / MEMBERS_FILE
+    data = read_json_object(path)
+    tasks = data.get("tasks")
+    if not isinstance(tasks, Mapping) or sorted(tasks) != sorted(TASK_NAMES):
+        raise RunDirError(f"{path}: 'tasks' must map each of {', '.join(TASK_NAMES)} to its members")
+    members = {name: _task_members(path, name, tasks[name]) for name in TASK_NAMES}
+    runs = [(Path(str(r["run"])), dict(r["val"])) for r in data.get("runs") or []
+            if isinstance(r, Mapping) and "run" in r and isinstance(r.get("val"), Mapping)]
+    metrics = read_json_object(ens_dir / METRICS_FILE) if (ens_dir / METRICS_FILE).is_file() else {}
+    strategy = data.get("strategy")
+    return EnsembleFolder(ens_dir, str(strategy) if strategy is not None else None, members, runs, metrics)
+
+
+def write_members(ens_dir: str | os.PathLike, record: Mapping[str, Any]) -> Path:
+    """Write a `members_record` as the ensemble folder's members.json (atomically)."""
+    path = Path(ens_dir) / MEMBERS_FILE
+    write_json_atomic(path, dict(record))
+    return path
 
 
 def history_entry(*, epoch: int, step: int, loss: float, task_losses: Mapping[str, float],

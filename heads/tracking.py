@@ -111,8 +111,9 @@ def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def epoch_values(entry: Mapping[str, Any]) -> dict[str, float]:
-    """A stage-2 history entry (see `heads.train`) -> tracker metrics."""
-    values = {"train/loss": float(entry["loss"]), "lr/head": float(entry["lr"])}
+    """A history entry (`heads.runs.history_entry`) -> tracker metrics: `lr/<group>` for each learning rate."""
+    values = {"train/loss": float(entry["loss"])}
+    values.update({f"lr/{group}": float(lr) for group, lr in entry["lr"].items()})
     for task in TASK_NAMES:
         values[f"train/loss_{task}"] = float(entry["task_losses"][task])
         values[f"loss_weight/{task}"] = float(entry["weights"][task])

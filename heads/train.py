@@ -43,7 +43,7 @@ from heads.device import autocast, check_precision, describe, resolve_device
 from heads.layers import make_generators
 from heads.models import DROPOUT_SEED_OFFSET, HeadConfig, HeadInputs, MultiTaskHead, build_head
 from heads.optim import PlateauHalving, StackedAdamW
-from heads.runs import CONFIG_FILE, HEAD_FILE, METRICS_FILE, RUN_FORMAT
+from heads.runs import CONFIG_FILE, HEAD_FILE, METRICS_FILE, RUN_FORMAT, history_entry
 from heads.submission import PROBS_FILE, write_submissions, write_type_probs
 from heads.tasks import METRIC_KEYS, TASK_NAMES, TASKS
 from heads.weighting import build_weighting
@@ -233,18 +233,27 @@ class _Features:
             frames, mask = self._frames(uniq)
             index = torch.from_numpy(inverse.reshape(-1)).to(self.device)
             return {k: v.index_select(0, index) for k, v in frames.items()}, mask.index_select(0, index)
-        data = self.frames.get(self.file_rows[rows])
-        lengths = np.array([len(x) for x in data[self.frame_layers[0]]], dtype=np.int64)
-        t_max = max(1, int(lengths.max()) if len(lengths) else 1)
-        out = {}
-        for layer in self.frame_layers:
-            clips = data[layer]
-            arr = np.zeros((len(rows), t_max, clips[0].shape[-1] if clips else 0), dtype=np.float32)
-            for i, clip in enumerate(clips):
-                arr[i, :len(clip)] = clip
-            out[layer] = torch.from_numpy(arr).to(self.device)
-        mask = torch.from_numpy(np.arange(t_max)[None, :] < lengths[:, None]).to(self.device)
-        return out, mask
+        return pad_frames(self.frames.get(self.file_rows[rows]), self.frame_layers, self.device)
+
+
+def pad_frames(frames: dict[str, Sequence[Any]], layers: Sequence[str] | None = None,
+               device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Ragged per-clip frames (layer -> one [T_i, D] array or tensor per clip) -> float32 [B, T, D] per layer,
+    zero-padded to the longest clip (at least 1 frame), and the [B, T] valid-frame mask, on `device`.
+
+    The one padding of frames: training batches (`_Features`) and `avb predict` go through it."""
+    layers = list(frames) if layers is None else list(layers)
+    lengths = np.array([len(x) for x in frames[layers[0]]], dtype=np.int64)
+    t_max = max(1, int(lengths.max()) if len(lengths) else 1)
+    out = {}
+    for layer in layers:
+        clips = [c.detach().float().cpu().numpy() if isinstance(c, torch.Tensor) else c for c in frames[layer]]
+        arr = np.zeros((len(clips), t_max, clips[0].shape[-1] if clips else 0), dtype=np.float32)
+        for i, clip in enumerate(clips):
+            arr[i, :len(clip)] = clip
+        out[layer] = torch.from_numpy(arr).to(device)
+    mask = torch.from_numpy(np.arange(t_max)[None, :] < lengths[:, None]).to(device)
+    return out, mask
 
 
 class _Labels:
@@ -427,6 +436,7 @@ class JointTraining:
         self.check_each_step = device.type == "cpu"
 
         self.history: list[list[dict]] = [[] for _ in range(self.n_runs)]
+        self.steps = 0   # optimiser steps taken so far; every run steps on each of them
         self.best_mean = np.full(self.n_runs, -np.inf)
         self.best_epoch = np.zeros(self.n_runs, dtype=np.int64)
         self.best_state: list[dict[str, torch.Tensor] | None] = [None] * self.n_runs
@@ -465,6 +475,7 @@ class JointTraining:
                                   self.device)
         for rows in batches:
             losses, totals = self._step(rows, epoch)
+            self.steps += 1
             sum_losses += losses.double()
             sum_totals += totals.double()
         if not self.check_each_step:   # a non-finite step poisons the epoch's sums
@@ -483,14 +494,13 @@ class JointTraining:
         scores = _score_runs(self.val_labels, val_preds, self.n_runs, self.names, f"epoch {epoch}")
         means = np.array([s[SELECTION_KEY] for s in scores])
         for r in range(self.n_runs):
-            self.history[r].append({
-                "epoch": epoch,
-                "loss": float(stats["totals"][r]),
-                "task_losses": {t: float(stats["losses"][r, k]) for k, t in enumerate(TASK_NAMES)},
-                "weights": {t: float(stats["weights"][r, k]) for k, t in enumerate(TASK_NAMES)},
-                "lr": float(stats["lr"][r]),
-                "val": {k: float(scores[r][k]) for k in (*METRIC_KEYS, SELECTION_KEY)},
-            })
+            self.history[r].append(history_entry(
+                epoch=epoch, step=self.steps, loss=float(stats["totals"][r]),
+                task_losses={t: float(stats["losses"][r, k]) for k, t in enumerate(TASK_NAMES)},
+                weights={t: float(stats["weights"][r, k]) for k, t in enumerate(TASK_NAMES)},
+                lr={"head": float(stats["lr"][r])},
+                val={k: float(scores[r][k]) for k in (*METRIC_KEYS, SELECTION_KEY)},
+            ))
             if means[r] > self.best_mean[r]:  # ties keep the earlier epoch
                 self.best_mean[r], self.best_epoch[r] = means[r], epoch
                 self.best_state[r] = self.model.run_state_dict(r)

@@ -371,3 +371,18 @@ def test_a_cache_option_naming_a_cache_with_another_backbone_is_refused(world, t
     result = CliRunner().invoke(ensemble_command, [str(a), "--out", str(tmp_path / "ens"), "--cache", str(other.cache)])
     assert result.exit_code == 1
     assert f"Error: run {a} was trained on a different cache than {other.cache} (backbone " in result.output
+
+
+def test_every_recorded_cache_attribute_must_agree_and_the_difference_is_named(world, tmp_path):
+    a, _, _ = world.run("A", 1, noise())
+    b, _, _ = world.run("B", 2, noise())
+    for run, clip in ((a, 2.5), (b, 3.0)):
+        config = json.loads((run / "config.json").read_text())
+        config["cache_attrs"]["clip_seconds"] = clip
+        (run / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(ensemble_command, [str(a), str(b), "--out", str(tmp_path / "ens")])
+    assert result.exit_code == 1
+    assert f"Error: runs {a} and {b} come from different caches (clip_seconds 2.5 vs 3.0)" in result.output
+    c, _, _ = world.run("C", 3, noise(), backbone={**BACKBONE, "hidden_size": 8})
+    result = CliRunner().invoke(ensemble_command, [str(a), str(c), "--out", str(tmp_path / "ens")])
+    assert "come from different caches (backbone differs at backbone.hidden_size: 4 vs 8)" in result.output

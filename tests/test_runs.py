@@ -1,9 +1,15 @@
-"""Run folders: discovery of complete runs, and refusal of folders from another run-folder format."""
+"""Run and ensemble folders: discovery of complete runs, refusal of folders from another run-folder format,
+and members.json."""
 import json
+from pathlib import Path
 
 import pytest
 
-from heads.runs import RUN_FORMAT, RunDirError, find_runs, read_json_object, read_run_config
+from heads.runs import (
+    ABLATION, ENSEMBLE, FINETUNE, RUN, RUN_FORMAT, RunDirError, find_runs, members_record, output_kind, read_ensemble,
+    read_json_object, read_run, read_run_config, write_members,
+)
+from heads.tasks import TASK_NAMES
 
 
 def make_run(path, *, complete=True, run_format=RUN_FORMAT):
@@ -52,3 +58,49 @@ def test_bad_json_is_one_line_naming_the_file(tmp_path, text, message):
     with pytest.raises(RunDirError, match=message) as err:
         read_json_object(path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_output_kind_tells_runs_ensembles_finetune_outputs_and_ablations_apart(tmp_path):
+    run = make_run(tmp_path / "grid" / "vanilla-uniform-s0")
+    (tmp_path / "grid" / "config.json").write_text("{}")
+    ens = tmp_path / "ens"
+    write_members(ens, members_record(strategy="mean", top_k=1, rounds=None,
+                                      tasks={t: [(run, 1.0)] for t in TASK_NAMES}, runs=[(run, {"mean": 0.5})]))
+    ft = tmp_path / "ft"
+    (ft / "backbone").mkdir(parents=True)
+    (ft / "head.safetensors").write_bytes(b"")
+    (ft / "config.json").write_text(json.dumps({"kind": "finetune"}))
+    (tmp_path / "empty").mkdir()
+    assert [output_kind(p) for p in (run, tmp_path / "grid", ens, ft, tmp_path / "empty", tmp_path / "nope")] == [
+        RUN, ABLATION, ENSEMBLE, FINETUNE, None, None]
+    folder = read_run(run)
+    assert (folder.path, folder.config["arch"], folder.metrics, folder.cache_attrs) == (run, "vanilla", {}, {})
+
+
+def test_members_json_round_trips_and_member_paths_resolve_beside_a_moved_ensemble(tmp_path):
+    run = make_run(tmp_path / "runs" / "a")
+    ens = tmp_path / "ens"
+    record = members_record(strategy="greedy", top_k=None, rounds=3,
+                            tasks={t: [("runs/a", 0.25), ("runs/a", 0.75)] for t in TASK_NAMES},
+                            runs=[("runs/a", {"mean": 0.5})])
+    write_members(ens, record)
+    assert json.loads((ens / "members.json").read_text()) == record
+    assert list(record) == ["strategy", "top_k", "rounds", "tasks", "runs"]
+    loaded = read_ensemble(ens)
+    assert (loaded.strategy, loaded.metrics, loaded.runs) == ("greedy", {}, [(Path("runs/a"), {"mean": 0.5})])
+    assert loaded.members["type"] == [(Path("runs/a"), 0.25), (Path("runs/a"), 0.75)]
+    assert loaded.member_dir(Path("runs/a")) == run       # relative to the ensemble dir's parent
+    with pytest.raises(RunDirError, match=r"members.json: member run runs/b not found \(looked in runs/b, "):
+        loaded.member_dir(Path("runs/b"))
+
+
+@pytest.mark.parametrize("tasks, message", [
+    ({"type": []}, "'tasks' must map each of type, two, high, culture to its members"),
+    ({t: [{"run": "a"}] for t in TASK_NAMES}, "task type has a member without run/weight"),
+    ({t: [{"run": "a", "weight": 0.0}] for t in TASK_NAMES}, "task type has no members with positive weight"),
+])
+def test_a_broken_members_json_is_refused_naming_the_file(tmp_path, tasks, message):
+    (tmp_path / "members.json").write_text(json.dumps({"tasks": tasks}))
+    with pytest.raises(RunDirError, match=message) as err:
+        read_ensemble(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'members.json'}: ")

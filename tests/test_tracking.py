@@ -16,7 +16,7 @@ from helpers import make_signal_cache
 
 from extract.cli import main as avb
 from heads import tracking
-from heads.runs import RUN_FORMAT
+from heads.runs import RUN_FORMAT, history_entry
 from heads.tasks import METRIC_KEYS, TASK_NAMES
 from heads.tracking import HeadsTracker, TrackingError, epoch_values, resolve_report_to
 
@@ -173,8 +173,8 @@ def test_wandb_and_mlflow_runs_are_offline_one_per_head_run(tmp_path, monkeypatc
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert resolve_report_to("all") == ["tensorboard", "wandb", "mlflow"]
 
-    entry = {"epoch": 2, "loss": 1.5, "lr": 1e-3, "task_losses": dict.fromkeys(TASK_NAMES, 0.25),
-             "weights": dict.fromkeys(TASK_NAMES, 1.0), "val": {"type_uar": 0.5, "mean": 0.4}}
+    entry = history_entry(epoch=2, step=20, loss=1.5, lr={"head": 1e-3}, task_losses=dict.fromkeys(TASK_NAMES, 0.25),
+                          weights=dict.fromkeys(TASK_NAMES, 1.0), val={"type_uar": 0.5, "mean": 0.4})
     config = {"arch": "chain", "head": {"hidden": 8}}
     with HeadsTracker(["wandb", "mlflow"], tmp_path / "logs", lambda run: config) as t:
         t("chain-dwa-s0", 2, entry)

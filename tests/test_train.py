@@ -215,10 +215,12 @@ def test_outputs_cover_val_and_test_ids_and_config(cache, cache_file, tmp_path):
         task, ids, values = read_submission(tmp_path / "predictions" / split / "A-VB-Culture_avb_1.csv")
         assert values.shape == (n, 40) and ids == sorted(cache.ids[cache.indices(split.title())].tolist())
     history = json.loads((tmp_path / "metrics.json").read_text())["history"]
-    assert set(history[0]) == {"epoch", "loss", "task_losses", "weights", "lr", "val"}
+    assert set(history[0]) == {"epoch", "step", "partial", "loss", "task_losses", "weights", "lr", "val"}
     assert list(history[0]["weights"]) == list(TASK_NAMES)
     assert history[0]["weights"] == {t: 1.0 for t in TASK_NAMES}   # DWA: weight 1 in the first two epochs
-    assert history[0]["lr"] == 1e-3
+    assert history[0]["lr"] == {"head": 1e-3}
+    assert [h["partial"] for h in history] == [False, False]
+    assert history[0]["step"] > 0 and history[1]["step"] == 2 * history[0]["step"]   # optimiser steps so far
 
 
 @pytest.mark.parametrize("arch", ["vanilla", "chain", "branch"])
