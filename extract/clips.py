@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, Sampler
 
 from extract.audio import SAMPLE_RATE, crop_or_pad, load_wav
 from extract.corpus import Corpus
+from heads.names import CLIP_SECONDS
 
 PRECISIONS = ("no", "fp16", "bf16")   # accelerate's mixed-precision modes for a pass over the clips
 
@@ -50,7 +51,7 @@ class ClipDataset(Dataset):
         corpus: Corpus,
         rows: Sequence[int] | np.ndarray,
         *,
-        clip_seconds: float = 2.5,
+        clip_seconds: float = CLIP_SECONDS,
         train: bool = False,
         seed: int = 0,
     ) -> None:

@@ -33,10 +33,12 @@ import numpy as np
 from cache.command import command_errors
 from cache.format import CacheError
 from cache.lock import hold_output
+from cache.options import progress_option
 from cache.reader import check_compatible, load_cache, read_attrs
 from cache.writer import CacheWriter, merge_shards
 from extract.audio import SAMPLE_RATE
 from extract.clips import PRECISIONS, ClipRunConfig
+from heads.names import CLIP_SECONDS
 from heads.tasks import TASKS, TYPE
 
 SHARD_PATTERN = re.compile(r"\.shard-(\d+)-of-(\d+)$")
@@ -54,7 +56,7 @@ class DumpConfig(ClipRunConfig):
     frame_layers: tuple[str, ...] = ()
     frame_stride: int = 1
     batch_size: int = 16
-    clip_seconds: float = 2.5
+    clip_seconds: float = CLIP_SECONDS
     dtype: str = "float16"
     mixed_precision: str = "no"   # autocast for the forward pass; features are stored as `dtype` either way
     num_workers: int = 0
@@ -282,20 +284,20 @@ def parse_layers(text: str) -> tuple[str, ...]:
               help="The HDF5 cache file to write.")
 @click.option("--frame-layers", default="", help="Comma-separated layers to also store frame by frame, "
               "e.g. hidden_3,hidden_6 (opt-in: ~190 KB per layer and 2.5 s clip at stride 1 in float16).")
-@click.option("--frame-stride", default=1, show_default=True, type=int, help="Keep every n-th valid frame.")
+@click.option("--frame-stride", default=DumpConfig.frame_stride, show_default=True, type=int, help="Keep every n-th valid frame.")
 @click.option("--batch-size", default=DumpConfig.batch_size, show_default=True, type=int,
               help="Clips per batch and process.")
 @click.option("--clip-seconds", default=DumpConfig.clip_seconds, show_default=True, type=float,
               help="Clips are cut (first window) or zero-padded to this length.")
-@click.option("--dtype", default="float16", show_default=True, type=click.Choice(DTYPES), help="Stored feature dtype.")
-@click.option("--mixed-precision", default="no", show_default=True, type=click.Choice(PRECISIONS),
+@click.option("--dtype", default=DumpConfig.dtype, show_default=True, type=click.Choice(DTYPES), help="Stored feature dtype.")
+@click.option("--mixed-precision", default=DumpConfig.mixed_precision, show_default=True, type=click.Choice(PRECISIONS),
               help="Autocast for the backbone pass.")
-@click.option("--num-workers", default=0, show_default=True, type=int, help="DataLoader workers per process.")
+@click.option("--num-workers", default=DumpConfig.num_workers, show_default=True, type=int, help="DataLoader workers per process.")
 @click.option("--overwrite", is_flag=True, help="Recompute FILE.h5 and its shards even if they are complete.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@progress_option()
 def dump_command(corpus: Path, model: str, out: Path, frame_layers: str, frame_stride: int, batch_size: int,
                  clip_seconds: float, dtype: str, mixed_precision: str, num_workers: int, overwrite: bool,
-                 quiet: bool) -> None:
+                 progress: bool) -> None:
     """Dump per-layer hidden states (masked mean, optional frames) of a backbone to an HDF5 cache.
 
     Run under `accelerate launch -m extract.dump ...` to shard the clips over processes/GPUs.
@@ -304,7 +306,7 @@ def dump_command(corpus: Path, model: str, out: Path, frame_layers: str, frame_s
                      frame_stride=frame_stride, batch_size=batch_size, clip_seconds=clip_seconds, dtype=dtype,
                      mixed_precision=mixed_precision, num_workers=num_workers, overwrite=overwrite)
     with command_errors():  # DumpError, CorpusError, CacheError, AudioError, write errors, SIGINT/SIGTERM
-        run_dump(cfg, progress=not quiet)
+        run_dump(cfg, progress=progress)
 
 
 def main() -> None:

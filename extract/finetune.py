@@ -50,6 +50,7 @@ from cache.atomic import write_json_atomic, written_via
 from cache.command import command_errors
 from cache.jsonable import jsonable
 from cache.lock import hold_output
+from cache.options import progress_option
 from extract.clips import PRECISIONS, ClipDataset, ClipRunConfig, EpochShuffleSampler, collate_clips
 from heads.names import ARCHS, CLIP_SECONDS, DEFAULT_EPOCHS, WEIGHTINGS
 from heads.runs import FINETUNE_FORMAT, FINETUNE_KIND, history_entry, read_history
@@ -729,27 +730,27 @@ class Finetuning:
 @click.option("--weighting", default=FinetuneConfig.weighting, show_default=True,
               type=click.Choice(WEIGHTINGS, case_sensitive=False))
 @click.option("--freeze-cnn", is_flag=True, help="Do not train the CNN feature encoder.")
-@click.option("--grad-accum", default=1, show_default=True, type=int, help="Micro-batches per optimizer step.")
+@click.option("--grad-accum", default=FinetuneConfig.grad_accum, show_default=True, type=int, help="Micro-batches per optimizer step.")
 @click.option("--grad-clip", default=FinetuneConfig.grad_clip, show_default=True, type=float,
               help="Clip the global gradient norm to this value (0: no clipping).")
-@click.option("--mixed-precision", default="no", show_default=True, type=click.Choice(PRECISIONS))
-@click.option("--max-steps", default=0, show_default=True, type=int,
+@click.option("--mixed-precision", default=FinetuneConfig.mixed_precision, show_default=True, type=click.Choice(PRECISIONS))
+@click.option("--max-steps", default=FinetuneConfig.max_steps, show_default=True, type=int,
               help="Stop (with a checkpoint) after this many optimizer steps; 0 = no limit.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint under OUT/checkpoints.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--num-workers", default=0, show_default=True, type=int, help="DataLoader workers per process.")
-@click.option("--report-to", default="none", show_default=True, type=click.Choice(REPORT_TO_CHOICES),
+@click.option("--seed", default=FinetuneConfig.seed, show_default=True, type=int)
+@click.option("--num-workers", default=FinetuneConfig.num_workers, show_default=True, type=int, help="DataLoader workers per process.")
+@click.option("--report-to", default=FinetuneConfig.report_to, show_default=True, type=click.Choice(REPORT_TO_CHOICES),
               help="Experiment tracker(s) through accelerate: per step the train loss, per-task losses and loss "
                    "weights and the learning rates, per epoch every Val score; offline by default ('all': every "
                    "installed one).")
 @click.option("--tracking-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the trackers write (default: OUT/tracking; TensorBoard: OUT/tracking/finetune).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@progress_option()
 def finetune_command(corpus: Path, model: str, out: Path, epochs: int, batch_size: int, eval_batch_size: int,
                      lr_backbone: float, lr_head: float, clip_seconds: float, spec_time_p: float,
                      spec_feature_p: float, arch: str, weighting: str, freeze_cnn: bool, grad_accum: int,
                      grad_clip: float, mixed_precision: str, max_steps: int, resume: bool, seed: int,
-                     num_workers: int, report_to: str, tracking_dir: Path | None, quiet: bool) -> None:
+                     num_workers: int, report_to: str, tracking_dir: Path | None, progress: bool) -> None:
     """Fine-tune a wav2vec2 backbone and a multi-task head on the four A-VB tasks (stage 1).
 
     Run under `accelerate launch -m extract.finetune ...` for several GPUs. Writes OUT/backbone (the best
@@ -764,7 +765,7 @@ def finetune_command(corpus: Path, model: str, out: Path, epochs: int, batch_siz
                          seed=seed, num_workers=num_workers, report_to=report_to,
                          tracking_dir=str(tracking_dir) if tracking_dir else "")
     with command_errors():  # FinetuneError, CorpusError, BackboneLoadError, write errors, SIGINT/SIGTERM, ...
-        metrics = run_finetune(cfg, progress=not quiet)
+        metrics = run_finetune(cfg, progress=progress)
     best = metrics.get("best") or {}
     if best and os.environ.get("RANK", "0") == "0":
         click.echo(f"best epoch {best['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in best["val"].items()

@@ -34,13 +34,14 @@ import click
 import numpy as np
 
 from cache.command import command_errors
+from cache.options import progress_option
+from heads.names import CLIP_SECONDS
 from heads.runs import (
     BACKBONE_DIR, CONFIG_FILE, ENSEMBLE, FINETUNE, HEAD_FILE, MEMBERS_FILE, RUN, output_kind, read_ensemble,
     read_finetune_config, read_json_object, read_run_config,
 )
 from heads.tasks import CULTURE, HIGH, TASK_NAMES, TASKS, TWO, TYPE
 
-DEFAULT_CLIP_SECONDS = 2.5
 # Config fields that define what a backbone's layers compute; two configs that differ here give features a
 # head trained on one cannot use. Fields absent from both configs are skipped (HuBERT/WavLM variants).
 ARCH_KEYS: tuple[str, ...] = (
@@ -92,7 +93,7 @@ class HeadSet:
 
     @property
     def clip_seconds(self) -> float:
-        return float(self.runs[0].cache_attrs.get("clip_seconds", DEFAULT_CLIP_SECONDS))
+        return float(self.runs[0].cache_attrs.get("clip_seconds", CLIP_SECONDS))
 
     @property
     def layers(self) -> list[str]:
@@ -163,7 +164,7 @@ def load_finetune_head(ft_dir: str | os.PathLike) -> LoadedRun:
         raise PredictError(f"{ft_dir / CONFIG_FILE}: {err}") from None
     _load_head_weights(head, ft_dir / HEAD_FILE, ft_dir / CONFIG_FILE)
     attrs = {"layers": list(dims), "layer_dims": dims,
-             "clip_seconds": float(config.get("clip_seconds", DEFAULT_CLIP_SECONDS)),
+             "clip_seconds": float(config.get("clip_seconds", CLIP_SECONDS)),
              "backbone": {"name_or_path": str(ft_dir / BACKBONE_DIR), "config": backbone_config}}
     return LoadedRun(ft_dir, head, attrs)
 
@@ -229,7 +230,7 @@ def load_heads(source: str | os.PathLike) -> HeadSet:
     else:
         raise PredictError(f"--heads {source}: neither a run dir ({CONFIG_FILE} + {HEAD_FILE}), an ensemble dir "
                            f"({MEMBERS_FILE}) nor a fine-tuning output ({CONFIG_FILE} + {BACKBONE_DIR}/)")
-    clips = {float(run.cache_attrs.get("clip_seconds", DEFAULT_CLIP_SECONDS)) for run in heads.runs}
+    clips = {float(run.cache_attrs.get("clip_seconds", CLIP_SECONDS)) for run in heads.runs}
     if len(clips) > 1:
         raise PredictError(f"{source}: members were trained on different clip lengths {sorted(clips)}")
     return heads
@@ -527,18 +528,18 @@ def write_predictions(path: str | os.PathLike, preds: Predictions) -> Path:
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable audio files with a warning instead of stopping.")
 @click.option("--device", default="auto", show_default=True,
               help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@progress_option()
 def predict_command(audio: tuple[Path, ...], model: str | None, heads_dir: Path, out: Path, batch_size: int,
-                    skip_bad: bool, device: str | None, quiet: bool) -> None:
+                    skip_bad: bool, device: str | None, progress: bool) -> None:
     """Predict type, valence/arousal, 10 emotions and 40 culture-specific emotions for AUDIO (wav files or
     folders searched recursively for *.wav). One CSV row per file: path, Voc_Type, p_<class>, then the
     Two, High and Culture columns."""
     from extract.backbone import hf_progress_bars  # noqa: PLC0415  (imports torch: only when the command runs)
 
     with command_errors():  # PredictError, AudioError, BackboneLoadError, HeadConfigError, write errors, signals
-        with hf_progress_bars(not quiet):
+        with hf_progress_bars(progress):
             preds = predict_files(model, heads_dir, audio, batch_size=batch_size, skip_bad=skip_bad,
-                                  device=device, progress=not quiet)
+                                  device=device, progress=progress)
         write_predictions(out, preds)
     extra = f", skipped {len(preds.skipped)} unreadable" if preds.skipped else ""
     click.echo(f"wrote {out} ({len(preds.paths)} file{'s' if len(preds.paths) != 1 else ''}{extra})")

@@ -31,6 +31,7 @@ from cache.atomic import write_json_atomic
 from cache.command import command_errors
 from heads.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, BootstrapConfig, score_intervals, with_intervals
 from heads.metrics import score_all
+from heads.names import ENSEMBLE_STRATEGIES
 from cache.reader import IncompatibleCache, check_compatible
 from heads.runs import (
     CONFIG_FILE, METRICS_FILE, PREDICTIONS_DIR, RunFolder, find_runs, members_record, read_run,
@@ -42,7 +43,7 @@ from heads.submission import (
 )
 from heads.tasks import HEADLINE_KEYS, METRIC_KEYS, TASK_NAMES, TASKS, TYPE
 
-STRATEGIES: tuple[str, ...] = ("combined", "mean", "greedy")
+STRATEGIES: tuple[str, ...] = ENSEMBLE_STRATEGIES
 
 
 class EnsembleError(ValueError):
@@ -404,7 +405,7 @@ def format_table(result: EnsembleResult) -> str:
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: metrics.json, members.json, predictions/ and the submission CSVs.")
-@click.option("--strategy", type=click.Choice(STRATEGIES), default="combined", show_default=True,
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=EnsembleConfig.strategy, show_default=True,
               help="combined: best run per task; mean: average of the top-k; greedy: forward selection per task.")
 @click.option("--top-k", default=EnsembleConfig.top_k, show_default=True, help="Runs averaged by --strategy mean.")
 @click.option("--rounds", default=EnsembleConfig.rounds, show_default=True,

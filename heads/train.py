@@ -42,6 +42,7 @@ from heads.metrics import score_all
 from heads.device import autocast, check_precision, describe, resolve_device
 from heads.layers import make_generators
 from heads.models import DROPOUT_SEED_OFFSET, HeadConfig, HeadInputs, MultiTaskHead, build_head
+from heads.names import DEFAULT_EPOCHS
 from heads.optim import PlateauHalving, StackedAdamW
 from heads.runs import CONFIG_FILE, HEAD_FILE, METRICS_FILE, RUN_FORMAT, history_entry
 from heads.submission import PROBS_FILE, write_submissions, write_type_probs
@@ -79,7 +80,7 @@ class TrainConfig:
     arch: str = "vanilla"
     weighting: str = "uniform"
     seed: int = 0
-    epochs: int = 30
+    epochs: int = DEFAULT_EPOCHS
     batch_size: int = 8
     lr: float = 1e-3             # the paper's head learning rate
     weight_decay: float = 0.01   # AdamW's default; never applied to loss-weighting parameters

@@ -41,16 +41,9 @@ def _commands():
             yield name, command
 
 
-# Commands in files this refactoring did not reach; they still spell progress as a visible --quiet.
-OLD_PROGRESS_SPELLING = {"dump", "finetune", "predict"}
-
-
 def test_every_command_spells_progress_bars_the_same_way():
     for name, command in _commands():
         options = {opt: param for param in command.params for opt in getattr(param, "opts", ())}
-        if name in OLD_PROGRESS_SPELLING:
-            assert "--quiet" in options and "--progress" not in options, name
-            continue
         if "--progress" in options or "--quiet" in options:
             assert options["--progress"].secondary_opts == ["--no-progress"], name
             assert options["--quiet"].hidden, name       # the older spelling, still accepted
@@ -149,7 +142,13 @@ def test_probe_demo_and_finetune_cli_defaults_are_their_configs():
 
     _assert_defaults_come_from(probe_command, [ProbeConfig], {"progress", "quiet_alias"})
     _assert_defaults_come_from(demo_command, [DemoConfig], {"progress", "quiet_alias", "quick"})
-    _assert_defaults_come_from(finetune_command, [FinetuneConfig], {"quiet"})
+    _assert_defaults_come_from(finetune_command, [FinetuneConfig], {"progress", "quiet_alias"})
+
+
+def test_dump_cli_defaults_are_its_config():
+    from extract.dump import DumpConfig, dump_command
+
+    _assert_defaults_come_from(dump_command, [DumpConfig], {"progress", "quiet_alias", "frame_layers"})
 
 
 def test_score_cli_defaults_are_the_bootstrap_config():

@@ -18,7 +18,7 @@ from extract.cli import main as avb
 from heads import train as train_mod
 from heads.device import DeviceError, autocast, resolve_device
 from heads.models import HeadConfig, build_head
-from heads.tasks import METRIC_KEYS, TASK_NAMES
+from heads.tasks import METRIC_KEYS
 from heads.train import TrainConfig, TrainingError, train_runs
 
 torch.set_num_threads(1)

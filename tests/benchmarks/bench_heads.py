@@ -85,7 +85,6 @@ def step_cost(cache: Any, head: Any, arch: str, frames: Any = None, group: int |
     Counted on a stack of `group` runs (default: all 12) and scaled to 12: every run has the same shapes, so
     FLOPs and parameters grow exactly linearly, and a stack no larger than the ablation's joint groups keeps
     this measurement from setting the peak RSS that (d) reports."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from heads import train as train_mod
