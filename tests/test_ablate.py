@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from helpers import make_signal_cache
 
 from cache.reader import load_cache
-from extract.cli import main as avb
+from extract.app.cli import main as avb
 from heads import ablate as ablate_mod
 from heads.ablate import joint_groups, results_markdown, run_grid, run_state_bytes, summarise
 from heads.bootstrap import BootstrapConfig, resample_indices, score_intervals

@@ -20,7 +20,7 @@ from tiny_model import make_tiny_backbone
 
 from cache.reader import load_cache
 from extract.backbone import forward_layers, load_backbone, uses_attention_mask
-from extract.cli import main as avb
+from extract.app.cli import main as avb
 from extract.corpus import read_corpus
 from extract.dump import DumpConfig, run_dump
 from extract.finetune import FinetuneConfig, run_finetune

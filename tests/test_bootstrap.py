@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import val_labels
 
-from extract.cli import main
+from extract.app.cli import main
 from extract.synth import synthesize_corpus
 from heads import bootstrap as boot
 from heads.bootstrap import (

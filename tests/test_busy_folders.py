@@ -21,7 +21,7 @@ from helpers import accelerate_command, make_signal_cache, subprocess_env
 from tiny_model import make_tiny_backbone
 
 from cache.lock import LOCK_NAME, FolderInUse, OutputLock, OutputUnavailable, hold_output, holds_output, lock_path
-from extract.cli import main
+from extract.app.cli import main
 from extract.synth import synthesize_corpus
 
 REPO = Path(__file__).resolve().parents[1]

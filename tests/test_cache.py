@@ -18,7 +18,7 @@ from cache.reader import (
     CacheError, FrameReader, cache_info, check_compatible, compat_attrs, load_cache, read_attrs,
 )
 from cache.writer import CacheWriter, merge_shards
-from extract.cli import main
+from extract.app.cli import main
 
 DIMS = {"cnn": 6, "hidden_0": 4, "hidden_1": 4}
 COLUMNS = {"two": ["Valence", "Arousal"], "type": ["Voc_Type"]}

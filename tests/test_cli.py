@@ -3,7 +3,7 @@ import importlib
 
 from click.testing import CliRunner
 
-from extract.cli import COMMANDS, main
+from extract.app.cli import COMMANDS, main
 
 
 def test_every_subcommand_in_the_lazy_map_resolves_and_has_help():
@@ -136,7 +136,7 @@ def test_heads_cli_defaults_are_the_config_dataclasses():
 
 
 def test_probe_demo_and_finetune_cli_defaults_are_their_configs():
-    from extract.demo import DemoConfig, demo_command
+    from extract.app.demo import DemoConfig, demo_command
     from extract.finetune import FinetuneConfig, finetune_command
     from heads.probe import ProbeConfig, probe_command
 
@@ -152,7 +152,7 @@ def test_dump_cli_defaults_are_its_config():
 
 
 def test_score_cli_defaults_are_the_bootstrap_config():
-    from extract.score import score_command
+    from extract.app.score import score_command
     from heads.bootstrap import BootstrapConfig
 
     _assert_defaults_come_from(score_command, [BootstrapConfig], {"split", "as_json"})

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from extract.audio import write_wav
-from extract.cli import main
+from extract.app.cli import main
 from extract.corpus import CorpusError, read_corpus
 from heads.tasks import COUNTRIES, EMOTIONS, TASKS, TYPE_CLASSES
 

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from cache.reader import read_attrs
-from extract.cli import main as avb
-from extract.demo import STAGES
+from extract.app.cli import main as avb
+from extract.app.demo import STAGES
 from heads.submission import read_submission
 from heads.tasks import HEADLINE_KEYS, TASK_NAMES, TASKS
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from helpers import DIMS, accelerate_command, cfg_of, make_inputs, make_signal_cache, make_targets
 
 from cache.reader import load_cache
-from extract.cli import main as avb
+from extract.app.cli import main as avb
 from heads import train as train_mod
 from heads.device import DeviceError, autocast, resolve_device
 from heads.models import HeadConfig, build_head

@@ -26,7 +26,7 @@ from tiny_model import make_tiny_backbone
 
 import cache.guarded_file
 from cache.write_errors import REASONS, WriteError, describe, write_errno, writing
-from extract.cli import main
+from extract.app.cli import main
 from extract.synth import synthesize_corpus
 
 REPO = Path(__file__).resolve().parents[1]

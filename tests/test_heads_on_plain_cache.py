@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from extract.cli import main
+from extract.app.cli import main
 from extract.corpus import read_corpus
 from extract.synth import synthesize_corpus
 from plain_cache import write_plain_h5

@@ -350,7 +350,7 @@ ABLATE_CHECKS: list[tuple[str, Check]] = [
 
 
 def ablate_cmd(world: dict, out: Path) -> list[str]:
-    return [sys.executable, "-m", "extract.cli", "heads", "ablate", "--cache", str(world["cache"]), "--out",
+    return [sys.executable, "-m", "extract.app.cli", "heads", "ablate", "--cache", str(world["cache"]), "--out",
             str(out), *ABLATE_ARGS]
 
 

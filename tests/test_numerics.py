@@ -25,7 +25,7 @@ from tiny_model import make_tiny_backbone
 
 from cache.reader import load_cache
 from extract.audio import SAMPLE_RATE, crop_or_pad, load_wav, write_wav
-from extract.cli import main as avb
+from extract.app.cli import main as avb
 from extract.corpus import read_corpus
 from heads.metrics import score_all
 from heads.models import HeadConfig

@@ -20,7 +20,7 @@ from helpers import subprocess_env
 from tiny_model import make_tiny_backbone
 
 from cache.reader import load_cache, read_attrs
-from extract.cli import main as avb
+from extract.app.cli import main as avb
 from extract.corpus import read_corpus
 from heads.names import ARCHS, WEIGHTINGS
 from heads.tasks import METRIC_KEYS, TASK_NAMES
@@ -41,7 +41,7 @@ def run(cmd: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
 
 def test_synth_finetune_dump_ablate_score(tmp_path):
     corpus, ft, cache, grid = tmp_path / "corpus", tmp_path / "ft", tmp_path / "feats.h5", tmp_path / "grid"
-    run([sys.executable, "-m", "extract.cli", "synth", str(corpus), "--clips", "36", "--max-seconds", "2",
+    run([sys.executable, "-m", "extract.app.cli", "synth", str(corpus), "--clips", "36", "--max-seconds", "2",
          "--seed", "21", "--quiet"])
     model = make_tiny_backbone(tmp_path / "pretrained")
     run(ACCELERATE_2 + ["-m", "extract.finetune", "--quiet", "--corpus", str(corpus), "--model", str(model),
@@ -49,7 +49,7 @@ def test_synth_finetune_dump_ablate_score(tmp_path):
                         "--lr-backbone", "1e-3"])
     run(ACCELERATE_2 + ["-m", "extract.dump", "--corpus", str(corpus), "--model", str(ft / "backbone"), "--out",
                         str(cache), "--batch-size", "4", "--quiet"])
-    proc = run([sys.executable, "-m", "extract.cli", "heads", "ablate", "--cache", str(cache), "--out", str(grid),
+    proc = run([sys.executable, "-m", "extract.app.cli", "heads", "ablate", "--cache", str(cache), "--out", str(grid),
                 "--epochs", "2", "--hidden", "16", "--n-heads", "2", "--branch-blocks", "2", "--no-progress"])
 
     # Fine-tuning: 12 Train clips / (2 per process x 2 processes) = 3 steps per epoch, two epochs.
@@ -86,7 +86,7 @@ def test_synth_finetune_dump_ablate_score(tmp_path):
         assert len(files) == 4, name
         return files
 
-    scored = json.loads(run([sys.executable, "-m", "extract.cli", "score", "--corpus", str(corpus), "--split",
+    scored = json.loads(run([sys.executable, "-m", "extract.app.cli", "score", "--corpus", str(corpus), "--split",
                              "Val", "--json", *val_files("branch-druw-s0")]).stdout)
     runner = CliRunner()
     for name in runs:

@@ -13,7 +13,7 @@ from tiny_model import make_tiny_backbone
 
 from cache.reader import FrameReader, load_cache
 from extract.audio import load_wav, write_wav
-from extract.cli import main as avb
+from extract.app.cli import main as avb
 from extract.dump import DumpConfig, run_dump
 from extract.synth import synthesize_corpus
 from heads.ensemble import EnsembleConfig, build_ensemble

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from sklearn.linear_model import LogisticRegression, Ridge
 
-from extract.cli import main as avb
+from extract.app.cli import main as avb
 from heads.metrics import ccc_per_column
 from heads.probe import RIDGE_GRID, ProbeConfig, fit_logistic, logistic_predict, probe_layer
 from heads.tasks import TASKS

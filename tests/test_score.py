@@ -8,7 +8,7 @@ from scipy.stats import pearsonr
 from sklearn.metrics import recall_score
 from helpers import val_labels
 
-from extract.cli import main
+from extract.app.cli import main
 from extract.synth import synthesize_corpus
 from heads.submission import write_submissions
 from heads.tasks import TASKS

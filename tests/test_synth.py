@@ -13,7 +13,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from extract.cli import main
+from extract.app.cli import main
 from extract.synth import (COUNTRY_BIAS, LABEL_FILES, MARKER, SynthConfig, assign_splits_and_types, make_clip,
                            synthesize_corpus)
 from heads.tasks import COUNTRIES, CULTURE, EMOTIONS, HIGH, SPLITS, TWO, TYPE, TYPE_CLASSES

@@ -17,7 +17,7 @@ from helpers import make_signal_cache, visible_files
 
 from cache.command import command_errors
 from cache.interrupt import MESSAGE, Interrupted, received, termination_raises
-from extract.cli import main
+from extract.app.cli import main
 
 HEAD_ARGS = ["--epochs", "2", "--hidden", "8", "--no-progress"]
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from helpers import make_signal_cache
 
-from extract.cli import main as avb
+from extract.app.cli import main as avb
 from heads import tracking
 from heads.runs import RUN_FORMAT, history_entry
 from heads.tasks import METRIC_KEYS, TASK_NAMES

@@ -49,7 +49,7 @@ def write_predictions(folder: Path, ids: list[str], seed: int = 1) -> list[Path]
 def main(argv: Sequence[str] | None = None) -> None:
     from click.testing import CliRunner
 
-    from extract.cli import main as avb
+    from extract.app.cli import main as avb
 
     p = bench_parser("bench_bootstrap", __doc__, "300 Val clips (checks the script, not the figure)", threads=None,
                      json_help="write the figures to this JSON file")
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             figs.add("s", f"avb score {label}", seconds, "s", f"{n_val} Val clips, 4 tasks, best of {args.repeat}")
         # the intervals alone, on exactly what the command scores (best of --repeat)
         from extract.corpus import read_corpus
-        from extract.score import read_split_predictions
+        from extract.app.score import read_split_predictions
         from heads.bootstrap import BootstrapConfig, score_intervals
 
         labels, preds = read_split_predictions(read_corpus(tmp / "corpus"), "Val", [Path(f) for f in files])

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> Figures:
             cache = make_cache_in_child(tmp / f"{arch}.h5", sizes[arch], dims)
             plain = [sys.executable, "-m", "tests.benchmarks.plain_loop", "--cache", str(cache), "--arch", arch,
                      "--epochs", str(args.epochs), "--device", args.device, *head]
-            grid = [sys.executable, "-m", "extract.cli", "heads", "ablate", "--cache", str(cache),
+            grid = [sys.executable, "-m", "extract.app.cli", "heads", "ablate", "--cache", str(cache),
                     "--epochs", str(args.epochs), "--archs", arch, "--seeds", "0,1,2", "--device", args.device,
                     "--no-progress", *head]
             times: dict[str, list[float]] = {"plain": [], "grid": []}

@@ -1,8 +1,8 @@
 """The `avb` command: one click group whose subcommands live beside the code they drive.
 
 Subcommands are imported lazily, so `avb --help` and the light commands (`synth`, `corpus check`, `score`)
-start without importing torch or transformers. `extract` is the top of the dependency chain
-(extract -> heads -> cache), which is why the root group lives here.
+start without importing torch or transformers. The root group is the top of the dependency chain
+(extract.app -> extract -> heads -> cache), which is why it lives in the application layer.
 """
 from __future__ import annotations
 
@@ -13,17 +13,17 @@ import click
 # name -> ("module:attribute", one-line help shown by `avb --help` without importing the module)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("extract.synth:synth_command", "Write a generated corpus in the official A-VB layout."),
-    "corpus": ("extract.corpus_cli:corpus_group", "Validate and summarise an A-VB corpus."),
-    "score": ("extract.score:score_command", "Score submission-format prediction CSVs against corpus labels."),
+    "corpus": ("extract.app.corpus_cli:corpus_group", "Validate and summarise an A-VB corpus."),
+    "score": ("extract.app.score:score_command", "Score submission-format prediction CSVs against corpus labels."),
     "finetune": ("extract.finetune:finetune_command", "Fine-tune a wav2vec2 backbone on the four tasks (stage 1)."),
     "dump": ("extract.dump:dump_command", "Dump per-layer hidden states of a backbone to an HDF5 cache."),
     "cache": ("cache.cli:cache_group", "Inspect HDF5 feature caches."),
     "heads": ("heads.cli:heads_group", "Train heads x loss weightings from a feature cache (stage 2)."),
     "ensemble": ("heads.ensemble:ensemble_command", "Ensemble runs and write challenge submission files."),
-    "predict": ("extract.predict:predict_command", "Predict the four tasks for new audio files."),
+    "predict": ("extract.app.predict:predict_command", "Predict the four tasks for new audio files."),
     "report": ("heads.report:report_command", "Plot validation curves, loss weights, probes and results (HTML)."),
     "probe": ("heads.probe:probe_command", "Linear probes of every cached layer for every task."),
-    "demo": ("extract.demo:demo_command", "Run the whole pipeline on a generated corpus with a tiny model."),
+    "demo": ("extract.app.demo:demo_command", "Run the whole pipeline on a generated corpus with a tiny model."),
 }
 
 

@@ -196,7 +196,7 @@ def stage_report(cfg: DemoConfig, p: DemoPaths, progress: bool, resume: bool) ->
 
 
 def stage_predict(cfg: DemoConfig, p: DemoPaths, progress: bool, resume: bool) -> list[Path]:
-    from extract.predict import predict_files, write_predictions  # noqa: PLC0415
+    from extract.app.predict import predict_files, write_predictions  # noqa: PLC0415
 
     wavs = sorted((p.corpus / "audio" / "wav").glob("*.wav"))[: cfg.predict_files]
     preds = predict_files(p.backbone, p.ensemble, wavs, progress=progress)
