@@ -8,7 +8,7 @@ dropout masks come from its own generator, so a run trained jointly equals the s
 
 Each architecture is a class in `ARCHITECTURES`; `build_head` picks one by `HeadConfig.arch`.
 
-Departures from the authors' code (`../shared/docs/reference-notes.md`), on purpose:
+Departures from the authors' code (all listed in the README under *How it is built*), on purpose:
 * no BatchNorm anywhere (it sat before cross-entropy with batch 8); LayerNorm instead;
 * the heads read masked-mean pooled features from the cache (pooling never averages padding) instead of
   attention pooling over unmasked, zero-padded frames;
