@@ -53,7 +53,7 @@ from cache.lock import hold_output
 from cache.options import progress_option
 from extract.clips import PRECISIONS, ClipDataset, ClipRunConfig, EpochShuffleSampler, collate_clips
 from heads.names import ARCHS, CLIP_SECONDS, DEFAULT_EPOCHS, WEIGHTINGS
-from heads.runs import FINETUNE_FORMAT, FINETUNE_KIND, history_entry, read_history
+from heads.runs import CONFIG_FILE, FINETUNE_FORMAT, FINETUNE_KIND, METRICS_FILE, history_entry, read_history
 from heads.tasks import TASK_NAMES
 from heads.tracking import REPORT_TO_CHOICES
 
@@ -396,8 +396,8 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
     if latest is not None and not cfg.resume:
         raise FinetuneError(f"{out} already holds checkpoints ({latest.name}); pass --resume to continue that run "
                             "or choose another --out")
-    if cfg.resume and latest is not None and (out / "config.json").exists():
-        _check_resume_config(out / "config.json", cfg)
+    if cfg.resume and latest is not None and (out / CONFIG_FILE).exists():
+        _check_resume_config(out / CONFIG_FILE, cfg)
 
     corpus = read_corpus(cfg.corpus)
     train_rows, val_rows = _train_rows(corpus), corpus.indices("Val")
@@ -555,7 +555,7 @@ class Finetuning:
 
         cfg, state, out = self.cfg, self.state, self.out
         if self.accelerator.is_main_process:
-            write_json_atomic(out / "config.json", {**cfg.to_json(), "head": asdict(self.head_cfg),
+            write_json_atomic(out / CONFIG_FILE, {**cfg.to_json(), "head": asdict(self.head_cfg),
                                                     "layer_dims": self.dims, "processes": self.world,
                                                     "kind": FINETUNE_KIND, "finetune_format": FINETUNE_FORMAT})
         if self.trackers:   # TensorBoard: OUT/tracking/finetune; a resumed run replaces the steps it redoes
@@ -703,7 +703,7 @@ class Finetuning:
         """OUT/metrics.json: the best entry and the history (rank 0 writes; every rank returns it)."""
         metrics = jsonable({"best": self.state.best, "history": self.state.history})
         if self.accelerator.is_main_process:
-            write_json_atomic(self.out / "metrics.json", metrics)
+            write_json_atomic(self.out / METRICS_FILE, metrics)
         return metrics
 
 

@@ -16,6 +16,7 @@ from cache.lock import hold_output
 from cache.options import ConfigDefault, csv_text, progress_option
 from heads.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT
 from heads.names import ARCHS, DEFAULT_MAX_GROUP_MIB, WEIGHTINGS
+from heads.runs import CONFIG_FILE
 from heads.tasks import METRIC_KEYS
 from heads.tracking import REPORT_TO_CHOICES
 
@@ -144,7 +145,7 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
     """Train one head run on the cache's Train split, select its best epoch on Val, predict Val and Test."""
     head = _head_config(hidden, dropout, input_layer, chain_order, n_heads, branch_blocks, branch_frames)
     with (command_errors(), hold_output(out),   # the run folder is locked while it is written
-          _tracking(report_to, tracking_dir, out, lambda run: out / "config.json") as tracker):
+          _tracking(report_to, tracking_dir, out, lambda run: out / CONFIG_FILE) as tracker):
         from cache.reader import load_cache  # noqa: PLC0415
         from heads.device import resolve_device  # noqa: PLC0415
         from heads.train import TrainConfig, train_runs  # noqa: PLC0415
@@ -199,7 +200,7 @@ def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, see
     weighting_list = _csv_list(weightings, "weighting", WEIGHTING_CHOICES)
     seed_list = _seed_list(seeds)
     head = _head_config(hidden, dropout, input_layer, chain_order, n_heads, branch_blocks, branch_frames)
-    with command_errors(), _tracking(report_to, tracking_dir, out, lambda run: out / run / "config.json") as tracker:
+    with command_errors(), _tracking(report_to, tracking_dir, out, lambda run: out / run / CONFIG_FILE) as tracker:
         # the grid folder's lock is taken inside run_grid, once the processes of a launch know each other
         from heads.ablate import run_grid  # noqa: PLC0415
         from heads.device import resolve_device  # noqa: PLC0415

@@ -39,6 +39,7 @@ from cache.command import command_errors
 from cache.jsonable import jsonable
 from cache.lock import LOCK_NAME, hold_output
 from cache.options import progress_option
+from heads.runs import METRICS_FILE, read_json_object
 
 STAGES_DIR = ".stages"
 MARKER = "demo.json"
@@ -177,7 +178,7 @@ def stage_ensemble(cfg: DemoConfig, p: DemoPaths, progress: bool, resume: bool) 
     for warning in result.warnings:
         click.echo(f"Warning: {warning}", err=True)
     click.echo(format_table(result))
-    return [p.ensemble / "metrics.json"] + submission_files(p)
+    return [p.ensemble / METRICS_FILE] + submission_files(p)
 
 
 def stage_report(cfg: DemoConfig, p: DemoPaths, progress: bool, resume: bool) -> list[Path]:
@@ -325,7 +326,7 @@ def summary(cfg: DemoConfig, results: list[StageResult], total: float) -> str:
     p = DemoPaths(Path(cfg.out))
     lines = ["", "=== results (validation split of the generated corpus) ===", "",
              (p.ablation / "results.md").read_text(encoding="utf-8").rstrip(), ""]
-    metrics = json.loads((p.ensemble / "metrics.json").read_text(encoding="utf-8"))
+    metrics = read_json_object(p.ensemble / METRICS_FILE)
     keys = [HEADLINE_KEYS[n] for n in TASK_NAMES] + ["mean"]
     lines += ["combined ensemble (Table II): " + "  ".join(f"{k} {metrics[k]:.4f}" for k in keys), "",
               "outputs:",
