@@ -36,9 +36,10 @@ from scipy.io import wavfile
 from scipy.signal import lfilter
 from tqdm.auto import tqdm
 
-from cache.atomic import atomic_path, write_json_atomic, write_text_atomic
+from cache.atomic import write_json_atomic, write_text_atomic
 from cache.command import command_errors
 from cache.options import OptionOrArgumentCommand, option_or_argument, progress_option
+from extract.audio import write_wav
 from heads.tasks import COUNTRIES, CULTURE, EMOTIONS, HIGH, SPLITS, TWO, TYPE, TYPE_CLASSES
 
 MARKER = "synth_config.json"
@@ -348,13 +349,6 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
                          "pass --overwrite to write into it anyway")
 
 
-def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
-    """16-bit PCM mono, written under a temporary name and renamed."""
-    pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
-    with atomic_path(path, suffix=".wav", size=pcm.nbytes + 44) as tmp:
-        wavfile.write(tmp, sample_rate, pcm)
-
-
 def synthesize_corpus(out: Path, clips: int, seed: int, min_seconds: float = 0.5, max_seconds: float = 10.0,
                       sample_rate: int = 16000, *, overwrite: bool = False, progress: bool = True) -> Path:
     """Write a generated corpus in the official A-VB layout to `out` and return `out`.
@@ -379,7 +373,8 @@ def synthesize_corpus(out: Path, clips: int, seed: int, min_seconds: float = 0.5
     for i in tqdm(range(cfg.clips), desc="synth", unit="clip", disable=not progress):
         rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(1, i)))
         clip = make_clip(f"{i + 1:0{width}d}", splits[i], types[i], cfg, rng)
-        write_wav(wav_dir / f"{clip.clip_id}.wav", render_audio(clip, cfg.sample_rate, rng), cfg.sample_rate)
+        write_wav(wav_dir / f"{clip.clip_id}.wav", np.clip(render_audio(clip, cfg.sample_rate, rng), -1.0, 1.0),
+                  cfg.sample_rate, "PCM_16")
         made.append(clip)
 
     # A previous, larger corpus in the same folder must not leave orphan clips behind.
