@@ -9,7 +9,6 @@ sees the same crops as an uninterrupted one. Evaluation and dumping take the fir
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,19 +17,6 @@ from torch.utils.data import Dataset, Sampler
 from extract.audio import SAMPLE_RATE, crop_or_pad, load_wav
 from extract.corpus import Corpus
 from heads.names import CLIP_SECONDS
-
-PRECISIONS = ("no", "fp16", "bf16")   # accelerate's mixed-precision modes for a pass over the clips
-
-
-@dataclass
-class ClipRunConfig:
-    """What every pass of a backbone over a corpus's clips (`avb dump`, `avb finetune`) is given first: the
-    corpus root, the backbone (a checkpoint name or folder) and where its output goes."""
-
-    corpus: str = ""
-    model: str = "facebook/wav2vec2-base"
-    out: str = ""
-
 
 def clip_samples(clip_seconds: float) -> int:
     """Samples in one clip of `clip_seconds` at 16 kHz."""

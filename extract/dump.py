@@ -37,7 +37,7 @@ from cache.options import progress_option
 from cache.reader import check_compatible, load_cache, read_attrs
 from cache.writer import CacheWriter, merge_shards
 from extract.audio import SAMPLE_RATE
-from extract.clips import PRECISIONS, ClipRunConfig
+from extract.run_config import PRECISIONS, ClipRunConfig
 from heads.names import CLIP_SECONDS
 from heads.tasks import TASKS, TYPE
 

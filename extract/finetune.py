@@ -51,7 +51,8 @@ from cache.command import command_errors
 from cache.jsonable import jsonable
 from cache.lock import hold_output
 from cache.options import progress_option
-from extract.clips import PRECISIONS, ClipDataset, ClipRunConfig, EpochShuffleSampler, collate_clips
+from extract.clips import ClipDataset, EpochShuffleSampler, collate_clips
+from extract.run_config import PRECISIONS, ClipRunConfig
 from heads.names import ARCHS, CLIP_SECONDS, DEFAULT_EPOCHS, WEIGHTINGS
 from heads.runs import CONFIG_FILE, FINETUNE_FORMAT, FINETUNE_KIND, METRICS_FILE, history_entry, read_history
 from heads.tasks import TASK_NAMES

@@ -15,12 +15,12 @@ from cache.command import command_errors
 from cache.lock import hold_output
 from cache.options import ConfigDefault, csv_text, progress_option
 from heads.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT
-from heads.names import ARCHS, DEFAULT_MAX_GROUP_MIB, WEIGHTINGS
+from heads.names import ARCHS, DEFAULT_MAX_GROUP_MIB, HEAD_PRECISIONS, WEIGHTINGS
 from heads.runs import CONFIG_FILE
 from heads.tasks import METRIC_KEYS
 from heads.tracking import REPORT_TO_CHOICES
 
-PRECISIONS = ("fp32", "bf16")   # = heads.device.PRECISIONS (that module imports torch)
+PRECISIONS = HEAD_PRECISIONS
 
 ARCH_CHOICES = ARCHS
 WEIGHTING_CHOICES = WEIGHTINGS

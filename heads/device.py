@@ -10,8 +10,10 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from heads.names import HEAD_PRECISIONS
+
 DEVICE_CHOICES_HELP = "auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps"
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+PRECISIONS = HEAD_PRECISIONS
 
 
 class DeviceError(ValueError):

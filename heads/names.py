@@ -25,5 +25,6 @@ ENSEMBLE_STRATEGIES: tuple[str, ...] = ("combined", "mean", "greedy")   # heads.
 DEFAULT_EPOCHS = 30            # training epochs, of the backbone fine-tuning and of every head run
 CLIP_SECONDS = 2.5             # every clip is cut or zero-padded to this length (the paper's random 2.5 s crops)
 # Training-state budget of one joint head-training call on the CPU (see heads.ablate.joint_groups).
+HEAD_PRECISIONS: tuple[str, ...] = ("fp32", "bf16")   # heads.device: --precision of the heads
 DEFAULT_MAX_GROUP_MIB = 640
 DEFAULT_MAX_GROUP_BYTES = DEFAULT_MAX_GROUP_MIB * 2**20

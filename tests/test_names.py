@@ -10,6 +10,16 @@ def test_names_import_without_torch_or_numpy():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_the_dump_and_heads_command_modules_load_without_torch():
+    """Their --help must not pay torch's import: the names and settings they need are torch-free."""
+    code = "import sys, extract.dump, heads.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+    from heads.cli import PRECISIONS
+    from heads.device import PRECISIONS as device_precisions
+    assert PRECISIONS == device_precisions == names.HEAD_PRECISIONS
+
+
 def test_every_registry_has_exactly_the_names_in_their_order():
     from heads.ensemble import STRATEGIES
     from heads.models import ARCHITECTURES
