@@ -32,7 +32,6 @@ from heads.threads import limited_threads
 DEFAULT_LEVEL = 0.95
 DEFAULT_N_BOOT = 1000
 BLOCK_CELLS = 4_000_000   # resamples per block x clips: bounds the float64 count matrix to ~32 MB
-MATRIX_BYTES = 256 * 2**20   # per-clip columns of the systems scored together (~6 systems at Val size)
 
 
 class BootstrapError(ValueError):
@@ -100,11 +99,6 @@ class _TaskSums:
             self.columns = np.hstack([keep[:, None], y, p, y * y, p * p, y * p])   # [N, 1 + 5k]
             self.k = y.shape[1]
 
-    @staticmethod
-    def width(name: str) -> int:
-        task = TASKS[name]
-        return 2 * len(task.classes) if task.is_classification else 1 + 5 * len(task.columns)
-
     def scores(self, sums: np.ndarray) -> dict[str, np.ndarray]:
         """Scores of each resample from its weighted column sums [B, width]."""
         k = self.k
@@ -138,9 +132,10 @@ def _score_distributions(labels: Mapping[str, np.ndarray], systems: Sequence[Map
     array of that score on every resample. Every task and every system sees the same resamples; `mean` (of
     the four headline scores) is included when a system predicts all four tasks.
 
-    The resample counts are drawn once (uint16, 2 bytes per clip and resample) and reused for every system;
-    systems are processed in groups whose per-clip columns fit MATRIX_BYTES, so a 36-run grid does not hold
-    36 column matrices at once.
+    The resample counts are drawn once per block and reused for every system. Each system's sums come from a
+    matrix product of its own columns only (same shapes whatever else is scored): a BLAS kernel may sum in a
+    different order for a wider matrix, so a product over several systems' columns would make a run's
+    figures depend on which runs were scored beside it (a grown grid would change its finished rows).
     """
     if not systems:
         return []
@@ -158,27 +153,17 @@ def _score_distributions(labels: Mapping[str, np.ndarray], systems: Sequence[Map
     if n == 0:
         raise BootstrapError("no clips to resample")
     block = max(1, BLOCK_CELLS // n)
-    blocks = [(start, min(config.n_boot, start + block)) for start in range(0, config.n_boot, block)]
-    counts: dict[int, np.ndarray] = {}
     out: list[dict[str, list[np.ndarray]]] = [{} for _ in systems]
-    width = sum(_TaskSums.width(name) for name in names)
-    per_group = max(1, MATRIX_BYTES // (8 * n * width))
-    for first in range(0, len(systems), per_group):
-        group = range(first, min(len(systems), first + per_group))
-        parts = [[_TaskSums(name, labels[name], systems[s][name]) for name in names] for s in group]
-        matrix = np.hstack([t.columns for tasks in parts for t in tasks])
-        bounds = np.cumsum([0] + [t.columns.shape[1] for tasks in parts for t in tasks])
-        for start, stop in blocks:
-            if start not in counts:
-                dtype = np.uint16 if n < 2**16 else np.uint32       # a count never exceeds n
-                counts[start] = resample_counts(n, start, stop, config.seed).astype(dtype)
-            sums = counts[start].astype(np.float64) @ matrix
-            j = 0
-            for s, tasks in zip(group, parts):
-                for t in tasks:
-                    for key, values in t.scores(sums[:, bounds[j]:bounds[j + 1]]).items():
-                        out[s].setdefault(key, []).append(values)
-                    j += 1
+    for start in range(0, config.n_boot, block):
+        counts = resample_counts(n, start, min(config.n_boot, start + block), config.seed)
+        for s, system in enumerate(systems):
+            tasks = [_TaskSums(name, labels[name], system[name]) for name in names]
+            matrix = np.hstack([t.columns for t in tasks])
+            bounds = np.cumsum([0] + [t.columns.shape[1] for t in tasks])
+            sums = counts @ matrix
+            for j, t in enumerate(tasks):
+                for key, values in t.scores(sums[:, bounds[j]:bounds[j + 1]]).items():
+                    out[s].setdefault(key, []).append(values)
     result = []
     for dist in out:
         merged = {key: np.concatenate(dist[key]) for key in METRIC_KEYS if key in dist}

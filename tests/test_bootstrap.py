@@ -73,8 +73,21 @@ def test_perfect_predictions_give_an_interval_of_zero_width_at_one():
         assert low == pytest.approx(1.0, abs=1e-9) and high == pytest.approx(1.0, abs=1e-9), key
 
 
-def test_paired_win_fraction_uses_the_same_resamples_for_both_systems(monkeypatch):
-    monkeypatch.setattr(boot, "MATRIX_BYTES", 1)     # one system per group: the resample counts are reused
+def test_a_systems_distribution_does_not_depend_on_the_systems_scored_beside_it(monkeypatch):
+    """A grown grid must leave its finished runs' intervals byte-equal: each system's resampled scores are the
+    same arrays whether it is scored alone, first or last among others, in one block or several."""
+    labels, preds = random_task_data(180, seed=6)
+    others = [{**preds, "high": preds["high"] * (1 + k / 10), "two": preds["two"] + k / 7} for k in range(1, 6)]
+    config = BootstrapConfig(n_boot=90, seed=3)
+    alone = score_distributions(labels, [preds], config)[0]
+    for systems, at in (([preds, *others], 0), ([*others, preds], 5), ([others[0], preds, others[1]], 1)):
+        beside = score_distributions(labels, systems, config)[at]
+        assert sorted(beside) == sorted(alone)
+        for key in alone:
+            assert beside[key].tobytes() == alone[key].tobytes(), key
+
+
+def test_paired_win_fraction_uses_the_same_resamples_for_both_systems():
     labels, preds = random_task_data(200, seed=4)
     better = {**preds, "high": labels["high"] * 0.8 + 0.2 * preds["high"]}
     config = BootstrapConfig(n_boot=100, seed=5)

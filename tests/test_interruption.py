@@ -130,7 +130,7 @@ def run_watched(cmd: Sequence[str], out_dir: Path, watcher: FinalPathWatcher, lo
     seconds = time.monotonic() - start
     watcher.poll()
     text = log.read_text(errors="replace")
-    return Outcome(seconds, first, last, killed or signalled, None if killed else proc.returncode, text[-3000:])
+    return Outcome(seconds, first, last, killed or signalled, None if killed else proc.returncode, text)
 
 
 def kill_delay(seed: int, reference: Outcome) -> float:
@@ -530,6 +530,12 @@ def assert_interrupted(outcome: Outcome, sig: int, out_dir: Path) -> None:
     assert leftovers == [], leftovers
 
 
+def our_traceback_frames(log: str) -> list[str]:
+    """Traceback lines that point into this project's packages (a launcher's own traceback may remain)."""
+    return [line for line in log.splitlines() if line.lstrip().startswith("File ")
+            and any(f"{REPO / pkg}{os.sep}" in line for pkg in ("extract", "heads", "cache"))]
+
+
 def signal_then_rerun(cmd: Sequence[str], out_dir: Path, watcher: FinalPathWatcher, log: Path, sig: int,
                       trigger: Callable[[], bool], delay: float = 0.0) -> None:
     """Send `sig` `delay` s after `trigger()` holds, check the interrupted command, then rerun it to completion."""
@@ -544,9 +550,10 @@ def signal_then_rerun(cmd: Sequence[str], out_dir: Path, watcher: FinalPathWatch
 def test_dump_stopped_by_a_signal_exits_cleanly_and_reruns_to_the_same_cache(world, dump_reference, tmp_path,
                                                                              processes, sig):
     """One process: the signal lands while its shard is written. Two processes under `accelerate launch`:
-    the launcher forwards it to both ranks, which stop cleanly (rank 0 prints the line once); the launcher
-    itself (torch elastic) then reports the signal with a traceback of its own and exit code 1, which this
-    project cannot change, so for it only a failure is asserted."""
+    the launcher forwards it to both ranks, which stop cleanly (rank 0 prints the line once, no traceback
+    from this project's code, nothing half-written). The launcher's own exit code is its business: torch
+    elastic exits 1 with a traceback of its own on some versions and 128 + signal on others, so either is
+    accepted."""
     reference, _ = dump_reference
     out = tmp_path / "out" / "c.h5"
     out.parent.mkdir(parents=True)
@@ -557,8 +564,9 @@ def test_dump_stopped_by_a_signal_exits_cleanly_and_reruns_to_the_same_cache(wor
     if processes == 1:
         assert_interrupted(first, sig, out.parent)
     else:
-        assert first.killed and first.returncode == 1, first.log
+        assert first.killed and first.returncode in (1, 128 + sig), (first.returncode, first.log)
         assert first.log.count(MESSAGE) == 1, first.log
+        assert not our_traceback_frames(first.log), first.log
         assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], list(out.parent.iterdir())
     completed(run_watched(dump_cmd(world, out, processes), out.parent, watcher, tmp_path / "log.txt"))
     assert watcher.errors == [], watcher.errors
