@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from cache.options import OptionOrArgumentCommand, option_or_argument
+from cache.command_kit.options import OptionOrArgumentCommand, option_or_argument
 from cache.reader import CacheError, cache_info
 
 CACHE_PATH = click.Path(dir_okay=True, path_type=str)

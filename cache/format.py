@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from cache.jsonable import jsonable
+from cache.command_kit.errors import AvbError
+from cache.command_kit.jsonable import jsonable
 
 FORMAT_NAME = "avb-feature-cache"
 FORMAT_VERSION = 1
@@ -53,15 +54,8 @@ COALESCE_GAP_BYTES = 1 << 20
 FRAME_CHUNK_BYTES = 512 << 10
 
 
-class CacheError(ValueError):
+class CacheError(AvbError):
     """A cache file that is missing, incomplete, corrupt or inconsistent, or a bad argument to the writer."""
-
-
-def where(path: Any, row: int, clip_id: str, what: str | None = None) -> str:
-    """`P, row n (File_ID [x])[, what]`: how every error about one clip says where it is -- the file, the row,
-    the clip's id (what a user searches for) and the column or layer, in label CSVs, prediction CSVs and caches
-    alike. CSV rows count the header as row 1; cache rows are 0-based dataset rows."""
-    return f"{path}, row {row} (File_ID [{clip_id}])" + (f", {what}" if what else "")
 
 
 def code_version() -> str:

@@ -18,11 +18,27 @@ from typing import Any
 import h5py
 import numpy as np
 
+from cache.command_kit.jsonable import jsonable
 from cache.format import (
-    COMPAT_ATTRS, DTYPES, FORMAT_NAME, FORMAT_VERSION, FRAME_OFFSETS, FRAMES, IDS, LABELS, N_FRAMES, POOLED,
-    POOLING, REQUIRED_ATTRS, SPLITS, SPLITS_DS, CacheError, decode_attr, read_ranges, read_rows,
+    COMPAT_ATTRS,
+    DTYPES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    FRAME_OFFSETS,
+    FRAMES,
+    IDS,
+    LABELS,
+    N_FRAMES,
+    POOLED,
+    POOLING,
+    REQUIRED_ATTRS,
+    SPLITS,
+    SPLITS_DS,
+    CacheError,
+    decode_attr,
+    read_ranges,
+    read_rows,
 )
-from cache.jsonable import jsonable
 
 __all__ = [
     "CacheError", "CacheData", "FrameReader", "IncompatibleCache", "cache_info", "check_compatible", "compat_attrs",

@@ -20,16 +20,36 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cache.atomic import atomic_path
-from cache.guarded_file import GuardedFile
-from cache.interrupt import raise_pending
-from cache.reader import label_meta, read_attrs
-from cache.write_errors import WriteError, write_errno
+from cache.command_kit.atomic import atomic_path
+from cache.command_kit.errors import where
+from cache.command_kit.interrupt import raise_pending
+from cache.command_kit.write_errors import WriteError, write_errno
 from cache.format import (
-    DTYPES, FORMAT_NAME, FORMAT_VERSION, FRAME_OFFSETS, FRAMES, IDS, LABELS, N_FRAMES, POOLED, POOLING,
-    RESERVED_ATTRS, SPLITS, SPLITS_DS, CacheError, check_name, chunk_rows_for, code_version, encode_attr,
-    frame_chunk_rows, n_frames_kept, read_ranges, read_rows, where,
+    DTYPES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    FRAME_OFFSETS,
+    FRAMES,
+    IDS,
+    LABELS,
+    N_FRAMES,
+    POOLED,
+    POOLING,
+    RESERVED_ATTRS,
+    SPLITS,
+    SPLITS_DS,
+    CacheError,
+    check_name,
+    chunk_rows_for,
+    code_version,
+    encode_attr,
+    frame_chunk_rows,
+    n_frames_kept,
+    read_ranges,
+    read_rows,
 )
+from cache.guarded_file import GuardedFile
+from cache.reader import label_meta, read_attrs
 
 # Attributes a cache needs that only the caller knows (the dump fills them from the backbone and audio config).
 CALLER_ATTRS: tuple[str, ...] = ("backbone", "sample_rate", "clip_seconds")

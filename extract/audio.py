@@ -20,7 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cache.atomic import write_bytes_atomic
+from cache.command_kit.atomic import write_bytes_atomic
+from cache.command_kit.errors import AvbError
 
 SAMPLE_RATE = 16000
 MAX_SECONDS = 60.0  # far beyond any vocal burst (A-VB max 9.96 s); guards against decoding a wrong file
@@ -42,7 +43,7 @@ SUBTYPES: dict[str, tuple[int, int]] = {
 _GUID_TAIL = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
 
 
-class AudioError(ValueError):
+class AudioError(AvbError):
     """A WAV file that cannot be used; the message is one line naming the file."""
 
 

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from cache.command_kit.errors import AvbError
+
 if TYPE_CHECKING:  # accelerate is imported lazily, only by the commands that launch processes
     from accelerate import Accelerator
 
@@ -34,11 +36,15 @@ if TYPE_CHECKING:  # accelerate is imported lazily, only by the commands that la
 SPEC_AUGMENT_DEFAULTS: dict[str, int] = {"mask_time_min_masks": 2, "mask_feature_min_masks": 0}
 
 
-class BackboneLoadError(ValueError):
+class BackboneError(AvbError):
+    """A backbone that cannot serve the request: unknown frame layers, layers skipped by LayerDrop."""
+
+
+class BackboneLoadError(BackboneError):
     """A backbone name or directory that cannot be loaded as a wav2vec2-family model."""
 
 
-class LaunchError(ValueError):
+class LaunchError(AvbError):
     """The launched processes did not form the process group they were launched as."""
 
 
@@ -152,11 +158,11 @@ def forward_layers(
             f"{tuple(sample_mask.shape)}"
         )
     if frame_stride < 1:
-        raise ValueError(f"frame_stride must be >= 1, got {frame_stride}")
+        raise BackboneError(f"frame_stride must be >= 1, got {frame_stride}")
     names = layer_names(model)
     unknown = [layer for layer in frame_layers if layer not in names]
     if unknown:
-        raise ValueError(f"unknown frame layer(s) {', '.join(unknown)}; this backbone has {', '.join(names)}")
+        raise BackboneError(f"unknown frame layer(s) {', '.join(unknown)}; this backbone has {', '.join(names)}")
 
     # HuBERT-style models return no `extract_features`: for them "cnn" is the CNN output itself, caught here.
     captured: dict[str, Tensor] = {}
@@ -175,7 +181,7 @@ def forward_layers(
     expected = model.config.num_hidden_layers + 1
     if out.hidden_states is None or len(out.hidden_states) != expected:
         got = 0 if out.hidden_states is None else len(out.hidden_states)
-        raise ValueError(
+        raise BackboneError(
             f"the backbone returned {got} hidden states instead of {expected} (LayerDrop "
             f"{getattr(model.config, 'layerdrop', '?')} skipped layers?); load it with layerdrop=0"
         )

@@ -14,15 +14,21 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from cache.command_kit.errors import AvbError
 from extract.audio import SAMPLE_RATE, crop_or_pad, load_wav
 from extract.corpus import Corpus
 from heads.names import CLIP_SECONDS
+
+
+class ClipError(AvbError):
+    """A clip length that cannot work."""
+
 
 def clip_samples(clip_seconds: float) -> int:
     """Samples in one clip of `clip_seconds` at 16 kHz."""
     n = int(round(float(clip_seconds) * SAMPLE_RATE))
     if n < 1:
-        raise ValueError(f"clip_seconds must be positive, got {clip_seconds}")
+        raise ClipError(f"clip_seconds must be positive, got {clip_seconds}")
     return n
 
 

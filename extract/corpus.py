@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.format import where
-from heads.submission import bracket_id, row_where, strip_brackets
+from cache.command_kit.errors import AvbError, where
+from heads.submission import SubmissionError, bracket_id, row_where, strip_brackets
 from heads.tasks import SPLITS, TASKS, Task
 
 LABELS_DIR = "labels"
@@ -32,7 +32,7 @@ _ID, _SPLIT, _COUNTRY = "File_ID", "Split", "Country"
 _UNSAFE = ("/", "\\", "..", "\x00")
 
 
-class CorpusError(ValueError):
+class CorpusError(AvbError):
     """A corpus that cannot be used; the message is one line naming the file, row and value."""
 
 
@@ -53,7 +53,7 @@ class Corpus:
     def indices(self, split: str) -> np.ndarray:
         """Row positions of one split, ascending."""
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+            raise CorpusError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         return np.flatnonzero(self.splits == split)
 
     def __len__(self) -> int:
@@ -116,7 +116,7 @@ def _parse_ids(table: _Table) -> None:
         raw = cells[id_col]
         try:
             clip = strip_brackets(raw)
-        except ValueError:
+        except SubmissionError:
             raise CorpusError(f"{table.path}, row {line}: empty File_ID") from None
         bad = next((s for s in _UNSAFE if s in clip), None)
         if bad is not None:

@@ -30,10 +30,11 @@ from typing import Any
 import click
 import numpy as np
 
-from cache.command import command_errors
+from cache.command_kit.command import command_errors
+from cache.command_kit.errors import AvbError
+from cache.command_kit.lock import hold_output
+from cache.command_kit.options import progress_option
 from cache.format import CacheError
-from cache.lock import hold_output
-from cache.options import progress_option
 from cache.reader import check_compatible, load_cache, read_attrs
 from cache.writer import CacheWriter, merge_shards
 from extract.audio import SAMPLE_RATE
@@ -45,7 +46,7 @@ SHARD_PATTERN = re.compile(r"\.shard-(\d+)-of-(\d+)$")
 DTYPES = ("float16", "float32")
 
 
-class DumpError(ValueError):
+class DumpError(AvbError):
     """Bad dump settings or an output that cannot be (re)used; one line for the user."""
 
 

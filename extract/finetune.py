@@ -10,7 +10,7 @@ score (mean of the four task scores) has not improved for 5 epochs, model select
 How it is laid out and why:
 * Backbone, head and loss weighting are one module (`FinetuneModel`) that also computes the loss, so DDP
   all-reduces every trainable parameter, including RRUW/DRUW's uncertainty alpha (trained at the head LR,
-  without weight decay, as heads.weighting asks). LayerDrop is off (see `extract.backbone.load_backbone`),
+  without weight decay, as heads.model.weighting asks). LayerDrop is off (see `extract.backbone.load_backbone`),
   so every trainable parameter is used in every step.
 * The global gradient norm is clipped (`--grad-clip`, 5 as in the heads) and a non-finite one stops the run
   before the update, with the epoch and step in the error: a NaN loss never reaches the saved weights.
@@ -46,24 +46,32 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cache.atomic import write_json_atomic, written_via
-from cache.command import command_errors
-from cache.jsonable import jsonable
-from cache.lock import hold_output
-from cache.options import progress_option
+from cache.command_kit.atomic import write_json_atomic, written_via
+from cache.command_kit.command import command_errors
+from cache.command_kit.errors import AvbError
+from cache.command_kit.jsonable import jsonable
+from cache.command_kit.lock import hold_output
+from cache.command_kit.options import progress_option
 from extract.clips import ClipDataset, EpochShuffleSampler, collate_clips
 from extract.run_config import PRECISIONS, ClipRunConfig
 from heads.names import ARCHS, CLIP_SECONDS, DEFAULT_EPOCHS, WEIGHTINGS
-from heads.runs import CONFIG_FILE, FINETUNE_FORMAT, FINETUNE_KIND, METRICS_FILE, history_entry, read_history
+from heads.runs import (
+    CONFIG_FILE,
+    FINETUNE_FORMAT,
+    FINETUNE_KIND,
+    METRICS_FILE,
+    history_entry,
+    read_history,
+)
 from heads.tasks import TASK_NAMES
-from heads.tracking import REPORT_TO_CHOICES
+from heads.training.tracking import REPORT_TO_CHOICES
 
 CHECKPOINT = re.compile(r"^step-(\d{8,})$")
 TRACKER_PROJECT = "finetune"      # accelerate's project name: TensorBoard logs go to OUT/tracking/finetune
 STATE_FILE = "train_state.json"
 
 
-class FinetuneError(ValueError):
+class FinetuneError(AvbError):
     """Bad fine-tuning settings, or an output directory that cannot be used; one line for the user."""
 
 
@@ -98,7 +106,7 @@ class FinetuneConfig(ClipRunConfig):
     num_workers: int = 0
     keep_checkpoints: int = 2
     resume: bool = False
-    report_to: str = "none"           # experiment trackers (heads.tracking): none, tensorboard, wandb, mlflow, all
+    report_to: str = "none"           # experiment trackers (heads.training.tracking): none, tensorboard, wandb, mlflow, all
     tracking_dir: str = ""            # where they write; "" = OUT/tracking
 
     # Fields that may change between a run and its --resume; every other field must match.
@@ -148,8 +156,8 @@ class FinetuneModel(nn.Module):
     def forward(self, waves: Tensor, mask: Tensor, targets: dict[str, Tensor] | None = None) -> dict[str, Any]:
         """outputs: task -> [B, out_dim]; with targets ({task: [B, label_dim]}) also loss and task_losses [4]."""
         from extract.backbone import forward_layers
-        from heads.losses import task_losses
-        from heads.models import HeadInputs
+        from heads.model.architectures import HeadInputs
+        from heads.model.losses import task_losses
 
         pooled, _, _ = forward_layers(self.backbone, waves, mask)
         inputs = HeadInputs(pooled={name: pooled[name][None] for name in self.head.required_layers})
@@ -198,14 +206,14 @@ class TrainState:
 class GroupPlateau:
     """Halve every learning rate of a torch optimizer when the Val score stops improving (`--plateau-*`).
 
-    The bookkeeping is heads.optim.PlateauHalving's, with the optimizer's parameter groups as its runs, all fed
+    The bookkeeping is heads.model.optim.PlateauHalving's, with the optimizer's parameter groups as its runs, all fed
     the same score: so each group's rate drops on the same epochs, exactly as torch's
     ReduceLROnPlateau(mode="max") would drop it. `lr` is the [G] view of the groups' rates PlateauHalving reads
     and writes; the groups are read again at each step (loading an optimizer state replaces them).
     """
 
     def __init__(self, optimizer: Any, *, patience: int, factor: float) -> None:
-        from heads.optim import PlateauHalving
+        from heads.model.optim import PlateauHalving
 
         self.optimizer = optimizer
         self.n_runs = len(optimizer.param_groups)
@@ -269,7 +277,7 @@ def save_best(unwrapped: FinetuneModel, out: Path, step: int | None = None) -> N
     """
     from safetensors.torch import save_file
 
-    from cache.atomic import atomic_path
+    from cache.command_kit.atomic import atomic_path
 
     tmp = out / ".backbone.tmp"
     if tmp.exists():
@@ -322,7 +330,7 @@ def _train_rows(corpus: Any) -> np.ndarray:
 
 
 def _step_values(step_sums: Tensor, unwrapped: FinetuneModel, optimizer: Any) -> dict[str, float]:
-    """What one optimizer step logs (heads.tracking names): this process's mean loss over the step's
+    """What one optimizer step logs (heads.training.tracking names): this process's mean loss over the step's
     micro-batches, each task's loss and loss weight, and both learning rates."""
     n = max(1.0, float(step_sums[5]))
     values = {"train/loss": float(step_sums[0]) / n,
@@ -381,13 +389,15 @@ def evaluate(accelerator: Any, model: nn.Module, loader: Any, corpus: Any, *, pr
 def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) one fine-tuning run; every process calls this. Returns the metrics dict."""
     cfg.validate()
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
-
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import (
+        DistributedDataParallelKwargs,
+        ProjectConfiguration,
+        set_seed,
+    )
 
     from extract.backbone import load_backbone, make_accelerator
     from extract.corpus import read_corpus
-    from heads.tracking import TRACKING_DIR, resolve_report_to
+    from heads.training.tracking import TRACKING_DIR, resolve_report_to
 
     out = Path(cfg.out)
     trackers = resolve_report_to(cfg.report_to)     # before any work: a missing package is found at once
@@ -467,8 +477,8 @@ class Finetuning:
         """Backbone + head (one run) + loss weighting; the head's dropout masks come from a generator per rank
         (different samples, different masks), saved in the checkpoints."""
         from extract.backbone import layer_dims
-        from heads.models import HeadConfig, build_head
-        from heads.weighting import build_weighting
+        from heads.model.architectures import HeadConfig, build_head
+        from heads.model.weighting import build_weighting
 
         cfg = self.cfg
         self.dims = layer_dims(backbone)
@@ -552,7 +562,7 @@ class Finetuning:
         return metrics
 
     def _start(self) -> None:
-        from heads.tracking import accelerate_init_kwargs, flat_config
+        from heads.training.tracking import accelerate_init_kwargs, flat_config
 
         cfg, state, out = self.cfg, self.state, self.out
         if self.accelerator.is_main_process:

@@ -36,11 +36,25 @@ from scipy.io import wavfile
 from scipy.signal import lfilter
 from tqdm.auto import tqdm
 
-from cache.atomic import write_json_atomic, write_text_atomic
-from cache.command import command_errors
-from cache.options import OptionOrArgumentCommand, option_or_argument, progress_option
+from cache.command_kit.atomic import write_json_atomic, write_text_atomic
+from cache.command_kit.command import command_errors
+from cache.command_kit.errors import AvbError
+from cache.command_kit.options import (
+    OptionOrArgumentCommand,
+    option_or_argument,
+    progress_option,
+)
 from extract.audio import write_wav
-from heads.tasks import COUNTRIES, CULTURE, EMOTIONS, HIGH, SPLITS, TWO, TYPE, TYPE_CLASSES
+from heads.tasks import (
+    COUNTRIES,
+    CULTURE,
+    EMOTIONS,
+    HIGH,
+    SPLITS,
+    TWO,
+    TYPE,
+    TYPE_CLASSES,
+)
 
 MARKER = "synth_config.json"
 LABEL_FILES = ("data_info.csv", "high_info.csv", "two_info.csv", "culture_info.csv", "type_info.csv")
@@ -63,7 +77,7 @@ DURATION_SIGMA = 0.55
 DURATION_MEDIAN = 2.0
 
 
-class SynthError(ValueError):
+class SynthError(AvbError):
     """A bad request to the corpus generator (shown to CLI users as `Error: ...`)."""
 
 

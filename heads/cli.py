@@ -11,20 +11,18 @@ from pathlib import Path
 
 import click
 
-from cache.command import command_errors
-from cache.lock import hold_output
-from cache.options import ConfigDefault, csv_text, progress_option
-from heads.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT
+from cache.command_kit.command import command_errors
+from cache.command_kit.lock import hold_output
+from cache.command_kit.options import ConfigDefault, csv_text, progress_option
+from heads.analysis.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT
 from heads.names import ARCHS, DEFAULT_MAX_GROUP_MIB, HEAD_PRECISIONS, WEIGHTINGS
 from heads.runs import CONFIG_FILE
 from heads.tasks import METRIC_KEYS
-from heads.tracking import REPORT_TO_CHOICES
-
-PRECISIONS = HEAD_PRECISIONS
+from heads.training.tracking import REPORT_TO_CHOICES
 
 ARCH_CHOICES = ARCHS
 WEIGHTING_CHOICES = WEIGHTINGS
-HEAD, TRAIN, GRID = "heads.models:HeadConfig.", "heads.train:TrainConfig.", "heads.ablate:GridConfig."
+HEAD, TRAIN, GRID = "heads.model.architectures:HeadConfig.", "heads.training.joint:TrainConfig.", "heads.training.grid:GridConfig."
 INPUT_LAYER_HELP = "Pooled layer feeding VANILLA/CHAIN: 'last', 'weighted' (learned mix of all layers) or a name."
 
 
@@ -47,14 +45,14 @@ def _seed_list(text: str) -> list[int]:
 
 def _head_config(hidden: int, dropout: float, input_layer: str, chain_order: str, n_heads: int,
                  branch_blocks: int, branch_frames: bool):
-    from heads.models import HeadConfig  # noqa: PLC0415
-    from heads.tasks import parse_task_order  # noqa: PLC0415
+    from heads.model.architectures import HeadConfig  # noqa: PLC0415
+    from heads.tasks import TaskError, parse_task_order  # noqa: PLC0415
 
     if not 0.0 <= dropout < 1.0:
         raise click.BadParameter(f"dropout must be in [0, 1), got {dropout}", param_hint="--dropout")
     try:
         order = parse_task_order(chain_order)
-    except ValueError as err:
+    except TaskError as err:
         raise click.BadParameter(str(err), param_hint="--chain-order") from None
     return HeadConfig(hidden=hidden, dropout=dropout, input_layer=input_layer, chain_order=order,
                       n_heads=n_heads, branch_blocks=branch_blocks, branch_use_frames=branch_frames)
@@ -65,7 +63,7 @@ def _tracking(report_to: str, tracking_dir: Path | None, out: Path, config_path)
     """A HeadsTracker for --report-to (None for 'none'), closed on the way out; each run's config.json is
     stored with its log."""
     from heads.runs import read_json_object  # noqa: PLC0415
-    from heads.tracking import TRACKING_DIR, HeadsTracker, resolve_report_to  # noqa: PLC0415
+    from heads.training.tracking import TRACKING_DIR, HeadsTracker, resolve_report_to  # noqa: PLC0415
 
     names = resolve_report_to(report_to)
     tracker = (HeadsTracker(names, tracking_dir or out / TRACKING_DIR, lambda run: read_json_object(config_path(run)))
@@ -104,7 +102,7 @@ def _head_options(func):
         click.option("--device", default="auto", show_default=True,
                      help="Where the heads train: auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps. "
                           "Under `accelerate launch` each process takes its own GPU."),
-        click.option("--precision", type=click.Choice(PRECISIONS), default=ConfigDefault(TRAIN + "precision"),
+        click.option("--precision", type=click.Choice(HEAD_PRECISIONS), default=ConfigDefault(TRAIN + "precision"),
                      show_default=True,
                      help="bf16: the heads' matmuls under bf16 autocast (for GPUs; parameters stay float32)."),
         progress_option(),
@@ -147,8 +145,8 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
     with (command_errors(), hold_output(out),   # the run folder is locked while it is written
           _tracking(report_to, tracking_dir, out, lambda run: out / CONFIG_FILE) as tracker):
         from cache.reader import load_cache  # noqa: PLC0415
-        from heads.device import resolve_device  # noqa: PLC0415
-        from heads.train import TrainConfig, train_runs  # noqa: PLC0415
+        from heads.training.device import resolve_device  # noqa: PLC0415
+        from heads.training.joint import TrainConfig, train_runs  # noqa: PLC0415
 
         train_device = resolve_device(device)   # a machine without the device fails before anything loads
         cfg = TrainConfig(arch=arch, weighting=weighting, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -202,8 +200,8 @@ def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, see
     head = _head_config(hidden, dropout, input_layer, chain_order, n_heads, branch_blocks, branch_frames)
     with command_errors(), _tracking(report_to, tracking_dir, out, lambda run: out / run / CONFIG_FILE) as tracker:
         # the grid folder's lock is taken inside run_grid, once the processes of a launch know each other
-        from heads.ablate import run_grid  # noqa: PLC0415
-        from heads.device import resolve_device  # noqa: PLC0415
+        from heads.training.device import resolve_device  # noqa: PLC0415
+        from heads.training.grid import run_grid  # noqa: PLC0415
 
         resolve_device(device)   # a machine without the device fails before anything loads
         rows = run_grid(cache_path, out, archs=arch_list, weightings=weighting_list, seeds=seed_list, epochs=epochs,

@@ -15,9 +15,14 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from heads.tasks import TASKS, Task
+from cache.command_kit.errors import AvbError
+from heads.tasks import HEADLINE_KEYS, SELECTION_KEY, TASKS, Task
 
 EPS = 1e-12  # keeps CCC/Pearson finite when both inputs are constant
+
+
+class MetricsError(AvbError):
+    """Nothing to score: a split without labels for a task."""
 
 
 def _as_columns(x: np.ndarray) -> np.ndarray:
@@ -57,7 +62,7 @@ def uar(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     if t.shape != p.shape:
         raise ValueError(f"UAR needs equal lengths, got {t.shape[0]} labels and {p.shape[0]} predictions")
     if t.size == 0:
-        raise ValueError("UAR of an empty set is undefined")
+        raise MetricsError("UAR of an empty set is undefined")
     recalls = [float(np.mean(p[t == c] == c)) for c in np.unique(t)]
     return float(np.mean(recalls))
 
@@ -83,7 +88,7 @@ def score_task(task: Task, labels: np.ndarray, preds: np.ndarray) -> dict[str, f
     """
     keep = labelled_rows(task, labels)
     if not keep.any():
-        raise ValueError(f"no labelled rows to score {task.title} on")
+        raise MetricsError(f"no labelled rows to score {task.title} on")
     y = _as_columns(labels)[keep]
     if task.is_classification:
         return {"type_uar": uar(y[:, 0], type_indices(np.asarray(preds)[keep]))}
@@ -100,7 +105,7 @@ def score_all(labels: Mapping[str, np.ndarray], preds: Mapping[str, np.ndarray])
     for name in TASKS:
         if name in preds:
             out.update(score_task(TASKS[name], labels[name], preds[name]))
-    headline = [out[k] for k in ("type_uar", "two_ccc", "high_ccc", "culture_ccc") if k in out]
+    headline = [out[k] for k in HEADLINE_KEYS.values() if k in out]
     if len(headline) == len(TASKS):
-        out["mean"] = float(np.mean(headline))
+        out[SELECTION_KEY] = float(np.mean(headline))
     return out

@@ -1,6 +1,6 @@
 """A run directory: the files one trained head leaves behind, and how to find complete ones.
 
-`heads.train` writes it; `avb ensemble`, `avb report` and `avb predict` read it:
+`heads.training.joint` writes it; `avb ensemble`, `avb report` and `avb predict` read it:
 
     <run>/config.json             the resolved TrainConfig + the cache it was trained on ("cache", "cache_attrs")
     <run>/head.safetensors        the best epoch's weights of this run
@@ -43,7 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cache.atomic import write_json_atomic
+from cache.command_kit.atomic import write_json_atomic
+from cache.command_kit.errors import AvbError
 from heads.tasks import TASK_NAMES
 
 RUN_FORMAT = 2            # bump when the files of a run folder change meaning; readers refuse other values
@@ -56,6 +57,7 @@ PREDICTIONS_DIR = "predictions"
 FINETUNE_KIND = "finetune"   # config.json "kind" of a fine-tuning output
 FINETUNE_FORMAT = 1          # bump when the files of a fine-tuning output change meaning
 BACKBONE_DIR = "backbone"
+RESULTS_CSV, RESULTS_JSON, RESULTS_MD = "results.csv", "results.json", "results.md"   # an ablation grid's tables
 
 
 # What `output_kind` calls each folder.
@@ -64,7 +66,7 @@ RUN, ENSEMBLE, FINETUNE, ABLATION = "run", "ensemble", "finetune", "ablation"
 HISTORY_KEYS = ("epoch", "step", "partial", "loss", "task_losses", "weights", "lr", "val")
 
 
-class RunDirError(ValueError):
+class RunDirError(AvbError):
     """A folder that is not what it should be, or an unreadable JSON file in it; names the path."""
 
 

@@ -18,12 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.atomic import write_text_atomic
-from cache.format import where
+from cache.command_kit.atomic import write_text_atomic
+from cache.command_kit.errors import AvbError, where
 from heads.metrics import type_indices
 from heads.tasks import TASKS, TYPE, Task
 
 PROBS_FILE = "type_probs.csv"
+
+
+class SubmissionError(AvbError):
+    """A prediction or submission file that cannot be read or written; one line naming the file and row."""
 
 
 def bracket_id(clip_id: str) -> str:
@@ -36,7 +40,7 @@ def strip_brackets(file_id: str, where: str = "") -> str:
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1].strip()
     if not text:
-        raise ValueError(f"{where}empty File_ID")
+        raise SubmissionError(f"{where}empty File_ID")
     return text
 
 
@@ -44,7 +48,7 @@ def row_where(path: str | os.PathLike, row: int, raw_id: str | None) -> str:
     """`P, row n (File_ID [x])` (cache.format.where), or `P, row n` when the row has no usable File_ID cell."""
     try:
         return where(path, row, strip_brackets(raw_id or ""))
-    except ValueError:
+    except SubmissionError:
         return f"{path}, row {row}"
 
 
@@ -54,7 +58,7 @@ def submission_name(task: Task, team: str, number: int) -> str:
 
 def _format_value(value: float) -> str:
     if not math.isfinite(value):
-        raise ValueError(f"refusing to write a non-finite prediction ({value})")
+        raise SubmissionError(f"refusing to write a non-finite prediction ({value})")
     return f"{value:.9g}"
 
 
@@ -62,7 +66,7 @@ def submission_text(task: Task, ids: Sequence[str], values: np.ndarray) -> str:
     """The CSV text of one task's submission, rows sorted by File_ID."""
     values = np.asarray(values)
     if len(ids) != len(values):
-        raise ValueError(f"{task.title}: {len(ids)} ids but {len(values)} prediction rows")
+        raise SubmissionError(f"{task.title}: {len(ids)} ids but {len(values)} prediction rows")
     order = sorted(range(len(ids)), key=lambda i: ids[i])
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -73,7 +77,7 @@ def submission_text(task: Task, ids: Sequence[str], values: np.ndarray) -> str:
             writer.writerow((bracket_id(ids[i]), task.classes[int(classes[i])]))
     else:
         if values.ndim != 2 or values.shape[1] != len(task.columns):
-            raise ValueError(f"{task.title}: expected {len(task.columns)} columns, got shape {values.shape}")
+            raise SubmissionError(f"{task.title}: expected {len(task.columns)} columns, got shape {values.shape}")
         for i in order:
             writer.writerow([bracket_id(ids[i])] + [_format_value(float(v)) for v in values[i]])
     return out.getvalue()
@@ -99,7 +103,7 @@ def write_submissions(
 def write_type_probs(path: str | os.PathLike, ids: Sequence[str], probs: np.ndarray) -> None:
     probs = np.asarray(probs, dtype=np.float64)
     if probs.shape != (len(ids), len(TYPE.classes)):
-        raise ValueError(f"type probabilities must have shape ({len(ids)}, {len(TYPE.classes)}), got {probs.shape}")
+        raise SubmissionError(f"type probabilities must have shape ({len(ids)}, {len(TYPE.classes)}), got {probs.shape}")
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(("File_ID",) + TYPE.classes)
@@ -112,23 +116,23 @@ def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     try:
         text = path.read_text(encoding="utf-8-sig")  # tolerate a BOM
     except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
+        raise SubmissionError(f"{path}: no such file") from None
     except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a UTF-8 text file") from None
+        raise SubmissionError(f"{path}: not a UTF-8 text file") from None
     rows = [row for row in csv.reader(io.StringIO(text)) if row]  # csv handles CRLF
     if not rows:
-        raise ValueError(f"{path}: empty file")
+        raise SubmissionError(f"{path}: empty file")
     return [h.strip() for h in rows[0]], rows[1:]
 
 
 def detect_task(header: Sequence[str], path: Path) -> Task:
     """The task whose submission columns are exactly `header` (after File_ID)."""
     if not header or header[0] != "File_ID":
-        raise ValueError(f"{path}: first column must be 'File_ID', found {header[0] if header else 'nothing'!r}")
+        raise SubmissionError(f"{path}: first column must be 'File_ID', found {header[0] if header else 'nothing'!r}")
     for task in TASKS.values():
         if tuple(header[1:]) == task.columns:
             return task
-    raise ValueError(
+    raise SubmissionError(
         f"{path}: columns {', '.join(header[1:5])}{'...' if len(header) > 5 else ''} match no A-VB task "
         "(expected the official columns in the official order)"
     )
@@ -139,7 +143,7 @@ def _parse_ids(rows: list[list[str]], path: Path) -> list[str]:
     for n, row in enumerate(rows, start=2):
         clip = strip_brackets(row[0], where=f"{path}, row {n}: ")
         if clip in seen:
-            raise ValueError(f"{path}, row {n}: duplicate File_ID {row[0]!r}")
+            raise SubmissionError(f"{path}, row {n}: duplicate File_ID {row[0]!r}")
         seen.add(clip)
         ids.append(clip)
     return ids
@@ -156,7 +160,7 @@ def read_submission(path: str | os.PathLike) -> tuple[Task, list[str], np.ndarra
     task = detect_task(header, path)
     for n, row in enumerate(rows, start=2):
         if len(row) != len(header):
-            raise ValueError(f"{row_where(path, n, row[0] if row else None)}: {len(row)} cells, "
+            raise SubmissionError(f"{row_where(path, n, row[0] if row else None)}: {len(row)} cells, "
                              f"expected {len(header)}")
     ids = _parse_ids(rows, path)
     if task.is_classification:
@@ -164,7 +168,7 @@ def read_submission(path: str | os.PathLike) -> tuple[Task, list[str], np.ndarra
         for n, (clip, row) in enumerate(zip(ids, rows), start=2):
             name = row[1].strip()
             if name not in task.classes:
-                raise ValueError(f"{where(path, n, clip, 'column Voc_Type')}: unknown class {name!r}")
+                raise SubmissionError(f"{where(path, n, clip, 'column Voc_Type')}: unknown class {name!r}")
             values[n - 2] = task.classes.index(name)
         return task, ids, values
     return task, ids, _parse_numbers(path, rows, ids, task.columns)
@@ -175,14 +179,14 @@ def _parse_numbers(path: Path, rows: list[list[str]], ids: list[str], columns: S
     values = np.empty((len(rows), len(columns)), dtype=np.float64)
     for n, (clip, row) in enumerate(zip(ids, rows), start=2):
         if len(row) != len(columns) + 1:
-            raise ValueError(f"{where(path, n, clip)}: {len(row)} cells, expected {len(columns) + 1}")
+            raise SubmissionError(f"{where(path, n, clip)}: {len(row)} cells, expected {len(columns) + 1}")
         for j, cell in enumerate(row[1:]):
             try:
                 values[n - 2, j] = float(cell)
             except ValueError:
-                raise ValueError(f"{where(path, n, clip, f'column {columns[j]}')}: not a number: {cell!r}") from None
+                raise SubmissionError(f"{where(path, n, clip, f'column {columns[j]}')}: not a number: {cell!r}") from None
             if not math.isfinite(values[n - 2, j]):
-                raise ValueError(f"{where(path, n, clip, f'column {columns[j]}')}: not a finite number: {cell!r}")
+                raise SubmissionError(f"{where(path, n, clip, f'column {columns[j]}')}: not a finite number: {cell!r}")
     return values
 
 
@@ -191,6 +195,6 @@ def read_type_probs(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     path = Path(path)
     header, rows = _read_rows(path)
     if tuple(header) != ("File_ID",) + TYPE.classes:
-        raise ValueError(f"{path}: expected columns File_ID,{','.join(TYPE.classes)}")
+        raise SubmissionError(f"{path}: expected columns File_ID,{','.join(TYPE.classes)}")
     ids = _parse_ids(rows, path)
     return ids, _parse_numbers(path, rows, ids, TYPE.classes)

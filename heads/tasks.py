@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from cache.command_kit.errors import AvbError
+
 EMOTIONS: tuple[str, ...] = (
     "Awe", "Excitement", "Amusement", "Awkwardness", "Fear",
     "Horror", "Distress", "Triumph", "Sadness", "Surprise",
@@ -21,6 +23,10 @@ SPLITS: tuple[str, ...] = ("Train", "Val", "Test")
 _CULTURE_COLUMNS = tuple(
     f"{country}_{emotion}" for country in COUNTRIES for emotion in EMOTIONS if emotion != "Surprise"
 ) + tuple(f"{country}_Surprise" for country in COUNTRIES)
+
+
+class TaskError(AvbError):
+    """An unknown task name or a bad task order."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,8 @@ METRIC_KEYS: tuple[str, ...] = (
 )
 # The per-task headline score (what model selection and Table I use).
 HEADLINE_KEYS: dict[str, str] = {"type": "type_uar", "two": "two_ccc", "high": "high_ccc", "culture": "culture_ccc"}
+# Model selection (the paper's): the mean of the headline scores, under this key in every metrics file.
+SELECTION_KEY = "mean"
 
 
 def get_task(name: str) -> Task:
@@ -77,12 +85,12 @@ def get_task(name: str) -> Task:
     try:
         return TASKS[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown task {name!r}; expected one of {', '.join(TASK_NAMES)}") from None
+        raise TaskError(f"unknown task {name!r}; expected one of {', '.join(TASK_NAMES)}") from None
 
 
 def parse_task_order(text: str) -> tuple[str, ...]:
     """Parse a chain order such as 'type,two,high,culture' (a permutation of the four tasks)."""
     order = tuple(get_task(part.strip()).name for part in text.split(",") if part.strip())
     if sorted(order) != sorted(TASK_NAMES):
-        raise ValueError(f"task order {text!r} must name each of {', '.join(TASK_NAMES)} exactly once")
+        raise TaskError(f"task order {text!r} must name each of {', '.join(TASK_NAMES)} exactly once")
     return order

@@ -23,7 +23,7 @@ from heads.tasks import TASK_NAMES, TASKS, TYPE_CLASSES
 if TYPE_CHECKING:
     import torch
 
-    from heads.models import HeadConfig, HeadInputs
+    from heads.model.architectures import HeadConfig, HeadInputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,8 +56,9 @@ def accelerate_launch(module: str, args: list[str], processes: int, cwd: Path,
 
 def corpus_and_backbone(root: Path, clips: int, seed: int, max_seconds: float, **backbone: Any) -> tuple[Path, Path]:
     """A generated corpus (root/corpus) and a tiny random backbone (root/model, `backbone` overrides its config)."""
-    from extract.synth import synthesize_corpus  # noqa: PLC0415
     from tiny_model import make_tiny_backbone  # noqa: PLC0415
+
+    from extract.synth import synthesize_corpus  # noqa: PLC0415
 
     corpus = synthesize_corpus(root / "corpus", clips, seed=seed, max_seconds=max_seconds, progress=False)
     return corpus, make_tiny_backbone(root / "model", **backbone)
@@ -104,7 +105,7 @@ VARIANTS = {
 
 
 def cfg_of(name: str, **kw) -> HeadConfig:
-    from heads.models import HeadConfig  # noqa: PLC0415
+    from heads.model.architectures import HeadConfig  # noqa: PLC0415
 
     return HeadConfig(hidden=8, n_heads=2, **{**VARIANTS[name], **kw})
 
@@ -112,7 +113,7 @@ def cfg_of(name: str, **kw) -> HeadConfig:
 def make_inputs(n_runs: int, seed: int = 0, n_valid: list[int] | None = None) -> HeadInputs:
     import torch  # noqa: PLC0415
 
-    from heads.models import HeadInputs  # noqa: PLC0415
+    from heads.model.architectures import HeadInputs  # noqa: PLC0415
 
     g = torch.Generator().manual_seed(seed)
     pooled = {k: torch.randn(n_runs, B, d, generator=g) for k, d in DIMS.items()}

@@ -11,16 +11,19 @@ import torch
 from click.testing import CliRunner
 from helpers import make_signal_cache
 
+from cache.format import CacheError
 from cache.reader import load_cache
 from extract.app.cli import main as avb
-from heads import ablate as ablate_mod
-from heads.ablate import joint_groups, results_markdown, run_grid, run_state_bytes, summarise
-from heads.bootstrap import BootstrapConfig, resample_indices, score_intervals
-from heads.comparison import val_arrays
-from heads.ensemble import read_split_predictions
+from heads import names
+from heads.analysis.bootstrap import BootstrapConfig, resample_indices, score_intervals
+from heads.analysis.comparison import val_arrays
+from heads.analysis.ensemble import read_split_predictions
+from heads.analysis.tables import results_markdown, summarise
 from heads.metrics import score_task
-from heads.models import HeadConfig, build_head
+from heads.model.architectures import HeadConfig, build_head
 from heads.tasks import METRIC_KEYS, TASKS
+from heads.training import grid as ablate_mod
+from heads.training.grid import AblationError, joint_groups, run_grid, run_state_bytes
 
 torch.set_num_threads(1)
 
@@ -263,11 +266,11 @@ def test_memory_budget_splits_an_arch_into_joint_groups_with_the_joint_results(c
 
 
 def test_grid_rejects_bad_specs(cache_file, tmp_path):
-    with pytest.raises(ValueError, match="unknown architecture 'mlp'; expected one of vanilla, chain, branch"):
+    with pytest.raises(AblationError, match="unknown architecture 'mlp'; expected one of vanilla, chain, branch"):
         run_grid(cache_file, tmp_path, archs=("mlp",), progress=False)
-    with pytest.raises(ValueError, match="seeds listed twice: 0, 0"):
+    with pytest.raises(AblationError, match="seeds listed twice: 0, 0"):
         run_grid(cache_file, tmp_path, seeds=(0, 0), progress=False)
-    with pytest.raises(ValueError, match="no such file"):
+    with pytest.raises(CacheError, match="no such file"):
         run_grid(tmp_path / "missing.h5", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -301,7 +304,7 @@ def test_cli_max_group_mib_defaults_to_the_library_budget_and_rejects_negatives(
 
     option = next(p for p in ablate_command.params if p.name == "max_group_mib")
     assert option.default is None                       # the library decides, by device
-    assert ablate_mod.default_group_bytes(torch.device("cpu")) == ablate_mod.DEFAULT_MAX_GROUP_BYTES == 640 * 2**20
+    assert ablate_mod.default_group_bytes(torch.device("cpu")) == names.DEFAULT_MAX_GROUP_BYTES == 640 * 2**20
     out = tmp_path / "default"
     res = CliRunner().invoke(avb, ["heads", "ablate", "--cache", str(cache_file), "--out", str(out), "--archs",
                                    "vanilla", "--weightings", "uniform", "--epochs", "1", "--hidden", "8",

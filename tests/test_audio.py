@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 from scipy.io import wavfile
 
-from extract.audio import SAMPLE_RATE, AudioError, crop_or_pad, load_wav, wav_info, write_wav
+from extract.audio import (
+    SAMPLE_RATE,
+    AudioError,
+    crop_or_pad,
+    load_wav,
+    wav_info,
+    write_wav,
+)
 
 RATES = (8000, 22050, 44100, 48000)
 SUBTYPES = ("PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE")

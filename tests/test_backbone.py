@@ -8,7 +8,14 @@ import torch
 from helpers import NO_DROPOUT, S, conv_frames, padded_batch
 from tiny_model import make_tiny_backbone, tiny_config
 
-from extract.backbone import BackboneLoadError, forward_layers, layer_dims, layer_names, load_backbone
+from extract.backbone import (
+    BackboneError,
+    BackboneLoadError,
+    forward_layers,
+    layer_dims,
+    layer_names,
+    load_backbone,
+)
 
 torch.set_num_threads(1)
 
@@ -101,9 +108,9 @@ def test_frames_are_strided_valid_frames(group_model):
 
 def test_bad_arguments_give_clear_errors(group_model):
     waves, mask = padded_batch([S])
-    with pytest.raises(ValueError, match=r"^unknown frame layer\(s\) hidden_9; this backbone has cnn, hidden_0"):
+    with pytest.raises(BackboneError, match=r"^unknown frame layer\(s\) hidden_9; this backbone has cnn, hidden_0"):
         forward_layers(group_model, waves, mask, frame_layers=("hidden_9",))
-    with pytest.raises(ValueError, match=r"^frame_stride must be >= 1, got 0$"):
+    with pytest.raises(BackboneError, match=r"^frame_stride must be >= 1, got 0$"):
         forward_layers(group_model, waves, mask, frame_stride=0)
     with pytest.raises(ValueError, match=r"same shape, got \(1, 40000\) and \(1, 39999\)$"):
         forward_layers(group_model, waves, mask[:, 1:])
@@ -199,5 +206,5 @@ def test_layerdrop_is_switched_off_so_every_layer_keeps_its_name(tmp_path):
         pooled, _, _ = forward_layers(model, waves, mask)
         assert list(pooled) == ["cnn", "hidden_0", "hidden_1", "hidden_2"]
     dropping = load_backbone(path, layerdrop=1.0).train()
-    with pytest.raises(ValueError, match=r"^the backbone returned \d hidden states instead of 3 \(LayerDrop 1.0"):
+    with pytest.raises(BackboneError, match=r"^the backbone returned \d hidden states instead of 3 \(LayerDrop 1.0"):
         forward_layers(dropping, waves, mask)

@@ -15,21 +15,30 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import NO_DROPOUT, S, TOL, conv_frames, padded_batch, read_csv, row_values, run_val_predictions
+from helpers import (
+    NO_DROPOUT,
+    TOL,
+    S,
+    conv_frames,
+    padded_batch,
+    read_csv,
+    row_values,
+    run_val_predictions,
+)
 from tiny_model import make_tiny_backbone
 
 from cache.reader import load_cache
-from extract.backbone import forward_layers, load_backbone, uses_attention_mask
 from extract.app.cli import main as avb
+from extract.backbone import forward_layers, load_backbone, uses_attention_mask
 from extract.corpus import read_corpus
 from extract.dump import DumpConfig, run_dump
 from extract.finetune import FinetuneConfig, run_finetune
 from extract.synth import synthesize_corpus
 from heads.metrics import score_all
-from heads.models import HeadConfig
+from heads.model.architectures import HeadConfig
 from heads.runs import CONFIG_FILE, RunDirError, find_runs
 from heads.tasks import TASKS, TYPE_CLASSES
-from heads.train import TrainConfig, train_runs
+from heads.training.joint import TrainConfig, train_runs
 
 torch.set_num_threads(1)
 FAMILIES = ("wav2vec2", "hubert", "wavlm")

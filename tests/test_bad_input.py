@@ -24,10 +24,17 @@ import pytest
 from click.testing import CliRunner, Result
 from scipy.io import wavfile
 
-from cache.reader import CacheError, FrameReader, check_compatible, compat_attrs, load_cache, read_attrs
+from cache.reader import (
+    CacheError,
+    FrameReader,
+    check_compatible,
+    compat_attrs,
+    load_cache,
+    read_attrs,
+)
 from cache.writer import CacheWriter
-from extract.audio import SAMPLE_RATE, AudioError, load_wav, write_wav
 from extract.app.cli import main
+from extract.audio import SAMPLE_RATE, AudioError, load_wav, write_wav
 from extract.corpus import read_corpus
 from extract.synth import synthesize_corpus
 

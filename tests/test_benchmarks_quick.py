@@ -13,8 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from heads.layers import StackedDropout, StackedLinear, grad_sq_norms, make_generators
-from heads.optim import StackedAdamW
+from heads.model.layers import (
+    StackedDropout,
+    StackedLinear,
+    grad_sq_norms,
+    make_generators,
+)
+from heads.model.optim import StackedAdamW
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]

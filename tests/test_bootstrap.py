@@ -9,9 +9,14 @@ from helpers import val_labels
 
 from extract.app.cli import main
 from extract.synth import synthesize_corpus
-from heads import bootstrap as boot
-from heads.bootstrap import (
-    BootstrapConfig, BootstrapError, resample_indices, score_distributions, score_intervals, win_fraction,
+from heads.analysis import bootstrap as boot
+from heads.analysis.bootstrap import (
+    BootstrapConfig,
+    BootstrapError,
+    resample_indices,
+    score_distributions,
+    score_intervals,
+    win_fraction,
 )
 from heads.metrics import score_all
 from heads.submission import write_submissions

@@ -1,4 +1,4 @@
-"""Busy output folders (cache.lock): a second writer stops at once, readers are never blocked, ranks share one lock.
+"""Busy output folders (cache.command_kit.lock): a second writer stops at once, readers are never blocked, ranks share one lock.
 
 The lock's holder in these tests is another process (`holder`: a small script that takes the lock and waits),
 as it would be for a user who starts a second command in another terminal.
@@ -20,14 +20,22 @@ from click.testing import CliRunner
 from helpers import accelerate_command, make_signal_cache, subprocess_env
 from tiny_model import make_tiny_backbone
 
-from cache.lock import LOCK_NAME, FolderInUse, OutputLock, OutputUnavailable, hold_output, holds_output, lock_path
+from cache.command_kit.lock import (
+    LOCK_NAME,
+    FolderInUse,
+    OutputLock,
+    OutputUnavailable,
+    hold_output,
+    holds_output,
+    lock_path,
+)
 from extract.app.cli import main
 from extract.synth import synthesize_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 HOLDER = textwrap.dedent("""
     import sys
-    from cache.lock import hold_output
+    from cache.command_kit.lock import hold_output
     with hold_output(sys.argv[1], is_file=sys.argv[2] == "file"):
         print("held", flush=True)
         sys.stdin.read()   # until the test closes our stdin (or kills us)
@@ -208,8 +216,8 @@ def test_a_second_writer_on_a_busy_folder_exits_1_naming_the_holder(world, tmp_p
 
 
 def test_read_only_commands_are_never_blocked(world, tmp_path, holders):
-    from heads.ablate import run_grid
-    from heads.models import HeadConfig
+    from heads.model.architectures import HeadConfig
+    from heads.training.grid import run_grid
 
     grid = tmp_path / "grid"
     run_grid(world["cache"], grid, archs=("vanilla",), weightings=("uniform", "dwa"), epochs=1,

@@ -15,7 +15,13 @@ from click.testing import CliRunner
 
 from cache.format import read_ranges, read_rows
 from cache.reader import (
-    CacheError, FrameReader, cache_info, check_compatible, compat_attrs, load_cache, read_attrs,
+    CacheError,
+    FrameReader,
+    cache_info,
+    check_compatible,
+    compat_attrs,
+    load_cache,
+    read_attrs,
 )
 from cache.writer import CacheWriter, merge_shards
 from extract.app.cli import main

@@ -119,10 +119,10 @@ def _assert_defaults_come_from(command, configs, unowned, renames=None):
 
 
 def test_heads_cli_defaults_are_the_config_dataclasses():
-    from heads.ablate import GridConfig
     from heads.cli import ablate_command, train_command
-    from heads.models import HeadConfig
-    from heads.train import TrainConfig
+    from heads.model.architectures import HeadConfig
+    from heads.training.grid import GridConfig
+    from heads.training.joint import TrainConfig
 
     unowned = {"device", "report_to", "progress", "quiet_alias"}
     renames = {"branch_use_frames": "branch_frames"}
@@ -138,7 +138,7 @@ def test_heads_cli_defaults_are_the_config_dataclasses():
 def test_probe_demo_and_finetune_cli_defaults_are_their_configs():
     from extract.app.demo import DemoConfig, demo_command
     from extract.finetune import FinetuneConfig, finetune_command
-    from heads.probe import ProbeConfig, probe_command
+    from heads.analysis.probe import ProbeConfig, probe_command
 
     _assert_defaults_come_from(probe_command, [ProbeConfig], {"progress", "quiet_alias"})
     _assert_defaults_come_from(demo_command, [DemoConfig], {"progress", "quiet_alias", "quick"})
@@ -153,6 +153,6 @@ def test_dump_cli_defaults_are_its_config():
 
 def test_score_cli_defaults_are_the_bootstrap_config():
     from extract.app.score import score_command
-    from heads.bootstrap import BootstrapConfig
+    from heads.analysis.bootstrap import BootstrapConfig
 
     _assert_defaults_come_from(score_command, [BootstrapConfig], {"split", "as_json"})

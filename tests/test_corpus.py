@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from extract.audio import write_wav
 from extract.app.cli import main
+from extract.audio import write_wav
 from extract.corpus import CorpusError, read_corpus
 from heads.tasks import COUNTRIES, EMOTIONS, TASKS, TYPE_CLASSES
 
@@ -134,7 +134,7 @@ def test_task_file_layout_reads_sorted_ids_splits_and_labels(tmp_path):
     np.testing.assert_array_equal(corpus.labels["type"][:, 0], [1, 0, np.nan, 1, 6, np.nan, 2, 7, np.nan])
     assert np.isnan(corpus.labels["culture"][corpus.indices("Test")]).all()
     assert corpus.countries == [""] * 9  # the task files carry no Country
-    with pytest.raises(ValueError, match="unknown split 'train'"):
+    with pytest.raises(CorpusError, match="unknown split 'train'"):
         corpus.indices("train")
 
 

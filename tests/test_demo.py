@@ -100,8 +100,8 @@ def test_a_demo_stopped_by_sigint_exits_130_in_one_line_and_the_rerun_resumes_to
     import os
     import signal
 
-    from cache.interrupt import MESSAGE
-    from heads import train as train_mod
+    from cache.command_kit.interrupt import MESSAGE
+    from heads.training import joint as train_mod
 
     out, _ = done
     ablation = out / "ablation"

@@ -11,15 +11,22 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import DIMS, accelerate_command, cfg_of, make_inputs, make_signal_cache, make_targets
+from helpers import (
+    DIMS,
+    accelerate_command,
+    cfg_of,
+    make_inputs,
+    make_signal_cache,
+    make_targets,
+)
 
 from cache.reader import load_cache
 from extract.app.cli import main as avb
-from heads import train as train_mod
-from heads.device import DeviceError, autocast, resolve_device
-from heads.models import HeadConfig, build_head
+from heads.model.architectures import HeadConfig, build_head
 from heads.tasks import METRIC_KEYS
-from heads.train import TrainConfig, TrainingError, train_runs
+from heads.training import joint as train_mod
+from heads.training.device import DeviceError, autocast, resolve_device
+from heads.training.joint import TrainConfig, TrainingError, train_runs
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -153,7 +160,7 @@ def _prediction_bytes(grid: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_grid_on_two_accelerate_processes_equals_one_process(cache_file, tmp_path):
-    from heads.ablate import run_grid
+    from heads.training.grid import run_grid
 
     grid = ["--cache", str(cache_file), "--archs", "vanilla,branch", "--weightings", "uniform,dwa,rruw",
             "--seeds", "0", "--epochs", "2", "--hidden", "16", "--n-heads", "2", "--branch-blocks", "2",
@@ -189,7 +196,7 @@ def test_grid_on_two_accelerate_processes_equals_one_process(cache_file, tmp_pat
 
 
 def test_groups_are_split_over_processes_longest_first_onto_the_least_loaded():
-    from heads.distributed import assign_groups
+    from heads.training.distributed import assign_groups
 
     # costs 8, 8, 8, 8 (groups 1, 4, 5, 6) then 1, 1, 1 (0, 2, 3); worked by hand, ties to the lower rank
     assert assign_groups([1, 8, 1, 1, 8, 8, 8], 2) == [[0, 1, 3, 5], [2, 4, 6]]

@@ -25,7 +25,13 @@ from helpers import assert_same_cache, make_signal_cache, subprocess_env, visibl
 from tiny_model import make_tiny_backbone
 
 import cache.guarded_file
-from cache.write_errors import REASONS, WriteError, describe, write_errno, writing
+from cache.command_kit.write_errors import (
+    REASONS,
+    WriteError,
+    describe,
+    write_errno,
+    writing,
+)
 from extract.app.cli import main
 from extract.synth import synthesize_corpus
 
@@ -124,8 +130,8 @@ def rerun_equals_reference(run: Callable[[], object], out: Path, monkeypatch, in
 def world(tmp_path_factory):
     from cache.reader import load_cache
     from extract.dump import DumpConfig, run_dump
-    from heads.models import HeadConfig
-    from heads.train import TrainConfig, train_runs
+    from heads.model.architectures import HeadConfig
+    from heads.training.joint import TrainConfig, train_runs
 
     root = tmp_path_factory.mktemp("disk_full")
     corpus = synthesize_corpus(root / "corpus", 36, seed=11, max_seconds=2.0, progress=False)
@@ -162,7 +168,7 @@ def test_each_write_error_is_one_line_naming_the_final_path(world, tmp_path, mon
 
 
 def test_a_full_disk_says_how_much_more_space_the_write_needs(tmp_path, monkeypatch):
-    import cache.write_errors as we
+    import cache.command_kit.write_errors as we
 
     monkeypatch.setattr(we, "free_bytes", lambda path: 1 << 20)
     err = WriteError(errno.ENOSPC, tmp_path / "c.h5", needed=(1 << 20) * 13 // 2)
@@ -177,7 +183,7 @@ def test_a_full_disk_says_how_much_more_space_the_write_needs(tmp_path, monkeypa
 
 
 def test_write_errors_are_recognised_in_every_library_disguise(tmp_path, monkeypatch):
-    import cache.write_errors as we
+    import cache.command_kit.write_errors as we
 
     h5py_text = OSError("Can't write data (file write failed: ..., errno = 28, error message = 'No space ...')")
     safetensors_text = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
@@ -216,7 +222,7 @@ def test_an_hdf5_error_after_a_dropped_write_is_reported_as_the_write_error(tmp_
 # ------------------------------------------------------------------------------- each command, injected
 
 def test_heads_train_on_a_full_disk_at_the_head_weights_then_rerun(world, tmp_path, monkeypatch):
-    import heads.train
+    import heads.training.joint
 
     out = tmp_path / "run"
 
@@ -227,7 +233,7 @@ def test_heads_train_on_a_full_disk_at_the_head_weights_then_rerun(world, tmp_pa
             hits.append(filename)
             raise no_space(filename)
 
-        patch.setattr(heads.train, "save_file", full)
+        patch.setattr(heads.training.joint, "save_file", full)
         return hits
 
     rerun_equals_reference(lambda: invoke("heads", "train", "--cache", world["cache"], "--out", out, *HEAD_ARGS),

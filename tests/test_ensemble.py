@@ -16,11 +16,16 @@ from scipy.stats import pearsonr
 from sklearn.metrics import recall_score
 
 from cache.writer import CacheWriter
-from heads.bootstrap import BootstrapConfig, score_intervals
-from heads.ensemble import ensemble_command, select_greedy
+from heads.analysis.bootstrap import BootstrapConfig, score_intervals
+from heads.analysis.ensemble import ensemble_command, select_greedy
 from heads.metrics import score_all
 from heads.runs import RUN_FORMAT
-from heads.submission import read_submission, read_type_probs, write_submissions, write_type_probs
+from heads.submission import (
+    read_submission,
+    read_type_probs,
+    write_submissions,
+    write_type_probs,
+)
 from heads.tasks import TASK_NAMES, TASKS, TYPE_CLASSES
 
 N_TRAIN, N_VAL, N_TEST = 4, 48, 12

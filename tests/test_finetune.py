@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
 from helpers import accelerate_launch, corpus_and_backbone, subprocess_env
+from safetensors.torch import load_file
 from tiny_model import make_tiny_backbone
 
 from extract.corpus import read_corpus
@@ -97,7 +97,7 @@ def _direct_val_scores(out: Path, corpus_root: Path) -> dict[str, float]:
 
     from extract.audio import crop_or_pad, load_wav
     from extract.backbone import forward_layers
-    from heads.models import HeadConfig, HeadInputs, build_head
+    from heads.model.architectures import HeadConfig, HeadInputs, build_head
 
     config = json.loads((out / "config.json").read_text())
     backbone = AutoModel.from_pretrained(out / "backbone").eval()

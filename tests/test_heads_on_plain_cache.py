@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from plain_cache import write_plain_h5
 
 from extract.app.cli import main
 from extract.corpus import read_corpus
 from extract.synth import synthesize_corpus
-from plain_cache import write_plain_h5
 
 DIMS = {"cnn": 48, "hidden_0": 64, "hidden_1": 64, "hidden_2": 64, "hidden_3": 64, "hidden_4": 64}
 

@@ -33,13 +33,18 @@ from pathlib import Path
 
 import psutil
 import pytest
-from safetensors.torch import load_file
 from helpers import (
-    accelerate_command, assert_same_cache, corpus_and_backbone, make_signal_cache, subprocess_env, visible_files,
+    accelerate_command,
+    assert_same_cache,
+    corpus_and_backbone,
+    make_signal_cache,
+    subprocess_env,
+    visible_files,
 )
+from safetensors.torch import load_file
 
-from cache.interrupt import MESSAGE
-from cache.lock import LOCK_NAME
+from cache.command_kit.interrupt import MESSAGE
+from cache.command_kit.lock import LOCK_NAME
 from cache.reader import load_cache, read_attrs
 from heads.submission import read_submission, read_type_probs
 
@@ -388,9 +393,9 @@ def test_ablation_stopped_between_two_run_folders_retrains_the_whole_joint_group
     """The moment random kills rarely hit: a joint call has written some of its run folders, not all. Its runs
     differ from runs trained in a smaller stack in the last bits, so the rerun must retrain the whole group
     (the `.training-<first run>.json` marker) to end byte-identical to an uninterrupted grid."""
-    from heads import train as train_mod
-    from heads.ablate import run_grid
-    from heads.models import HeadConfig
+    from heads.model.architectures import HeadConfig
+    from heads.training import joint as train_mod
+    from heads.training.grid import run_grid
 
     grid = {"archs": ("vanilla",), "weightings": ("uniform", "dwa", "rruw", "druw"), "seeds": (0,), "epochs": 2,
             "head": HeadConfig(hidden=16), "progress": False}

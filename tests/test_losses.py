@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from heads.losses import LossInputError, ccc_loss, task_losses, type_loss
+from heads.model.losses import LossInputError, ccc_loss, task_losses, type_loss
 from heads.tasks import TASK_NAMES, TASKS
 
 torch.set_num_threads(1)

@@ -4,14 +4,23 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DIMS, VARIANTS, B, T, cfg_of, make_inputs, make_targets
 from torch import nn
-from helpers import B, DIMS, T, VARIANTS, cfg_of, make_inputs, make_targets
 
-from heads.layers import (
-    StackedDropout, StackedLayerNorm, StackedLinear, StackedMultiheadAttention, make_generators,
+from heads.model.architectures import (
+    HeadConfig,
+    HeadConfigError,
+    HeadInputs,
+    MultiTaskHead,
+    branch_groups,
+    build_head,
 )
-from heads.models import (
-    HeadConfig, HeadConfigError, HeadInputs, MultiTaskHead, branch_groups, build_head,
+from heads.model.layers import (
+    StackedDropout,
+    StackedLayerNorm,
+    StackedLinear,
+    StackedMultiheadAttention,
+    make_generators,
 )
 from heads.tasks import TASK_NAMES, TASKS
 

@@ -15,15 +15,11 @@ def test_the_dump_and_heads_command_modules_load_without_torch():
     code = "import sys, extract.dump, heads.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
-    from heads.cli import PRECISIONS
-    from heads.device import PRECISIONS as device_precisions
-    assert PRECISIONS == device_precisions == names.HEAD_PRECISIONS
-
 
 def test_every_registry_has_exactly_the_names_in_their_order():
-    from heads.ensemble import STRATEGIES
-    from heads.models import ARCHITECTURES
-    from heads.weighting import WEIGHTINGS
+    from heads.analysis.ensemble import STRATEGIES
+    from heads.model.architectures import ARCHITECTURES
+    from heads.model.weighting import WEIGHTINGS
 
     assert tuple(ARCHITECTURES) == names.ARCHS == ("vanilla", "chain", "branch")
     assert tuple(WEIGHTINGS) == names.WEIGHTINGS == ("uniform", "dwa", "rruw", "druw")
@@ -35,10 +31,10 @@ def test_every_registry_has_exactly_the_names_in_their_order():
 
 def test_shared_defaults_reach_every_config():
     from extract.finetune import FinetuneConfig
-    from heads.ablate import DEFAULT_MAX_GROUP_BYTES, GridConfig
-    from heads.train import TrainConfig
+    from heads.training.grid import GridConfig
+    from heads.training.joint import TrainConfig
 
     assert FinetuneConfig.epochs == TrainConfig.epochs == GridConfig.epochs == names.DEFAULT_EPOCHS == 30
     assert FinetuneConfig.clip_seconds == names.CLIP_SECONDS == 2.5
-    assert GridConfig.max_group_bytes == DEFAULT_MAX_GROUP_BYTES == names.DEFAULT_MAX_GROUP_BYTES == 640 * 2**20
+    assert GridConfig.max_group_bytes == names.DEFAULT_MAX_GROUP_BYTES == 640 * 2**20
     assert GridConfig.archs == names.ARCHS and GridConfig.weightings == names.WEIGHTINGS

@@ -19,22 +19,22 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from scipy.io import wavfile
 from helpers import conv_frames, make_signal_cache
+from scipy.io import wavfile
 from tiny_model import make_tiny_backbone
 
 from cache.reader import load_cache
-from extract.audio import SAMPLE_RATE, crop_or_pad, load_wav, write_wav
 from extract.app.cli import main as avb
+from extract.audio import SAMPLE_RATE, crop_or_pad, load_wav, write_wav
 from extract.corpus import read_corpus
 from heads.metrics import score_all
-from heads.models import HeadConfig
+from heads.model.architectures import HeadConfig
+from heads.model.optim import StackedAdamW
+from heads.model.weighting import DRUWWeighting
 from heads.names import WEIGHTINGS
-from heads.optim import StackedAdamW
 from heads.submission import read_submission, read_type_probs
 from heads.tasks import METRIC_KEYS, TASK_NAMES
-from heads.train import TrainConfig, TrainingError, train_runs
-from heads.weighting import DRUWWeighting
+from heads.training.joint import TrainConfig, TrainingError, train_runs
 
 torch.set_num_threads(1)
 
@@ -164,12 +164,12 @@ def _finetune_cfg(corpus: Path, model: Path, out: Path, **kw):
 def test_finetune_clips_a_huge_gradient(corpus_and_models, tmp_path, monkeypatch, grad_clip):
     """A loss 1e12 times too large in the first step: with --grad-clip 5 every entry of AdamW's second moment
     is <= (1 - beta2) * 5^2 after it (the global norm was 5); with clipping off it is ~1e21."""
-    import heads.losses
+    import heads.model.losses
     from extract.finetune import run_finetune
 
     corpus, model, _ = corpus_and_models
-    real = heads.losses.task_losses
-    monkeypatch.setattr(heads.losses, "task_losses", lambda o, t: real(o, t) * 1e12)
+    real = heads.model.losses.task_losses
+    monkeypatch.setattr(heads.model.losses, "task_losses", lambda o, t: real(o, t) * 1e12)
     out = tmp_path / "ft"
     run_finetune(_finetune_cfg(corpus, model, out, max_steps=1, grad_clip=grad_clip), progress=False)
     (ckpt,) = (out / "checkpoints").iterdir()
@@ -190,12 +190,12 @@ def test_finetune_clips_a_huge_gradient(corpus_and_models, tmp_path, monkeypatch
 
 
 def test_finetune_stops_on_a_nan_loss_before_the_update(corpus_and_models, tmp_path, monkeypatch):
-    import heads.losses
+    import heads.model.losses
     from extract.finetune import FinetuneError, run_finetune
 
     corpus, model, _ = corpus_and_models
-    real = heads.losses.task_losses
-    monkeypatch.setattr(heads.losses, "task_losses", lambda o, t: real(o, t) * float("nan"))
+    real = heads.model.losses.task_losses
+    monkeypatch.setattr(heads.model.losses, "task_losses", lambda o, t: real(o, t) * float("nan"))
     out = tmp_path / "ft"
     with pytest.raises(FinetuneError) as err:
         run_finetune(_finetune_cfg(corpus, model, out), progress=False)

@@ -12,14 +12,14 @@ from helpers import TOL, read_csv, row_values, run_val_predictions
 from tiny_model import make_tiny_backbone
 
 from cache.reader import FrameReader, load_cache
-from extract.audio import load_wav, write_wav
 from extract.app.cli import main as avb
+from extract.audio import load_wav, write_wav
 from extract.dump import DumpConfig, run_dump
 from extract.synth import synthesize_corpus
-from heads.ensemble import EnsembleConfig, build_ensemble
-from heads.models import HeadConfig
+from heads.analysis.ensemble import EnsembleConfig, build_ensemble
+from heads.model.architectures import HeadConfig
 from heads.tasks import COUNTRIES, EMOTIONS, TASKS, TYPE_CLASSES
-from heads.train import TrainConfig, train_runs
+from heads.training.joint import TrainConfig, train_runs
 
 torch.set_num_threads(1)
 
@@ -112,7 +112,7 @@ def test_mixed_rates_and_channels_give_one_row_per_file_with_the_specified_colum
 
 @pytest.mark.parametrize("arch", ["vanilla", "chain", "branch"])
 def test_prediction_equals_the_head_applied_to_the_dumped_features_of_the_same_clip(world, tmp_path, arch):
-    """The run's Val predictions were made by heads.train from the cache; predict recomputes them from audio
+    """The run's Val predictions were made by heads.training.joint from the cache; predict recomputes them from audio
     (cropped and padded clips alike; branch attends over the dump's frames at stride 2)."""
     wavs = val_wavs(world)
     out = tmp_path / "pred.csv"

@@ -11,13 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from plain_cache import write_plain_h5
 from sklearn.linear_model import LogisticRegression, Ridge
 
 from extract.app.cli import main as avb
+from heads.analysis.probe import (
+    RIDGE_GRID,
+    ProbeConfig,
+    fit_logistic,
+    logistic_predict,
+    probe_layer,
+)
 from heads.metrics import ccc_per_column
-from heads.probe import RIDGE_GRID, ProbeConfig, fit_logistic, logistic_predict, probe_layer
 from heads.tasks import TASKS
-from plain_cache import write_plain_h5
 
 DIMS = {"cnn": 24, "hidden_0": 32, "hidden_1": 32, "hidden_2": 32, "hidden_3": 32, "hidden_4": 32}
 SIGNAL_LAYER = "hidden_3"

@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from heads.report import ablation_grid, collect_inputs, markdown_table_html, report_command
+from heads.analysis.report import (
+    ablation_grid,
+    collect_inputs,
+    markdown_table_html,
+    report_command,
+)
 from heads.runs import RUN_FORMAT
 
 pytest.importorskip("matplotlib")

@@ -6,8 +6,20 @@ from pathlib import Path
 import pytest
 
 from heads.runs import (
-    ABLATION, ENSEMBLE, FINETUNE, RUN, RUN_FORMAT, RunDirError, find_runs, members_record, output_kind, read_ensemble,
-    read_json_object, read_run, read_run_config, write_members,
+    ABLATION,
+    ENSEMBLE,
+    FINETUNE,
+    RUN,
+    RUN_FORMAT,
+    RunDirError,
+    find_runs,
+    members_record,
+    output_kind,
+    read_ensemble,
+    read_json_object,
+    read_run,
+    read_run_config,
+    write_members,
 )
 from heads.tasks import TASK_NAMES
 

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import val_labels
 from scipy.stats import pearsonr
 from sklearn.metrics import recall_score
-from helpers import val_labels
 
 from extract.app.cli import main
 from extract.synth import synthesize_corpus

@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 
 from heads.submission import (
-    PROBS_FILE, read_submission, read_type_probs, submission_name, write_submissions, write_type_probs,
+    PROBS_FILE,
+    SubmissionError,
+    read_submission,
+    read_type_probs,
+    submission_name,
+    write_submissions,
+    write_type_probs,
 )
 from heads.tasks import TASKS
 
@@ -61,7 +67,7 @@ def test_bom_and_crlf_are_tolerated(tmp_path):
 def test_read_errors_name_file_row_and_column(tmp_path, text, message):
     path = tmp_path / "pred.csv"
     path.write_text(text)
-    with pytest.raises(ValueError, match=re.escape(message)) as err:
+    with pytest.raises(SubmissionError, match=re.escape(message)) as err:
         read_submission(path)
     assert str(path) in str(err.value)
 
@@ -70,16 +76,16 @@ def test_type_probability_errors_name_row_file_id_and_column(tmp_path):
     path = tmp_path / PROBS_FILE
     header = "File_ID," + ",".join(TASKS["type"].classes)
     path.write_text(f"{header}\n[7]" + ",0.125" * 7 + ",x\n")
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(SubmissionError) as err:
         read_type_probs(path)
     assert str(err.value) == f"{path}, row 2 (File_ID [7]), column Other: not a number: 'x'"
     path.write_text(f"{header}\n[7]" + ",0.125" * 7 + "\n")
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(SubmissionError) as err:
         read_type_probs(path)
     assert str(err.value) == f"{path}, row 2 (File_ID [7]): 8 cells, expected 9"
 
 
 def test_non_finite_predictions_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(SubmissionError, match="non-finite"):
         write_submissions(tmp_path, ["1"], {"two": np.array([[np.nan, 0.1]])}, team="t", number=1)
     assert not list(tmp_path.iterdir())  # nothing half-written

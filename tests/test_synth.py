@@ -14,9 +14,26 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from extract.app.cli import main
-from extract.synth import (COUNTRY_BIAS, LABEL_FILES, MARKER, SynthConfig, assign_splits_and_types, make_clip,
-                           synthesize_corpus)
-from heads.tasks import COUNTRIES, CULTURE, EMOTIONS, HIGH, SPLITS, TWO, TYPE, TYPE_CLASSES
+from extract.synth import (
+    COUNTRY_BIAS,
+    LABEL_FILES,
+    MARKER,
+    SynthConfig,
+    SynthError,
+    assign_splits_and_types,
+    make_clip,
+    synthesize_corpus,
+)
+from heads.tasks import (
+    COUNTRIES,
+    CULTURE,
+    EMOTIONS,
+    HIGH,
+    SPLITS,
+    TWO,
+    TYPE,
+    TYPE_CLASSES,
+)
 
 EXPECTED_HEADERS = {
     "data_info.csv": ["File_ID", "Split", "Country", *HIGH.columns, *TWO.columns, *CULTURE.columns],
@@ -137,7 +154,7 @@ def test_refuses_foreign_directory_and_rewrites_its_own(tmp_path: Path) -> None:
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match=re.escape(
+    with pytest.raises(SynthError, match=re.escape(
             f"{foreign}: directory is not empty and is not a synth corpus (no {MARKER}); "
             "pass --overwrite to write into it anyway")):
         synthesize_corpus(foreign, clips=3, seed=0, max_seconds=0.6, progress=False)
@@ -150,9 +167,9 @@ def test_refuses_foreign_directory_and_rewrites_its_own(tmp_path: Path) -> None:
     assert sorted(p.name for p in (own / "audio" / "wav").iterdir()) == [f"0000{i}.wav" for i in range(1, 5)]
     assert len(read_csv(own / "labels" / "type_info.csv")[1]) == 4
 
-    with pytest.raises(ValueError, match=r"^--clips must be at least 3 \(one per split\), got 2$"):
+    with pytest.raises(SynthError, match=r"^--clips must be at least 3 \(one per split\), got 2$"):
         synthesize_corpus(tmp_path / "x", clips=2, seed=0)
-    with pytest.raises(ValueError, match=r"^need 0 < --min-seconds <= --max-seconds, got 2.0 and 1.0$"):
+    with pytest.raises(SynthError, match=r"^need 0 < --min-seconds <= --max-seconds, got 2.0 and 1.0$"):
         synthesize_corpus(tmp_path / "x", clips=3, seed=0, min_seconds=2.0, max_seconds=1.0)
 
 

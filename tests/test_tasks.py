@@ -1,7 +1,15 @@
 """The task definitions carry the official column names and order (avb-format.md)."""
 import pytest
 
-from heads.tasks import COUNTRIES, EMOTIONS, TASKS, TYPE_CLASSES, get_task, parse_task_order
+from heads.tasks import (
+    COUNTRIES,
+    EMOTIONS,
+    TASKS,
+    TYPE_CLASSES,
+    TaskError,
+    get_task,
+    parse_task_order,
+)
 
 
 def test_high_and_two_columns_are_official():
@@ -30,8 +38,8 @@ def test_type_task():
 def test_task_order_is_the_papers_and_lookup_errors_are_clear():
     assert tuple(TASKS) == ("type", "two", "high", "culture")
     assert get_task("HIGH").name == "high"
-    with pytest.raises(ValueError, match="unknown task 'tone'; expected one of type, two, high, culture"):
+    with pytest.raises(TaskError, match="unknown task 'tone'; expected one of type, two, high, culture"):
         get_task("tone")
     assert parse_task_order("culture, high,two,type") == ("culture", "high", "two", "type")
-    with pytest.raises(ValueError, match="exactly once"):
+    with pytest.raises(TaskError, match="exactly once"):
         parse_task_order("type,two,high,high")

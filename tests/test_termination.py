@@ -1,4 +1,4 @@
-"""SIGINT / SIGTERM as a clean stop (cache.interrupt, cache.command), with real signals sent to this process.
+"""SIGINT / SIGTERM as a clean stop (cache.command_kit.interrupt, cache.command_kit.command), with real signals sent to this process.
 
 The subprocess cases (dump with one and two processes, heads ablate, finetune) are in test_interruption.py beside
 the kill -9 tests and share their reference runs; the demo's is in test_demo.py. Here: the mechanism itself, and
@@ -7,16 +7,21 @@ the kill -9 tests and share their reference runs; the demo's is in test_demo.py.
 from __future__ import annotations
 
 import os
-import signal
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from helpers import make_signal_cache, visible_files
 
-from cache.command import command_errors
-from cache.interrupt import MESSAGE, Interrupted, received, termination_raises
+from cache.command_kit.command import command_errors
+from cache.command_kit.interrupt import (
+    MESSAGE,
+    Interrupted,
+    received,
+    termination_raises,
+)
 from extract.app.cli import main
 
 HEAD_ARGS = ["--epochs", "2", "--hidden", "8", "--no-progress"]
@@ -65,7 +70,7 @@ def test_an_error_caused_by_the_signal_still_reports_the_interruption(capsys, mo
 def test_a_signal_between_creating_a_temporary_and_taking_charge_of_it_leaves_none(tmp_path, monkeypatch):
     import tempfile
 
-    from cache.atomic import write_text_atomic
+    from cache.command_kit.atomic import write_text_atomic
 
     real = tempfile.mkstemp
 
@@ -86,7 +91,7 @@ def test_a_signal_that_a_finaliser_would_swallow_is_delivered_again(monkeypatch)
     decisions are checked directly: when exactly a real signal lands is up to the interpreter."""
     from types import SimpleNamespace
 
-    import cache.interrupt as interrupt
+    import cache.command_kit.interrupt as interrupt
 
     again: list[int] = []
     monkeypatch.setattr(interrupt, "_deliver_again", again.append)
@@ -97,7 +102,7 @@ def test_a_signal_that_a_finaliser_would_swallow_is_delivered_again(monkeypatch)
     assert again == [signal.SIGTERM] and received() is None
     with pytest.raises(Interrupted):                          # anywhere else it raises
         interrupt._handler(signal.SIGTERM, SimpleNamespace(f_code=SimpleNamespace(co_name="step"),
-                                                           f_globals={"__name__": "heads.train"}, f_back=None))
+                                                           f_globals={"__name__": "heads.training.joint"}, f_back=None))
     reported: list = []
     hook = interrupt._unraisable(reported.append)
     hook(SimpleNamespace(exc_value=Interrupted(signal.SIGINT)))   # swallowed by some other finaliser
@@ -139,7 +144,7 @@ def test_a_signal_while_hdf5_writes_is_raised_once_hdf5_has_returned(tmp_path):
 
 
 def test_heads_train_stopped_by_sigterm_writes_no_metrics_and_reruns_to_the_same_run(tmp_path, monkeypatch):
-    from heads import train as train_mod
+    from heads.training import joint as train_mod
 
     cache = make_signal_cache(tmp_path / "signal.h5", sizes=(60, 30, 10))
     out = tmp_path / "run"

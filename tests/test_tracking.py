@@ -11,14 +11,19 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from helpers import make_signal_cache
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from extract.app.cli import main as avb
-from heads import tracking
 from heads.runs import RUN_FORMAT, history_entry
 from heads.tasks import METRIC_KEYS, TASK_NAMES
-from heads.tracking import HeadsTracker, TrackingError, epoch_values, resolve_report_to
+from heads.training import tracking
+from heads.training.tracking import (
+    HeadsTracker,
+    TrackingError,
+    epoch_values,
+    resolve_report_to,
+)
 
 COMMON = ["--epochs", "3", "--hidden", "16", "--no-progress"]
 

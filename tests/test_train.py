@@ -7,17 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from helpers import SPLIT_SIZES, make_signal_cache
+from safetensors.torch import load_file
 
 from cache.reader import load_cache
-from heads import train as train_mod
 from heads.metrics import score_all
-from heads.models import HeadConfig, HeadInputs, build_head
-from heads.optim import PlateauHalving, StackedAdamW
+from heads.model.architectures import HeadConfig, HeadInputs, build_head
+from heads.model.optim import PlateauHalving, StackedAdamW
 from heads.submission import read_submission, read_type_probs
 from heads.tasks import METRIC_KEYS, TASK_NAMES
-from heads.train import TrainConfig, TrainingError, train_runs
+from heads.training import inputs
+from heads.training import joint as train_mod
+from heads.training.joint import TrainConfig, TrainingError, train_runs
 
 torch.set_num_threads(1)
 
@@ -243,7 +244,7 @@ def test_branch_over_frames_pads_masks_and_learns(tmp_path):
     with FrameReader(path) as frames:
         # the batch tensors: zero-padded to the longest clip, mask = valid frames
         model = build_head(cfg.head, cache.layer_dims, [0])
-        feats = train_mod._Features(cache, model.required_layers, frames, model.required_frame_layers)
+        feats = inputs.Features(cache, model.required_layers, frames, model.required_frame_layers)
         rows = np.array([0, 1, 2])
         x = feats.shared(rows)      # shared by every run: a run dim of 1 that the head broadcasts
         lengths = cache.n_frames[rows]
@@ -299,7 +300,7 @@ def test_configs_that_cannot_train_jointly_are_refused(cache, tmp_path):
         train_runs(cache, [_cfg("vanilla"), _cfg("chain")], [tmp_path / "a", tmp_path / "b"], progress=False)
     with pytest.raises(TrainingError, match="2 configs but 1 output folders"):
         train_runs(cache, [_cfg(), _cfg(seed=1)], [tmp_path / "a"], progress=False)
-    with pytest.raises(ValueError, match="unknown loss weighting 'nope'"):
+    with pytest.raises(TrainingError, match="unknown loss weighting 'nope'"):
         train_runs(cache, [_cfg(weighting="nope")], [tmp_path / "a"], progress=False)
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from heads.weighting import (
+from heads.model.weighting import (
     WEIGHTINGS,
     DRUWWeighting,
     DWAWeighting,

@@ -10,7 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2Model, WavLMConfig, WavLMModel
+from transformers import (
+    HubertConfig,
+    HubertModel,
+    Wav2Vec2Config,
+    Wav2Vec2Model,
+    WavLMConfig,
+    WavLMModel,
+)
 
 TINY_CONFIG: dict = dict(
     hidden_size=32,

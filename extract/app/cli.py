@@ -19,10 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dump": ("extract.dump:dump_command", "Dump per-layer hidden states of a backbone to an HDF5 cache."),
     "cache": ("cache.cli:cache_group", "Inspect HDF5 feature caches."),
     "heads": ("heads.cli:heads_group", "Train heads x loss weightings from a feature cache (stage 2)."),
-    "ensemble": ("heads.ensemble:ensemble_command", "Ensemble runs and write challenge submission files."),
+    "ensemble": ("heads.analysis.ensemble:ensemble_command", "Ensemble runs and write challenge submission files."),
     "predict": ("extract.app.predict:predict_command", "Predict the four tasks for new audio files."),
-    "report": ("heads.report:report_command", "Plot validation curves, loss weights, probes and results (HTML)."),
-    "probe": ("heads.probe:probe_command", "Linear probes of every cached layer for every task."),
+    "report": ("heads.analysis.report:report_command", "Plot validation curves, loss weights, probes and results (HTML)."),
+    "probe": ("heads.analysis.probe:probe_command", "Linear probes of every cached layer for every task."),
     "demo": ("extract.app.demo:demo_command", "Run the whole pipeline on a generated corpus with a tiny model."),
 }
 

@@ -15,7 +15,7 @@ from typing import Any
 import click
 import numpy as np
 
-from cache.options import OptionOrArgumentCommand, option_or_argument
+from cache.command_kit.options import OptionOrArgumentCommand, option_or_argument
 from extract.audio import MAX_SECONDS, AudioError, wav_info
 from extract.corpus import Corpus, CorpusError, missing_wavs, read_corpus
 from heads.tasks import COUNTRIES, SPLITS, TYPE

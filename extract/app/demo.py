@@ -34,11 +34,12 @@ from typing import Any
 
 import click
 
-from cache.atomic import write_json_atomic, written_via
-from cache.command import command_errors
-from cache.jsonable import jsonable
-from cache.lock import LOCK_NAME, hold_output
-from cache.options import progress_option
+from cache.command_kit.atomic import write_json_atomic, written_via
+from cache.command_kit.command import command_errors
+from cache.command_kit.errors import AvbError
+from cache.command_kit.jsonable import jsonable
+from cache.command_kit.lock import LOCK_NAME, hold_output
+from cache.command_kit.options import progress_option
 from heads.runs import METRICS_FILE, read_json_object
 
 STAGES_DIR = ".stages"
@@ -57,7 +58,7 @@ QUICK_BACKBONE: dict[str, Any] = {**DEMO_BACKBONE, "hidden_size": 32, "num_hidde
                                   "num_conv_pos_embeddings": 8}
 
 
-class DemoError(ValueError):
+class DemoError(AvbError):
     """An output folder the demo cannot use, or a stage that failed; one line for the user."""
 
 
@@ -161,8 +162,8 @@ def stage_dump(cfg: DemoConfig, p: DemoPaths, progress: bool, resume: bool) -> l
 
 
 def stage_ablation(cfg: DemoConfig, p: DemoPaths, progress: bool, resume: bool) -> list[Path]:
-    from heads.ablate import run_grid  # noqa: PLC0415
-    from heads.models import HeadConfig  # noqa: PLC0415
+    from heads.model.architectures import HeadConfig  # noqa: PLC0415
+    from heads.training.grid import run_grid  # noqa: PLC0415
 
     head = HeadConfig(hidden=cfg.head_hidden, n_heads=cfg.head_n_heads)
     run_grid(p.cache.resolve(), p.ablation.resolve(), seeds=(cfg.seed,), epochs=cfg.epochs, head=head,
@@ -171,7 +172,7 @@ def stage_ablation(cfg: DemoConfig, p: DemoPaths, progress: bool, resume: bool) 
 
 
 def stage_ensemble(cfg: DemoConfig, p: DemoPaths, progress: bool, resume: bool) -> list[Path]:
-    from heads.ensemble import EnsembleConfig, build_ensemble, format_table  # noqa: PLC0415
+    from heads.analysis.ensemble import EnsembleConfig, build_ensemble, format_table  # noqa: PLC0415
 
     # Absolute run paths in members.json, so `avb predict --heads DIR/ensemble` works from any folder.
     result = build_ensemble([p.ablation.resolve()], p.ensemble, EnsembleConfig(strategy="combined"))
@@ -187,7 +188,7 @@ def stage_report(cfg: DemoConfig, p: DemoPaths, progress: bool, resume: bool) ->
     if importlib.util.find_spec("matplotlib") is None:
         click.echo("skipped: matplotlib is not installed (pip install 'avb-heads[plot]' for the figures)")
         return []
-    from heads.report import make_report  # noqa: PLC0415
+    from heads.analysis.report import make_report  # noqa: PLC0415
 
     files, warnings = make_report([p.ablation, p.ensemble], p.report)
     for warning in warnings:

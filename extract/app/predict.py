@@ -33,12 +33,23 @@ from typing import Any
 import click
 import numpy as np
 
-from cache.command import command_errors
-from cache.options import progress_option
+from cache.command_kit.command import command_errors
+from cache.command_kit.errors import AvbError
+from cache.command_kit.options import progress_option
 from heads.names import CLIP_SECONDS
 from heads.runs import (
-    BACKBONE_DIR, CONFIG_FILE, ENSEMBLE, FINETUNE, HEAD_FILE, MEMBERS_FILE, RUN, output_kind, read_ensemble,
-    read_finetune_config, read_json_object, read_run_config,
+    BACKBONE_DIR,
+    CONFIG_FILE,
+    ENSEMBLE,
+    FINETUNE,
+    HEAD_FILE,
+    MEMBERS_FILE,
+    RUN,
+    output_kind,
+    read_ensemble,
+    read_finetune_config,
+    read_json_object,
+    read_run_config,
 )
 from heads.tasks import CULTURE, HIGH, TASK_NAMES, TASKS, TWO, TYPE
 
@@ -51,7 +62,7 @@ ARCH_KEYS: tuple[str, ...] = (
 )
 
 
-class PredictError(ValueError):
+class PredictError(AvbError):
     """Inputs `avb predict` cannot use; one line naming the file, run or value at fault."""
 
 
@@ -68,7 +79,7 @@ class LoadedRun:
     """One trained run ready to apply: its head (eval mode, R = 1) and what it expects of the features."""
 
     path: Path
-    head: Any                       # heads.models.MultiTaskHead
+    head: Any                       # heads.model.architectures.MultiTaskHead
     cache_attrs: dict[str, Any]
     frame_stride: int = 1           # only for frame-mode BRANCH
 
@@ -129,6 +140,8 @@ def _load_head_weights(head: Any, weights: Path, config_path: Path) -> None:
     """Load a one-run state (`run_state_dict` / a fine-tuned head's state_dict) into run 0 of `head`."""
     from safetensors.torch import load_file  # noqa: PLC0415
 
+    from heads.model.architectures import HeadConfigError  # noqa: PLC0415
+
     if not weights.is_file():
         raise PredictError(f"{weights}: no such file (the run is incomplete or was not trained here)")
     try:
@@ -137,7 +150,7 @@ def _load_head_weights(head: Any, weights: Path, config_path: Path) -> None:
         raise PredictError(f"{weights}: not a readable safetensors file ({err})") from None
     try:
         head.load_run_state_dict(0, state)
-    except ValueError as err:
+    except HeadConfigError as err:
         raise PredictError(f"{weights}: does not fit the head in {config_path} ({err})") from None
     head.eval()
     head.requires_grad_(False)
@@ -149,7 +162,7 @@ def load_finetune_head(ft_dir: str | os.PathLike) -> LoadedRun:
     Its "cache attributes" are made from the run itself: the layers and widths it recorded, its clip length,
     and the architecture fields of its own backbone's config (so another `--model` architecture is refused).
     """
-    from heads.models import HeadConfig, build_head  # noqa: PLC0415
+    from heads.model.architectures import HeadConfig, build_head  # noqa: PLC0415
 
     ft_dir = Path(ft_dir)
     config = read_finetune_config(ft_dir)
@@ -160,7 +173,7 @@ def load_finetune_head(ft_dir: str | os.PathLike) -> LoadedRun:
     try:
         head = build_head(HeadConfig(**config["head"]), {k: int(v) for k, v in dims.items()},
                           [int(config.get("seed", 0))])
-    except (ValueError, TypeError) as err:
+    except (AvbError, TypeError) as err:   # TypeError: an unknown or missing HeadConfig field
         raise PredictError(f"{ft_dir / CONFIG_FILE}: {err}") from None
     _load_head_weights(head, ft_dir / HEAD_FILE, ft_dir / CONFIG_FILE)
     attrs = {"layers": list(dims), "layer_dims": dims,
@@ -171,8 +184,8 @@ def load_finetune_head(ft_dir: str | os.PathLike) -> LoadedRun:
 
 def load_run_head(run_dir: str | os.PathLike) -> LoadedRun:
     """Rebuild a run's head from config.json and head.safetensors (the best epoch's weights)."""
-    from heads.models import build_head  # noqa: PLC0415
-    from heads.train import TrainConfig  # noqa: PLC0415
+    from heads.model.architectures import build_head  # noqa: PLC0415
+    from heads.training.joint import TrainConfig  # noqa: PLC0415
 
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
@@ -184,7 +197,7 @@ def load_run_head(run_dir: str | os.PathLike) -> LoadedRun:
     try:
         train_cfg = TrainConfig.from_dict(fields)
         head = build_head(train_cfg.head, {k: int(v) for k, v in attrs["layer_dims"].items()}, [train_cfg.seed])
-    except (ValueError, TypeError) as err:
+    except (AvbError, TypeError) as err:   # TypeError: an unknown or missing HeadConfig field
         raise PredictError(f"{run_dir / CONFIG_FILE}: {err}") from None
     _load_head_weights(head, run_dir / HEAD_FILE, run_dir / CONFIG_FILE)
     run = LoadedRun(run_dir, head, attrs)
@@ -340,8 +353,8 @@ def apply_heads(heads: HeadSet, pooled: dict[str, Any], frames: dict[str, Any] |
     """Eval-mode outputs of every run on one batch, blended per task: task -> [B, out_dim] float64."""
     import torch  # noqa: PLC0415
 
-    from heads.ensemble import blend  # noqa: PLC0415
-    from heads.models import HeadInputs  # noqa: PLC0415
+    from heads.analysis.ensemble import blend  # noqa: PLC0415
+    from heads.model.architectures import HeadInputs  # noqa: PLC0415
 
     per_run = []
     with torch.no_grad():
@@ -380,6 +393,7 @@ def clip_batches(files: Sequence[Path], clip_seconds: float, batch_size: int, *,
     """The files as the dump reads a corpus (`ClipDataset`: the first `clip_seconds` window, zero-padded with a
     mask; `collate_clips`), `batch_size` files at a time: (files tried, the files read, their batch). An
     unreadable file stops with its one-line error, or with `skip_bad` is left out, its message in `skipped`."""
+    from extract.audio import AudioError  # noqa: PLC0415
     from extract.clips import ClipDataset, collate_clips  # noqa: PLC0415
 
     dataset = ClipDataset(_AudioFiles(list(files)), np.arange(len(files)), clip_seconds=clip_seconds, train=False)
@@ -389,7 +403,7 @@ def clip_batches(files: Sequence[Path], clip_seconds: float, batch_size: int, *,
         for k in range(start, stop):
             try:
                 items.append(dataset[k])
-            except ValueError as err:  # AudioError: one line naming the file
+            except AudioError as err:   # one line naming the file
                 if not skip_bad:
                     raise PredictError(str(err)) from None
                 skipped.append(str(err))
@@ -442,8 +456,8 @@ def predict_files(
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     from extract.backbone import forward_layers, load_backbone  # noqa: PLC0415
-    from heads.device import resolve_device  # noqa: PLC0415
-    from heads.train import pad_frames  # noqa: PLC0415
+    from heads.training.device import resolve_device  # noqa: PLC0415
+    from heads.training.inputs import pad_frames  # noqa: PLC0415
 
     if batch_size < 1:
         raise PredictError(f"--batch-size must be >= 1, got {batch_size}")
@@ -506,7 +520,7 @@ def predictions_csv(preds: Predictions) -> str:
 
 
 def write_predictions(path: str | os.PathLike, preds: Predictions) -> Path:
-    from cache.atomic import write_text_atomic  # noqa: PLC0415
+    from cache.command_kit.atomic import write_text_atomic  # noqa: PLC0415
 
     path = Path(path)
     if path.is_dir():

@@ -9,10 +9,21 @@ from typing import Any
 import click
 import numpy as np
 
-from heads.bootstrap import DEFAULT_N_BOOT, BootstrapConfig, score_intervals, with_intervals
+from cache.command_kit.command import command_errors
+from cache.command_kit.errors import AvbError
+from heads.analysis.bootstrap import (
+    DEFAULT_N_BOOT,
+    BootstrapConfig,
+    score_intervals,
+    with_intervals,
+)
 from heads.metrics import score_task
 from heads.submission import bracket_id, read_submission
 from heads.tasks import METRIC_KEYS, SPLITS, TASKS
+
+
+class ScoreError(AvbError):
+    """Prediction files that cannot be scored against the split; one line naming the file."""
 
 
 def read_split_predictions(corpus, split: str, paths: Sequence[Path]
@@ -30,21 +41,21 @@ def read_split_predictions(corpus, split: str, paths: Sequence[Path]
     for path in paths:
         task, ids, values = read_submission(path)
         if task.name in seen_tasks:
-            raise ValueError(f"{path}: a second {task.title} file (first: {seen_tasks[task.name]})")
+            raise ScoreError(f"{path}: a second {task.title} file (first: {seen_tasks[task.name]})")
         seen_tasks[task.name] = path
         extra = [i for i in ids if i not in expected]
         if extra:
-            raise ValueError(f"{path}: File_ID {bracket_id(extra[0])} is not in the {split} split "
+            raise ScoreError(f"{path}: File_ID {bracket_id(extra[0])} is not in the {split} split "
                              f"({len(extra)} such ids)")
         missing = sorted(set(expected) - set(ids))
         if missing:
-            raise ValueError(f"{path}: File_ID {bracket_id(missing[0])} of the {split} split has no prediction "
+            raise ScoreError(f"{path}: File_ID {bracket_id(missing[0])} of the {split} split has no prediction "
                              f"({len(missing)} missing)")
         order = np.empty(len(rows), dtype=np.int64)
         order[[expected[i] for i in ids]] = np.arange(len(ids))
         task_labels = corpus.labels[task.name][rows]
         if np.isnan(task_labels).all():
-            raise ValueError(f"{split} split has no {task.title} labels to score against (is it Test?)")
+            raise ScoreError(f"{split} split has no {task.title} labels to score against (is it Test?)")
         labels[task.name], preds[task.name] = task_labels, np.asarray(values)[order]
     return labels, preds
 
@@ -97,13 +108,11 @@ def score_command(root: Path, split: str, level: float | None, n_boot: int, seed
     """Score PREDICTIONS (official submission CSVs, any subset of the four tasks, any row order)."""
     from extract.corpus import read_corpus
 
-    try:
+    with command_errors():
         corpus = read_corpus(root)
         labels, preds = read_split_predictions(corpus, split, predictions)
         scores: dict[str, Any] = score_predictions(labels, preds)
         if level is not None:
             config = BootstrapConfig(level=level, n_boot=n_boot, seed=seed)
             scores = with_intervals(scores, score_intervals(labels, preds, config))
-    except ValueError as err:
-        raise click.ClickException(str(err)) from None
     click.echo(json.dumps(scores, indent=2) if as_json else format_scores(scores, level))

@@ -21,7 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from heads.names import ARCHS, WEIGHTINGS
-from tests.benchmarks.bench_common import BASE_DIMS, Figures, machine_line, make_cache_in_child, set_threads, workdir
+from tests.benchmarks.bench_common import (
+    BASE_DIMS,
+    Figures,
+    machine_line,
+    make_cache_in_child,
+    set_threads,
+    workdir,
+)
 
 BATCHES = (8, 32, 128)
 
@@ -41,8 +48,8 @@ def main(argv: list[str] | None = None) -> Figures:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    from heads.ablate import run_grid
-    from heads.models import HeadConfig
+    from heads.model.architectures import HeadConfig
+    from heads.training.grid import run_grid
 
     fig = Figures("batch")
     threads = set_threads(args.threads)

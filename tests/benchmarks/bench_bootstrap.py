@@ -6,7 +6,7 @@
 A labels-only corpus in the official layout (the label CSVs of `extract.synth`, no audio: scoring never reads
 it) and one official prediction file per task are written to the temp dir; then the `avb score` command runs
 in this process, alternately without and with `--ci 0.95` (`--repeat` times each, the best kept). The figures:
-both wall times, and the intervals alone (`heads.bootstrap.score_intervals` on what the command scores).
+both wall times, and the intervals alone (`heads.analysis.bootstrap.score_intervals` on what the command scores).
 """
 from __future__ import annotations
 
@@ -16,7 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.benchmarks.bench_common import HUME_SIZES, Figures, bench_parser, machine_line, workdir
+from tests.benchmarks.bench_common import (
+    HUME_SIZES,
+    Figures,
+    bench_parser,
+    machine_line,
+    workdir,
+)
 
 
 def write_labels_only_corpus(root: Path, n_val: int, seed: int = 0) -> list[str]:
@@ -72,9 +78,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         for label, seconds in times.items():
             figs.add("s", f"avb score {label}", seconds, "s", f"{n_val} Val clips, 4 tasks, best of {args.repeat}")
         # the intervals alone, on exactly what the command scores (best of --repeat)
-        from extract.corpus import read_corpus
         from extract.app.score import read_split_predictions
-        from heads.bootstrap import BootstrapConfig, score_intervals
+        from extract.corpus import read_corpus
+        from heads.analysis.bootstrap import BootstrapConfig, score_intervals
 
         labels, preds = read_split_predictions(read_corpus(tmp / "corpus"), "Val", [Path(f) for f in files])
         best = float("inf")

@@ -45,9 +45,9 @@ def run(args: argparse.Namespace) -> Figures:
 
     from extract.backbone import layer_dims, load_backbone
     from extract.finetune import FinetuneModel
-    from heads.models import HeadConfig, build_head
+    from heads.model.architectures import HeadConfig, build_head
+    from heads.model.weighting import build_weighting
     from heads.tasks import TASKS
-    from heads.weighting import build_weighting
     from tests.benchmarks.bench_common import workdir
 
     hf_logging.disable_progress_bar()   # the save/load bars of the generated model would bury the figures

@@ -12,9 +12,9 @@ import time
 def step_ms(n_runs: int, steps: int) -> float:
     import torch
 
-    from heads.losses import task_losses
-    from heads.models import HeadConfig, HeadInputs, build_head
-    from heads.optim import StackedAdamW
+    from heads.model.architectures import HeadConfig, HeadInputs, build_head
+    from heads.model.losses import task_losses
+    from heads.model.optim import StackedAdamW
 
     dims = {"cnn": 512, **{f"hidden_{i}": 768 for i in range(13)}}  # wav2vec2-base's layers
     model = build_head(HeadConfig(arch="branch"), dims, list(range(n_runs)))

@@ -6,7 +6,7 @@
 What is measured, and how the grid time is obtained. The grid is 3 architectures x 4 weightings x 3 seeds x
 30 epochs at batch size 8 on a generated pooled cache of 19,990 Train / 19,396 Val / 19,815 Test clips
 (14 layers, float16, learnable). Training all of it takes hours on a 2-core CPU, so for every architecture
-the real `heads.train.train_runs` trains its 12 runs in the joint groups `avb heads ablate` uses (as many as
+the real `heads.training.joint.train_runs` trains its 12 runs in the joint groups `avb heads ablate` uses (as many as
 fit the ablation's memory budget, `--max-group-mib`; at HUME scale VANILLA and CHAIN train 12 runs at once,
 BRANCH 3 groups of 4) for one epoch over
 the first `--steps` Train batches, evaluates the first `--val-rows` Val clips and predicts `--test-rows` Test
@@ -87,18 +87,18 @@ def step_cost(cache: Any, head: Any, arch: str, frames: Any = None, group: int |
     this measurement from setting the peak RSS that (d) reports."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from heads import train as train_mod
-    from heads.losses import task_losses
-    from heads.models import build_head
+    from heads.model.architectures import build_head
+    from heads.model.losses import task_losses
+    from heads.training import inputs
 
     all_seeds = [s for _ in WEIGHTINGS for s in SEEDS]
     seeds = all_seeds[:group] if group else all_seeds
     scale = len(all_seeds) / len(seeds)
     model = build_head(dataclasses.replace(head, arch=arch), dict(cache.layer_dims), seeds).train()
-    feats = train_mod._Features(cache, model.required_layers, frames, model.required_frame_layers)
-    labels = train_mod._Labels(cache, feats.device)
-    batches = train_mod._device_batches(
-        train_mod._epoch_batches(seeds, 1, np.asarray(cache.indices("Train")), BATCH)[:5], feats.device)
+    feats = inputs.Features(cache, model.required_layers, frames, model.required_frame_layers)
+    labels = inputs.Labels(cache, feats.device)
+    batches = inputs.device_batches(
+        inputs.epoch_batches(seeds, 1, np.asarray(cache.indices("Train")), BATCH)[:5], feats.device)
     t = time.perf_counter()
     for rows in batches:
         feats.batch(rows)
@@ -163,9 +163,13 @@ def measure_arch(cache: Any, cache_path: Path, out: Path, arch: str, head: Any, 
     """Train the 12 runs of `arch` on a subset the way `avb heads ablate` does: in the joint groups that fit
     `max_group_bytes` (default: the ablation's), one `train_runs` call per group. The measured parts are
     summed over the groups (a "step" is one batch for all 12 runs) and extrapolated to full size."""
-    from heads import train as train_mod
-    from heads.ablate import DEFAULT_MAX_GROUP_BYTES, joint_groups, run_state_bytes
-    from heads.train import TrainConfig, train_runs
+    from heads.names import DEFAULT_MAX_GROUP_BYTES
+    from heads.training import joint as train_mod
+    from heads.training.grid import (
+        joint_groups,
+        run_state_bytes,
+    )
+    from heads.training.joint import TrainConfig, train_runs
 
     n_val = min(val_rows, len(cache.indices("Val")))
     n_test = min(test_rows, len(cache.indices("Test")))
@@ -175,7 +179,7 @@ def measure_arch(cache: Any, cache_path: Path, out: Path, arch: str, head: Any, 
     budget = DEFAULT_MAX_GROUP_BYTES if max_group_bytes is None else max_group_bytes
     per_run = run_state_bytes(configs[0].head, dict(cache.layer_dims))
     groups = joint_groups(len(configs), per_run, budget)
-    real_batches, real_predict = train_mod._epoch_batches, train_mod._predict
+    real_batches, real_predict = train_mod.epoch_batches, train_mod._predict
     totals = {"setup_s": 0.0, "loop_s": 0.0, "eval_s": 0.0, "eval_only_s": 0.0, "final_s": 0.0}
     for group in groups:
         marks: dict[str, float] = {}
@@ -194,14 +198,14 @@ def measure_arch(cache: Any, cache_path: Path, out: Path, arch: str, head: Any, 
             return result
 
         members = [configs[i] for i in group]
-        train_mod._epoch_batches, train_mod._predict = timed_batches, timed_predict
+        train_mod.epoch_batches, train_mod._predict = timed_batches, timed_predict
         try:
             t0 = time.perf_counter()
             train_runs(view, members, [out / arch / c.name for c in members], progress=False, frames=frames,
                        cache_path=cache_path)
             t_end = time.perf_counter()
         finally:
-            train_mod._epoch_batches, train_mod._predict = real_batches, real_predict
+            train_mod.epoch_batches, train_mod._predict = real_batches, real_predict
         if len(predicts) != 3:
             raise RuntimeError(f"expected 3 prediction passes (Val each epoch, final Val and Test), saw {len(predicts)}")
         totals["setup_s"] += marks["loop_start"] - t0
@@ -234,7 +238,7 @@ def _groups_text(r: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> Figures:
     from cache.reader import cache_info, load_cache
-    from heads.models import HeadConfig
+    from heads.model.architectures import HeadConfig
 
     fig, threads = begin("heads", args.threads)
     quick = args.quick
@@ -337,7 +341,7 @@ def _measure_frames(fig: Figures, args: argparse.Namespace, tmp: Path, head: Any
                     sizes: Sequence[int], steps: dict[str, int], budget: int | None) -> tuple[list[str], dict]:
     """BRANCH over frames (stride 4) on a small frame-level cache, extrapolated to HUME-VB size."""
     from cache.reader import FrameReader, cache_info, load_cache
-    from heads.models import branch_groups
+    from heads.model.architectures import branch_groups
 
     quick = args.quick
     frame_sizes = (96, 32, 16) if quick else (args.frame_clips, args.frame_clips // 4, args.frame_clips // 8)

@@ -4,7 +4,7 @@
     python -m tests.benchmarks.bench_probe --quick    # a tiny cache, seconds
 
 Probe: a generated, learnable float16 cache of 19,990 Train / 19,396 Val / 19,815 Test clips with wav2vec2-base's
-layers (cnn 512-d + hidden_0..hidden_12 768-d) is probed end to end by `heads.probe.run_probe` (every layer x
+layers (cnn 512-d + hidden_0..hidden_12 768-d) is probed end to end by `heads.analysis.probe.run_probe` (every layer x
 the four tasks, reading each layer from the file); the figure is its wall time, goal <= 3 min. The time of one
 layer's ridge (the three regression tasks) and logistic (TYPE) parts is printed beside it.
 
@@ -20,7 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from tests.benchmarks.bench_common import (
-    BASE_DIMS, HUME_SIZES, Figures, machine_line, make_cache_in_child, set_threads, verdict, workdir,
+    BASE_DIMS,
+    HUME_SIZES,
+    Figures,
+    machine_line,
+    make_cache_in_child,
+    set_threads,
+    verdict,
+    workdir,
 )
 
 GOAL_PROBE_S = 180.0
@@ -30,8 +37,8 @@ QUICK_DIMS = {"cnn": 32, **{f"hidden_{i}": 48 for i in range(5)}}
 
 def bench_probe(figs: Figures, cache: Path, threads: int) -> None:
     from cache.reader import load_cache
-    from heads.probe import ProbeConfig, probe_layer, run_probe
-    from heads.threads import limited_threads
+    from heads.analysis.probe import ProbeConfig, probe_layer, run_probe
+    from heads.analysis.threads import limited_threads
     from heads.tasks import TASK_NAMES
 
     result = run_probe(cache, ProbeConfig(threads=threads), progress=False)

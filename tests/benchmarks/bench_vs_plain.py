@@ -20,7 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-from tests.benchmarks.bench_common import BASE_DIMS, Figures, machine_line, make_cache_in_child, workdir
+from tests.benchmarks.bench_common import (
+    BASE_DIMS,
+    Figures,
+    machine_line,
+    make_cache_in_child,
+    workdir,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK_DIMS = {"cnn": 16, **{f"hidden_{i}": 24 for i in range(5)}}

@@ -32,12 +32,14 @@ from typing import Any
 import click
 import numpy as np
 
-from cache.atomic import write_json_atomic, write_text_atomic
-from cache.jsonable import jsonable
-from cache.options import csv_text, progress_option
+from cache.command_kit.atomic import write_json_atomic, write_text_atomic
+from cache.command_kit.command import command_errors
+from cache.command_kit.errors import AvbError
+from cache.command_kit.jsonable import jsonable
+from cache.command_kit.options import csv_text, progress_option
+from heads.analysis.threads import limited_threads
 from heads.metrics import labelled_rows, score_task
 from heads.tasks import TASK_NAMES, TASKS
-from heads.threads import limited_threads
 
 PROBE_FILES = ("probe.csv", "probe.json", "probe.md")
 CSV_FIELDS = ("layer", "task", "metric", "val_score")
@@ -48,7 +50,7 @@ RIDGE_GRID: tuple[float, ...] = tuple(float(10.0 ** (e / 4)) for e in range(-24,
 LOGISTIC_C_GRID: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
-class ProbeError(ValueError):
+class ProbeError(AvbError):
     """A cache or setting the probe cannot work with; one line naming it."""
 
 
@@ -64,7 +66,7 @@ class ProbeConfig:
     select_rows: int = 6000                 # at most this many of the other Train rows fit the candidates
     max_iter: int = 50                      # L-BFGS iterations per logistic fit
     seed: int = 0                           # the holdout split
-    threads: int = 1                        # BLAS and torch threads (heads.threads; 0: the libraries' own)
+    threads: int = 1                        # BLAS and torch threads (heads.analysis.threads; 0: the libraries' own)
 
     def validate(self) -> None:
         for task in self.tasks:
@@ -241,7 +243,6 @@ def _probe_type(xt: np.ndarray, labels: np.ndarray, xv: np.ndarray, val_labels: 
     from strong to weak penalties, each fit warm-starting the next, and stops at the first drop of the
     holdout UAR (unimodal in C in practice).
     """
-    from heads.metrics import uar  # noqa: PLC0415
 
     keep = labelled_rows(TASKS["type"], labels)
     x, y = xt[keep].astype(np.float32), labels[keep, 0].astype(np.int64)
@@ -436,12 +437,10 @@ def probe_command(cache_path: Path, out: Path, layers: str, tasks: str, seed: in
     the best layer per task."""
     layer_list = tuple(x.strip() for x in layers.split(",") if x.strip())
     task_list = tuple(x.strip().lower() for x in tasks.split(",") if x.strip())
-    try:
+    with command_errors():
         result = run_probe(cache_path, ProbeConfig(layers=layer_list, tasks=task_list, seed=seed, threads=threads),
                            progress=progress)
         paths = write_probe(result, out)
-    except (ValueError, OSError) as err:
-        raise click.ClickException(str(err)) from None
     click.echo(probe_markdown(result).split("\n\nLinear probes of")[0].rstrip())
     for task, best in result.best().items():
         click.echo(f"best layer for {TASKS[task].title}: {best['layer']} ({best['metric'].upper()} "

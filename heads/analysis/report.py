@@ -26,11 +26,24 @@ from typing import Any
 import click
 import numpy as np
 
-from cache.atomic import write_bytes_atomic, write_text_atomic
-from cache.command import command_errors
+from cache.command_kit.atomic import write_bytes_atomic, write_text_atomic
+from cache.command_kit.command import command_errors
+from cache.command_kit.errors import AvbError
 from heads.runs import (
-    ABLATION, CONFIG_FILE, ENSEMBLE, FINETUNE, MEMBERS_FILE, METRICS_FILE, RUN, EnsembleFolder, RunFolder,
-    find_runs, not_a_head_run, output_kind, read_ensemble, read_run,
+    ABLATION,
+    CONFIG_FILE,
+    ENSEMBLE,
+    FINETUNE,
+    MEMBERS_FILE,
+    METRICS_FILE,
+    RUN,
+    EnsembleFolder,
+    RunFolder,
+    find_runs,
+    not_a_head_run,
+    output_kind,
+    read_ensemble,
+    read_run,
 )
 from heads.tasks import HEADLINE_KEYS, TASK_NAMES, TASKS
 
@@ -44,7 +57,7 @@ WEIGHT_MEANING: dict[str, str] = {
 PLOT_EXTRA_HINT = "pip install 'avb-heads[plot]'"
 
 
-class ReportError(ValueError):
+class ReportError(AvbError):
     """Inputs a report cannot be made from; the message names the folder or file."""
 
 
@@ -97,7 +110,7 @@ class ReportInputs:
 def collect_inputs(dirs: Iterable[str | os.PathLike]) -> ReportInputs:
     """Classify each folder as a run, an ensemble, a probe (probe.json) or an ablation (runs inside); a run
     named twice (directly and through its ablation) is shown once."""
-    from heads.probe import read_probe  # noqa: PLC0415
+    from heads.analysis.probe import read_probe  # noqa: PLC0415
 
     found = ReportInputs()
     seen: set[Path] = set()

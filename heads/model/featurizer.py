@@ -9,11 +9,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cache.command_kit.errors import AvbError
+
 LAST = "last"
 WEIGHTED = "weighted"
 
 
-class FeaturizerError(ValueError):
+class FeaturizerError(AvbError):
     """A layer choice that the cache cannot serve."""
 
 

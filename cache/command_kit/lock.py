@@ -52,14 +52,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cache.write_errors import writing
+from cache.command_kit.errors import AvbError
+from cache.command_kit.write_errors import writing
 
 LOCK_NAME = ".avb-lock"
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class FolderInUse(ValueError):
+class FolderInUse(AvbError):
     """Another avb process holds the lock of an output folder; one line for the user."""
 
     def __init__(self, target: str | os.PathLike, pid: Any, host: str | None = None) -> None:
@@ -68,7 +69,7 @@ class FolderInUse(ValueError):
         self.pid, self.host = pid, host
 
 
-class OutputUnavailable(ValueError):
+class OutputUnavailable(AvbError):
     """What rank 0 of a multi-process run failed with when it tried to take the lock, relayed to the others."""
 
 
@@ -224,7 +225,7 @@ def hold_output(target: str | os.PathLike, *, is_file: bool = False, ranks: Any 
     if main:
         try:
             lock.acquire()
-        except (OSError, ValueError) as err:   # busy, or the lock file cannot be written
+        except (OSError, AvbError) as err:   # busy, or the lock file cannot be written
             failure = err
     outcome = [None if failure is None else str(failure)]
     broadcast_object_list(outcome, from_process=0)

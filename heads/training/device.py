@@ -10,13 +10,13 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from cache.command_kit.errors import AvbError
 from heads.names import HEAD_PRECISIONS
 
 DEVICE_CHOICES_HELP = "auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps"
-PRECISIONS = HEAD_PRECISIONS
 
 
-class DeviceError(ValueError):
+class DeviceError(AvbError):
     """A device or precision this machine or build cannot give."""
 
 
@@ -48,8 +48,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
 
 
 def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise DeviceError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision not in HEAD_PRECISIONS:
+        raise DeviceError(f"unknown precision {precision!r}; expected one of {', '.join(HEAD_PRECISIONS)}")
     return precision
 
 

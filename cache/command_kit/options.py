@@ -24,7 +24,7 @@ _QUIET = "quiet_alias"
 
 class ConfigDefault:
     """A click `default` read from a config dataclass when click first needs it (a run, or the command's
-    --help), e.g. `ConfigDefault("heads.models:HeadConfig.hidden")`; `convert` turns the field's value into the
+    --help), e.g. `ConfigDefault("heads.model.architectures:HeadConfig.hidden")`; `convert` turns the field's value into the
     option's spelling (a tuple into "a,b,c"). The owning module is imported then, not when the command module
     is, so `avb --help` and `avb heads --help` stay free of torch."""
 

@@ -19,8 +19,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from cache.command_kit.errors import AvbError
 
-class WeightingError(ValueError):
+
+class WeightingError(AvbError):
     """An unknown weighting, a bad option, or losses of the wrong shape."""
 
 

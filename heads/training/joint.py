@@ -5,7 +5,7 @@ so R runs of one architecture cost little more than one when their parameters ar
 dim and every step is one batched forward/backward. Joint training must not change any run, so everything
 that is random or adaptive is per run: the initial parameters (the head seeds each run's slice), the shuffle
 (`np.random.default_rng((seed, epoch))`), the dropout generator, the learning rate and its plateau schedule,
-the gradient-norm clipping (`heads.optim`) and the loss weighting (one module per weighting kind, covering
+the gradient-norm clipping (`heads.model.optim`) and the loss weighting (one module per weighting kind, covering
 the runs of that kind). The runs' losses are summed before `backward`, which gives each run exactly its own
 gradient because no parameter is shared. A run trained alone therefore equals the same run trained jointly.
 
@@ -33,41 +33,47 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from cache.atomic import atomic_path, write_json_atomic
-from cache.format import where
-from cache.jsonable import jsonable
+from cache.command_kit.atomic import atomic_path, write_json_atomic
+from cache.command_kit.jsonable import jsonable
 from cache.reader import compat_attrs
-from heads.losses import task_losses
 from heads.metrics import score_all
-from heads.device import autocast, check_precision, describe, resolve_device
-from heads.layers import make_generators
-from heads.models import DROPOUT_SEED_OFFSET, HeadConfig, HeadInputs, MultiTaskHead, build_head
+from heads.model.architectures import (
+    DROPOUT_SEED_OFFSET,
+    HeadConfig,
+    MultiTaskHead,
+    build_head,
+)
+from heads.model.layers import make_generators
+from heads.model.losses import task_losses
+from heads.model.optim import PlateauHalving, StackedAdamW
+from heads.model.weighting import WeightingError, build_weighting
 from heads.names import DEFAULT_EPOCHS
-from heads.optim import PlateauHalving, StackedAdamW
 from heads.runs import CONFIG_FILE, HEAD_FILE, METRICS_FILE, RUN_FORMAT, history_entry
 from heads.submission import PROBS_FILE, write_submissions, write_type_probs
-from heads.tasks import METRIC_KEYS, TASK_NAMES, TASKS
-from heads.weighting import build_weighting
+from heads.tasks import METRIC_KEYS, SELECTION_KEY, TASK_NAMES, TASKS
+from heads.training.device import (
+    DeviceError,
+    autocast,
+    check_precision,
+    describe,
+    resolve_device,
+)
+from heads.training.inputs import (
+    Features,
+    Labels,
+    TrainingError,
+    check_features,
+    device_batches,
+    epoch_batches,
+)
 
 if TYPE_CHECKING:
     from cache.reader import CacheData
 
-# Evaluation chunks hold about this many (row, run) pairs: the activations grow with rows x runs, and on CPU
-# mid-sized chunks are also the fastest (measured with 12 runs: 341-row chunks evaluate VANILLA 1.5x and
-# BRANCH 1.35x faster than 2048-row chunks, with a tenth of the memory: 0.26 GB instead of 1.2 GB for BRANCH).
-EVAL_RUN_ROWS = 4096
-EVAL_RUN_ROWS_FRAMES = 256  # the same with frame-level inputs ([B, T, D] per layer and run)
-EVAL_RUN_ROWS_DEVICE = 16384  # on an accelerator: larger chunks, fewer launches
-FEATURE_CHECK_ROWS = 8192   # rows per block when checking the features for NaN/inf (bounds the temporary)
-SELECTION_KEY = "mean"  # mean of type_uar, two_ccc, high_ccc, culture_ccc (the paper's model selection)
 # Fields every jointly trained run must share: they shape the stacked module, the batches or the schedule.
 SHARED_FIELDS: tuple[str, ...] = (
     "arch", "head", "epochs", "batch_size", "weight_decay", "patience", "lr_factor", "grad_clip", "precision",
 )
-
-
-class TrainingError(ValueError):
-    """Bad configs or data for a training run, or a run that diverged (non-finite loss)."""
 
 
 @dataclass
@@ -109,7 +115,7 @@ class TrainConfig:
             raise TrainingError(f"lr must be a positive number, got {self.lr}")
         try:
             check_precision(self.precision)
-        except ValueError as err:
+        except DeviceError as err:
             raise TrainingError(str(err)) from None
 
     @property
@@ -152,152 +158,10 @@ def _check_configs(configs: Sequence[TrainConfig], out_dirs: Sequence[Path]) -> 
                     f"runs trained jointly must share {name}: {first.name} has {a!r}, {cfg.name} has {b!r}")
 
 
-def _check_features(cache: CacheData, layers: Sequence[str], rows: np.ndarray) -> None:
-    """Fail before training on NaN/inf features: they would only surface later as a NaN loss."""
-    for layer in layers:
-        if layer not in cache.pooled:
-            raise TrainingError(
-                f"cache has no pooled layer {layer!r} loaded (loaded: {', '.join(cache.pooled) or 'none'})")
-        data = cache.pooled[layer]
-        # In blocks and in the stored dtype: a float32 copy of a whole HUME-VB layer would be 180 MB.
-        bad = np.concatenate([~np.isfinite(data[rows[i:i + FEATURE_CHECK_ROWS]]).all(axis=1)
-                              for i in range(0, len(rows), FEATURE_CHECK_ROWS)] or [np.zeros(0, bool)])
-        if bad.any():
-            first = rows[np.flatnonzero(bad)[0]]
-            file_row = int(cache.rows[first]) if getattr(cache, "rows", None) is not None else int(first)
-            raise TrainingError(
-                f"{where(cache.path, file_row, str(cache.ids[first]), f'layer {layer!r}')}: non-finite features "
-                f"({cache.splits[first]!s} clip; {int(bad.sum())} clip(s) in all)")
-
-
-# ------------------------------------------------------------------------------------------- batching
-
-class _Features:
-    """Cached inputs as torch tensors on the training device, kept in the cache's dtype (batches become float32
-    as they are gathered). On the CPU they share the cache's memory (no copy)."""
-
-    def __init__(self, cache: CacheData, layers: Sequence[str], frames: Any = None,
-                 frame_layers: Sequence[str] = (), n_runs: int = 1, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
-        self.pooled = {layer: torch.from_numpy(np.ascontiguousarray(cache.pooled[layer])).to(self.device)
-                       for layer in layers}
-        self.frames = frames
-        self.frame_layers = list(frame_layers)
-        file_rows = getattr(cache, "rows", None)  # FrameReader indexes file rows, not loaded rows
-        self.file_rows = np.arange(len(cache.ids)) if file_rows is None else np.asarray(file_rows, np.int64)
-        if self.frame_layers:
-            if frames is None:
-                raise TrainingError(
-                    f"this head attends over frames of {', '.join(self.frame_layers)}; pass a frame reader "
-                    "(a cache dumped with frame-level layers)")
-            missing = [layer for layer in self.frame_layers if layer not in frames.layers]
-            if missing:
-                raise TrainingError(f"the frame reader has no frames for {', '.join(missing)} "
-                                    f"(it has {', '.join(frames.layers)})")
-        if self.frame_layers:
-            budget = EVAL_RUN_ROWS_FRAMES
-        else:
-            budget = EVAL_RUN_ROWS if self.device.type == "cpu" else EVAL_RUN_ROWS_DEVICE
-        self.eval_batch = max(8, budget // max(1, int(n_runs)))
-
-    def batch(self, rows: torch.Tensor) -> HeadInputs:
-        """Inputs for run-specific rows [R, B] (a tensor on the device) -> HeadInputs with [R, B, ...] tensors."""
-        r, b = rows.shape
-        flat = rows.reshape(-1)
-        pooled = {k: v.index_select(0, flat).float().view(r, b, -1) for k, v in self.pooled.items()}
-        frames, mask = self._frames(flat.cpu().numpy()) if self.frame_layers else (None, None)
-        if frames is not None:
-            frames = {k: v.reshape(r, b, *v.shape[1:]) for k, v in frames.items()}
-            mask = mask.reshape(r, b, -1)
-        return HeadInputs(pooled=pooled, frames=frames, frame_mask=mask)
-
-    def shared(self, rows: np.ndarray) -> HeadInputs:
-        """Inputs for rows shared by all runs: [B] -> [1, B, ...] (the head broadcasts a run dim of 1)."""
-        idx = torch.from_numpy(rows).to(self.device)
-        pooled = {k: v.index_select(0, idx).float().unsqueeze(0) for k, v in self.pooled.items()}
-        frames, mask = self._frames(rows)
-        if frames is not None:
-            frames = {k: v.unsqueeze(0) for k, v in frames.items()}
-            mask = mask.unsqueeze(0)
-        return HeadInputs(pooled=pooled, frames=frames, frame_mask=mask)
-
-    def _frames(self, rows: np.ndarray) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor | None]:
-        """Frames of `rows` zero-padded to the longest clip of the batch, with the valid-frame mask, on the device.
-
-        Each distinct clip is read once: runs with the same seed share their shuffle, so a joint batch of
-        4 weightings x 3 seeds holds each clip 4 times.
-        """
-        if not self.frame_layers:
-            return None, None
-        uniq, inverse = np.unique(rows, return_inverse=True)
-        if len(uniq) < len(rows):
-            frames, mask = self._frames(uniq)
-            index = torch.from_numpy(inverse.reshape(-1)).to(self.device)
-            return {k: v.index_select(0, index) for k, v in frames.items()}, mask.index_select(0, index)
-        return pad_frames(self.frames.get(self.file_rows[rows]), self.frame_layers, self.device)
-
-
-def pad_frames(frames: dict[str, Sequence[Any]], layers: Sequence[str] | None = None,
-               device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Ragged per-clip frames (layer -> one [T_i, D] array or tensor per clip) -> float32 [B, T, D] per layer,
-    zero-padded to the longest clip (at least 1 frame), and the [B, T] valid-frame mask, on `device`.
-
-    The one padding of frames: training batches (`_Features`) and `avb predict` go through it."""
-    layers = list(frames) if layers is None else list(layers)
-    lengths = np.array([len(x) for x in frames[layers[0]]], dtype=np.int64)
-    t_max = max(1, int(lengths.max()) if len(lengths) else 1)
-    out = {}
-    for layer in layers:
-        clips = [c.detach().float().cpu().numpy() if isinstance(c, torch.Tensor) else c for c in frames[layer]]
-        arr = np.zeros((len(clips), t_max, clips[0].shape[-1] if clips else 0), dtype=np.float32)
-        for i, clip in enumerate(clips):
-            arr[i, :len(clip)] = clip
-        out[layer] = torch.from_numpy(arr).to(device)
-    mask = torch.from_numpy(np.arange(t_max)[None, :] < lengths[:, None]).to(device)
-    return out, mask
-
-
-class _Labels:
-    """All four tasks' labels in one float32 tensor on the device, so a batch's targets are one gather."""
-
-    def __init__(self, cache: CacheData, device: torch.device) -> None:
-        parts = [np.asarray(cache.labels[name], dtype=np.float32).reshape(len(cache.ids), -1) for name in TASK_NAMES]
-        self.widths = [p.shape[1] for p in parts]
-        self.table = torch.from_numpy(np.concatenate(parts, axis=1)).to(device)
-
-    def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Targets for run-specific rows [R, B] -> task -> [R, B, label_dim] (TYPE: class index as float)."""
-        r, b = rows.shape
-        values = self.table.index_select(0, rows.reshape(-1)).view(r, b, -1)
-        return dict(zip(TASK_NAMES, values.split(self.widths, dim=-1)))
-
-
-def _epoch_batches(seeds: Sequence[int], epoch: int, train_rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Per-run shuffles of the Train rows cut into batches: a list of [R, B] row indices into the cache.
-
-    A last partial batch is kept when it has at least 2 rows (CCC needs two) and dropped otherwise.
-    """
-    perms = np.stack([train_rows[np.random.default_rng((int(s), epoch)).permutation(len(train_rows))]
-                      for s in seeds])
-    n_full, rest = divmod(len(train_rows), batch_size)
-    batches = [perms[:, i * batch_size:(i + 1) * batch_size] for i in range(n_full)]
-    if rest >= 2:
-        batches.append(perms[:, n_full * batch_size:])
-    return batches
-
-
-def _device_batches(batches: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
-    """The epoch's batches as views of one index tensor moved to the device in a single copy."""
-    if not batches:
-        return []
-    whole = torch.from_numpy(np.concatenate(batches, axis=1)).to(device)
-    return list(whole.split([b.shape[1] for b in batches], dim=1))
-
-
 # ------------------------------------------------------------------------------------------- evaluation
 
 @torch.inference_mode()
-def _predict(model: MultiTaskHead, feats: _Features, rows: np.ndarray, n_runs: int,
+def _predict(model: MultiTaskHead, feats: Features, rows: np.ndarray, n_runs: int,
              precision: str = "fp32") -> dict[str, np.ndarray]:
     """Eval-mode predictions of every run on `rows`: task -> [R, N, k] float32 (TYPE: class probabilities)."""
     was_training = model.training
@@ -372,7 +236,7 @@ def _build_weightings(configs: Sequence[TrainConfig]) -> list[tuple[list[int], A
         kind, options = json.loads(key)
         try:
             module = build_weighting(kind, len(runs), len(TASK_NAMES), **options)
-        except ValueError as err:
+        except WeightingError as err:
             raise TrainingError(f"run {configs[runs[0]].name}: {err}") from None
         out.append((runs, module))
     return out
@@ -413,14 +277,14 @@ class JointTraining:
             raise TrainingError("cache has no Val clips; model selection needs the Val split")
 
         model = build_head(self.first.head, dict(cache.layer_dims), self.seeds)
-        _check_features(cache, model.required_layers,
+        check_features(cache, model.required_layers,
                         np.concatenate([self.train_rows, self.val_rows, self.test_rows]))
         self.model = model.to(device)
         self.model.set_run_generators(make_dropout_generators(self.seeds, device), draw_ahead=True)
         self.model.use_grad_buffers()
-        self.feats = _Features(cache, model.required_layers, frames, model.required_frame_layers, self.n_runs,
+        self.feats = Features(cache, model.required_layers, frames, model.required_frame_layers, self.n_runs,
                                device)
-        self.labels = _Labels(cache, device)
+        self.labels = Labels(cache, device)
         self.val_labels = {name: np.asarray(cache.labels[name], dtype=np.float64)[self.val_rows]
                            for name in TASK_NAMES}
 
@@ -472,7 +336,7 @@ class JointTraining:
         lr_used = self.optimizer.lr.clone()
         sum_losses = torch.zeros(self.n_runs, len(TASK_NAMES), dtype=torch.float64, device=self.device)
         sum_totals = torch.zeros(self.n_runs, dtype=torch.float64, device=self.device)
-        batches = _device_batches(_epoch_batches(self.seeds, epoch, self.train_rows, self.first.batch_size),
+        batches = device_batches(epoch_batches(self.seeds, epoch, self.train_rows, self.first.batch_size),
                                   self.device)
         for rows in batches:
             losses, totals = self._step(rows, epoch)
@@ -561,7 +425,7 @@ def train_runs(
     head that attends over frames. `cache_path` is recorded in config.json (default: `cache.path`).
     `device` is where training runs ("auto", "cpu", "cuda", "cuda:N", "mps" or a torch.device);
     metrics.json records it under "trained_on", with `provenance` (e.g. the grid process that trained it).
-    `tracker` (e.g. `heads.tracking.HeadsTracker`) is called once per run and epoch with (run name, epoch,
+    `tracker` (e.g. `heads.training.tracking.HeadsTracker`) is called once per run and epoch with (run name, epoch,
     that epoch's history entry).
     """
     out_dirs = [Path(d) for d in out_dirs]

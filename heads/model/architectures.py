@@ -2,7 +2,7 @@
 
 A head holds the parameters of R runs of one architecture (every parameter has leading dim R), so the ablation
 grid trains many (weighting, seed) runs with batched matmuls; inside a run the four tasks' networks are
-stacked too (`copies=4` in heads/layers.py) wherever their shapes agree, so a step costs one matmul per layer
+stacked too (`copies=4` in heads/model/layers.py) wherever their shapes agree, so a step costs one matmul per layer
 for all tasks of all runs. Run r is initialised only from `torch.Generator().manual_seed(seeds[r])` and its
 dropout masks come from its own generator, so a run trained jointly equals the same run trained alone.
 
@@ -29,9 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from heads.featurizer import Featurizer, FeaturizerError
-from heads.layers import (
-    StackedDropout, StackedLayerNorm, StackedLinear, StackedMultiheadAttention, make_generators, per_run,
+from cache.command_kit.errors import AvbError
+from heads.model.featurizer import Featurizer, FeaturizerError
+from heads.model.layers import (
+    StackedDropout,
+    StackedLayerNorm,
+    StackedLinear,
+    StackedMultiheadAttention,
+    make_generators,
+    per_run,
 )
 from heads.names import ARCHS
 from heads.tasks import TASK_NAMES, TASKS
@@ -41,7 +47,7 @@ DROPOUT_SEED_OFFSET = 0x5EED_D0
 _HIDDEN = re.compile(r"hidden_(\d+)$")
 
 
-class HeadConfigError(ValueError):
+class HeadConfigError(AvbError):
     """A head configuration, layer set or input that cannot work; the message names the offending value."""
 
 
@@ -160,7 +166,7 @@ class MultiTaskHead(nn.Module):
                 m.set_generators(gens, draw_ahead)
 
     def use_grad_buffers(self, on: bool = True) -> None:
-        """Let every stacked linear layer write its weight gradient in place (see heads/layers.py)."""
+        """Let every stacked linear layer write its weight gradient in place (see heads/model/layers.py)."""
         for m in self.modules():
             if isinstance(m, StackedLinear):
                 m.use_grad_buffer(on)

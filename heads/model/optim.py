@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from heads.layers import grad_sq_norms
-
+from heads.model.layers import grad_sq_norms
 
 
 @dataclass

@@ -25,16 +25,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cache.command_kit.errors import AvbError
+from heads.analysis.threads import limited_threads
 from heads.metrics import EPS, labelled_rows, type_indices
 from heads.tasks import HEADLINE_KEYS, METRIC_KEYS, TASK_NAMES, TASKS
-from heads.threads import limited_threads
 
 DEFAULT_LEVEL = 0.95
 DEFAULT_N_BOOT = 1000
 BLOCK_CELLS = 4_000_000   # resamples per block x clips: bounds the float64 count matrix to ~32 MB
 
 
-class BootstrapError(ValueError):
+class BootstrapError(AvbError):
     """Bad bootstrap settings or inputs (one line for the user)."""
 
 
@@ -45,7 +46,7 @@ class BootstrapConfig:
     level: float = DEFAULT_LEVEL
     n_boot: int = DEFAULT_N_BOOT
     seed: int = 0
-    threads: int = 1    # BLAS threads of the matrix products (heads.threads: one is fastest on a busy machine)
+    threads: int = 1    # BLAS threads of the matrix products (heads.analysis.threads: one is fastest on a busy machine)
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.level) < 1.0:

@@ -23,8 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from heads.bootstrap import BootstrapConfig, percentile_interval, score_distributions, win_fraction
-from heads.ensemble import read_split_predictions
+from cache.command_kit.errors import AvbError
+from heads.analysis.bootstrap import (
+    BootstrapConfig,
+    percentile_interval,
+    score_distributions,
+    win_fraction,
+)
+from heads.analysis.ensemble import read_split_predictions
 from heads.submission import bracket_id
 from heads.tasks import HEADLINE_KEYS, METRIC_KEYS, TASK_NAMES, TASKS
 
@@ -34,7 +40,7 @@ COMPARED: tuple[tuple[str, str], ...] = tuple(
 CI_KEYS: tuple[str, ...] = (*METRIC_KEYS, "mean")
 
 
-class ComparisonError(ValueError):
+class ComparisonError(AvbError):
     """A run folder whose Val predictions cannot be compared (missing, or other clips than the cache's Val)."""
 
 

@@ -27,18 +27,36 @@ from typing import Any
 import click
 import numpy as np
 
-from cache.atomic import write_json_atomic
-from cache.command import command_errors
-from heads.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, BootstrapConfig, score_intervals, with_intervals
+from cache.command_kit.atomic import write_json_atomic
+from cache.command_kit.command import command_errors
+from cache.command_kit.errors import AvbError
+from cache.reader import IncompatibleCache, check_compatible
+from heads.analysis.bootstrap import (
+    DEFAULT_LEVEL,
+    DEFAULT_N_BOOT,
+    BootstrapConfig,
+    score_intervals,
+    with_intervals,
+)
 from heads.metrics import score_all
 from heads.names import ENSEMBLE_STRATEGIES
-from cache.reader import IncompatibleCache, check_compatible
 from heads.runs import (
-    CONFIG_FILE, METRICS_FILE, PREDICTIONS_DIR, RunFolder, find_runs, members_record, read_run,
+    CONFIG_FILE,
+    METRICS_FILE,
+    PREDICTIONS_DIR,
+    RunFolder,
+    find_runs,
+    members_record,
+    read_run,
     write_members,
 )
 from heads.submission import (
-    PROBS_FILE, bracket_id, read_submission, read_type_probs, submission_name, write_submission,
+    PROBS_FILE,
+    bracket_id,
+    read_submission,
+    read_type_probs,
+    submission_name,
+    write_submission,
     write_type_probs,
 )
 from heads.tasks import HEADLINE_KEYS, METRIC_KEYS, TASK_NAMES, TASKS, TYPE
@@ -46,7 +64,7 @@ from heads.tasks import HEADLINE_KEYS, METRIC_KEYS, TASK_NAMES, TASKS, TYPE
 STRATEGIES: tuple[str, ...] = ENSEMBLE_STRATEGIES
 
 
-class EnsembleError(ValueError):
+class EnsembleError(AvbError):
     """A run set that cannot be ensembled; the message names the run, file or id at fault."""
 
 

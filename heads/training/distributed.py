@@ -13,8 +13,14 @@ from datetime import timedelta
 
 import torch
 
+from cache.command_kit.errors import AvbError
+
 # A rank that finished its groups waits at the final barrier for the slowest rank; a grid can take hours.
 BARRIER_TIMEOUT = timedelta(days=7)
+
+
+class LaunchError(AvbError):
+    """The launched processes did not form the process group they were launched as."""
 
 
 @dataclass
@@ -55,7 +61,7 @@ def grid_processes() -> GridProcesses:
 
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
     if state.num_processes != world:
-        raise RuntimeError(f"{world} processes were launched (WORLD_SIZE={world}) but accelerate formed a group "
+        raise LaunchError(f"{world} processes were launched (WORLD_SIZE={world}) but accelerate formed a group "
                            f"of {state.num_processes}; check the accelerate config of this machine")
     if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
         # N processes on one machine's CPUs: share its cores instead of each taking all of them

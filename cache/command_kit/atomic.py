@@ -3,7 +3,7 @@
 A crash or `kill -9` therefore never leaves a half-written file at a final path; at worst a hidden
 `.<name>.tmp-*` file is left beside it. No reader looks at those names, a rerun writes a fresh one, and a
 stale one can be deleted at any time. A write that fails (full disk, read-only file system, ...) deletes its
-temporary and raises `cache.write_errors.WriteError` naming the final path.
+temporary and raises `cache.command_kit.write_errors.WriteError` naming the final path.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cache.interrupt import deferred
-from cache.write_errors import writing
+from cache.command_kit.interrupt import deferred
+from cache.command_kit.write_errors import writing
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cache.command_kit.errors import AvbError
 from heads.tasks import TASK_NAMES
 
 TRACKERS: tuple[str, ...] = ("tensorboard", "wandb", "mlflow")
@@ -36,7 +37,7 @@ PROJECT = "avb-heads"                # W&B project / MLflow experiment name of s
 EVENTS_PREFIX = "events.out.tfevents."
 
 
-class TrackingError(ValueError):
+class TrackingError(AvbError):
     """A tracker that was asked for but cannot be used (unknown name, package not installed)."""
 
 

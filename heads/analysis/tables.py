@@ -1,0 +1,136 @@
+"""The result tables of an ablation grid: results.csv (one row per run), results.json and results.md, shaped
+like the paper's Table I (grouped by loss weighting, one row per architecture, the best seed's scores), with
+bootstrap intervals and the paired comparison of `heads.analysis.comparison` when asked for.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cache.command_kit.atomic import write_json_atomic, write_text_atomic
+from heads.analysis.bootstrap import BootstrapConfig
+from heads.analysis.comparison import CI_KEYS, add_uncertainty, paired_markdown
+from heads.names import ARCHS, WEIGHTING_TITLES, WEIGHTINGS
+from heads.runs import RESULTS_CSV, RESULTS_JSON, RESULTS_MD
+from heads.tasks import METRIC_KEYS, SELECTION_KEY
+
+# Table columns: (metric key, header); the headline score of each task first, Pearson's r beside it.
+TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("type_uar", "A-VB-TYPE UAR"),
+    ("two_ccc", "A-VB-TWO CCC"), ("two_pearson", "A-VB-TWO ρ"),
+    ("high_ccc", "A-VB-HIGH CCC"), ("high_pearson", "A-VB-HIGH ρ"),
+    ("culture_ccc", "A-VB-CULTURE CCC"), ("culture_pearson", "A-VB-CULTURE ρ"),
+    (SELECTION_KEY, "Mean"),
+)
+RESULT_FIELDS: tuple[str, ...] = ("arch", "weighting", "seed", *METRIC_KEYS, SELECTION_KEY, "best_epoch")
+
+def write_tables(out: Path, rows: list[dict], run_dirs: Sequence[Path], grid_record: dict[str, Any], cache: Any,
+                 bootstrap: BootstrapConfig | None) -> None:
+    """results.csv, results.json and results.md of the grid in `out` (`rows[i]` is the run in `run_dirs[i]`),
+    with bootstrap intervals and paired comparisons when `bootstrap` is given."""
+    summary = summarise(rows)
+    uncertainty = None
+    if bootstrap is not None:
+        uncertainty = add_uncertainty(rows, summary, run_dirs, cache, bootstrap)
+    write_text_atomic(out / RESULTS_CSV, results_csv(rows))
+    write_json_atomic(out / RESULTS_JSON, {"config": grid_record, "runs": rows, "summary": summary,
+                                           **({"bootstrap": uncertainty} if uncertainty else {})})
+    write_text_atomic(out / RESULTS_MD, results_markdown(summary, uncertainty))
+
+
+
+# --------------------------------------------------------------------------------------------- tables
+
+def results_csv(rows: Sequence[dict]) -> str:
+    """One line per run; rows carrying bootstrap intervals (`<key>_ci`) get `<key>_ci_low,<key>_ci_high` columns."""
+    ci_keys = [k for k in CI_KEYS if rows and f"{k}_ci" in rows[0]]
+    fields = list(RESULT_FIELDS) + [f"{k}_ci_{end}" for k in ci_keys for end in ("low", "high")]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        line = {k: row[k] for k in RESULT_FIELDS}  # floats in full (repr) precision
+        for k in ci_keys:
+            line[f"{k}_ci_low"], line[f"{k}_ci_high"] = row[f"{k}_ci"]
+        writer.writerow(line)
+    return buf.getvalue()
+
+
+def summarise(rows: Sequence[dict]) -> list[dict]:
+    """One entry per (weighting, arch) in table order: the best seed's metrics (by Val mean) and mean/std."""
+    out = []
+    weightings = [w for w in WEIGHTINGS if any(r["weighting"] == w for r in rows)]
+    archs = [a for a in ARCHS if any(r["arch"] == a for r in rows)]
+    for w in weightings:
+        for a in archs:
+            cell = [r for r in rows if r["weighting"] == w and r["arch"] == a]
+            if not cell:
+                continue
+            best = max(cell, key=lambda r: r[SELECTION_KEY])  # first seed wins a tie
+            keys = [k for k, _ in TABLE_COLUMNS]
+            values = {k: np.array([r[k] for r in cell], dtype=np.float64) for k in keys}
+            out.append({
+                "weighting": w, "arch": a, "n_seeds": len(cell), "best_seed": best["seed"],
+                "best": {k: best[k] for k in keys},
+                "mean": {k: float(values[k].mean()) for k in keys},
+                # sample std over seeds (ddof=1); undefined for one seed
+                "std": {k: float(values[k].std(ddof=1)) if len(cell) > 1 else None for k in keys},
+            })
+    return out
+
+
+def _fmt(x: float) -> str:
+    """Scores as the paper prints them: four decimals without the leading zero (.5686, -.0123)."""
+    text = f"{x:.4f}"
+    return text.replace("0.", ".", 1) if abs(x) < 1 else text
+
+
+def results_markdown(summary: Sequence[dict], uncertainty: dict | None = None) -> str:
+    """Table I of the paper: grouped by weighting, one row per architecture, best value per column in bold.
+
+    With bootstrap results (`heads.analysis.comparison.add_uncertainty`), each cell also shows the best run's interval
+    and a second table gives each configuration's paired win fraction against the best one per task.
+    """
+    keys = [k for k, _ in TABLE_COLUMNS]
+    best_per_col = {k: max(round(s["best"][k], 4) for s in summary) for k in keys} if summary else {}
+    several = any(s["n_seeds"] > 1 for s in summary)
+    lines = ["| Model | " + " | ".join(h for _, h in TABLE_COLUMNS) + " |",
+             "|---|" + "---|" * len(TABLE_COLUMNS)]
+    current = None
+    for s in summary:
+        if s["weighting"] != current:
+            current = s["weighting"]
+            lines.append(f"| **{WEIGHTING_TITLES[current]}** |" + " |" * len(TABLE_COLUMNS))
+        cells = []
+        for k in keys:
+            text = _fmt(s["best"][k])
+            if round(s["best"][k], 4) == best_per_col[k]:
+                text = f"**{text}**"
+            if "best_ci" in s:
+                low, high = s["best_ci"][k]
+                text += f" [{_fmt(low)}, {_fmt(high)}]"
+            if s["n_seeds"] > 1:
+                text += f" ({_fmt(s['mean'][k])} ± {_fmt(s['std'][k])})"
+            cells.append(text)
+        lines.append(f"| *{s['arch'].upper()}* | " + " | ".join(cells) + " |")
+    paired = paired_markdown(summary, WEIGHTING_TITLES) if uncertainty else ""
+    parts = ["Validation scores. Each cell: the run with the best validation mean of the four headline scores"
+             + (" (over seeds)" if several else "")]
+    if uncertainty:
+        parts.append(f"then its {uncertainty['level']:.0%} percentile-bootstrap interval over the "
+                     f"{uncertainty['n_val_clips']} Val clips in brackets ({uncertainty['n_boot']} resamples, the same "
+                     "for every run and task)")
+    if several:
+        parts.append("then the mean ± sample std over seeds in parentheses")
+    note = ", ".join(parts) + "."
+    if uncertainty:
+        note += (" Second table: per column, the fraction of those resamples on which the configuration's best run"
+                 " scores higher than the best configuration's (a paired bootstrap, ties counted half; below .025"
+                 " the best is significantly better at the 5 % level, two-sided).")
+    note += " Best value per column in bold."
+    return "\n".join(lines) + "\n\n" + (paired + "\n" if paired else "") + note + "\n"

@@ -1,0 +1,337 @@
+"""The ablation grid: every architecture x loss weighting x seed, resumable, summarised like the paper's Table I.
+
+The runs of one architecture train jointly in `train_runs` calls (one stacked head each), so the grid costs
+about one run per joint group rather than one per cell. A joint call holds every run's parameters, gradients,
+both AdamW moments and a best-epoch copy at once, so the runs are split into joint groups that fit
+`max_group_bytes` (`joint_groups`): with the default budget VANILLA and CHAIN (~15 MiB of state per run) train
+12 runs in one group, while BRANCH (~132 MiB per run at wav2vec2-base size) trains 12 runs as 3 groups of 4,
+which keeps the HUME-scale grid's peak memory under twice the in-memory cache. A run folder whose `metrics.json` exists (written
+last) and whose `config.json` equals the config it would get now is finished and is not trained again, so an
+interrupted grid resumes where it stopped and a grown grid (more seeds) trains only the new runs. A joint
+call that was killed while writing its run folders is retrained as a whole (see `_interrupted_groups`), so
+a resumed grid is bit-identical to an uninterrupted one. The groups are cut from the grid's run list (not
+from the unfinished runs), so the same grid always gives the same groups and a resumed grid trains every run
+in the same stack as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from cache.command_kit.atomic import write_json_atomic
+from cache.command_kit.errors import AvbError
+from cache.command_kit.jsonable import jsonable
+from cache.command_kit.lock import hold_output
+from heads.analysis.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, BootstrapConfig
+from heads.analysis.tables import write_tables
+from heads.model.architectures import HeadConfig, build_head
+from heads.names import (
+    ARCHS,
+    DEFAULT_EPOCHS,
+    DEFAULT_MAX_GROUP_BYTES,
+    WEIGHTINGS,
+)
+from heads.runs import CONFIG_FILE, RunDirError, is_complete, read_run
+from heads.tasks import METRIC_KEYS
+from heads.training.device import resolve_device
+from heads.training.distributed import assign_groups, grid_processes
+from heads.training.joint import (
+    SELECTION_KEY,
+    TrainConfig,
+    run_config_record,
+    run_name,
+    train_runs,
+)
+
+# Beside the run folders while a joint `train_runs` call runs: the names of its runs (one file per call, named
+# after its first run, so the calls of several processes never share one).
+GROUP_MARKER = ".training-{first}.json"
+# float32 arrays a joint call holds per parameter and run: the parameter, its gradient, AdamW's two moments,
+# and the best epoch's copy.
+STATE_ARRAYS = 5
+# Default budget of one joint call's training state. Fits 12 VANILLA/CHAIN runs at the paper's head size
+# (12 x 15.5 MiB) and 4 BRANCH runs (4 x 132 MiB): the HUME-scale BRANCH grid of 12 runs trains as 3 groups of 4.
+# On a GPU the state of a joint call lives in device memory: a quarter of it by default (12 BRANCH runs need
+# ~1.6 GB), so a grid's joint groups are as large as the grid allows.
+GPU_GROUP_FRACTION = 0.25
+
+
+def default_group_bytes(device: Any) -> int:
+    """The joint-call budget when none is given: DEFAULT_MAX_GROUP_BYTES of host RAM, or a quarter of a GPU."""
+    import torch  # noqa: PLC0415
+
+    if getattr(device, "type", None) == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory * GPU_GROUP_FRACTION)
+    return DEFAULT_MAX_GROUP_BYTES
+
+
+class AblationError(AvbError):
+    """A bad grid specification or an output folder that cannot be used."""
+
+
+@dataclass
+class GridConfig:
+    """The grid and the settings every run in it shares (defaults = the paper's)."""
+
+    cache: str = ""
+    archs: tuple[str, ...] = ARCHS
+    weightings: tuple[str, ...] = WEIGHTINGS
+    seeds: tuple[int, ...] = (0,)
+    epochs: int = DEFAULT_EPOCHS
+    batch_size: int = 8
+    lr: float = 1e-3
+    head: HeadConfig = field(default_factory=HeadConfig)   # template; `arch` is set per run
+    weighting_options: dict = field(default_factory=dict)  # weighting name -> its options
+    max_group_bytes: int = DEFAULT_MAX_GROUP_BYTES          # training-state budget of one joint call; 0: no limit
+    precision: str = "fp32"                                 # "bf16": the heads' matmuls under bf16 autocast
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON types; the head template's `arch` is left out (each run sets its own)."""
+        data = jsonable(asdict(self))
+        data["head"].pop("arch", None)
+        return data
+
+    def run_configs(self, arch: str) -> list[TrainConfig]:
+        return [
+            TrainConfig(arch=arch, weighting=w, seed=s, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                        head=replace(self.head, arch=arch), weighting_options=dict(self.weighting_options.get(w, {})),
+                        precision=self.precision)
+            for w in self.weightings for s in self.seeds
+        ]
+
+
+def _unique(kind: str, values: Sequence[Any], valid: Sequence[Any] | None = None) -> tuple[Any, ...]:
+    out = tuple(values)
+    if not out:
+        raise AblationError(f"the grid needs at least one {kind}")
+    if len(set(out)) != len(out):
+        raise AblationError(f"{kind}s listed twice: {', '.join(map(str, out))}")
+    if valid is not None:
+        for v in out:
+            if v not in valid:
+                raise AblationError(f"unknown {kind} {v!r}; expected one of {', '.join(valid)}")
+    return out
+
+
+def _is_finished(run_dir: Path, record: dict[str, Any]) -> bool:
+    """metrics.json present (written last) and the stored config equal to the one the run would get now."""
+    if not is_complete(run_dir):
+        return False
+    try:
+        stored = read_run(run_dir).config
+    except RunDirError:   # unreadable, from another run-folder format, or not a head run: train it again
+        return False
+    return stored == jsonable(record)
+
+
+def run_state_bytes(head: HeadConfig, layer_dims: dict[str, int]) -> int:
+    """Bytes one run adds to a joint call: its parameter count x STATE_ARRAYS float32 arrays.
+
+    Counted on a one-run head (built, so the count is exactly what `train_runs` will stack); activations and
+    the loss weightings' few parameters are left out: the stacked state dominates at the paper's sizes.
+    """
+    model = build_head(head, dict(layer_dims), [0])
+    return STATE_ARRAYS * 4 * sum(p.numel() for p in model.parameters())
+
+
+def joint_groups(n_runs: int, per_run_bytes: int, max_group_bytes: int) -> list[list[int]]:
+    """Split run indices 0..n_runs-1 into contiguous joint groups of at most `max_group_bytes` of state each.
+
+    As few groups as the budget allows (each call costs its per-step overhead), of sizes as equal as possible,
+    larger ones first: 12 runs with room for 5 give 4+4+4, the same three calls as 5+5+2 at a lower peak. A run
+    bigger than the budget trains alone. `max_group_bytes` <= 0 means no limit (one group).
+    """
+    if n_runs <= 0:
+        return []
+    if max_group_bytes <= 0:
+        return [list(range(n_runs))]
+    per_group = max(1, int(max_group_bytes) // max(1, int(per_run_bytes)))
+    n_groups = -(-n_runs // per_group)
+    base, extra = divmod(n_runs, n_groups)
+    groups, start = [], 0
+    for g in range(n_groups):
+        size = base + (1 if g < extra else 0)
+        groups.append(list(range(start, start + size)))
+        start += size
+    return groups
+
+
+def _interrupted_groups(out: Path, arch: str, finished: set[str]) -> list[list[str]]:
+    """The run names of every joint call of `arch` that was interrupted before it wrote all its runs.
+
+    A run trained in a stack of R runs equals the same run trained in a stack of R' runs only up to float
+    rounding (the stacked kernels may sum in another order), and `train_runs` writes its run folders one after
+    the other. A kill between two of those writes would leave some runs from the R-run call and retrain the rest
+    in a smaller one; retraining the whole interrupted group instead keeps a resumed grid bit-identical to an
+    uninterrupted one. A marker (the names of the runs in the call) exists only while its call is running; one
+    whose runs are all finished was killed after its last write and is removed.
+    """
+    groups = []
+    for marker in sorted(out.glob(GROUP_MARKER.format(first=f"{arch}-*"))):
+        try:
+            names = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(names, list):
+            continue
+        names = [n for n in names if isinstance(n, str)]
+        if set(names) <= finished:
+            marker.unlink(missing_ok=True)
+        else:
+            groups.append(names)
+    return groups
+
+
+def _row(cfg: TrainConfig, metrics: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {"arch": cfg.arch, "weighting": cfg.weighting, "seed": cfg.seed}
+    for key in (*METRIC_KEYS, SELECTION_KEY):
+        row[key] = float(metrics[key])
+    row["best_epoch"] = int(metrics["best_epoch"])
+    return row
+
+
+def run_grid(
+    cache_path: str | Path,
+    out_dir: str | Path,
+    archs: Sequence[str] = ARCHS,
+    weightings: Sequence[str] = WEIGHTINGS,
+    seeds: Sequence[int] = (0,),
+    epochs: int = DEFAULT_EPOCHS,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    head: HeadConfig | None = None,
+    weighting_options: dict[str, dict] | None = None,
+    progress: bool = True,
+    max_group_bytes: int | None = None,
+    device: str | None = "auto",
+    precision: str = "fp32",
+    ci: float = DEFAULT_LEVEL,
+    n_boot: int = DEFAULT_N_BOOT,
+    tracker: Any = None,
+) -> list[dict]:
+    """Train (or reuse) every arch x weighting x seed run under `out_dir` and write the result tables.
+
+    The runs of one architecture train jointly in groups whose training state (`run_state_bytes` per run)
+    fits `max_group_bytes` (0: one group per architecture; None: `default_group_bytes` of the device).
+    Returns one row per run (`heads.analysis.tables.RESULT_FIELDS`), in grid order. Writes `config.json` (the resolved grid), `results.csv`, `results.json` and `results.md` (Table I
+    layout) into `out_dir`. Under `accelerate launch --num_processes N` every process trains its share of the
+    joint groups (`heads.training.distributed`); rank 0 writes the tables once all have finished, the others return [].
+    With `ci` (a level in (0, 1); 0: none) the tables carry `n_boot`-resample bootstrap intervals and paired
+    comparisons (`heads.analysis.comparison`). `tracker` is handed to `train_runs` (per-epoch experiment tracking).
+    """
+    from cache.reader import load_cache  # noqa: PLC0415 - h5py only when a grid actually runs
+
+    grid = GridConfig(
+        cache=str(Path(cache_path).resolve()),
+        archs=_unique("architecture", [a.lower() for a in archs], ARCHS),
+        weightings=_unique("weighting", [w.lower() for w in weightings], WEIGHTINGS),
+        seeds=_unique("seed", [int(s) for s in seeds]),
+        epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
+        head=head if head is not None else HeadConfig(),
+        weighting_options={k.lower(): dict(v) for k, v in (weighting_options or {}).items()},
+        max_group_bytes=-1 if max_group_bytes is None else int(max_group_bytes), precision=precision,
+    )
+    if max_group_bytes is not None and grid.max_group_bytes < 0:
+        raise AblationError(f"max_group_bytes must be >= 0 (0: no limit), got {grid.max_group_bytes}")
+    unknown = sorted(set(grid.weighting_options) - set(WEIGHTINGS))
+    if unknown:
+        raise AblationError(f"options given for unknown weighting(s) {', '.join(unknown)}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise AblationError(f"{out}: exists and is not a directory")
+    procs = grid_processes()
+    train_device = resolve_device(procs.device(device))
+    if max_group_bytes is None:
+        grid.max_group_bytes = default_group_bytes(train_device)
+    # One grid per folder: a second command on it stops at once (cache.command_kit.lock); the processes of one launch share
+    # the lock of rank 0, which leaves last (it writes the tables after every rank has finished).
+    with hold_output(out, ranks=procs):
+        cache = load_cache(cache_path)
+        rows = _run_locked(grid, cache, Path(cache_path), out, procs, train_device, progress, tracker)
+        if procs.is_main:
+            run_dirs = [out / run_name(r["arch"], r["weighting"], r["seed"]) for r in rows]
+            write_tables(out, rows, run_dirs, grid.to_dict(), cache,
+                         BootstrapConfig(level=ci, n_boot=n_boot) if ci else None)
+    return rows if procs.is_main else []
+
+
+def _run_locked(grid: GridConfig, cache: Any, cache_path: Path, out: Path, procs: Any, device: Any, progress: bool,
+                tracker: Any) -> list[dict]:
+    """Every process trains its joint groups; rank 0 returns the rows of all runs once all have finished."""
+    from cache.reader import FrameReader  # noqa: PLC0415 - h5py only when a grid actually runs
+
+    if procs.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / CONFIG_FILE, grid.to_dict())
+    frames = FrameReader(cache_path) if grid.head.branch_use_frames and "branch" in grid.archs else None
+    try:
+        groups = _plan_groups(grid, cache, cache_path, out)
+        procs.barrier()   # every rank has read which runs are finished before any rank writes
+        mine = assign_groups([g.cost for g in groups], procs.world)[procs.rank]
+        _train_groups([groups[i] for i in mine], cache, cache_path, out, frames, device,
+                      progress and procs.is_main, procs.provenance(), tracker)
+        procs.barrier()
+    finally:
+        if frames is not None:
+            frames.close()
+    if not procs.is_main:
+        return []
+    return [_row(cfg, read_run(out / cfg.name).metrics)
+            for arch in grid.archs for cfg in grid.run_configs(arch)]
+
+
+@dataclass
+class JointGroup:
+    """One joint `train_runs` call of the grid: its runs (all unfinished ones of the group) and a cost estimate."""
+
+    arch: str
+    configs: list[TrainConfig]
+    dirs: list[Path]
+    cost: float      # parameters x runs: what a step moves through memory, the split's weight across ranks
+
+
+def _plan_groups(grid: GridConfig, cache: Any, cache_path: Path, out: Path) -> list[JointGroup]:
+    """The joint groups that still have work, in grid order.
+
+    Groups are cut from the grid's whole run list (not from the unfinished runs), so the same grid always gives
+    the same groups and a resumed grid trains every run in the same stack as an uninterrupted one; a group
+    interrupted mid-call is retrained whole (`_interrupted_groups`).
+    """
+    planned = []
+    for arch in grid.archs:
+        configs = grid.run_configs(arch)
+        dirs = [out / cfg.name for cfg in configs]
+        records = [run_config_record(cfg, cache, cache_path) for cfg in configs]
+        todo = {i for i, (d, rec) in enumerate(zip(dirs, records)) if not _is_finished(d, rec)}
+        index = {cfg.name: i for i, cfg in enumerate(configs)}
+        finished = {cfg.name for i, cfg in enumerate(configs) if i not in todo}
+        for names in _interrupted_groups(out, arch, finished):
+            todo |= {index[n] for n in names if n in index}
+        per_run = run_state_bytes(configs[0].head, dict(cache.layer_dims))
+        for group in joint_groups(len(configs), per_run, grid.max_group_bytes):
+            members = [i for i in group if i in todo]
+            if members:
+                planned.append(JointGroup(arch, [configs[i] for i in members], [dirs[i] for i in members],
+                                          float(per_run * len(members))))
+    return planned
+
+
+def _train_groups(groups: Sequence[JointGroup], cache: Any, cache_path: Path, out: Path, frames: Any,
+                  device: Any, progress: bool, provenance: dict, tracker: Any = None) -> None:
+    """One joint `train_runs` call per group, each announced by its marker while it runs."""
+    bar = tqdm(total=sum(len(g.configs) for g in groups), desc="ablation", unit="run", disable=not progress)
+    for group in groups:
+        bar.set_postfix(arch=group.arch, training=len(group.configs))
+        marker = out / GROUP_MARKER.format(first=group.configs[0].name)
+        write_json_atomic(marker, [cfg.name for cfg in group.configs])
+        train_runs(cache, group.configs, group.dirs, progress=progress,
+                   frames=frames if group.arch == "branch" else None, cache_path=cache_path, device=device,
+                   provenance=provenance, tracker=tracker)
+        marker.unlink(missing_ok=True)
+        bar.update(len(group.configs))
+    bar.close()
