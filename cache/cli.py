@@ -6,8 +6,9 @@ from typing import Any
 
 import click
 
+from cache.command_kit.command import command_errors
 from cache.command_kit.options import OptionOrArgumentCommand, option_or_argument
-from cache.reader import CacheError, cache_info
+from cache.reader import cache_info
 
 CACHE_PATH = click.Path(dir_okay=True, path_type=str)
 CACHE_HELP = "HDF5 feature cache written by `avb dump` (or by hand, see cache/FORMAT.md)."
@@ -23,10 +24,8 @@ def cache_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the information as one JSON object.")
 def info_command(file: str, as_json: bool) -> None:
     """Show what the --cache file holds: backbone, layers, dtype, frames, clips per split, labels and size on disk."""
-    try:
+    with command_errors():
         info = cache_info(file)
-    except CacheError as err:
-        raise click.ClickException(str(err)) from None
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return

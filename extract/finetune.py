@@ -56,9 +56,12 @@ from extract.clips import ClipDataset, EpochShuffleSampler, collate_clips
 from extract.run_config import PRECISIONS, ClipRunConfig
 from heads.names import ARCHS, CLIP_SECONDS, DEFAULT_EPOCHS, WEIGHTINGS
 from heads.runs import (
+    BACKBONE_DIR,
+    CHECKPOINTS_DIR,
     CONFIG_FILE,
     FINETUNE_FORMAT,
     FINETUNE_KIND,
+    HEAD_FILE,
     METRICS_FILE,
     history_entry,
     read_history,
@@ -192,12 +195,11 @@ class TrainState:
 
     @classmethod
     def load(cls, path: Path) -> "TrainState":
-        """The state of a checkpoint; the history of older versions (other entry keys) is read as today's."""
+        """The state of a checkpoint, as `save` wrote it."""
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             state = cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
             state.history = read_history({"history": state.history})
-            state.best = read_history({"history": [state.best]})[0] if state.best else None
             return state
         except (OSError, ValueError, TypeError) as err:
             raise FinetuneError(f"{path}: unreadable training state ({err})") from None
@@ -232,14 +234,9 @@ class GroupPlateau:
         return self.plateau.state_dict()
 
     def load_state_dict(self, state: dict | None) -> None:
-        """Restore `state_dict`'s value, or that of a checkpoint written with torch's ReduceLROnPlateau (one
-        `best` and `num_bad_epochs` for all groups; its `last_epoch` and `cooldown_counter` never changed
-        the rates here, the cooldown being 0)."""
-        if not state:
-            return
-        if not isinstance(state["num_bad_epochs"], list):
-            state = {"best": [state["best"]] * self.n_runs, "num_bad_epochs": [state["num_bad_epochs"]] * self.n_runs}
-        self.plateau.load_state_dict(state)
+        """Restore a `state_dict` (None: a checkpoint taken before the first validation)."""
+        if state:
+            self.plateau.load_state_dict(state)
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
@@ -282,12 +279,12 @@ def save_best(unwrapped: FinetuneModel, out: Path, step: int | None = None) -> N
     tmp = out / ".backbone.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    with written_via(tmp, out / "backbone", state_bytes(unwrapped.backbone)):
+    with written_via(tmp, out / BACKBONE_DIR, state_bytes(unwrapped.backbone)):
         unwrapped.backbone.save_pretrained(tmp)
-        _replace_dir(tmp, out / "backbone")
+        _replace_dir(tmp, out / BACKBONE_DIR)
     state = {k: v.detach().float().cpu().contiguous() for k, v in unwrapped.head.state_dict().items()}
     size = sum(t.numel() * t.element_size() for t in state.values())
-    with atomic_path(out / "head.safetensors", suffix=".safetensors", size=size) as path:
+    with atomic_path(out / HEAD_FILE, suffix=".safetensors", size=size) as path:
         save_file(state, str(path), metadata={"format": "pt", **({"step": str(step)} if step is not None else {})})
 
 
@@ -296,7 +293,7 @@ def exported_step(out: Path) -> int | None:
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(out / "head.safetensors"), framework="pt") as handle:
+        with safe_open(str(out / HEAD_FILE), framework="pt") as handle:
             return int((handle.metadata() or {})["step"])
     except (OSError, SafetensorError, KeyError, ValueError):  # missing, damaged or written without the step
         return None
@@ -402,7 +399,7 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
     out = Path(cfg.out)
     trackers = resolve_report_to(cfg.report_to)     # before any work: a missing package is found at once
     log_dir = Path(cfg.tracking_dir) if cfg.tracking_dir else out / TRACKING_DIR
-    ckpt_root = out / "checkpoints"
+    ckpt_root = out / CHECKPOINTS_DIR
     latest = latest_checkpoint(ckpt_root)
     if latest is not None and not cfg.resume:
         raise FinetuneError(f"{out} already holds checkpoints ({latest.name}); pass --resume to continue that run "
@@ -456,7 +453,7 @@ class Finetuning:
         self.cfg, self.accelerator, self.corpus = cfg, accelerator, corpus
         self.trackers, self.log_dir = trackers, log_dir
         self.out = Path(cfg.out)
-        self.ckpt_root = self.out / "checkpoints"
+        self.ckpt_root = self.out / CHECKPOINTS_DIR
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         if len(train_rows) < cfg.batch_size * self.world:
             raise FinetuneError(f"corpus {cfg.corpus} has {len(train_rows)} fully labelled Train clips, fewer than "

@@ -45,6 +45,7 @@ from cache.command_kit.options import (
     progress_option,
 )
 from extract.audio import write_wav
+from heads.submission import number_text
 from heads.tasks import (
     COUNTRIES,
     CULTURE,
@@ -318,8 +319,9 @@ def render_audio(clip: Clip, sample_rate: int, rng: np.random.Generator) -> np.n
     return signal
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.6f}"
+def _label_text(value: float) -> str:
+    """A generated label, rounded to 6 decimals as the official CSVs' precision allows for."""
+    return number_text(round(float(value), 6))
 
 
 def _csv_text(header: tuple[str, ...], rows: list[list[str]]) -> str:
@@ -343,9 +345,9 @@ def label_tables(clips: list[Clip]) -> dict[str, str]:
     for clip in clips:
         head = [f"[{clip.clip_id}]", clip.split]
         hidden = clip.split == "Test"
-        high = ["" if hidden else _fmt(v) for v in clip.high]
-        two = ["" if hidden else _fmt(v) for v in clip.two]
-        culture = ["" if hidden else _fmt(v) for v in clip.culture]
+        high = ["" if hidden else _label_text(v) for v in clip.high]
+        two = ["" if hidden else _label_text(v) for v in clip.two]
+        culture = ["" if hidden else _label_text(v) for v in clip.culture]
         rows["data_info.csv"].append(head + ["" if hidden else clip.country] + high + two + culture)
         rows["high_info.csv"].append(head + high)
         rows["two_info.csv"].append(head + two)

@@ -16,7 +16,7 @@ from cache.command_kit.lock import hold_output
 from cache.command_kit.options import ConfigDefault, csv_text, progress_option
 from heads.analysis.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT
 from heads.names import ARCHS, DEFAULT_MAX_GROUP_MIB, HEAD_PRECISIONS, WEIGHTINGS
-from heads.runs import CONFIG_FILE
+from heads.runs import CONFIG_FILE, RESULTS_CSV, RESULTS_JSON, RESULTS_MD
 from heads.tasks import METRIC_KEYS
 from heads.training.tracking import REPORT_TO_CHOICES
 
@@ -210,5 +210,5 @@ def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, see
                         precision=precision, ci=ci, n_boot=n_boot, tracker=tracker)
     if not rows:   # another process of a multi-process grid: process 0 prints the tables
         return
-    click.echo((out / "results.md").read_text(encoding="utf-8"), nl=False)
-    click.echo(f"wrote {out / 'results.csv'}, {out / 'results.json'} and {out / 'results.md'}")
+    click.echo((out / RESULTS_MD).read_text(encoding="utf-8"), nl=False)
+    click.echo(f"wrote {out / RESULTS_CSV}, {out / RESULTS_JSON} and {out / RESULTS_MD}")

@@ -109,3 +109,12 @@ def score_all(labels: Mapping[str, np.ndarray], preds: Mapping[str, np.ndarray])
     if len(headline) == len(TASKS):
         out[SELECTION_KEY] = float(np.mean(headline))
     return out
+
+
+def score_text(value: float | None, digits: int = 4) -> str:
+    """A score as the paper prints it: four decimals without the leading zero (.5686, -.0123, 1.0000); '' for
+    a missing one. Every table and summary of the tool writes scores through here."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return ""
+    text = f"{value:.{digits}f}"
+    return text.replace("0.", ".", 1) if abs(value) < 1 else text

@@ -30,8 +30,7 @@ trained end to end with it, on raw audio rather than cached features.
 Both write the same history: `metrics.json["history"]` is a list of `history_entry` records, one per
 validation, so one plotting and tracking path serves both stages; `read_history` is the only reader.
 
-Its config.json carries the marker `"kind": "finetune"`, so readers can tell it from a head run (outputs of
-versions before the marker are recognised by their `lr_backbone` and `layer_dims` fields); `avb predict`
+Its config.json carries the marker `"kind": "finetune"`, so readers can tell it from a head run; `avb predict`
 applies its head to its own backbone, and run readers refuse it with a message saying what it is.
 """
 from __future__ import annotations
@@ -57,7 +56,9 @@ PREDICTIONS_DIR = "predictions"
 FINETUNE_KIND = "finetune"   # config.json "kind" of a fine-tuning output
 FINETUNE_FORMAT = 1          # bump when the files of a fine-tuning output change meaning
 BACKBONE_DIR = "backbone"
+CHECKPOINTS_DIR = "checkpoints"   # a fine-tuning output's save_state checkpoints
 RESULTS_CSV, RESULTS_JSON, RESULTS_MD = "results.csv", "results.json", "results.md"   # an ablation grid's tables
+PROBE_CSV, PROBE_JSON, PROBE_MD = "probe.csv", "probe.json", "probe.md"               # a probe folder's files
 
 
 # What `output_kind` calls each folder.
@@ -86,11 +87,14 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def predictions_dir(folder: str | os.PathLike, split: str) -> Path:
+    """Where a run or ensemble keeps its predictions of one split: FOLDER/predictions/{val,test}."""
+    return Path(folder) / PREDICTIONS_DIR / split.lower()
+
+
 def is_finetune_config(config: dict[str, Any]) -> bool:
-    """The config.json of a fine-tuning output: the marker, or (before the marker existed) its telltale fields."""
-    if config.get("kind") == FINETUNE_KIND:
-        return True
-    return config.get("run_format") is None and "lr_backbone" in config and "layer_dims" in config
+    """The config.json of a fine-tuning output: it carries the marker `"kind": "finetune"`."""
+    return config.get("kind") == FINETUNE_KIND
 
 
 def is_finetune_dir(path: str | os.PathLike) -> bool:
@@ -315,24 +319,5 @@ def history_entry(*, epoch: int, step: int, loss: float, task_losses: Mapping[st
 
 
 def read_history(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The history of a metrics.json in the `history_entry` schema.
-
-    Files written before the schema was shared are read too: fine-tuning's `train_loss`, `loss_weights`,
-    `lr_backbone`/`lr_head`, and the heads' single float `lr` without `step`.
-    """
-    history = []
-    for entry in metrics.get("history") or []:
-        if not isinstance(entry, Mapping):
-            continue
-        entry = dict(entry)
-        if "train_loss" in entry:
-            entry["loss"] = entry.pop("train_loss")
-        if "loss_weights" in entry:
-            entry["weights"] = entry.pop("loss_weights")
-        if "lr_head" in entry or "lr_backbone" in entry:
-            entry["lr"] = {"backbone": entry.pop("lr_backbone", None), "head": entry.pop("lr_head", None)}
-        if isinstance(entry.get("lr"), (int, float)):
-            entry["lr"] = {"head": entry["lr"]}
-        entry.setdefault("partial", False)
-        history.append(entry)
-    return history
+    """The history of a metrics.json: its `history_entry` records (anything else in the list is skipped)."""
+    return [dict(entry) for entry in metrics.get("history") or [] if isinstance(entry, Mapping)]

@@ -56,7 +56,8 @@ def submission_name(task: Task, team: str, number: int) -> str:
     return f"A-VB-{task.file_stem}_{team}_{number}.csv"
 
 
-def _format_value(value: float) -> str:
+def number_text(value: float) -> str:
+    """A value as every CSV the tool writes holds it: up to 9 significant digits, never NaN or inf."""
     if not math.isfinite(value):
         raise SubmissionError(f"refusing to write a non-finite prediction ({value})")
     return f"{value:.9g}"
@@ -79,7 +80,7 @@ def submission_text(task: Task, ids: Sequence[str], values: np.ndarray) -> str:
         if values.ndim != 2 or values.shape[1] != len(task.columns):
             raise SubmissionError(f"{task.title}: expected {len(task.columns)} columns, got shape {values.shape}")
         for i in order:
-            writer.writerow([bracket_id(ids[i])] + [_format_value(float(v)) for v in values[i]])
+            writer.writerow([bracket_id(ids[i])] + [number_text(float(v)) for v in values[i]])
     return out.getvalue()
 
 
@@ -108,7 +109,7 @@ def write_type_probs(path: str | os.PathLike, ids: Sequence[str], probs: np.ndar
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(("File_ID",) + TYPE.classes)
     for i in sorted(range(len(ids)), key=lambda i: ids[i]):
-        writer.writerow([bracket_id(ids[i])] + [_format_value(v) for v in probs[i]])
+        writer.writerow([bracket_id(ids[i])] + [number_text(v) for v in probs[i]])
     write_text_atomic(path, out.getvalue())
 
 

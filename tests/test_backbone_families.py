@@ -36,7 +36,7 @@ from extract.finetune import FinetuneConfig, run_finetune
 from extract.synth import synthesize_corpus
 from heads.metrics import score_all
 from heads.model.architectures import HeadConfig
-from heads.runs import CONFIG_FILE, RunDirError, find_runs
+from heads.runs import CONFIG_FILE, RunDirError, find_runs, is_finetune_dir, read_run_config
 from heads.tasks import TASKS, TYPE_CLASSES
 from heads.training.joint import TrainConfig, train_runs
 
@@ -189,16 +189,17 @@ def test_a_finetuning_output_refuses_another_backbone_and_is_not_taken_for_a_hea
         find_runs([ft])
 
 
-def test_a_finetuning_output_written_before_the_marker_is_still_recognised(pipeline, corpus_root, tmp_path):
-    legacy = tmp_path / "legacy"
-    shutil.copytree(pipeline["ft"], legacy, ignore=shutil.ignore_patterns("checkpoints", "tracking"))
-    config = json.loads((legacy / CONFIG_FILE).read_text())
+def test_a_finetuning_output_without_its_marker_is_not_taken_for_one(pipeline, tmp_path):
+    """Version 0.1.0 has no released older fine-tuning format: a config.json without the marker is no
+    fine-tuning output, and --heads says what it is missing instead of guessing from its fields."""
+    unmarked = tmp_path / "unmarked"
+    shutil.copytree(pipeline["ft"], unmarked, ignore=shutil.ignore_patterns("checkpoints", "tracking"))
+    config = json.loads((unmarked / CONFIG_FILE).read_text())
     del config["kind"], config["finetune_format"]
-    (legacy / CONFIG_FILE).write_text(json.dumps(config))
-    wav = val_wav_paths(corpus_root)[0]
-    result = predict(wav, "--heads", legacy, "--out", tmp_path / "l.csv")
-    assert result.exit_code == 0, result.output
-    assert "older version" not in result.output
+    (unmarked / CONFIG_FILE).write_text(json.dumps(config))
+    assert not is_finetune_dir(unmarked)
+    with pytest.raises(RunDirError, match=r"config.json: written with no run_format"):
+        read_run_config(unmarked)
 
 
 def test_finetuning_logs_steps_and_epochs_to_tensorboard(pipeline, corpus_root):

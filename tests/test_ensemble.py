@@ -106,7 +106,7 @@ class World:
             folder = path / "predictions" / split
             write_submissions(folder, split_ids, preds, team="avb", number=1)
             write_type_probs(folder / "type_probs.csv", split_ids, preds["type"])
-        config = {"run_format": RUN_FORMAT, "train": {"arch": arch, "weighting": weighting, "seed": seed},
+        config = {"run_format": RUN_FORMAT, "arch": arch, "weighting": weighting, "seed": seed,
                   "cache": str(self.cache),
                   "cache_attrs": {"backbone": backbone or BACKBONE, "layers": ["cnn"]}}
         (path / "config.json").write_text(json.dumps(config))

@@ -272,9 +272,8 @@ def test_plateau_state_survives_a_json_round_trip():
     assert fresh["best"] == [None]   # -inf is stored as null, the file stays strict JSON
 
 
-def test_plateau_matches_torch_on_every_group_and_reads_its_old_state():
-    """GroupPlateau = torch's ReduceLROnPlateau(mode="max") over all parameter groups; a train_state.json of the
-    versions that used torch's scheduler resumes with the same bookkeeping."""
+def test_plateau_matches_torch_on_every_group():
+    """GroupPlateau = torch's ReduceLROnPlateau(mode="max") over all parameter groups."""
     from extract.finetune import GroupPlateau
 
     def groups():
@@ -290,31 +289,3 @@ def test_plateau_matches_torch_on_every_group_and_reads_its_old_state():
         ref.step(score)
         assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in ref_opt.param_groups], k
     assert opt.param_groups[0]["lr"] < 1e-5 / 4 and opt.param_groups[1]["lr"] < 1e-3 / 4
-
-    old = {"best": 0.5, "num_bad_epochs": 2, "last_epoch": 3, "cooldown_counter": 0}   # ReduceLROnPlateau's
-    opt = torch.optim.AdamW(groups())
-    sched = GroupPlateau(opt, factor=0.5, patience=2)
-    sched.load_state_dict(json.loads(json.dumps(old)))
-    assert sched.state_dict() == {"best": [0.5, 0.5], "num_bad_epochs": [2, 2]}
-    sched.step(0.5)   # not better than 0.5: a third bad epoch > patience 2
-    assert [g["lr"] for g in opt.param_groups] == [0.5e-5, 0.5e-3]
-    sched.load_state_dict({"best": None, "num_bad_epochs": 0, "last_epoch": 0, "cooldown_counter": 0})
-    assert sched.state_dict() == {"best": [None, None], "num_bad_epochs": [0, 0]}
-
-
-def test_train_state_of_an_older_version_reads_its_history_in_todays_schema(tmp_path):
-    from extract.finetune import TrainState
-
-    old_entry = {"epoch": 1, "step": 3, "partial": False, "train_loss": 2.5,
-                 "task_losses": {t: 0.625 for t in TASK_NAMES}, "loss_weights": {t: 1.0 for t in TASK_NAMES},
-                 "lr_backbone": 1e-5, "lr_head": 1e-3, "val": {"mean": 0.25}}
-    scheduler = {"best": 0.25, "num_bad_epochs": 0, "last_epoch": 1, "cooldown_counter": 0}
-    path = tmp_path / "train_state.json"
-    path.write_text(json.dumps({"epoch": 1, "step": 3, "history": [old_entry], "best": old_entry,
-                                "scheduler": scheduler}))
-    state = TrainState.load(path)
-    expected = {"epoch": 1, "step": 3, "partial": False, "loss": 2.5, "task_losses": {t: 0.625 for t in TASK_NAMES},
-                "weights": {t: 1.0 for t in TASK_NAMES}, "lr": {"backbone": 1e-5, "head": 1e-3},
-                "val": {"mean": 0.25}}
-    assert state.history == [expected] and state.best == expected
-    assert (state.epoch, state.step, state.scheduler) == (1, 3, scheduler)

@@ -86,3 +86,11 @@ def test_score_all_means_the_four_headline_scores():
                     for t in ("two", "high", "culture")] + [recall_score(labels["type"][:, 0], preds["type"].argmax(1),
                                                                        average="macro")])
     assert out["mean"] == pytest.approx(hand, abs=1e-6)
+
+
+def test_scores_are_written_as_the_paper_prints_them():
+    from heads.metrics import score_text
+
+    assert [score_text(x) for x in (0.5686, -0.0123, 1.0, 0.0, 12.5)] == [".5686", "-.0123", "1.0000", ".0000",
+                                                                          "12.5000"]
+    assert score_text(0.02449, 3) == ".024" and score_text(None) == "" and score_text("n/a") == ""

@@ -37,7 +37,7 @@ def write_run(folder: Path, arch: str, weighting: str, seed: int, epochs: int = 
     folder.mkdir(parents=True)
     (folder / "predictions" / "val").mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(
-        {"run_format": RUN_FORMAT, "train": {"arch": arch, "weighting": weighting, "seed": seed},
+        {"run_format": RUN_FORMAT, "arch": arch, "weighting": weighting, "seed": seed,
          "cache": "/nowhere/cache.h5"}))
     if not complete:
         return folder
@@ -117,7 +117,7 @@ def test_index_tables_show_the_runs_scores_and_the_ablations_table_one(inputs):
     assert cells[:4] == ["chain", "dwa", "1", "4"]
     assert [float(c) for c in cells[4:8]] == [score("chain", "dwa", 1, t) for t in TASKS]
     ens_row = re.search(r"<tr><td>ens</td>(.*?)</tr>", index).group(1)
-    assert re.findall(r"<td>(.*?)</td>", ens_row)[-5:] == ["0.2000", "0.3000", "0.4000", "0.5000", "0.3500"]
+    assert re.findall(r"<td>(.*?)</td>", ens_row)[-5:] == [".2000", ".3000", ".4000", ".5000", ".3500"]
     assert "<td><i>VANILLA</i></td><td><b>.1234</b> (.1 ± .01)</td>" in index
     assert "<p>Validation scores.</p>" in index
 

@@ -15,9 +15,10 @@ from typing import Any
 import click
 import numpy as np
 
+from cache.command_kit.command import command_errors
 from cache.command_kit.options import OptionOrArgumentCommand, option_or_argument
 from extract.audio import MAX_SECONDS, AudioError, wav_info
-from extract.corpus import Corpus, CorpusError, missing_wavs, read_corpus
+from extract.corpus import Corpus, missing_wavs, read_corpus
 from heads.tasks import COUNTRIES, SPLITS, TYPE
 
 SHOW_FIRST = 5            # problem paths listed in the human-readable summary
@@ -125,12 +126,10 @@ def check_command(root: Path, as_json: bool, no_audio: bool) -> None:
 
     Exits non-zero if a label file is invalid or any wav file is missing or unreadable.
     """
-    try:
+    with command_errors():
         corpus = read_corpus(root)
-    except CorpusError as err:
-        raise click.ClickException(str(err)) from None
-    summary = summarise(corpus)
-    summary["audio"] = {"checked": False} if no_audio else audit_audio(corpus)
+        summary = summarise(corpus)
+        summary["audio"] = {"checked": False} if no_audio else audit_audio(corpus)
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
     audio = summary["audio"]
     if audio["checked"] and (audio["n_missing"] or audio["n_unreadable"]):

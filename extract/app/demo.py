@@ -40,7 +40,13 @@ from cache.command_kit.errors import AvbError
 from cache.command_kit.jsonable import jsonable
 from cache.command_kit.lock import LOCK_NAME, hold_output
 from cache.command_kit.options import progress_option
-from heads.runs import METRICS_FILE, read_json_object
+from heads.runs import (
+    BACKBONE_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    RESULTS_MD,
+    read_json_object,
+)
 
 STAGES_DIR = ".stages"
 MARKER = "demo.json"
@@ -102,7 +108,7 @@ class DemoPaths:
     corpus = property(lambda self: self.root / "corpus")
     pretrained = property(lambda self: self.root / "pretrained")
     finetune = property(lambda self: self.root / "finetune")
-    backbone = property(lambda self: self.root / "finetune" / "backbone")
+    backbone = property(lambda self: self.root / "finetune" / BACKBONE_DIR)
     cache = property(lambda self: self.root / "cache.h5")
     ablation = property(lambda self: self.root / "ablation")
     ensemble = property(lambda self: self.root / "ensemble")
@@ -137,7 +143,7 @@ def stage_backbone(cfg: DemoConfig, p: DemoPaths, progress: bool, resume: bool) 
     n = sum(t.numel() for t in model.parameters())
     click.echo(f"random wav2vec2: {cfg.backbone['num_hidden_layers']} layers x {cfg.backbone['hidden_size']}-d, "
                f"CNN {list(cfg.backbone['conv_dim'])}, {n / 1e3:.0f}k parameters -> {p.pretrained}")
-    return [p.pretrained / "config.json"]
+    return [p.pretrained / CONFIG_FILE]
 
 
 def stage_finetune(cfg: DemoConfig, p: DemoPaths, progress: bool, resume: bool) -> list[Path]:
@@ -151,7 +157,7 @@ def stage_finetune(cfg: DemoConfig, p: DemoPaths, progress: bool, resume: bool) 
     if best:
         click.echo(f"best epoch {best['epoch']}: " + ", ".join(
             f"{k} {v:.4f}" for k, v in best.get("val", {}).items() if isinstance(v, (int, float))))
-    return [p.backbone / "config.json"]
+    return [p.backbone / CONFIG_FILE]
 
 
 def stage_dump(cfg: DemoConfig, p: DemoPaths, progress: bool, resume: bool) -> list[Path]:
@@ -168,7 +174,7 @@ def stage_ablation(cfg: DemoConfig, p: DemoPaths, progress: bool, resume: bool) 
     head = HeadConfig(hidden=cfg.head_hidden, n_heads=cfg.head_n_heads)
     run_grid(p.cache.resolve(), p.ablation.resolve(), seeds=(cfg.seed,), epochs=cfg.epochs, head=head,
              progress=progress)
-    return [p.ablation / "results.md"]
+    return [p.ablation / RESULTS_MD]
 
 
 def stage_ensemble(cfg: DemoConfig, p: DemoPaths, progress: bool, resume: bool) -> list[Path]:
@@ -326,7 +332,7 @@ def summary(cfg: DemoConfig, results: list[StageResult], total: float) -> str:
 
     p = DemoPaths(Path(cfg.out))
     lines = ["", "=== results (validation split of the generated corpus) ===", "",
-             (p.ablation / "results.md").read_text(encoding="utf-8").rstrip(), ""]
+             (p.ablation / RESULTS_MD).read_text(encoding="utf-8").rstrip(), ""]
     metrics = read_json_object(p.ensemble / METRICS_FILE)
     keys = [HEADLINE_KEYS[n] for n in TASK_NAMES] + ["mean"]
     lines += ["combined ensemble (Table II): " + "  ".join(f"{k} {metrics[k]:.4f}" for k in keys), "",

@@ -51,7 +51,8 @@ from heads.runs import (
     read_json_object,
     read_run_config,
 )
-from heads.tasks import CULTURE, HIGH, TASK_NAMES, TASKS, TWO, TYPE
+from heads.submission import number_text
+from heads.tasks import CULTURE, HIGH, TASK_NAMES, TWO, TYPE
 
 # Config fields that define what a backbone's layers compute; two configs that differ here give features a
 # head trained on one cannot use. Fields absent from both configs are skipped (HuBERT/WavLM variants).
@@ -364,12 +365,8 @@ def apply_heads(heads: HeadSet, pooled: dict[str, Any], frames: dict[str, Any] |
                 frames={k: frames[k][None].float() for k in run.frame_layers} if run.frame_layers else None,
                 frame_mask=frame_mask[None] if run.frame_layers else None,
             )
-            out = run.head(inputs)
-            per_run.append({
-                name: (torch.softmax(out[name][0].float(), -1) if TASKS[name].is_classification
-                       else out[name][0].float()).double().numpy()
-                for name in TASK_NAMES
-            })
+            out = run.head.predict(inputs)
+            per_run.append({name: out[name][0].double().numpy() for name in TASK_NAMES})
     return blend(per_run, heads.members)
 
 
@@ -501,8 +498,6 @@ def predict_files(
     return Predictions(kept, {name: np.concatenate(parts) for name, parts in chunks.items()}, skipped)
 
 
-def _fmt(value: float) -> str:
-    return f"{float(value):.9g}"
 
 
 def predictions_csv(preds: Predictions) -> str:
@@ -512,9 +507,9 @@ def predictions_csv(preds: Predictions) -> str:
     writer.writerow(csv_columns())
     names = preds.type_names()
     for i, path in enumerate(preds.paths):
-        row = [str(path), names[i]] + [_fmt(v) for v in preds.values["type"][i]]
+        row = [str(path), names[i]] + [number_text(v) for v in preds.values["type"][i]]
         for name in ("two", "high", "culture"):
-            row += [_fmt(v) for v in preds.values[name][i]]
+            row += [number_text(v) for v in preds.values[name][i]]
         writer.writerow(row)
     return buf.getvalue()
 

@@ -31,6 +31,8 @@ from heads.analysis.bootstrap import (
     win_fraction,
 )
 from heads.analysis.ensemble import read_split_predictions
+from heads.metrics import score_text
+from heads.runs import predictions_dir
 from heads.submission import bracket_id
 from heads.tasks import HEADLINE_KEYS, METRIC_KEYS, TASK_NAMES, TASKS
 
@@ -57,7 +59,7 @@ def run_distributions(run_dirs: Sequence[Path], val_ids: Sequence[str], val_labe
     """Per run: score key -> its [n_boot] scores on the shared resamples, from the run's Val prediction files."""
     systems = []
     for run in run_dirs:
-        folder = Path(run) / "predictions" / "val"
+        folder = predictions_dir(run, "Val")
         preds = read_split_predictions(folder)
         if preds is None or sorted(preds.preds) != sorted(TASK_NAMES):
             raise ComparisonError(f"{folder}: the Val predictions of all four tasks are needed for the intervals")
@@ -99,10 +101,7 @@ def add_uncertainty(rows: list[dict[str, Any]], summary: list[dict[str, Any]], r
 
 
 def _fraction(x: float | None) -> str:
-    if x is None:
-        return "best"
-    text = f"{x:.3f}"
-    return text[1:] if text.startswith("0.") else text
+    return "best" if x is None else score_text(x, 3)
 
 
 def paired_markdown(summary: Sequence[dict[str, Any]], titles: dict[str, str]) -> str:

@@ -43,10 +43,10 @@ from heads.names import ENSEMBLE_STRATEGIES
 from heads.runs import (
     CONFIG_FILE,
     METRICS_FILE,
-    PREDICTIONS_DIR,
     RunFolder,
     find_runs,
     members_record,
+    predictions_dir,
     read_run,
     write_members,
 )
@@ -151,13 +151,13 @@ def read_split_predictions(folder: Path) -> SplitPredictions | None:
 
 def load_run(path: Path) -> Run:
     folder = read_run(path)
-    val = read_split_predictions(path / PREDICTIONS_DIR / "val")
+    val = read_split_predictions(predictions_dir(path, "Val"))
     if val is None:
-        raise EnsembleError(f"{path}: no Val predictions in {path / PREDICTIONS_DIR / 'val'}")
+        raise EnsembleError(f"{path}: no Val predictions in {predictions_dir(path, 'Val')}")
     missing = [TASKS[n].title for n in TASK_NAMES if n not in val.preds]
     if missing:
         raise EnsembleError(f"{path}: Val predictions lack {', '.join(missing)}")
-    return Run(folder, val, read_split_predictions(path / PREDICTIONS_DIR / "test"))
+    return Run(folder, val, read_split_predictions(predictions_dir(path, "Test")))
 
 
 # ------------------------------------------------------------------------------------------- cache identity
@@ -342,23 +342,23 @@ def build_ensemble(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike
     (out / METRICS_FILE).unlink(missing_ok=True)  # written last: never leave an old one beside new files
     files: list[Path] = []
     val = blend(val_preds, members)
-    files += _write_predictions(out / PREDICTIONS_DIR / "val", labels.val_ids, val, config)
-    metrics = _rescore_written(out / PREDICTIONS_DIR / "val", labels, config)
+    files += _write_predictions(predictions_dir(out, "Val"), labels.val_ids, val, config)
+    metrics = _rescore_written(predictions_dir(out, "Val"), labels, config)
 
     test_ids = labels.test_ids or (runs[0].test.ids if runs[0].test else [])
     if test_ids:
         test_preds = []
         for run in runs:
             if run.test is None:
-                raise EnsembleError(f"{run.path}: no Test predictions in {run.path / PREDICTIONS_DIR / 'test'}")
+                raise EnsembleError(f"{run.path}: no Test predictions in {predictions_dir(run.path, 'Test')}")
             test_preds.append(_align(run, "Test", run.test, test_ids))
         test = blend(test_preds, members)
         for name in TASK_NAMES:
             path = out / submission_name(TASKS[name], config.team, config.submission)
             write_submission(TASKS[name], path, test_ids, test[name])
             files.append(path)
-        write_type_probs(out / PREDICTIONS_DIR / "test" / PROBS_FILE, test_ids, test["type"])
-        files.append(out / PREDICTIONS_DIR / "test" / PROBS_FILE)
+        write_type_probs(predictions_dir(out, "Test") / PROBS_FILE, test_ids, test["type"])
+        files.append(predictions_dir(out, "Test") / PROBS_FILE)
     else:
         warnings.append(f"{cache_path}: no Test rows in the cache or the runs; no submission files written")
 

@@ -38,10 +38,11 @@ from cache.command_kit.errors import AvbError
 from cache.command_kit.jsonable import jsonable
 from cache.command_kit.options import csv_text, progress_option
 from heads.analysis.threads import limited_threads
-from heads.metrics import labelled_rows, score_task
+from heads.metrics import labelled_rows, score_task, score_text
+from heads.runs import PROBE_CSV, PROBE_JSON, PROBE_MD
 from heads.tasks import TASK_NAMES, TASKS
 
-PROBE_FILES = ("probe.csv", "probe.json", "probe.md")
+PROBE_FILES = (PROBE_CSV, PROBE_JSON, PROBE_MD)
 CSV_FIELDS = ("layer", "task", "metric", "val_score")
 # Ridge strengths as multiples of the mean eigenvalue of the Train Gram matrix (~ n for standardised
 # features), in quarter decades. TYPE: inverse L2 strengths C as sklearn defines them (objective
@@ -370,9 +371,6 @@ def probe_csv(result: ProbeResult) -> str:
     return buf.getvalue()
 
 
-def _fmt(x: float) -> str:
-    text = f"{x:.4f}"
-    return text.replace("0.", ".", 1) if abs(x) < 1 else text
 
 
 def probe_markdown(result: ProbeResult) -> str:
@@ -383,10 +381,10 @@ def probe_markdown(result: ProbeResult) -> str:
     for layer in result.layers:
         cells = []
         for task in result.tasks:
-            text = _fmt(result.scores[layer][task][TASKS[task].metric])
+            text = score_text(result.scores[layer][task][TASKS[task].metric])
             cells.append(f"**{text}**" if best[task]["layer"] == layer else text)
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
-    summary = ", ".join(f"{TASKS[t].title} {best[t]['layer']} ({_fmt(best[t]['val_score'])})" for t in result.tasks)
+    summary = ", ".join(f"{TASKS[t].title} {best[t]['layer']} ({score_text(best[t]['val_score'])})" for t in result.tasks)
     note = (f"Linear probes of {Path(result.cache).name} ({result.backbone.get('model_type') or 'unknown backbone'}): "
             f"fitted on {result.n_train} Train clips, scored on {result.n_val} Val clips. TYPE: multinomial "
             "logistic regression with balanced class weights (its C chosen on a held-out fifth of Train), UAR; "
@@ -410,7 +408,7 @@ def read_probe(folder: str | os.PathLike) -> dict[str, Any]:
     """probe.json of a probe folder, checked enough to draw it (for `avb report`)."""
     from heads.runs import read_json_object  # noqa: PLC0415
 
-    path = Path(folder) / "probe.json"
+    path = Path(folder) / PROBE_JSON
     data = read_json_object(path)
     for key in ("layers", "tasks", "scores"):
         if key not in data:

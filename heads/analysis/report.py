@@ -29,6 +29,7 @@ import numpy as np
 from cache.command_kit.atomic import write_bytes_atomic, write_text_atomic
 from cache.command_kit.command import command_errors
 from cache.command_kit.errors import AvbError
+from heads.metrics import score_text
 from heads.runs import (
     ABLATION,
     CONFIG_FILE,
@@ -36,6 +37,12 @@ from heads.runs import (
     FINETUNE,
     MEMBERS_FILE,
     METRICS_FILE,
+    PROBE_CSV,
+    PROBE_JSON,
+    PROBE_MD,
+    RESULTS_CSV,
+    RESULTS_JSON,
+    RESULTS_MD,
     RUN,
     EnsembleFolder,
     RunFolder,
@@ -68,26 +75,20 @@ class RunInfo(RunFolder):
     """A run folder as the report shows it: its label, arch, weighting and seed."""
 
     @property
-    def train(self) -> dict[str, Any]:
-        """The resolved TrainConfig (`config.json` keeps it under "train"; a flat config is accepted too)."""
-        train = self.config.get("train")
-        return train if isinstance(train, dict) else self.config
-
-    @property
     def arch(self) -> str:
-        return str(self.train.get("arch", "?"))
+        return str(self.config.get("arch", "?"))
 
     @property
     def weighting(self) -> str:
-        return str(self.train.get("weighting", "?"))
+        return str(self.config.get("weighting", "?"))
 
     @property
     def seed(self) -> Any:
-        return self.train.get("seed")
+        return self.config.get("seed")
 
     @property
     def label(self) -> str:
-        if "arch" in self.train and "weighting" in self.train:
+        if "arch" in self.config and "weighting" in self.config:
             return f"{self.arch}-{self.weighting}" + (f"-s{self.seed}" if self.seed is not None else "")
         return self.path.name
 
@@ -129,7 +130,7 @@ def collect_inputs(dirs: Iterable[str | os.PathLike]) -> ReportInputs:
                     seen.add(run.resolve())
                     folder = read_run(run)
                     found.runs.append(RunInfo(folder.path, folder.config, folder.metrics))
-        elif (path / "probe.json").is_file():
+        elif (path / PROBE_JSON).is_file():
             found.probes.append(ProbeInfo(path, read_probe(path)))
         elif kind == FINETUNE:
             raise not_a_head_run(path)
@@ -363,10 +364,10 @@ def results_table(inputs: ReportInputs) -> tuple[list[str], list[list[str]]]:
     rows = []
     for run in inputs.runs:
         rows.append([run.path.name, run.arch, run.weighting, str(run.seed), str(run.metrics.get("best_epoch", ""))]
-                    + [_fmt(run.metrics.get(k)) for k in keys])
+                    + [score_text(run.metrics.get(k)) for k in keys])
     for ens in inputs.ensembles:
         rows.append([ens.path.name, "ensemble", ens.strategy or "", "", ""]
-                    + [_fmt(ens.metrics.get(k)) for k in keys])
+                    + [score_text(ens.metrics.get(k)) for k in keys])
     return header, rows
 
 
@@ -403,8 +404,6 @@ def _inline_md(text: str) -> str:
     return re.sub(r"\*(.+?)\*", r"<i>\1</i>", out)
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, (int, float)) else ""
 
 
 def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -416,13 +415,13 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def _data_links(inputs: ReportInputs, out: Path) -> list[Path]:
     files: list[Path] = []
     for ablation in inputs.ablations:
-        files += [ablation / n for n in ("results.csv", "results.json", "results.md", CONFIG_FILE)]
+        files += [ablation / n for n in (RESULTS_CSV, RESULTS_JSON, RESULTS_MD, CONFIG_FILE)]
     for ens in inputs.ensembles:
         files += [ens.path / METRICS_FILE, ens.path / MEMBERS_FILE]
     for run in inputs.runs:
         files += [run.path / METRICS_FILE, run.path / CONFIG_FILE]
     for probe in inputs.probes:
-        files += [probe.path / n for n in ("probe.csv", "probe.json", "probe.md")]
+        files += [probe.path / n for n in (PROBE_CSV, PROBE_JSON, PROBE_MD)]
     return [f for f in files if f.is_file()]
 
 
@@ -437,13 +436,13 @@ def write_index(out: Path, inputs: ReportInputs, figures: Sequence[tuple[str, Pa
              "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}</style>",
              "</head><body>", "<h1>A-VB results</h1>"]
     for ablation in inputs.ablations:
-        if (ablation / "results.md").is_file():
+        if (ablation / RESULTS_MD).is_file():
             parts += [f"<h2>Ablation {html.escape(ablation.name)} (Table I layout, validation)</h2>",
-                      markdown_table_html((ablation / "results.md").read_text(encoding="utf-8"))]
+                      markdown_table_html((ablation / RESULTS_MD).read_text(encoding="utf-8"))]
     for probe in inputs.probes:
-        if (probe.path / "probe.md").is_file():
+        if (probe.path / PROBE_MD).is_file():
             parts += [f"<h2>Linear probes {html.escape(probe.path.name)} (validation)</h2>",
-                      markdown_table_html((probe.path / "probe.md").read_text(encoding="utf-8"))]
+                      markdown_table_html((probe.path / PROBE_MD).read_text(encoding="utf-8"))]
     if rows:
         parts += ["<h2>Runs and ensembles (validation)</h2>", _html_table(header, rows)]
     for title, path in figures:

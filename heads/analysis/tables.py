@@ -15,6 +15,7 @@ import numpy as np
 from cache.command_kit.atomic import write_json_atomic, write_text_atomic
 from heads.analysis.bootstrap import BootstrapConfig
 from heads.analysis.comparison import CI_KEYS, add_uncertainty, paired_markdown
+from heads.metrics import score_text
 from heads.names import ARCHS, WEIGHTING_TITLES, WEIGHTINGS
 from heads.runs import RESULTS_CSV, RESULTS_JSON, RESULTS_MD
 from heads.tasks import METRIC_KEYS, SELECTION_KEY
@@ -84,10 +85,6 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-def _fmt(x: float) -> str:
-    """Scores as the paper prints them: four decimals without the leading zero (.5686, -.0123)."""
-    text = f"{x:.4f}"
-    return text.replace("0.", ".", 1) if abs(x) < 1 else text
 
 
 def results_markdown(summary: Sequence[dict], uncertainty: dict | None = None) -> str:
@@ -108,14 +105,14 @@ def results_markdown(summary: Sequence[dict], uncertainty: dict | None = None) -
             lines.append(f"| **{WEIGHTING_TITLES[current]}** |" + " |" * len(TABLE_COLUMNS))
         cells = []
         for k in keys:
-            text = _fmt(s["best"][k])
+            text = score_text(s["best"][k])
             if round(s["best"][k], 4) == best_per_col[k]:
                 text = f"**{text}**"
             if "best_ci" in s:
                 low, high = s["best_ci"][k]
-                text += f" [{_fmt(low)}, {_fmt(high)}]"
+                text += f" [{score_text(low)}, {score_text(high)}]"
             if s["n_seeds"] > 1:
-                text += f" ({_fmt(s['mean'][k])} ± {_fmt(s['std'][k])})"
+                text += f" ({score_text(s['mean'][k])} ± {score_text(s['std'][k])})"
             cells.append(text)
         lines.append(f"| *{s['arch'].upper()}* | " + " | ".join(cells) + " |")
     paired = paired_markdown(summary, WEIGHTING_TITLES) if uncertainty else ""

@@ -128,6 +128,11 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * w).sum(-2) / w.sum(-2).clamp_min(1.0)
 
 
+def task_values(task: str, raw: Tensor) -> Tensor:
+    """A task network's raw output as values: class probabilities (softmax) or regression values (sigmoid)."""
+    return torch.softmax(raw, dim=-1) if TASKS[task].is_classification else torch.sigmoid(raw)
+
+
 class MultiTaskHead(nn.Module):
     """The part every architecture shares: config, runs, the inputs it reads, per-run state and generators.
 
@@ -213,8 +218,15 @@ class MultiTaskHead(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: HeadInputs, targets: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """What the losses read: logits for classification tasks, values in [0, 1] for regression tasks."""
         raw = self._forward(x, targets)
         return {t: raw[t] if TASKS[t].is_classification else torch.sigmoid(raw[t]) for t in TASK_NAMES}
+
+    def predict(self, x: HeadInputs) -> dict[str, Tensor]:
+        """What a user reads: float32 class probabilities for classification tasks, values for regression tasks
+        (call in eval mode; evaluation, ensembles and `avb predict` all take their outputs from here)."""
+        raw = self._forward(x, None)
+        return {t: task_values(t, raw[t].float()) for t in TASK_NAMES}
 
     def _forward(self, x: HeadInputs, targets: dict[str, Tensor] | None) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -320,7 +332,7 @@ class ChainHead(VanillaHead):
             raw = nets.task_output(i, h1[:, i], fed, None if keep is None else keep[:, i])
             out[task] = raw
             if i + 1 < len(self.order):
-                value = torch.softmax(raw, dim=-1) if TASKS[task].is_classification else torch.sigmoid(raw)
+                value = task_values(task, raw)
                 if teacher and task in targets:
                     value = self._teacher_value(task, targets[task], value)
                 fed.append(value)

@@ -48,7 +48,14 @@ from heads.model.losses import task_losses
 from heads.model.optim import PlateauHalving, StackedAdamW
 from heads.model.weighting import WeightingError, build_weighting
 from heads.names import DEFAULT_EPOCHS
-from heads.runs import CONFIG_FILE, HEAD_FILE, METRICS_FILE, RUN_FORMAT, history_entry
+from heads.runs import (
+    CONFIG_FILE,
+    HEAD_FILE,
+    METRICS_FILE,
+    RUN_FORMAT,
+    history_entry,
+    predictions_dir,
+)
 from heads.submission import PROBS_FILE, write_submissions, write_type_probs
 from heads.tasks import METRIC_KEYS, SELECTION_KEY, TASK_NAMES, TASKS
 from heads.training.device import (
@@ -170,10 +177,9 @@ def _predict(model: MultiTaskHead, feats: Features, rows: np.ndarray, n_runs: in
     chunk = max(8, feats.eval_batch // model.eval_row_cost)
     for start in range(0, len(rows), chunk):
         with autocast(feats.device, precision):
-            out = model(feats.shared(rows[start:start + chunk]))
+            out = model.predict(feats.shared(rows[start:start + chunk]))
         for name in TASK_NAMES:
-            value = out[name].float()
-            chunks[name].append(torch.softmax(value, -1) if TASKS[name].is_classification else value)
+            chunks[name].append(out[name])
     model.train(was_training)
     if len(rows) == 0:
         return {name: np.zeros((n_runs, 0, TASKS[name].out_dim), np.float32) for name in TASK_NAMES}
@@ -383,13 +389,13 @@ class JointTraining:
         results = []
         for r, (cfg, out) in enumerate(zip(self.configs, self.out_dirs)):
             _save_head(out / HEAD_FILE, self.best_state[r], cfg)
-            _write_predictions(out / "predictions" / "val", val_ids, _run_preds(final_val, r))
+            _write_predictions(predictions_dir(out, "Val"), val_ids, _run_preds(final_val, r))
             if len(test_ids):
                 test_preds = _run_preds(final_test, r)
                 for task, value in test_preds.items():
                     if not np.isfinite(value).all():
                         raise TrainingError(f"run {cfg.name}: non-finite {task} predictions on Test")
-                _write_predictions(out / "predictions" / "test", test_ids, test_preds)
+                _write_predictions(predictions_dir(out, "Test"), test_ids, test_preds)
             metrics: dict[str, Any] = {k: float(final_scores[r][k]) for k in METRIC_KEYS}
             metrics[SELECTION_KEY] = float(final_scores[r][SELECTION_KEY])
             metrics["best_epoch"] = int(self.best_epoch[r])
