@@ -20,9 +20,9 @@ from heads.runs import CONFIG_FILE, RESULTS_CSV, RESULTS_JSON, RESULTS_MD
 from heads.tasks import METRIC_KEYS
 from heads.training.tracking import REPORT_TO_CHOICES
 
-ARCH_CHOICES = ARCHS
-WEIGHTING_CHOICES = WEIGHTINGS
-HEAD, TRAIN, GRID = "heads.model.architectures:HeadConfig.", "heads.training.joint:TrainConfig.", "heads.training.grid:GridConfig."
+HEAD = "heads.model.architectures:HeadConfig."
+TRAIN = "heads.training.joint:TrainConfig."
+GRID = "heads.training.grid:GridConfig."
 INPUT_LAYER_HELP = "Pooled layer feeding VANILLA/CHAIN: 'last', 'weighted' (learned mix of all layers) or a name."
 
 
@@ -128,9 +128,9 @@ def heads_group() -> None:
               help="HDF5 feature cache written by `avb dump`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run folder: config.json, head.safetensors, predictions/, metrics.json.")
-@click.option("--arch", type=click.Choice(ARCH_CHOICES, case_sensitive=False), default=ConfigDefault(TRAIN + "arch"),
+@click.option("--arch", type=click.Choice(ARCHS, case_sensitive=False), default=ConfigDefault(TRAIN + "arch"),
               show_default=True)
-@click.option("--weighting", type=click.Choice(WEIGHTING_CHOICES, case_sensitive=False),
+@click.option("--weighting", type=click.Choice(WEIGHTINGS, case_sensitive=False),
               default=ConfigDefault(TRAIN + "weighting"), show_default=True,
               help="Loss weighting across the four tasks.")
 @click.option("--seed", type=int, default=ConfigDefault(TRAIN + "seed"), show_default=True,
@@ -144,21 +144,17 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
     head = _head_config(hidden, dropout, input_layer, chain_order, n_heads, branch_blocks, branch_frames)
     with (command_errors(), hold_output(out),   # the run folder is locked while it is written
           _tracking(report_to, tracking_dir, out, lambda run: out / CONFIG_FILE) as tracker):
-        from cache.reader import load_cache  # noqa: PLC0415
+        from cache.reader import FrameReader, load_cache  # noqa: PLC0415
         from heads.training.device import resolve_device  # noqa: PLC0415
         from heads.training.joint import TrainConfig, train_runs  # noqa: PLC0415
 
-        train_device = resolve_device(device)   # a machine without the device fails before anything loads
+        train_device = resolve_device(device)   # the one resolution; a missing device fails before anything loads
         cfg = TrainConfig(arch=arch, weighting=weighting, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
                           head=head, precision=precision)
         cache = load_cache(cache_path)
-        frames = None
-        if arch == "branch" and branch_frames:
-            from cache.reader import FrameReader  # noqa: PLC0415
-
-            frames = FrameReader(cache_path)
-        metrics = train_runs(cache, [cfg], [out], progress=progress, frames=frames, cache_path=cache_path,
-                             device=train_device, tracker=tracker)[0]
+        with (FrameReader(cache.path) if arch == "branch" and branch_frames else contextlib.nullcontext()) as frames:
+            metrics = train_runs(cache, [cfg], [out], device=train_device, progress=progress, frames=frames,
+                                 tracker=tracker)[0]
     click.echo(f"best epoch {metrics['best_epoch']} of {epochs} (Val):")
     for key in (*METRIC_KEYS, "mean"):
         click.echo(f"  {key:<16} {metrics[key]:.4f}")
@@ -194,20 +190,23 @@ def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, see
 
     `accelerate launch --num_processes N -m heads.ablate` (same options) spreads the joint groups over N
     processes, each on its own GPU (or sharing the CPU cores); process 0 writes and prints the tables."""
-    arch_list = _csv_list(archs, "architecture", ARCH_CHOICES)
-    weighting_list = _csv_list(weightings, "weighting", WEIGHTING_CHOICES)
-    seed_list = _seed_list(seeds)
+    arch_list, seed_list = _csv_list(archs, "architecture", ARCHS), _seed_list(seeds)
+    weighting_list = _csv_list(weightings, "weighting", WEIGHTINGS)
     head = _head_config(hidden, dropout, input_layer, chain_order, n_heads, branch_blocks, branch_frames)
     with command_errors(), _tracking(report_to, tracking_dir, out, lambda run: out / run / CONFIG_FILE) as tracker:
         # the grid folder's lock is taken inside run_grid, once the processes of a launch know each other
+        from heads.analysis.bootstrap import BootstrapConfig  # noqa: PLC0415
         from heads.training.device import resolve_device  # noqa: PLC0415
-        from heads.training.grid import run_grid  # noqa: PLC0415
+        from heads.training.grid import GridConfig, run_grid  # noqa: PLC0415
+        from heads.training.joint import TrainConfig  # noqa: PLC0415
 
-        resolve_device(device)   # a machine without the device fails before anything loads
-        rows = run_grid(cache_path, out, archs=arch_list, weightings=weighting_list, seeds=seed_list, epochs=epochs,
-                        batch_size=batch_size, lr=lr, head=head, progress=progress,
-                        max_group_bytes=None if max_group_mib is None else max_group_mib * 2**20, device=device,
-                        precision=precision, ci=ci, n_boot=n_boot, tracker=tracker)
+        train_device = resolve_device(device)   # the one resolution; a missing device fails before anything loads
+        grid = GridConfig(
+            cache=str(cache_path), archs=tuple(arch_list), weightings=tuple(weighting_list), seeds=tuple(seed_list),
+            run=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, head=head, precision=precision),
+            max_group_bytes=None if max_group_mib is None else max_group_mib * 2**20)
+        rows = run_grid(grid, out, device=train_device, progress=progress, tracker=tracker,
+                        bootstrap=BootstrapConfig(level=ci, n_boot=n_boot) if ci else None)
     if not rows:   # another process of a multi-process grid: process 0 prints the tables
         return
     click.echo((out / RESULTS_MD).read_text(encoding="utf-8"), nl=False)

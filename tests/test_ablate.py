@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from grids import grid_config
 from helpers import make_signal_cache
 
 from cache.format import CacheError
@@ -28,8 +29,7 @@ from heads.training.grid import AblationError, joint_groups, run_grid, run_state
 torch.set_num_threads(1)
 
 HEAD = HeadConfig(hidden=32, n_heads=4, branch_blocks=2)
-GRID = dict(archs=("vanilla", "chain"), weightings=("uniform", "rruw"), seeds=(0, 1), epochs=2, head=HEAD,
-            progress=False)
+GRID = dict(archs=("vanilla", "chain"), weightings=("uniform", "rruw"), seeds=(0, 1), epochs=2, head=HEAD)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def cache_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def grid_dir(cache_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("grid")
-    run_grid(cache_file, out, **GRID)
+    run_grid(grid_config(cache_file, **GRID), out, progress=False)
     return out
 
 
@@ -73,8 +73,9 @@ def test_grid_writes_one_folder_per_run_and_results(grid_dir):
     results = json.loads((grid_dir / "results.json").read_text())
     assert len(results["runs"]) == 8 and len(results["summary"]) == 4
     config = json.loads((grid_dir / "config.json").read_text())
-    assert config["archs"] == ["vanilla", "chain"] and config["seeds"] == [0, 1] and config["epochs"] == 2
-    assert config["head"]["hidden"] == 32 and "arch" not in config["head"]
+    assert config["archs"] == ["vanilla", "chain"] and config["seeds"] == [0, 1] and config["run"]["epochs"] == 2
+    assert config["run"]["head"]["hidden"] == 32 and "arch" not in config["run"]["head"]
+    assert not {"arch", "weighting", "seed", "weighting_options"} & set(config["run"])   # set per run
 
 
 def test_summary_takes_the_best_seed_and_mean_std(grid_dir):
@@ -184,20 +185,21 @@ def test_rerun_skips_finished_runs_and_retrains_only_what_is_missing(cache_file,
     counter = CountingTrainRuns(ablate_mod.train_runs)
     monkeypatch.setattr(ablate_mod, "train_runs", counter)
     grid = dict(GRID, archs=("vanilla",), weightings=("uniform", "dwa"), seeds=(0,))
-    first = run_grid(cache_file, tmp_path, **grid)
+    first = run_grid(grid_config(cache_file, **grid), tmp_path, progress=False)
     assert counter.calls == [["vanilla-uniform-s0", "vanilla-dwa-s0"]]      # one joint call per arch
     stamp = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("metrics.json")}
 
-    again = run_grid(cache_file, tmp_path, **grid)
+    again = run_grid(grid_config(cache_file, **grid), tmp_path, progress=False)
     assert counter.calls == [["vanilla-uniform-s0", "vanilla-dwa-s0"]]      # nothing trained
     assert again == first
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("metrics.json")} == stamp
 
     (tmp_path / "vanilla-dwa-s0" / "metrics.json").unlink()                 # an interrupted run
-    run_grid(cache_file, tmp_path, **dict(grid, seeds=(0, 1)))               # ... and a grown grid
+    run_grid(grid_config(cache_file, **dict(grid, seeds=(0, 1))), tmp_path, progress=False)   # ... and a grown grid
     assert counter.calls[1] == ["vanilla-uniform-s1", "vanilla-dwa-s0", "vanilla-dwa-s1"]
 
-    run_grid(cache_file, tmp_path, **dict(grid, seeds=(0, 1), epochs=3))     # a changed config: all redone
+    # a changed config: all redone
+    run_grid(grid_config(cache_file, **dict(grid, seeds=(0, 1), epochs=3)), tmp_path, progress=False)
     assert sorted(counter.calls[2]) == sorted(["vanilla-uniform-s0", "vanilla-dwa-s0", "vanilla-uniform-s1",
                                                "vanilla-dwa-s1"])
     assert json.loads((tmp_path / "vanilla-dwa-s1" / "config.json").read_text())["epochs"] == 3
@@ -227,7 +229,7 @@ def test_run_state_bytes_is_five_float32_arrays_per_parameter():
 
 def test_memory_budget_splits_an_arch_into_joint_groups_with_the_joint_results(cache_file, tmp_path, monkeypatch):
     grid = dict(GRID, archs=("vanilla",), weightings=("uniform", "dwa", "rruw"), seeds=(0,))
-    joint = run_grid(cache_file, tmp_path / "joint", **grid, max_group_bytes=0)
+    joint = run_grid(grid_config(cache_file, **grid, max_group_bytes=0), tmp_path / "joint", progress=False)
 
     seen = []   # (runs of the call, the marker's names during it)
     real = ablate_mod.train_runs
@@ -240,38 +242,39 @@ def test_memory_budget_splits_an_arch_into_joint_groups_with_the_joint_results(c
     monkeypatch.setattr(ablate_mod, "train_runs", recording)
     per_run = run_state_bytes(HEAD, {"cnn": 16, "hidden_0": 24, "hidden_1": 24, "hidden_2": 24})
     out = tmp_path / "grouped"
-    grouped = run_grid(cache_file, out, **grid, max_group_bytes=2 * per_run + per_run // 2)   # room for 2
+    budget = 2 * per_run + per_run // 2   # room for 2
+    grouped = run_grid(grid_config(cache_file, **grid, max_group_bytes=budget), out, progress=False)
     names = ["vanilla-uniform-s0", "vanilla-dwa-s0", "vanilla-rruw-s0"]
     assert seen == [(names[:2], names[:2]), (names[2:], names[2:])]          # 2 + 1; the marker names the call
     assert not list(out.glob(".training-*.json"))
-    assert json.loads((out / "config.json").read_text())["max_group_bytes"] == 2 * per_run + per_run // 2
+    assert json.loads((out / "config.json").read_text())["max_group_bytes"] == budget
     for a, b in zip(joint, grouped):
         assert (a["arch"], a["weighting"], a["seed"]) == (b["arch"], b["weighting"], b["seed"])
         for key in (*METRIC_KEYS, "mean"):
             assert b[key] == pytest.approx(a[key], abs=1e-5), (a["weighting"], key)
 
-    run_grid(cache_file, out, **grid, max_group_bytes=2 * per_run + per_run // 2)
+    run_grid(grid_config(cache_file, **grid, max_group_bytes=budget), out, progress=False)
     assert len(seen) == 2                                                    # finished: nothing trained
 
     # killed inside the first group after it wrote one run folder: that whole group is retrained, not more
     (out / "vanilla-dwa-s0" / "metrics.json").unlink()
     (out / ".training-vanilla-uniform-s0.json").write_text(json.dumps(names[:2]))
-    run_grid(cache_file, out, **grid, max_group_bytes=2 * per_run + per_run // 2)
+    run_grid(grid_config(cache_file, **grid, max_group_bytes=budget), out, progress=False)
     assert seen[2:] == [(names[:2], names[:2])]
     assert not list(out.glob(".training-*.json"))
     # a marker whose runs all finished (killed after the call's last write) is stale: removed, nothing retrained
     (out / ".training-vanilla-uniform-s0.json").write_text(json.dumps(names[:2]))
-    run_grid(cache_file, out, **grid, max_group_bytes=2 * per_run + per_run // 2)
+    run_grid(grid_config(cache_file, **grid, max_group_bytes=budget), out, progress=False)
     assert len(seen) == 3 and not list(out.glob(".training-*.json"))
 
 
 def test_grid_rejects_bad_specs(cache_file, tmp_path):
     with pytest.raises(AblationError, match="unknown architecture 'mlp'; expected one of vanilla, chain, branch"):
-        run_grid(cache_file, tmp_path, archs=("mlp",), progress=False)
+        grid_config(cache_file, archs=("mlp",))
     with pytest.raises(AblationError, match="seeds listed twice: 0, 0"):
-        run_grid(cache_file, tmp_path, seeds=(0, 0), progress=False)
+        grid_config(cache_file, seeds=(0, 0))
     with pytest.raises(CacheError, match="no such file"):
-        run_grid(tmp_path / "missing.h5", tmp_path / "out", progress=False)
+        run_grid(grid_config(tmp_path / "missing.h5"), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 

@@ -1,6 +1,10 @@
 """The benchmark scripts run and print sane figures (no timing is asserted), and the hot paths they pushed to
 be fast (fused AdamW with per-run rates and clipping, the linear layers' in-place gradients, the dropout draws)
-still equal their plain references."""
+still equal their plain references.
+
+The scripts' quick run (`python -m tests.benchmarks.run_all --quick`, about 30 s) carries the `benchmark` marker:
+the plain `pytest` leaves it out, run it before a release with `pytest -m benchmark`. The hot-path checks below
+are quick and run every time."""
 from __future__ import annotations
 
 import math
@@ -42,6 +46,8 @@ def _figures(text: str) -> dict[str, tuple[str, float, str]]:
     return out
 
 
+@pytest.mark.benchmark
+@pytest.mark.slow
 def test_run_all_quick_prints_every_figure_as_a_sane_number(quick_output):
     figs = _figures(quick_output)
     expected = {

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
+from grids import grid_config
 from helpers import accelerate_command, make_signal_cache, subprocess_env
 from tiny_model import make_tiny_backbone
 
@@ -220,8 +221,8 @@ def test_read_only_commands_are_never_blocked(world, tmp_path, holders):
     from heads.training.grid import run_grid
 
     grid = tmp_path / "grid"
-    run_grid(world["cache"], grid, archs=("vanilla",), weightings=("uniform", "dwa"), epochs=1,
-             head=HeadConfig(hidden=8), progress=False)
+    run_grid(grid_config(world["cache"], archs=("vanilla",), weightings=("uniform", "dwa"), epochs=1,
+                         head=HeadConfig(hidden=8)), grid, progress=False)
     holders(grid)
     holders(world["cache"], is_file=True)
     assert invoke("cache", "info", world["cache"]).exit_code == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,24 @@ def demo(*args):
 
 
 @pytest.fixture(scope="module")
-def done(tmp_path_factory):
+def first_run(tmp_path_factory):
+    """One quick demo for the module, and a pristine copy of its folder."""
     out = tmp_path_factory.mktemp("demo") / "run"
     result = demo("--out", out)
     assert result.exit_code == 0, result.output + repr(result.exception)
-    return out, result.output
+    pristine = out.parent / "pristine"
+    shutil.copytree(out, pristine, symlinks=True)
+    return out, pristine, result.output
+
+
+@pytest.fixture
+def done(first_run):
+    """The finished demo at its own path exactly as the first run left it (restored from the pristine copy,
+    modification times included, before every test): no test sees what another one changed, in any order."""
+    out, pristine, text = first_run
+    shutil.rmtree(out)
+    shutil.copytree(pristine, out, symlinks=True)
+    return out, text
 
 
 def table_rows(text: str) -> list[str]:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from grids import grid_config
 from helpers import (
     DIMS,
     accelerate_command,
@@ -167,8 +168,8 @@ def test_grid_on_two_accelerate_processes_equals_one_process(cache_file, tmp_pat
             "--max-group-mib", "0", "--no-progress"]
     one = tmp_path / "one"
     torch_threads = torch.get_num_threads()
-    run_grid(cache_file, one, archs=("vanilla", "branch"), weightings=("uniform", "dwa", "rruw"), seeds=(0,),
-             epochs=2, head=HEAD, progress=False, max_group_bytes=0)
+    run_grid(grid_config(cache_file, archs=("vanilla", "branch"), weightings=("uniform", "dwa", "rruw"), seeds=(0,),
+                         epochs=2, head=HEAD, max_group_bytes=0), one, progress=False)
     assert torch.get_num_threads() == torch_threads
     two = tmp_path / "two"
     proc = _launch([*grid, "--out", str(two)], 2, tmp_path)

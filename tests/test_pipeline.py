@@ -1,9 +1,11 @@
 """Stage 1 end to end, as a user types it: synth -> 2-process fine-tuning -> 2-process dump -> ablation -> score.
 
-Every step is a real command in its own process (`accelerate launch --multi_gpu --num_processes 2` forms a gloo
-group on CPU), so this is the stage-1 issue's "Done when": the fine-tuned backbone directory feeds the dump, the
-dump's cache feeds `avb heads ablate`, and the Val predictions an ablation run writes score, through `avb score`,
-to exactly the numbers in its metrics.json.
+The two multi-process steps are real `accelerate launch --multi_gpu --num_processes 2` runs (a gloo group on
+CPU); the one-process `avb` commands (synth, heads ablate, score) run in-process through click's CliRunner with
+the very arguments a user types (the console entry point in a process of its own is exercised by
+test_interruption.py's `python -m extract.app.cli heads ablate`). This is the stage-1 issue's "Done when": the
+fine-tuned backbone directory feeds the dump, the dump's cache feeds `avb heads ablate`, and the Val predictions
+an ablation run writes score, through `avb score`, to exactly the numbers in its metrics.json.
 """
 from __future__ import annotations
 
@@ -39,18 +41,24 @@ def run(cmd: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
     return proc
 
 
+def avb_run(*args: str):
+    """`avb ARGS` in-process; asserts that it succeeded."""
+    res = CliRunner().invoke(avb, [str(a) for a in args])
+    assert res.exit_code == 0, f"avb {' '.join(map(str, args[:6]))} ...\n{res.output[-3000:]}\n{res.exception!r}"
+    return res
+
+
 def test_synth_finetune_dump_ablate_score(tmp_path):
     corpus, ft, cache, grid = tmp_path / "corpus", tmp_path / "ft", tmp_path / "feats.h5", tmp_path / "grid"
-    run([sys.executable, "-m", "extract.app.cli", "synth", str(corpus), "--clips", "36", "--max-seconds", "2",
-         "--seed", "21", "--quiet"])
+    avb_run("synth", corpus, "--clips", "36", "--max-seconds", "2", "--seed", "21", "--quiet")
     model = make_tiny_backbone(tmp_path / "pretrained")
     run(ACCELERATE_2 + ["-m", "extract.finetune", "--quiet", "--corpus", str(corpus), "--model", str(model),
                         "--out", str(ft), "--epochs", "2", "--batch-size", "2", "--eval-batch-size", "4",
                         "--lr-backbone", "1e-3"])
     run(ACCELERATE_2 + ["-m", "extract.dump", "--corpus", str(corpus), "--model", str(ft / "backbone"), "--out",
                         str(cache), "--batch-size", "4", "--quiet"])
-    proc = run([sys.executable, "-m", "extract.app.cli", "heads", "ablate", "--cache", str(cache), "--out", str(grid),
-                "--epochs", "2", "--hidden", "16", "--n-heads", "2", "--branch-blocks", "2", "--no-progress"])
+    ablate = avb_run("heads", "ablate", "--cache", cache, "--out", grid, "--epochs", "2", "--hidden", "16",
+                     "--n-heads", "2", "--branch-blocks", "2", "--no-progress")
 
     # Fine-tuning: 12 Train clips / (2 per process x 2 processes) = 3 steps per epoch, two epochs.
     metrics_ft = json.loads((ft / "metrics.json").read_text())
@@ -75,25 +83,22 @@ def test_synth_finetune_dump_ablate_score(tmp_path):
     assert sorted(p.name for p in grid.iterdir() if p.is_dir()) == sorted(runs)
     table = (grid / "results.md").read_text()
     body = [line for line in table.splitlines() if line.startswith("| *") and not line.startswith("| **")]
-    assert len(body) == 12 and table in proc.stdout
+    assert len(body) == 12 and table in ablate.stdout
     with open(grid / "results.csv", newline="") as fh:
         assert sorted(f"{r['arch']}-{r['weighting']}-s{r['seed']}" for r in csv.DictReader(fh)) == sorted(runs)
 
-    # `avb score` on a run's Val prediction files gives exactly its metrics.json (one run through the real
-    # console entry point, every run through the same click command in-process).
+    # `avb score` on a run's Val prediction files gives exactly its metrics.json (the default split is Val: one
+    # run also scored with an explicit --split Val gives the same numbers).
     def val_files(name: str) -> list[str]:
         files = sorted(str(p) for p in (grid / name / "predictions" / "val").glob("A-VB-*.csv"))
         assert len(files) == 4, name
         return files
 
-    scored = json.loads(run([sys.executable, "-m", "extract.app.cli", "score", "--corpus", str(corpus), "--split",
-                             "Val", "--json", *val_files("branch-druw-s0")]).stdout)
-    runner = CliRunner()
+    scored = json.loads(avb_run("score", "--corpus", corpus, "--split", "Val", "--json",
+                                *val_files("branch-druw-s0")).stdout)
     for name in runs:
         metrics = json.loads((grid / name / "metrics.json").read_text())
-        res = runner.invoke(avb, ["score", "--corpus", str(corpus), "--json", *val_files(name)])
-        assert res.exit_code == 0, res.output
-        got = json.loads(res.output)
+        got = json.loads(avb_run("score", "--corpus", corpus, "--json", *val_files(name)).stdout)
         if name == "branch-druw-s0":
             assert got == scored
         assert set(got) == set(METRIC_KEYS)

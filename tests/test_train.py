@@ -203,7 +203,7 @@ def test_saved_outputs_are_the_best_epoch_not_the_last(tmp_path):
 
 def test_outputs_cover_val_and_test_ids_and_config(cache, cache_file, tmp_path):
     cfg = _cfg("vanilla", "dwa", seed=0, epochs=2)
-    train_runs(cache, [cfg], [tmp_path], progress=False, cache_path=cache_file)
+    train_runs(cache, [cfg], [tmp_path], progress=False)
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["arch"], config["weighting"], config["seed"], config["epochs"]) == ("vanilla", "dwa", 0, 2)
     assert config["head"]["hidden"] == 32 and config["head"]["arch"] == "vanilla"

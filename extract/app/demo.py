@@ -169,11 +169,12 @@ def stage_dump(cfg: DemoConfig, p: DemoPaths, progress: bool, resume: bool) -> l
 
 def stage_ablation(cfg: DemoConfig, p: DemoPaths, progress: bool, resume: bool) -> list[Path]:
     from heads.model.architectures import HeadConfig  # noqa: PLC0415
-    from heads.training.grid import run_grid  # noqa: PLC0415
+    from heads.training.grid import GridConfig, run_grid  # noqa: PLC0415
+    from heads.training.joint import TrainConfig  # noqa: PLC0415
 
     head = HeadConfig(hidden=cfg.head_hidden, n_heads=cfg.head_n_heads)
-    run_grid(p.cache.resolve(), p.ablation.resolve(), seeds=(cfg.seed,), epochs=cfg.epochs, head=head,
-             progress=progress)
+    grid = GridConfig(cache=str(p.cache), seeds=(cfg.seed,), run=TrainConfig(epochs=cfg.epochs, head=head))
+    run_grid(grid, p.ablation.resolve(), progress=progress)
     return [p.ablation / RESULTS_MD]
 
 

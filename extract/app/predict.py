@@ -442,12 +442,13 @@ def predict_files(
     *,
     batch_size: int = 16,
     skip_bad: bool = False,
-    device: str | None = None,
+    device: Any = None,
     progress: bool = True,
 ) -> Predictions:
     """Load the heads and the backbone, check they belong together, and predict every audio file.
 
     `model_name` None: the fine-tuning output's own backbone (an error for heads trained on a cache).
+    `device`: a torch.device as the command line resolved it (None: auto, as `--device auto`).
     """
     import torch  # noqa: PLC0415
     from tqdm.auto import tqdm  # noqa: PLC0415
@@ -458,7 +459,7 @@ def predict_files(
 
     if batch_size < 1:
         raise PredictError(f"--batch-size must be >= 1, got {batch_size}")
-    device = resolve_device(device)   # a machine without the device fails before anything loads
+    device = resolve_device("auto") if device is None else device
     files = find_audio(audio)
     heads = load_heads(heads_dir)
     if model_name is None:
@@ -546,9 +547,12 @@ def predict_command(audio: tuple[Path, ...], model: str | None, heads_dir: Path,
     from extract.backbone import hf_progress_bars  # noqa: PLC0415  (imports torch: only when the command runs)
 
     with command_errors():  # PredictError, AudioError, BackboneLoadError, HeadConfigError, write errors, signals
+        from heads.training.device import resolve_device  # noqa: PLC0415
+
+        run_device = resolve_device(device)   # the one resolution; a missing device fails before anything loads
         with hf_progress_bars(progress):
             preds = predict_files(model, heads_dir, audio, batch_size=batch_size, skip_bad=skip_bad,
-                                  device=device, progress=progress)
+                                  device=run_device, progress=progress)
         write_predictions(out, preds)
     extra = f", skipped {len(preds.skipped)} unreadable" if preds.skipped else ""
     click.echo(f"wrote {out} ({len(preds.paths)} file{'s' if len(preds.paths) != 1 else ''}{extra})")

@@ -155,10 +155,6 @@ class MultiTaskHead(nn.Module):
         self.required_layers: list[str] = []
         self.required_frame_layers: list[str] = []
 
-    def _finish(self) -> None:
-        """Called by subclasses once built: dropout masks follow the runs' own generators."""
-        self.set_run_generators(make_generators(self.seeds, DROPOUT_SEED_OFFSET))
-
     # ------------------------------------------------------------------ per-run utilities
     def set_run_generators(self, gens: Sequence[torch.Generator], draw_ahead: bool = False) -> None:
         """Give run r's dropout masks to generator r (all dropout modules share the list); `draw_ahead` lets
@@ -302,7 +298,6 @@ class VanillaHead(MultiTaskHead):
         self.order = self._order()
         self.nets = TaskNetworks(self.n_runs, self.order, self.featurizer.dim, cfg.hidden, cfg.dropout, gens,
                                  chained=cfg.arch == "chain")
-        self._finish()
 
     def _order(self) -> tuple[str, ...]:
         return TASK_NAMES
@@ -404,7 +399,6 @@ class BranchHead(MultiTaskHead):
                                     for _ in self.groups)
         self.outs = nn.ModuleDict({task.upper(): StackedLinear(r, cfg.hidden, TASKS[task].out_dim, gens)
                                    for task in TASK_NAMES})
-        self._finish()
 
     def _heads_out(self, summary: Tensor) -> dict[str, Tensor]:
         """summary [R, T, B, H] -> task -> raw output [R, B, out]."""
@@ -449,7 +443,18 @@ class BranchHead(MultiTaskHead):
 ARCHITECTURES: dict[str, type[MultiTaskHead]] = {"vanilla": VanillaHead, "chain": ChainHead, "branch": BranchHead}
 
 
-def build_head(cfg: HeadConfig, layer_dims: dict[str, int], seeds: Sequence[int]) -> MultiTaskHead:
-    """The head of architecture `cfg.arch` for `len(seeds)` stacked runs."""
+def build_head(cfg: HeadConfig, layer_dims: dict[str, int], seeds: Sequence[int], *,
+               device: torch.device | str = "cpu", dropout_generators: Sequence[torch.Generator] | None = None,
+               draw_ahead: bool = False) -> MultiTaskHead:
+    """The head of architecture `cfg.arch` for `len(seeds)` stacked runs, on `device`.
+
+    Initial values are drawn on the CPU from each run's seed (the same head on every device); run r's dropout
+    masks come from `dropout_generators[r]`, by default one generator per run seeded from its seed and made
+    once, on `device` (a GPU's stream differs from the CPU's). `draw_ahead`: see StackedDropout.
+    """
     cfg.validate()
-    return ARCHITECTURES[cfg.arch](cfg, layer_dims, seeds)
+    head = ARCHITECTURES[cfg.arch](cfg, layer_dims, seeds).to(device)
+    if dropout_generators is None:
+        dropout_generators = make_generators(head.seeds, DROPOUT_SEED_OFFSET, device)
+    head.set_run_generators(dropout_generators, draw_ahead)
+    return head

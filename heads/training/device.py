@@ -20,10 +20,9 @@ class DeviceError(AvbError):
     """A device or precision this machine or build cannot give."""
 
 
-def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """The torch.device for a user's `--device` value, checked against what this machine has."""
-    if isinstance(name, torch.device):
-        name = str(name)
+def resolve_device(name: str | None = "auto") -> torch.device:
+    """The torch.device for a user's `--device` value, checked against what this machine has. Called once, by
+    the command that reads the option; everything below it takes the torch.device."""
     text = (name or "auto").strip().lower()
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

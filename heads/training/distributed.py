@@ -44,12 +44,12 @@ class GridProcesses:
         if self._state is not None:
             self._state.wait_for_everyone()
 
-    def device(self, requested: str | None) -> str:
-        """The device for this rank: `auto`/`cuda` map to this rank's own GPU; anything else is taken as given."""
-        text = (requested or "auto").strip().lower()
-        if self.world > 1 and text in ("auto", "cuda") and torch.cuda.is_available():
-            return f"cuda:{self.local_rank % torch.cuda.device_count()}"
-        return text
+    def device(self, requested: torch.device) -> torch.device:
+        """The device for this rank: CUDA without an index (what `auto` and `cuda` resolve to) is this rank's own
+        GPU; anything else is taken as given."""
+        if self.world > 1 and requested.type == "cuda" and requested.index is None:
+            return torch.device("cuda", self.local_rank % torch.cuda.device_count())
+        return requested
 
 
 def grid_processes() -> GridProcesses:

@@ -21,18 +21,18 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from cache.command_kit.atomic import write_json_atomic
 from cache.command_kit.errors import AvbError
 from cache.command_kit.jsonable import jsonable
 from cache.command_kit.lock import hold_output
-from heads.analysis.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, BootstrapConfig
+from heads.analysis.bootstrap import BootstrapConfig
 from heads.analysis.tables import write_tables
 from heads.model.architectures import HeadConfig, build_head
 from heads.names import (
     ARCHS,
-    DEFAULT_EPOCHS,
     DEFAULT_MAX_GROUP_BYTES,
     WEIGHTINGS,
 )
@@ -48,6 +48,8 @@ from heads.training.joint import (
     train_runs,
 )
 
+# TrainConfig fields that the grid sets per run (the rest of its `run` template is shared by every run).
+PER_RUN_FIELDS: tuple[str, ...] = ("arch", "weighting", "seed", "weighting_options")
 # Beside the run folders while a joint `train_runs` call runs: the names of its runs (one file per call, named
 # after its first run, so the calls of several processes never share one).
 GROUP_MARKER = ".training-{first}.json"
@@ -61,11 +63,9 @@ STATE_ARRAYS = 5
 GPU_GROUP_FRACTION = 0.25
 
 
-def default_group_bytes(device: Any) -> int:
+def default_group_bytes(device: torch.device) -> int:
     """The joint-call budget when none is given: DEFAULT_MAX_GROUP_BYTES of host RAM, or a quarter of a GPU."""
-    import torch  # noqa: PLC0415
-
-    if getattr(device, "type", None) == "cuda":
+    if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory * GPU_GROUP_FRACTION)
     return DEFAULT_MAX_GROUP_BYTES
 
@@ -76,33 +76,45 @@ class AblationError(AvbError):
 
 @dataclass
 class GridConfig:
-    """The grid and the settings every run in it shares (defaults = the paper's)."""
+    """The grid: which runs (architectures x loss weightings x seeds) and the settings they share.
+
+    `run` is every run's TrainConfig (defaults = the paper's settings); its arch, weighting, seed and weighting
+    options are set per run. Built once by the command line (or a caller) and passed whole.
+    """
 
     cache: str = ""
     archs: tuple[str, ...] = ARCHS
     weightings: tuple[str, ...] = WEIGHTINGS
     seeds: tuple[int, ...] = (0,)
-    epochs: int = DEFAULT_EPOCHS
-    batch_size: int = 8
-    lr: float = 1e-3
-    head: HeadConfig = field(default_factory=HeadConfig)   # template; `arch` is set per run
-    weighting_options: dict = field(default_factory=dict)  # weighting name -> its options
-    max_group_bytes: int = DEFAULT_MAX_GROUP_BYTES          # training-state budget of one joint call; 0: no limit
-    precision: str = "fp32"                                 # "bf16": the heads' matmuls under bf16 autocast
+    run: TrainConfig = field(default_factory=TrainConfig)
+    weighting_options: dict[str, dict] = field(default_factory=dict)   # weighting name -> its options
+    max_group_bytes: int | None = None   # training-state budget of one joint call; None: the device's; 0: no limit
+
+    def __post_init__(self) -> None:
+        self.cache = str(Path(self.cache).resolve()) if self.cache else ""
+        self.archs = _unique("architecture", [str(a).lower() for a in self.archs], ARCHS)
+        self.weightings = _unique("weighting", [str(w).lower() for w in self.weightings], WEIGHTINGS)
+        self.seeds = _unique("seed", [int(s) for s in self.seeds])
+        self.weighting_options = {k.lower(): dict(v) for k, v in self.weighting_options.items()}
+        unknown = sorted(set(self.weighting_options) - set(WEIGHTINGS))
+        if unknown:
+            raise AblationError(f"options given for unknown weighting(s) {', '.join(unknown)}")
+        if self.max_group_bytes is not None and self.max_group_bytes < 0:
+            raise AblationError(f"max_group_bytes must be >= 0 (0: no limit), got {self.max_group_bytes}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON types; the head template's `arch` is left out (each run sets its own)."""
+        """JSON types; the per-run fields of the `run` template are left out (each run sets its own)."""
         data = jsonable(asdict(self))
-        data["head"].pop("arch", None)
+        for key in PER_RUN_FIELDS:
+            data["run"].pop(key, None)
+        data["run"]["head"].pop("arch", None)
         return data
 
     def run_configs(self, arch: str) -> list[TrainConfig]:
-        return [
-            TrainConfig(arch=arch, weighting=w, seed=s, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                        head=replace(self.head, arch=arch), weighting_options=dict(self.weighting_options.get(w, {})),
-                        precision=self.precision)
-            for w in self.weightings for s in self.seeds
-        ]
+        """The runs of one architecture, in grid order (weighting-major, then seed)."""
+        return [replace(self.run, arch=arch, weighting=w, seed=s, head=replace(self.run.head, arch=arch),
+                        weighting_options=dict(self.weighting_options.get(w, {})))
+                for w in self.weightings for s in self.seeds]
 
 
 def _unique(kind: str, values: Sequence[Any], valid: Sequence[Any] | None = None) -> tuple[Any, ...]:
@@ -195,72 +207,43 @@ def _row(cfg: TrainConfig, metrics: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def run_grid(
-    cache_path: str | Path,
-    out_dir: str | Path,
-    archs: Sequence[str] = ARCHS,
-    weightings: Sequence[str] = WEIGHTINGS,
-    seeds: Sequence[int] = (0,),
-    epochs: int = DEFAULT_EPOCHS,
-    batch_size: int = 8,
-    lr: float = 1e-3,
-    head: HeadConfig | None = None,
-    weighting_options: dict[str, dict] | None = None,
-    progress: bool = True,
-    max_group_bytes: int | None = None,
-    device: str | None = "auto",
-    precision: str = "fp32",
-    ci: float = DEFAULT_LEVEL,
-    n_boot: int = DEFAULT_N_BOOT,
-    tracker: Any = None,
-) -> list[dict]:
-    """Train (or reuse) every arch x weighting x seed run under `out_dir` and write the result tables.
+def run_grid(grid: GridConfig, out_dir: str | Path, *, device: torch.device | None = None,
+             bootstrap: BootstrapConfig | None = BootstrapConfig(), progress: bool = True,
+             tracker: Any = None) -> list[dict]:
+    """Train (or reuse) every run of `grid` under `out_dir` and write the result tables.
 
     The runs of one architecture train jointly in groups whose training state (`run_state_bytes` per run)
-    fits `max_group_bytes` (0: one group per architecture; None: `default_group_bytes` of the device).
-    Returns one row per run (`heads.analysis.tables.RESULT_FIELDS`), in grid order. Writes `config.json` (the resolved grid), `results.csv`, `results.json` and `results.md` (Table I
-    layout) into `out_dir`. Under `accelerate launch --num_processes N` every process trains its share of the
-    joint groups (`heads.training.distributed`); rank 0 writes the tables once all have finished, the others return [].
-    With `ci` (a level in (0, 1); 0: none) the tables carry `n_boot`-resample bootstrap intervals and paired
-    comparisons (`heads.analysis.comparison`). `tracker` is handed to `train_runs` (per-epoch experiment tracking).
+    fits `grid.max_group_bytes` (0: one group per architecture; None: `default_group_bytes` of the device).
+    `device` is where the runs train, as resolved by the caller (`resolve_device`; None: auto). Returns one row
+    per run (`heads.analysis.tables.RESULT_FIELDS`), in grid order, and writes `config.json` (the resolved
+    grid) and the tables (`heads.analysis.tables.write_tables`) into `out_dir`; with `bootstrap` they carry
+    intervals and paired comparisons. Under `accelerate launch --num_processes N` every process trains its
+    share of the joint groups on its own device (`heads.training.distributed`); rank 0 writes the tables once
+    all have finished, the others return []. `tracker` is handed to `train_runs`.
     """
     from cache.reader import load_cache  # noqa: PLC0415 - h5py only when a grid actually runs
 
-    grid = GridConfig(
-        cache=str(Path(cache_path).resolve()),
-        archs=_unique("architecture", [a.lower() for a in archs], ARCHS),
-        weightings=_unique("weighting", [w.lower() for w in weightings], WEIGHTINGS),
-        seeds=_unique("seed", [int(s) for s in seeds]),
-        epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
-        head=head if head is not None else HeadConfig(),
-        weighting_options={k.lower(): dict(v) for k, v in (weighting_options or {}).items()},
-        max_group_bytes=-1 if max_group_bytes is None else int(max_group_bytes), precision=precision,
-    )
-    if max_group_bytes is not None and grid.max_group_bytes < 0:
-        raise AblationError(f"max_group_bytes must be >= 0 (0: no limit), got {grid.max_group_bytes}")
-    unknown = sorted(set(grid.weighting_options) - set(WEIGHTINGS))
-    if unknown:
-        raise AblationError(f"options given for unknown weighting(s) {', '.join(unknown)}")
+    if not grid.cache:
+        raise AblationError("the grid names no cache")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise AblationError(f"{out}: exists and is not a directory")
     procs = grid_processes()
-    train_device = resolve_device(procs.device(device))
-    if max_group_bytes is None:
-        grid.max_group_bytes = default_group_bytes(train_device)
-    # One grid per folder: a second command on it stops at once (cache.command_kit.lock); the processes of one launch share
-    # the lock of rank 0, which leaves last (it writes the tables after every rank has finished).
+    train_device = procs.device(resolve_device("auto") if device is None else device)
+    if grid.max_group_bytes is None:
+        grid = replace(grid, max_group_bytes=default_group_bytes(train_device))
+    # One grid per folder: a second command on it stops at once (cache.command_kit.lock); the processes of one
+    # launch share the lock of rank 0, which leaves last (it writes the tables after every rank has finished).
     with hold_output(out, ranks=procs):
-        cache = load_cache(cache_path)
-        rows = _run_locked(grid, cache, Path(cache_path), out, procs, train_device, progress, tracker)
+        cache = load_cache(grid.cache)
+        rows = _run_locked(grid, cache, out, procs, train_device, progress, tracker)
         if procs.is_main:
             run_dirs = [out / run_name(r["arch"], r["weighting"], r["seed"]) for r in rows]
-            write_tables(out, rows, run_dirs, grid.to_dict(), cache,
-                         BootstrapConfig(level=ci, n_boot=n_boot) if ci else None)
+            write_tables(out, rows, run_dirs, grid.to_dict(), cache, bootstrap)
     return rows if procs.is_main else []
 
 
-def _run_locked(grid: GridConfig, cache: Any, cache_path: Path, out: Path, procs: Any, device: Any, progress: bool,
+def _run_locked(grid: GridConfig, cache: Any, out: Path, procs: Any, device: torch.device, progress: bool,
                 tracker: Any) -> list[dict]:
     """Every process trains its joint groups; rank 0 returns the rows of all runs once all have finished."""
     from cache.reader import FrameReader  # noqa: PLC0415 - h5py only when a grid actually runs
@@ -268,12 +251,12 @@ def _run_locked(grid: GridConfig, cache: Any, cache_path: Path, out: Path, procs
     if procs.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / CONFIG_FILE, grid.to_dict())
-    frames = FrameReader(cache_path) if grid.head.branch_use_frames and "branch" in grid.archs else None
+    frames = FrameReader(cache.path) if grid.run.head.branch_use_frames and "branch" in grid.archs else None
     try:
-        groups = _plan_groups(grid, cache, cache_path, out)
+        groups = _plan_groups(grid, cache, out)
         procs.barrier()   # every rank has read which runs are finished before any rank writes
         mine = assign_groups([g.cost for g in groups], procs.world)[procs.rank]
-        _train_groups([groups[i] for i in mine], cache, cache_path, out, frames, device,
+        _train_groups([groups[i] for i in mine], cache, out, frames, device,
                       progress and procs.is_main, procs.provenance(), tracker)
         procs.barrier()
     finally:
@@ -295,7 +278,7 @@ class JointGroup:
     cost: float      # parameters x runs: what a step moves through memory, the split's weight across ranks
 
 
-def _plan_groups(grid: GridConfig, cache: Any, cache_path: Path, out: Path) -> list[JointGroup]:
+def _plan_groups(grid: GridConfig, cache: Any, out: Path) -> list[JointGroup]:
     """The joint groups that still have work, in grid order.
 
     Groups are cut from the grid's whole run list (not from the unfinished runs), so the same grid always gives
@@ -306,7 +289,7 @@ def _plan_groups(grid: GridConfig, cache: Any, cache_path: Path, out: Path) -> l
     for arch in grid.archs:
         configs = grid.run_configs(arch)
         dirs = [out / cfg.name for cfg in configs]
-        records = [run_config_record(cfg, cache, cache_path) for cfg in configs]
+        records = [run_config_record(cfg, cache) for cfg in configs]
         todo = {i for i, (d, rec) in enumerate(zip(dirs, records)) if not _is_finished(d, rec)}
         index = {cfg.name: i for i, cfg in enumerate(configs)}
         finished = {cfg.name for i, cfg in enumerate(configs) if i not in todo}
@@ -321,17 +304,16 @@ def _plan_groups(grid: GridConfig, cache: Any, cache_path: Path, out: Path) -> l
     return planned
 
 
-def _train_groups(groups: Sequence[JointGroup], cache: Any, cache_path: Path, out: Path, frames: Any,
-                  device: Any, progress: bool, provenance: dict, tracker: Any = None) -> None:
+def _train_groups(groups: Sequence[JointGroup], cache: Any, out: Path, frames: Any, device: torch.device,
+                  progress: bool, provenance: dict, tracker: Any = None) -> None:
     """One joint `train_runs` call per group, each announced by its marker while it runs."""
     bar = tqdm(total=sum(len(g.configs) for g in groups), desc="ablation", unit="run", disable=not progress)
     for group in groups:
         bar.set_postfix(arch=group.arch, training=len(group.configs))
         marker = out / GROUP_MARKER.format(first=group.configs[0].name)
         write_json_atomic(marker, [cfg.name for cfg in group.configs])
-        train_runs(cache, group.configs, group.dirs, progress=progress,
-                   frames=frames if group.arch == "branch" else None, cache_path=cache_path, device=device,
-                   provenance=provenance, tracker=tracker)
+        train_runs(cache, group.configs, group.dirs, device=device, progress=progress,
+                   frames=frames if group.arch == "branch" else None, provenance=provenance, tracker=tracker)
         marker.unlink(missing_ok=True)
         bar.update(len(group.configs))
     bar.close()

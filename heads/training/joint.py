@@ -38,12 +38,10 @@ from cache.command_kit.jsonable import jsonable
 from cache.reader import compat_attrs
 from heads.metrics import score_all
 from heads.model.architectures import (
-    DROPOUT_SEED_OFFSET,
     HeadConfig,
     MultiTaskHead,
     build_head,
 )
-from heads.model.layers import make_generators
 from heads.model.losses import task_losses
 from heads.model.optim import PlateauHalving, StackedAdamW
 from heads.model.weighting import WeightingError, build_weighting
@@ -63,7 +61,6 @@ from heads.training.device import (
     autocast,
     check_precision,
     describe,
-    resolve_device,
 )
 from heads.training.inputs import (
     Features,
@@ -204,17 +201,15 @@ def _score_runs(labels: dict[str, np.ndarray], preds: dict[str, np.ndarray], n_r
 
 # ---------------------------------------------------------------------------------------------- output
 
-def run_config_record(cfg: TrainConfig, cache: CacheData, cache_path: str | Path | None) -> dict[str, Any]:
+def run_config_record(cfg: TrainConfig, cache: CacheData) -> dict[str, Any]:
     """What config.json holds: the TrainConfig's fields at top level (so readers find `arch`, `weighting`,
-    `seed` directly), the cache path and the cache facts that decide whether features are interchangeable.
+    `seed` directly), the cache's path and the cache facts that decide whether features are interchangeable.
     An ablation compares it to decide whether a finished run can be reused."""
-    attrs = getattr(cache, "attrs", {}) or {}
-    path = cache_path if cache_path is not None else getattr(cache, "path", None)
     return {
         "run_format": RUN_FORMAT,
         **cfg.to_dict(),
-        "cache": str(Path(path).resolve()) if path is not None else None,
-        "cache_attrs": jsonable(compat_attrs(attrs)),
+        "cache": str(Path(cache.path).resolve()),
+        "cache_attrs": jsonable(compat_attrs(cache.attrs or {})),
     }
 
 
@@ -269,10 +264,10 @@ class JointTraining:
     of steps (`train_epoch`), validation and best-epoch selection (`validate`), the run folders (`finish`)."""
 
     def __init__(self, cache: CacheData, configs: list[TrainConfig], out_dirs: list[Path], *, frames: Any,
-                 cache_path: str | Path | None, device: torch.device, provenance: dict | None = None) -> None:
+                 device: torch.device, provenance: dict | None = None) -> None:
         _check_configs(configs, out_dirs)
         self.provenance = dict(provenance or {})
-        self.cache, self.configs, self.out_dirs, self.cache_path = cache, configs, out_dirs, cache_path
+        self.cache, self.configs, self.out_dirs = cache, configs, out_dirs
         self.device, self.first = device, configs[0]
         self.n_runs, self.names, self.seeds = len(configs), [c.name for c in configs], [c.seed for c in configs]
         self.train_rows, self.val_rows, self.test_rows = (
@@ -282,13 +277,11 @@ class JointTraining:
         if len(self.val_rows) == 0:
             raise TrainingError("cache has no Val clips; model selection needs the Val split")
 
-        model = build_head(self.first.head, dict(cache.layer_dims), self.seeds)
-        check_features(cache, model.required_layers,
-                        np.concatenate([self.train_rows, self.val_rows, self.test_rows]))
-        self.model = model.to(device)
-        self.model.set_run_generators(make_dropout_generators(self.seeds, device), draw_ahead=True)
+        self.model = build_head(self.first.head, dict(cache.layer_dims), self.seeds, device=device, draw_ahead=True)
+        check_features(cache, self.model.required_layers,
+                       np.concatenate([self.train_rows, self.val_rows, self.test_rows]))
         self.model.use_grad_buffers()
-        self.feats = Features(cache, model.required_layers, frames, model.required_frame_layers, self.n_runs,
+        self.feats = Features(cache, self.model.required_layers, frames, self.model.required_frame_layers, self.n_runs,
                                device)
         self.labels = Labels(cache, device)
         self.val_labels = {name: np.asarray(cache.labels[name], dtype=np.float64)[self.val_rows]
@@ -316,7 +309,7 @@ class JointTraining:
         """config.json of every run; a rerun into the same folder must never leave an old metrics.json behind."""
         for cfg, out in zip(self.configs, self.out_dirs):
             (out / METRICS_FILE).unlink(missing_ok=True)
-            write_json_atomic(out / CONFIG_FILE, run_config_record(cfg, self.cache, self.cache_path))
+            write_json_atomic(out / CONFIG_FILE, run_config_record(cfg, self.cache))
 
     def _step(self, rows: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimiser step of every run on its batch rows [R, B]: (task losses [R, K], weighted totals [R])."""
@@ -407,36 +400,28 @@ class JointTraining:
         return results
 
 
-def make_dropout_generators(seeds: Sequence[int], device: torch.device) -> list[torch.Generator]:
-    """Each run's dropout stream on the training device (CPU and CUDA streams differ for the same seed)."""
-    return make_generators(seeds, DROPOUT_SEED_OFFSET, device)
-
-
 def train_runs(
     cache: CacheData,
     configs: list[TrainConfig],
     out_dirs: list[Path],
     *,
+    device: torch.device = torch.device("cpu"),
     progress: bool = True,
     frames: Any = None,
-    cache_path: str | Path | None = None,
-    device: str | torch.device | None = "cpu",
     provenance: dict | None = None,
     tracker: Callable[[str, int, dict], None] | None = None,
 ) -> list[dict]:
     """Train `configs` jointly on `cache` and write one run folder each; returns each run's metrics dict.
 
     All configs must share the fields in SHARED_FIELDS (they define the stacked module and the batches);
-    weighting, seed and lr may differ. `frames` is a frame reader (`cache.reader.FrameReader`) for a BRANCH
-    head that attends over frames. `cache_path` is recorded in config.json (default: `cache.path`).
-    `device` is where training runs ("auto", "cpu", "cuda", "cuda:N", "mps" or a torch.device);
-    metrics.json records it under "trained_on", with `provenance` (e.g. the grid process that trained it).
-    `tracker` (e.g. `heads.training.tracking.HeadsTracker`) is called once per run and epoch with (run name, epoch,
-    that epoch's history entry).
+    weighting, seed and lr may differ. `device` is where training runs, as the command line resolved it
+    (`heads.training.device.resolve_device`); metrics.json records it under "trained_on", with `provenance`
+    (e.g. the grid process that trained it). `frames` is a frame reader (`cache.reader.FrameReader`) for a
+    BRANCH head that attends over frames. `tracker` (e.g. `heads.training.tracking.HeadsTracker`) is called
+    once per run and epoch with (run name, epoch, that epoch's history entry).
     """
     out_dirs = [Path(d) for d in out_dirs]
-    job = JointTraining(cache, configs, out_dirs, frames=frames, cache_path=cache_path,
-                        device=resolve_device(device), provenance=provenance)
+    job = JointTraining(cache, configs, out_dirs, frames=frames, device=torch.device(device), provenance=provenance)
     job.write_configs()
     bar = tqdm(range(1, job.first.epochs + 1), desc=f"{job.first.arch} x{job.n_runs}", unit="epoch",
                disable=not progress, leave=False)

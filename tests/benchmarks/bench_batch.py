@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> Figures:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     from heads.model.architectures import HeadConfig
-    from heads.training.grid import run_grid
+    from heads.training.device import resolve_device
+    from heads.training.grid import GridConfig, run_grid
+    from heads.training.joint import TrainConfig
 
     fig = Figures("batch")
     threads = set_threads(args.threads)
@@ -67,9 +69,9 @@ def main(argv: list[str] | None = None) -> Figures:
             for batch in BATCHES:
                 lr = scaled_lr(batch)
                 t = time.perf_counter()
-                runs = run_grid(cache, tmp / f"{arch}-b{batch}", archs=(arch,), weightings=WEIGHTINGS,
-                                seeds=(0, 1, 2), epochs=epochs, batch_size=batch, lr=lr, head=head, progress=False,
-                                device=args.device)
+                grid = GridConfig(cache=str(cache), archs=(arch,), weightings=WEIGHTINGS, seeds=(0, 1, 2),
+                                  run=TrainConfig(epochs=epochs, batch_size=batch, lr=lr, head=head))
+                runs = run_grid(grid, tmp / f"{arch}-b{batch}", device=resolve_device(args.device), progress=False)
                 wall = time.perf_counter() - t
                 means = np.array([r["mean"] for r in runs])
                 rows.append((arch, batch, lr, wall, means.mean(), means.std(ddof=1), means.max()))

@@ -201,8 +201,7 @@ def measure_arch(cache: Any, cache_path: Path, out: Path, arch: str, head: Any, 
         train_mod.epoch_batches, train_mod._predict = timed_batches, timed_predict
         try:
             t0 = time.perf_counter()
-            train_runs(view, members, [out / arch / c.name for c in members], progress=False, frames=frames,
-                       cache_path=cache_path)
+            train_runs(view, members, [out / arch / c.name for c in members], progress=False, frames=frames)
             t_end = time.perf_counter()
         finally:
             train_mod.epoch_batches, train_mod._predict = real_batches, real_predict
