@@ -1,6 +1,6 @@
 """The benchmark scripts run and print sane figures (no timing is asserted), and the hot paths they pushed to
-be fast (fused AdamW with per-run rates and clipping, the linear layers' in-place gradients, the dropout draws)
-still equal their plain references.
+be fast (the linear layers' in-place gradients, the dropout draws) still equal their plain references
+(the optimiser's: tests/test_optim.py).
 
 The scripts' quick run (`python -m tests.benchmarks.run_all --quick`, about 30 s) carries the `benchmark` marker:
 the plain `pytest` leaves it out, run it before a release with `pytest -m benchmark`. The hot-path checks below
@@ -23,7 +23,6 @@ from heads.model.layers import (
     grad_sq_norms,
     make_generators,
 )
-from heads.model.optim import StackedAdamW
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -82,48 +81,6 @@ def test_run_all_quick_prints_every_figure_as_a_sane_number(quick_output):
 
 
 # ------------------------------------------------------------------ optimised hot paths == plain references
-
-def _loss(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return (torch.sin(w * x) + 0.5 * (w * x) ** 2).sum()
-
-
-@pytest.mark.parametrize("sync_free, fused", [(False, True), (True, True), (True, False)],
-                         ids=["cpu-path", "cuda-path", "mps-path"])
-def test_fused_stacked_adamw_with_mixed_rates_and_clipping_equals_torch_per_run(sync_free, fused):
-    """Rates equal in runs 0 and 2 but not 1 (non-contiguous groups), a plateau-style rate change midway, and
-    clipping that hits some runs and not others: every run still follows clip_grad_norm_ + torch AdamW, on the
-    CPU's path (clipping folded into the kernel), on the one CUDA takes (no host read) and on the op-by-op update
-    of devices without the fused kernel, all run here on the CPU."""
-    g = torch.Generator().manual_seed(5)
-    n_runs = 4
-    lrs = [1e-2, 3e-2, 1e-2, 5e-3]
-    scale = [1.0, 300.0, 1.0, 50.0]
-    w0, b0 = torch.randn(n_runs, 6, 3, generator=g), torch.randn(n_runs, 3, generator=g)
-    w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
-    opt = StackedAdamW([w, b], n_runs=n_runs, lr=lrs, weight_decay=0.01, max_grad_norm=2.0, sync_free=sync_free,
-                       fused=fused)
-    refs = []
-    for r in range(n_runs):
-        pw, pb = w0[r].clone().requires_grad_(), b0[r].clone().requires_grad_()
-        refs.append((pw, pb, torch.optim.AdamW([pw, pb], lr=lrs[r], weight_decay=0.01)))
-    for step in range(10):
-        if step == 5:                     # a schedule halves run 2's rate: runs 0 and 2 part ways
-            opt.lr[2] *= 0.5
-            refs[2][2].param_groups[0]["lr"] *= 0.5
-        x = torch.randn(6, 3, generator=g)
-        sum(scale[r] * (_loss(w[r], x) + _loss(b[r], x[0])) for r in range(n_runs)).backward()
-        opt.step()
-        opt.zero_grad()
-        for r, (pw, pb, ref) in enumerate(refs):
-            ref.zero_grad()
-            (scale[r] * (_loss(pw, x) + _loss(pb, x[0]))).backward()
-            torch.nn.utils.clip_grad_norm_([pw, pb], 2.0)
-            ref.step()
-    assert bool((opt.last_grad_norms[[1, 3]] > 2.0).all())   # clipping was active for the scaled runs
-    for r, (pw, pb, _) in enumerate(refs):
-        torch.testing.assert_close(w[r], pw, rtol=0, atol=2e-6)
-        torch.testing.assert_close(b[r], pb, rtol=0, atol=2e-6)
-
 
 def test_stacked_linear_writes_its_weight_gradient_in_place_and_equals_autograd():
     """The in-place weight gradient, its recorded per-run norm, a second use in one step (accumulation), the

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from cache.reader import load_cache
 from heads.metrics import score_all
 from heads.model.architectures import HeadConfig, HeadInputs, build_head
-from heads.model.optim import PlateauHalving, StackedAdamW
 from heads.submission import read_submission, read_type_probs
 from heads.tasks import METRIC_KEYS, TASK_NAMES
 from heads.training import inputs
@@ -49,94 +48,6 @@ def _rescore_val(run_dir: Path, cache) -> dict[str, float]:
         preds[task.name] = values
         labels[task.name] = cache.labels[task.name][idx]
     return score_all(labels, preds)
-
-
-# ------------------------------------------------------------------------------------------- optimiser
-
-def _loss(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return (torch.sin(w * x) + 0.5 * (w * x) ** 2).sum()
-
-
-def test_stacked_adamw_equals_torch_adamw_for_one_run():
-    g = torch.Generator().manual_seed(0)
-    w0, b0 = torch.randn(1, 6, 4, generator=g), torch.randn(1, 4, generator=g)
-    ours = [w0.clone().requires_grad_(), b0.clone().requires_grad_()]
-    ref = [w0[0].clone().requires_grad_(), b0[0].clone().requires_grad_()]
-    opt = StackedAdamW(ours, n_runs=1, lr=3e-2, weight_decay=0.01, max_grad_norm=None)
-    ref_opt = torch.optim.AdamW(ref, lr=3e-2, weight_decay=0.01)
-    for _ in range(12):
-        x = torch.randn(6, 4, generator=g)
-        opt.zero_grad()
-        ref_opt.zero_grad()
-        (_loss(ours[0][0], x) + _loss(ours[1][0], x[0])).backward()
-        (_loss(ref[0], x) + _loss(ref[1], x[0])).backward()
-        opt.step()
-        ref_opt.step()
-    assert torch.allclose(ours[0][0], ref[0], atol=1e-6, rtol=0)
-    assert torch.allclose(ours[1][0], ref[1], atol=1e-6, rtol=0)
-    assert not torch.allclose(ours[0][0], w0[0], atol=1e-3)  # it did move
-
-
-def test_stacked_adamw_runs_are_independent_with_their_own_lr_and_clipping():
-    """Each slice follows torch AdamW + clip_grad_norm_ at its own lr; a huge gradient in run 1 changes nothing
-    for runs 0 and 2. A group covering only runs [1, 2] (a weighting module) uses those runs' rates."""
-    g = torch.Generator().manual_seed(1)
-    lrs = [1e-2, 5e-2, 2e-3]
-    scale = [1.0, 1e4, 1.0]                       # run 1's gradients are enormous: clipping must be per run
-    w0, a0 = torch.randn(3, 5, generator=g), torch.randn(2, 4, generator=g)
-    w = w0.clone().requires_grad_()
-    a = a0.clone().requires_grad_()               # leading dim 2 = runs 1 and 2
-    opt = StackedAdamW([{"params": [w]}, {"params": [a], "runs": [1, 2], "weight_decay": 0.0}],
-                       n_runs=3, lr=lrs, weight_decay=0.01, max_grad_norm=1.0)
-    refs = []
-    for r in range(3):
-        pw = w0[r].clone().requires_grad_()
-        pa = [a0[r - 1].clone().requires_grad_()] if r >= 1 else []
-        groups = [{"params": [pw], "weight_decay": 0.01}] + ([{"params": pa, "weight_decay": 0.0}] if pa else [])
-        refs.append((pw, pa, torch.optim.AdamW(groups, lr=lrs[r])))
-    for _ in range(8):
-        x = torch.randn(5, generator=g)
-        opt.zero_grad()
-        total = sum(scale[r] * _loss(w[r], x) for r in range(3)) + sum(
-            scale[r] * _loss(a[r - 1], x[:4]) for r in (1, 2))
-        total.backward()
-        opt.step()
-        for r, (pw, pa, ref_opt) in enumerate(refs):
-            ref_opt.zero_grad()
-            loss = scale[r] * _loss(pw, x) + (scale[r] * _loss(pa[0], x[:4]) if pa else 0.0)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([pw, *pa], max_norm=1.0)
-            ref_opt.step()
-    for r, (pw, pa, _) in enumerate(refs):
-        assert torch.allclose(w[r], pw, atol=1e-6, rtol=0), r
-        if pa:
-            assert torch.allclose(a[r - 1], pa[0], atol=1e-6, rtol=0), r
-
-
-def test_plateau_halving_matches_reduce_lr_on_plateau():
-    rng = np.random.default_rng(3)
-    runs = [
-        np.concatenate([np.linspace(0.1, 0.5, 5), np.full(20, 0.4), np.linspace(0.5, 0.6, 5)]),  # long plateau
-        rng.uniform(0, 1, 30),                                                                   # noise
-        np.linspace(-0.5, 0.2, 30),                                                              # always better
-    ]
-    params = [torch.zeros(3, 1, requires_grad=True)]
-    opt = StackedAdamW(params, n_runs=3, lr=1e-3)
-    sched = PlateauHalving(opt, patience=5, factor=0.5)
-    refs = []
-    for _ in runs:
-        ref_opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=1e-3)
-        refs.append((ref_opt, torch.optim.lr_scheduler.ReduceLROnPlateau(ref_opt, mode="max", factor=0.5,
-                                                                          patience=5)))
-    n_reduced = 0
-    for epoch in range(30):
-        reduced = sched.step([seq[epoch] for seq in runs])
-        n_reduced += int(reduced.sum())
-        for r, (ref_opt, ref_sched) in enumerate(refs):
-            ref_sched.step(runs[r][epoch])
-            assert opt.lr[r].item() == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-12), (r, epoch)
-    assert n_reduced >= 3                     # the plateau run was halved more than once
-    assert opt.lr[2].item() == 1e-3           # the always-improving run never was
 
 
 # ------------------------------------------------------------------------------------------- training

@@ -6,19 +6,94 @@ for everything, which would couple the runs: run 3's plateau would halve run 5's
 exploding gradient would shrink everybody's step. These versions keep every run on its own:
 a learning-rate tensor [R], per-run gradient clipping, per-run plateau bookkeeping. For R = 1 they reduce
 exactly to AdamW / clip_grad_norm_ / ReduceLROnPlateau(mode="max").
+
+Only torch's public API is used: the update is torch's functional AdamW (`torch.optim.adamw.adamw`, the
+function behind `torch.optim.AdamW`) with `fused=True` where that kernel exists and gives AdamW's step on the
+parameters' device and dtype (CPU from torch 2.4, CUDA), else the same arithmetic in plain tensor ops.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterable, Sequence
+import reprlib
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+import torch.optim.adamw as torch_adamw  # the module: torch.optim's namespace drops the name
 from torch import Tensor
 
+from cache.command_kit.errors import AvbError
 from heads.model.layers import grad_sq_norms
 
+
+class PlateauStateError(AvbError):
+    """A saved plateau schedule state (from a checkpoint file) that is not what `PlateauHalving.state_dict` writes."""
+
+
+# ----------------------------------------------------------------------------------------- the update
+
+def _fused_adamw_(ps: list[Tensor], grads: list[Tensor], avgs: list[Tensor], sqs: list[Tensor], step: int,
+                  lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    """AdamW step number `step` on every tensor of `ps` at rate `lr`: torch's fused kernel via its public functional.
+
+    The functional counts the steps itself (it adds 1 to each step tensor before the update) and wants one
+    tensor per parameter, so it gets `step - 1` in fresh views of one small buffer.
+    """
+    steps = list(torch.full((len(ps),), float(step - 1), dtype=torch.float32, device=ps[0].device).unbind(0))
+    torch_adamw.adamw(ps, grads, avgs, sqs, [], steps, foreach=False, fused=True, amsgrad=False, beta1=betas[0],
+                      beta2=betas[1], lr=lr, weight_decay=weight_decay, eps=eps, maximize=False)
+
+
+def _plain_adamw_(p: Tensor, grad: Tensor, avg: Tensor, sq: Tensor, step: int, lr: float | Tensor,
+                  betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    """The same step on one tensor in plain tensor ops (torch's single-tensor AdamW, op for op).
+
+    `lr` is a float, or a float64 tensor with one rate per leading row of `p` (then the rows are stepped at
+    their own rates in one pass).
+    """
+    beta1, beta2 = betas
+    bias1 = 1.0 - beta1 ** step
+    bias2_sqrt = (1.0 - beta2 ** step) ** 0.5
+    if isinstance(lr, Tensor):
+        shape = (-1,) + (1,) * (p.ndim - 1)
+        p.mul_((1.0 - lr * weight_decay).to(p.dtype).reshape(shape))
+    else:
+        p.mul_(1.0 - lr * weight_decay)
+    avg.lerp_(grad, 1.0 - beta1)
+    sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    denom = (sq.sqrt() / bias2_sqrt).add_(eps)
+    if isinstance(lr, Tensor):
+        p.sub_(avg.div(denom).mul_((lr / bias1).to(p.dtype).reshape(shape)))
+    else:
+        p.addcdiv_(avg, denom, value=-lr / bias1)
+
+
+_FUSED_WORKS: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def fused_adamw_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's fused AdamW runs on this kind of device for this dtype and takes AdamW's first step.
+
+    Asked once per device type and dtype (a one-element trial step, read back): the kernel came to the CPU in
+    torch 2.4 and is missing on some devices, and the functional's signature is torch's to change, so any
+    failure of the trial -- an exception or a wrong value -- selects the plain-tensor update instead.
+    """
+    key = (device.type, dtype)
+    if key not in _FUSED_WORKS:
+        p = torch.zeros(1, dtype=dtype, device=device)
+        try:
+            _fused_adamw_([p], [torch.ones_like(p)], [torch.zeros_like(p)], [torch.zeros_like(p)], step=1, lr=0.5,
+                          betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+            works = abs(p.item() + 0.5) < 1e-3    # AdamW's first step is -lr * sign(grad)
+        except Exception:   # noqa: BLE001 - a capability probe: whatever fails means "not here"
+            works = False
+        _FUSED_WORKS[key] = works
+    return _FUSED_WORKS[key]
+
+
+# ----------------------------------------------------------------------------------------- the optimiser
 
 @dataclass
 class _Group:
@@ -37,8 +112,9 @@ class StackedAdamW:
     the per-run learning rate and the per-run gradient norm. `lr` holds the current rate of each run (on the
     host: schedules write into it once per epoch); the parameters may live on any device.
 
-    The update is torch's own fused AdamW kernel (`torch.optim.AdamW(fused=True)`) applied to each run's rows
-    at that run's rate, so each run's slice follows AdamW exactly, whatever the other runs do.
+    Each run's rows take torch's AdamW step at that run's rate, so each run's slice follows AdamW exactly,
+    whatever the other runs do. `fused`: True, torch's fused kernel (an error where it does not work); False,
+    plain tensor ops; None, the kernel wherever `fused_adamw_works` for the parameters' device and dtypes.
     """
 
     def __init__(
@@ -62,32 +138,36 @@ class StackedAdamW:
         self.betas = betas
         self.eps = eps
         self.max_grad_norm = max_grad_norm
-        self.groups: list[_Group] = []
-        items = list(params)
-        if items and isinstance(items[0], Tensor):
-            items = [{"params": items}]
-        for item in items:
-            plist = list(item["params"])
-            runs = torch.as_tensor(item.get("runs", range(self.n_runs)), dtype=torch.long)
-            for p in plist:
-                if p.ndim == 0 or p.shape[0] != len(runs):
-                    raise ValueError(
-                        f"parameter of shape {tuple(p.shape)} has no leading run dim of size {len(runs)}")
-            if len(runs) and (runs.min() < 0 or runs.max() >= self.n_runs):
-                raise ValueError(f"run indices {runs.tolist()} out of range for {self.n_runs} runs")
-            device = plist[0].device if plist else torch.device("cpu")
-            self.groups.append(_Group(plist, runs.to(device), float(item.get("weight_decay", weight_decay)),
-                                      runs.tolist()))
+        self.groups = [self._group(item, weight_decay) for item in _group_dicts(params)]
         self.device = next((p.device for p in self.params()), torch.device("cpu"))
         # Accelerators clip without reading the norms back (see `step`); None: decided by the device.
         self.sync_free = self.device.type != "cpu" if sync_free is None else bool(sync_free)
-        # torch's fused AdamW kernel exists for CPU and CUDA; elsewhere (e.g. MPS) the op-by-op form is used.
-        self.fused = self.device.type in ("cpu", "cuda") if fused is None else bool(fused)
+        self.fused = self._use_fused(fused)
         self.state: dict[Tensor, dict[str, Tensor]] = {}
         self._views: dict[Tensor, tuple[tuple[Tensor, ...], ...]] = {}   # per-row views, see _row_calls
         self.step_count = 0
-        self._step_t = torch.zeros((), dtype=torch.float32, device=self.device)  # read by the kernel
         self.last_grad_norms = torch.zeros(self.n_runs, dtype=torch.float64, device=self.device)
+
+    def _group(self, item: dict, weight_decay: float) -> _Group:
+        plist = list(item["params"])
+        runs = torch.as_tensor(item.get("runs", range(self.n_runs)), dtype=torch.long)
+        for p in plist:
+            if p.ndim == 0 or p.shape[0] != len(runs):
+                raise ValueError(f"parameter of shape {tuple(p.shape)} has no leading run dim of size {len(runs)}")
+        if len(runs) and (runs.min() < 0 or runs.max() >= self.n_runs):
+            raise ValueError(f"run indices {runs.tolist()} out of range for {self.n_runs} runs")
+        device = plist[0].device if plist else torch.device("cpu")
+        return _Group(plist, runs.to(device), float(item.get("weight_decay", weight_decay)), runs.tolist())
+
+    def _use_fused(self, fused: bool | None) -> bool:
+        if fused is False:
+            return False
+        kinds = {(p.device, p.dtype) for p in self.params()}
+        works = all(fused_adamw_works(device, dtype) for device, dtype in kinds)
+        if fused and not works:
+            raise ValueError(f"torch {torch.__version__}'s fused AdamW does not work for "
+                             f"{sorted(f'{d.type} {dt}' for d, dt in kinds)}; pass fused=None or False")
+        return works
 
     def params(self) -> list[Tensor]:
         return [p for g in self.groups for p in g.params]
@@ -125,8 +205,6 @@ class StackedAdamW:
         without temporaries. Clipping multiplies the clipped runs' gradient rows by their coefficient, in place,
         as `clip_grad_norm_` does (on the CPU only the rows of the runs that are clipped: a few of them in most
         steps; on an accelerator every row by its coefficient, 1 for most, so the norms are never read back).
-        The kernel takes one learning rate, so rows are grouped by rate: one call on the whole tensors while
-        the runs' rates agree, else one call per distinct rate on the rows (views) of its runs.
         """
         if self.max_grad_norm is not None:
             self.last_grad_norms = norms = self.grad_norms()
@@ -137,46 +215,34 @@ class StackedAdamW:
                 coefs = coef.tolist()
                 self._scale_runs_({r: c for r, c in enumerate(coefs) if c < 1.0})
         self.step_count += 1
-        self._step_t.add_(1.0)
         lrs = self.lr.tolist()
         for g in self.groups:
             params = [p for p in g.params if p.grad is not None]
-            if not params:
-                continue
-            states = [self._state(p) for p in params]
-            keys = [lrs[r] for r in g.run_list]
-            if all(k == keys[0] for k in keys):
-                calls = [(keys[0], list(params), [p.grad for p in params],
-                          [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states])]
-            else:
-                calls = self._row_calls(params, states, keys)
-            for lr, ps, grads, avgs, sqs in calls:
-                self._update(ps, grads, avgs, sqs, lr, g.weight_decay)
+            if params:
+                update = self._fused_update if self.fused else self._plain_update
+                update(g, params, [self._state(p) for p in params], [lrs[r] for r in g.run_list])
 
-    def _update(self, ps: list[Tensor], grads: list[Tensor], avgs: list[Tensor], sqs: list[Tensor], lr: float,
-                weight_decay: float) -> None:
-        beta1, beta2 = self.betas
-        if not self.fused:
-            self._update_foreach(ps, grads, avgs, sqs, lr, weight_decay)
-            return
-        torch._fused_adamw_(
-            ps, grads, avgs, sqs, [], [self._step_t] * len(ps), lr=lr, beta1=beta1, beta2=beta2,
-            weight_decay=weight_decay, eps=self.eps, amsgrad=False, maximize=False, grad_scale=None,
-            found_inf=None)
+    def _fused_update(self, g: _Group, params: list[Tensor], states: list[dict[str, Tensor]],
+                      rates: list[float]) -> None:
+        """The kernel takes one learning rate, so rows are grouped by rate: one call on the whole tensors while
+        the group's runs agree, else one call per distinct rate on the rows (views) of its runs."""
+        if all(r == rates[0] for r in rates):
+            calls = [(rates[0], list(params), [p.grad for p in params],
+                      [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states])]
+        else:
+            calls = self._row_calls(params, states, rates)
+        for lr, ps, grads, avgs, sqs in calls:
+            _fused_adamw_(ps, grads, avgs, sqs, self.step_count, float(lr), self.betas, self.eps, g.weight_decay)
 
-    def _update_foreach(self, ps: list[Tensor], grads: list[Tensor], avgs: list[Tensor], sqs: list[Tensor],
-                        lr: float, weight_decay: float) -> None:
-        """The same AdamW step op by op (torch's multi-tensor formulation), for devices without the fused kernel."""
-        beta1, beta2 = self.betas
-        bias1, bias2 = 1.0 - beta1 ** self.step_count, 1.0 - beta2 ** self.step_count
-        torch._foreach_mul_(ps, 1.0 - lr * weight_decay)
-        torch._foreach_lerp_(avgs, grads, 1.0 - beta1)
-        torch._foreach_mul_(sqs, beta2)
-        torch._foreach_addcmul_(sqs, grads, grads, 1.0 - beta2)
-        denom = torch._foreach_sqrt(sqs)
-        torch._foreach_div_(denom, math.sqrt(bias2))
-        torch._foreach_add_(denom, self.eps)
-        torch._foreach_addcdiv_(ps, avgs, denom, -lr / bias1)
+    def _plain_update(self, g: _Group, params: list[Tensor], states: list[dict[str, Tensor]],
+                      rates: list[float]) -> None:
+        """Tensor by tensor; differing rates go in as one rate per row, so no tensor is split into rows."""
+        lr: float | Tensor = rates[0]
+        if any(r != rates[0] for r in rates):
+            lr = torch.tensor(rates, dtype=torch.float64).to(params[0].device, non_blocking=True)
+        for p, st in zip(params, states):
+            _plain_adamw_(p, p.grad, st["exp_avg"], st["exp_avg_sq"], self.step_count, lr, self.betas, self.eps,
+                          g.weight_decay)
 
     def _scale_runs_(self, coefs: dict[int, float]) -> None:
         """Multiply the gradient rows of the runs in `coefs` (run -> coefficient, on the host) in place."""
@@ -217,6 +283,13 @@ class StackedAdamW:
                  [v[1][i] for v in views for i in idx], [v[2][i] for v in views for i in idx])
                 for key, idx in rows.items()]
 
+
+def _group_dicts(params: Iterable[Tensor] | Iterable[dict]) -> list[dict]:
+    items = list(params)
+    return [{"params": items}] if items and isinstance(items[0], Tensor) else items
+
+
+# ----------------------------------------------------------------------------------------- the schedule
 
 class PlateauHalving:
     """`ReduceLROnPlateau(mode="max", factor=0.5, patience=5)` kept separately for each run.
@@ -270,10 +343,35 @@ class PlateauHalving:
         return {"best": [float(b) if math.isfinite(b) else None for b in self.best],
                 "num_bad_epochs": [int(n) for n in self.num_bad_epochs]}
 
-    def load_state_dict(self, state: dict[str, Sequence]) -> None:
-        """Restore what `state_dict` returned (one value per run); the learning rates live in the optimiser."""
-        best = np.array([-np.inf if b is None else float(b) for b in state["best"]], dtype=np.float64)
-        bad = np.array([int(n) for n in state["num_bad_epochs"]], dtype=np.int64)
-        if best.shape != self.best.shape or bad.shape != self.num_bad_epochs.shape:
-            raise ValueError(f"plateau state for {len(best)} runs, expected {self.best.shape[0]}")
-        self.best, self.num_bad_epochs = best, bad
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` returned (one value per run); the learning rates live in the optimiser.
+
+        It comes from a checkpoint file, so any other shape (torch's ReduceLROnPlateau state among them) is a
+        PlateauStateError that says what was expected.
+        """
+        parsed = _plateau_state(state, self.best.shape[0])
+        if parsed is None:
+            n = self.best.shape[0]
+            raise PlateauStateError(
+                f"plateau schedule state {reprlib.repr(state)}: expected PlateauHalving.state_dict's "
+                f"{{'best': [{n} numbers or null], 'num_bad_epochs': [{n} counts]}}")
+        self.best, self.num_bad_epochs = parsed
+
+
+def _plateau_state(state: Any, n_runs: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(best, num_bad_epochs) from `state_dict`'s value for `n_runs` runs, or None where it has another shape."""
+    if not isinstance(state, Mapping) or set(state) != {"best", "num_bad_epochs"}:
+        return None
+    best, bad = state["best"], state["num_bad_epochs"]
+    if not (isinstance(best, (list, tuple)) and isinstance(bad, (list, tuple)) and len(best) == len(bad) == n_runs):
+        return None
+    if not all(b is None or (_is_number(b) and math.isfinite(b)) for b in best):
+        return None
+    if not all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 0 for k in bad):
+        return None
+    return (np.array([-np.inf if b is None else float(b) for b in best], dtype=np.float64),
+            np.array(bad, dtype=np.int64).reshape(n_runs))
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
