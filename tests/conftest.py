@@ -6,10 +6,30 @@ helpers.py (synthetic caches, `accelerate launch` commands, tiny-model inputs, C
 here, so `from helpers import ...` works under any --import-mode, from the repo root or with one test file.
 
 Markers (setup.cfg): `slow` marks the multi-process `accelerate launch` runs and the end-to-end pipelines;
-`pytest -m "not slow"` is the quick loop. `benchmark` runs only when asked (`-m benchmark`).
+`pytest -m "not slow"` is the quick loop. `benchmark` and `repeat` run only when asked (`-m benchmark`,
+`-m repeat`).
+
+The experiment trackers (W&B, MLflow) are the real packages: their settings and caches go to a temporary folder
+removed at the end, W&B stays offline and quiet, and no tracking server or mode from the user's environment
+leaks into a test (the variables are set here, so the tests' subprocesses inherit them).
 """
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
+
+_TRACKER_HOME = tempfile.mkdtemp(prefix="avb-tests-trackers-")
+for _var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+    os.environ[_var] = _TRACKER_HOME
+for _var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+    os.environ.pop(_var, None)
+os.environ["WANDB_SILENT"] = "true"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_TRACKER_HOME, ignore_errors=True)
+
 
 TESTS = str(Path(__file__).resolve().parent)
 if TESTS not in sys.path:

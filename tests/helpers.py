@@ -7,6 +7,7 @@ plain_cache.py.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -242,3 +243,43 @@ def val_labels(root, task):
     if task.is_classification:
         return ids, np.array([task.classes.index(r["Voc_Type"]) for r in rows])
     return ids, np.array([[float(r[c]) for c in task.columns] for r in rows])
+
+
+# ------------------------------------------------------------------------------------ trackers, read back
+
+def mlflow_runs(tracking_dir: Path, experiment: str) -> dict[str, Any]:
+    """run name -> MLflow Run of `experiment` in the default store of a tracking dir (`mlflow.db`), found the
+    way a user finds them: `mlflow.search_runs` on that store."""
+    import mlflow  # noqa: PLC0415
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(f"sqlite:///{(tracking_dir / 'mlflow.db').resolve()}")
+    if before is None:      # MLflow also sets the variable, which later tests would take for a user's setting
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    return {run.info.run_name: run for run in runs}
+
+
+def mlflow_history(tracking_dir: Path, run: Any, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every logged value of `key` in an MLflow run, in step order."""
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{(tracking_dir / 'mlflow.db').resolve()}")
+    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+
+
+def wandb_offline_runs(tracking_dir: Path) -> dict[str, dict[str, Any]]:
+    """display name -> {"project", "config", "history": [(step, {key: value})]} of every offline W&B run under a
+    tracking dir, read with W&B's own reader of its run files (`wandb leet inspect --json`)."""
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    runs: dict[str, dict[str, Any]] = {}
+    for folder in sorted((tracking_dir / "wandb").glob("offline-run-*")):
+        proc = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(folder)], capture_output=True,
+                              text=True, timeout=60, check=True)
+        records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        run = next(r["run"] for r in records if r["type"] == "run")
+        config = {k: v for k, v in run.get("config", {}).get("update", {}).items() if k != "_wandb"}
+        history = [(int(r["history"].get("step", {}).get("num", 0)), r["history"]["item"])
+                   for r in records if r["type"] == "history"]
+        runs[run["display_name"]] = {"project": run["project"], "config": config, "history": history}
+    return runs

@@ -20,10 +20,13 @@ from helpers import (
     TOL,
     S,
     conv_frames,
+    mlflow_history,
+    mlflow_runs,
     padded_batch,
     read_csv,
     row_values,
     run_val_predictions,
+    wandb_offline_runs,
 )
 from tiny_model import make_tiny_backbone
 
@@ -97,14 +100,14 @@ def corpus_root(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def pipeline(request, corpus_root, tmp_path_factory):
-    """Fine-tune a tiny random model of the family (2 epochs, logging to TensorBoard), dump its best backbone,
-    train a head on the cache."""
+    """Fine-tune a tiny random model of the family (2 epochs, logging to every tracker: TensorBoard, offline W&B,
+    MLflow), dump its best backbone, train a head on the cache."""
     family = request.param
     root = tmp_path_factory.mktemp(family)
     pretrained = make_tiny_backbone(root / "pretrained", family=family)
     ft = root / "ft"
     run_finetune(FinetuneConfig(corpus=str(corpus_root), model=str(pretrained), out=str(ft), epochs=2, batch_size=4,
-                                eval_batch_size=5, lr_backbone=1e-3, hidden=16, report_to="tensorboard"),
+                                eval_batch_size=5, lr_backbone=1e-3, hidden=16, report_to="all"),
                  progress=False)
     cache = root / "cache.h5"
     run_dump(DumpConfig(corpus=str(corpus_root), model=str(ft / "backbone"), out=str(cache), batch_size=5),
@@ -228,3 +231,21 @@ def test_finetuning_logs_steps_and_epochs_to_tensorboard(pipeline, corpus_root):
     losses = [e.value for e in events.Scalars("train/loss")]
     for epoch, h in enumerate(history):
         assert np.mean(losses[epoch * per_epoch:(epoch + 1) * per_epoch]) == pytest.approx(h["loss"], rel=1e-5)
+
+
+def test_finetuning_logs_its_epochs_to_offline_wandb_and_to_the_local_mlflow_store(pipeline):
+    """accelerate's W&B and MLflow trackers, as `avb finetune --report-to all` sets them up: an offline W&B run
+    and the SQLite MLflow store in OUT/tracking, each read back with the package's own reader."""
+    logs, history = pipeline["ft"] / "tracking", json.loads((pipeline["ft"] / "metrics.json").read_text())["history"]
+    runs = mlflow_runs(logs, "finetune")
+    assert list(runs) == ["ft"]
+    want = [(h["step"], h["val"]["mean"]) for h in history]
+    logged = mlflow_history(logs, runs["ft"], "val/mean")
+    assert [s for s, _ in logged] == [s for s, _ in want]
+    assert [v for _, v in logged] == pytest.approx([v for _, v in want], abs=1e-6)
+    assert runs["ft"].data.params["lr_backbone"] == "0.001"
+    wandb_runs = wandb_offline_runs(logs)
+    assert list(wandb_runs) == ["ft"] and wandb_runs["ft"]["project"] == "finetune"
+    logged = [(step, item["val/mean"]) for step, item in wandb_runs["ft"]["history"] if "val/mean" in item]
+    assert [s for s, _ in logged] == [s for s, _ in want]
+    assert [v for _, v in logged] == pytest.approx([v for _, v in want], abs=1e-6)

@@ -1,17 +1,15 @@
-"""Experiment tracking of stage 2: TensorBoard event files read back equal each run's metrics.json history, one
-log folder per run; W&B and MLflow adapters (fakes standing in for the packages, which are not installed here)
-stay offline; a tracker whose package is missing is refused before any work."""
+"""Experiment tracking of stage 2, with the real packages, read back the way their users read them: TensorBoard
+event files (one log folder per run), an offline W&B run (`wandb leet inspect`), the MLflow store
+(`mlflow.search_runs`) each equal the runs' metrics.json histories; the user's own MLflow store and W&B mode win;
+a tracker whose package is missing is refused before any work."""
 from __future__ import annotations
 
-import importlib.machinery
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import make_signal_cache
+from helpers import make_signal_cache, mlflow_history, mlflow_runs, wandb_offline_runs
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from extract.app.cli import main as avb
@@ -119,85 +117,57 @@ def test_a_tracker_that_is_not_installed_stops_the_commands_before_any_work(cach
 
 # ------------------------------------------------------------------------- W&B and MLflow, offline
 
-class FakeWandbRun:
-    def __init__(self, calls: list, kwargs: dict) -> None:
-        self.calls, self.kwargs = calls, kwargs
-
-    def log(self, values, step=None):
-        self.calls.append(("log", self.kwargs["name"], step, dict(values)))
-
-    def finish(self):
-        self.calls.append(("finish", self.kwargs["name"]))
+def assert_history_logged(logged: list[tuple[int, float]], run_dir: Path, key: str) -> None:
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    assert [s for s, _ in logged] == [h["epoch"] for h in history], key
+    assert [v for _, v in logged] == pytest.approx([epoch_values(h)[key] for h in history], rel=1e-6, abs=1e-7)
 
 
-def fake_module(name: str, **attrs) -> types.ModuleType:
-    module = types.ModuleType(name)
-    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-    for key, value in attrs.items():
-        setattr(module, key, value)
-    return module
+def test_heads_ablate_logs_each_run_to_a_local_mlflow_store_that_search_runs_reads_back(cache_file, tmp_path):
+    """The default MLflow store is OUT/tracking/mlflow.db (MLflow 3 refuses new file stores): one MLflow run per
+    head run, its config as parameters, every epoch's values at their epoch."""
+    out = tmp_path / "grid"
+    res = CliRunner().invoke(avb, ["heads", "ablate", "--cache", str(cache_file), "--out", str(out), "--archs",
+                                   "vanilla", "--weightings", "uniform,dwa", "--report-to", "mlflow", "--ci", "0",
+                                   *COMMON])
+    assert res.exit_code == 0, res.output
+    logs = out / "tracking"
+    runs = mlflow_runs(logs, "avb-heads")
+    assert sorted(runs) == ["vanilla-dwa-s0", "vanilla-uniform-s0"]
+    for name, run in runs.items():
+        assert run.info.status == "FINISHED"
+        assert run.data.params["weighting"] == name.split("-")[1] and run.data.params["head.hidden"] == "16"
+        for key in ("val/mean", "train/loss", "loss_weight/high"):
+            assert_history_logged(mlflow_history(logs, run, key), out / name, key)
+    assert not (logs / "mlruns").exists()
 
 
-def test_wandb_and_mlflow_runs_are_offline_one_per_head_run(tmp_path, monkeypatch):
-    calls: list = []
+def test_heads_train_logs_to_an_offline_wandb_run_that_wandb_reads_back(cache_file, tmp_path):
+    out = tmp_path / "run"
+    res = CliRunner().invoke(avb, ["heads", "train", "--cache", str(cache_file), "--out", str(out), "--weighting",
+                                   "druw", "--report-to", "wandb", *COMMON])
+    assert res.exit_code == 0, res.output
+    runs = wandb_offline_runs(out / "tracking")          # offline: WANDB_MODE is unset in the tests
+    assert list(runs) == ["vanilla-druw-s0"]
+    run = runs["vanilla-druw-s0"]
+    assert run["project"] == "avb-heads" and run["config"]["weighting"] == "druw"
+    assert run["config"]["head.hidden"] == 16
+    for key in ("val/mean", "train/loss", "loss_weight/type"):
+        assert_history_logged([(step, item[key]) for step, item in run["history"]], out, key)
 
-    def init(**kwargs):
-        calls.append(("init", kwargs))
-        return FakeWandbRun(calls, kwargs)
 
-    class FakeClient:
-        def __init__(self, tracking_uri):
-            calls.append(("client", tracking_uri))
-
-        def get_experiment_by_name(self, name):
-            return None
-
-        def create_experiment(self, name):
-            calls.append(("experiment", name))
-            return "7"
-
-        def create_run(self, experiment_id, run_name):
-            calls.append(("run", experiment_id, run_name))
-            return types.SimpleNamespace(info=types.SimpleNamespace(run_id=f"id-{run_name}"))
-
-        def log_param(self, run_id, key, value):
-            calls.append(("param", run_id, key, value))
-
-        def log_metric(self, run_id, key, value, timestamp, step):
-            calls.append(("metric", run_id, key, value, step))
-
-        def set_terminated(self, run_id):
-            calls.append(("terminated", run_id))
-
-    mlflow = fake_module("mlflow")
-    mlflow.tracking = fake_module("mlflow.tracking", MlflowClient=FakeClient)
-    monkeypatch.setitem(sys.modules, "wandb", fake_module("wandb", init=init))
-    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
-    monkeypatch.setitem(sys.modules, "mlflow.tracking", mlflow.tracking)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert resolve_report_to("all") == ["tensorboard", "wandb", "mlflow"]
-
-    entry = history_entry(epoch=2, step=20, loss=1.5, lr={"head": 1e-3}, task_losses=dict.fromkeys(TASK_NAMES, 0.25),
+def test_the_users_tracking_uri_and_wandb_mode_win(tmp_path, monkeypatch):
+    entry = history_entry(epoch=1, step=10, loss=1.5, lr={"head": 1e-3}, task_losses=dict.fromkeys(TASK_NAMES, 0.25),
                           weights=dict.fromkeys(TASK_NAMES, 1.0), val={"type_uar": 0.5, "mean": 0.4})
-    config = {"arch": "chain", "head": {"hidden": 8}}
-    with HeadsTracker(["wandb", "mlflow"], tmp_path / "logs", lambda run: config) as t:
-        t("chain-dwa-s0", 2, entry)
-        t("chain-dwa-s1", 2, entry)
-    init_kwargs = calls[0][1]
-    assert init_kwargs["mode"] == "offline" and init_kwargs["dir"] == str(tmp_path / "logs")
-    assert (init_kwargs["project"], init_kwargs["name"]) == ("avb-heads", "chain-dwa-s0")
-    assert init_kwargs["config"] == {"arch": "chain", "head.hidden": 8}
-    assert ("log", "chain-dwa-s0", 2, epoch_values(entry)) in calls
-    assert ("client", (tmp_path / "logs" / "mlruns").resolve().as_uri()) in calls      # a local file store
-    assert ("metric", "id-chain-dwa-s1", "val/type_uar", 0.5, 2) in calls
-    assert ("param", "id-chain-dwa-s0", "head.hidden", 8) in calls
-    assert {c for c in calls if c[0] in ("finish", "terminated")} == {
-        ("finish", "chain-dwa-s0"), ("finish", "chain-dwa-s1"),
-        ("terminated", "id-chain-dwa-s0"), ("terminated", "id-chain-dwa-s1")}
-    monkeypatch.setenv("WANDB_MODE", "online")      # the user's own choice wins
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example")
-    calls.clear()
-    with HeadsTracker(["wandb", "mlflow"], tmp_path / "logs") as t:
-        t("r", 1, entry)
-    assert calls[0][1]["mode"] == "online" and ("client", "http://tracking.example") in calls
+    own_store = tmp_path / "elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{own_store}")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    logs = tmp_path / "logs"
+    with HeadsTracker(["wandb", "mlflow"], logs) as t:
+        t("chain-dwa-s0", 1, entry)
+    assert own_store.is_file() and not (logs / "mlflow.db").exists() and not (logs / "wandb").exists()
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{own_store}")
+    [run] = mlflow.search_runs(experiment_names=["avb-heads"], output_format="list")
+    assert run.info.run_name == "chain-dwa-s0" and run.data.metrics["val/type_uar"] == 0.5

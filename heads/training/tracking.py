@@ -9,14 +9,17 @@ one dashboard. Going to the libraries directly also keeps every run of a joint g
 trackers log on the main process only, which would silence the runs of other ranks in a distributed grid).
 
 Offline unless the user says otherwise, and never a network call by default: W&B runs with
-`WANDB_MODE=offline` unless that variable is set (then `wandb sync` uploads later), MLflow writes a local file
-store under the tracking dir unless `MLFLOW_TRACKING_URI` names a server; TensorBoard is files only.
+`WANDB_MODE=offline` unless that variable is set (then `wandb sync` uploads later), MLflow writes a local SQLite
+store `<tracking dir>/mlflow.db` unless `MLFLOW_TRACKING_URI` names another store or a server (MLflow 3 refuses
+new file stores such as `./mlruns`); TensorBoard is files only.
 
 Metric names, shared by both stages: `train/loss` (weighted total), `train/loss_<task>`, `loss_weight/<task>`,
 `lr/head` (and `lr/backbone` in stage 1), `val/<metric>` for every Val score and `val/mean`.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import os
 import time
@@ -35,6 +38,7 @@ INSTALL_HINTS: dict[str, str] = {
 TRACKING_DIR = "tracking"            # default log folder inside a run, grid or fine-tuning output folder
 PROJECT = "avb-heads"                # W&B project / MLflow experiment name of stage-2 runs
 EVENTS_PREFIX = "events.out.tfevents."
+MLFLOW_DB = "mlflow.db"              # the default MLflow store inside the tracking dir
 
 
 class TrackingError(AvbError):
@@ -71,8 +75,26 @@ def resolve_report_to(value: str) -> list[str]:
 
 
 def local_mlflow_uri(log_dir: str | os.PathLike) -> str:
-    """MLFLOW_TRACKING_URI when set (the user chose a server), else a file store under the tracking dir."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or (Path(log_dir).resolve() / "mlruns").as_uri()
+    """MLFLOW_TRACKING_URI when set (the user chose a store or a server), else a SQLite store in the tracking
+    dir (created here): MLflow 3 keeps its file store (`./mlruns`) in maintenance mode and refuses new ones."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    folder = Path(log_dir).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / MLFLOW_DB}"
+
+
+@contextlib.contextmanager
+def _store_setup_lock(log_dir: Path):
+    """One process at a time creates the SQLite store's tables and the experiment: every rank of a distributed
+    grid logs its own runs to the same store, and two first opens at once would race on the schema."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / f".{MLFLOW_DB}.setup-lock", "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def wandb_mode() -> str:
@@ -92,7 +114,14 @@ def accelerate_init_kwargs(names: Sequence[str], log_dir: str | os.PathLike, run
     if "mlflow" in names:
         import mlflow  # noqa: PLC0415 - only when asked for
 
+        users = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(local_mlflow_uri(log_dir))
+        # MLflow also writes the URI into MLFLOW_TRACKING_URI, which would pass it off as the user's choice to the
+        # next run in this process; its own module setting is what its fluent API reads first.
+        if users is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = users
         kwargs["mlflow"] = {"run_name": run_name, "logging_dir": str(log_dir)}
     return kwargs
 
@@ -164,9 +193,10 @@ class _MlflowRun:
     def __init__(self, log_dir: Path, run: str, config: Mapping[str, Any] | None) -> None:
         from mlflow.tracking import MlflowClient  # noqa: PLC0415
 
-        self.client = MlflowClient(tracking_uri=local_mlflow_uri(log_dir))
-        experiment = self.client.get_experiment_by_name(PROJECT)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(PROJECT)
+        with _store_setup_lock(log_dir):
+            self.client = MlflowClient(tracking_uri=local_mlflow_uri(log_dir))
+            experiment = self.client.get_experiment_by_name(PROJECT)
+            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(PROJECT)
         self.run_id = self.client.create_run(experiment_id, run_name=run).info.run_id
         for key, value in flat_config(config or {}).items():
             self.client.log_param(self.run_id, key, value)
