@@ -78,6 +78,10 @@ def load_backbone(
 
     name = str(name_or_dir)
     local = Path(name).is_dir()
+    if local and not (Path(name) / "config.json").is_file():
+        # transformers would guess a model type from the folder's name ("empty" -> 'mpt') instead of saying this
+        raise BackboneLoadError(f"cannot load backbone from directory {name}: it has no config.json (expected a "
+                                "folder written by save_pretrained, or a Hub model name)")
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as exc:

@@ -90,8 +90,9 @@ def _head_options(func):
                      help="BRANCH attention heads."),
         click.option("--branch-blocks", type=int, default=ConfigDefault(HEAD + "branch_blocks"), show_default=True,
                      help="BRANCH attention blocks per task."),
-        click.option("--branch-frames/--branch-layers", default=ConfigDefault(HEAD + "branch_use_frames"),
-                     show_default=True,
+        # a literal (tests/test_cli.py holds it equal to HeadConfig's): click before 8.5 reads a flag's default
+        # when the option is defined, and a ConfigDefault would import torch with this module
+        click.option("--branch-frames/--branch-layers", default=False, show_default=True,
                      help="BRANCH attends over frames (needs a frame-level cache) or per-layer pooled tokens."),
         click.option("--epochs", type=int, default=ConfigDefault(TRAIN + "epochs"), show_default=True,
                      help="Training epochs."),

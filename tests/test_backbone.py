@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -205,6 +206,12 @@ def test_layerdrop_is_switched_off_so_every_layer_keeps_its_name(tmp_path):
     for _ in range(3):  # with layerdrop 0.9 some layer would be dropped in almost every pass
         pooled, _, _ = forward_layers(model, waves, mask)
         assert list(pooled) == ["cnn", "hidden_0", "hidden_1", "hidden_2"]
+    # LayerDrop asked for: transformers releases differ (a dropped layer's slot is missing from hidden_states,
+    # or kept), so the contract is either every name right or a refusal that says why -- never a wrong name
     dropping = load_backbone(path, layerdrop=1.0).train()
-    with pytest.raises(BackboneError, match=r"^the backbone returned \d hidden states instead of 3 \(LayerDrop 1.0"):
-        forward_layers(dropping, waves, mask)
+    try:
+        pooled, _, _ = forward_layers(dropping, waves, mask)
+    except BackboneError as exc:
+        assert re.match(r"the backbone returned \d hidden states instead of 3 \(LayerDrop 1.0", str(exc)), exc
+    else:
+        assert list(pooled) == ["cnn", "hidden_0", "hidden_1", "hidden_2"]

@@ -495,7 +495,9 @@ def test_cli_misuse_is_a_usage_error_with_exit_code_2(base_corpus, tmp_path):
     usage_error(invoke("cache", "info"), "Missing argument 'FILE'.")
     wav = base_corpus / "audio" / "wav" / "00001.wav"
     usage_error(invoke("corpus", "check", wav), f"Invalid value for 'ROOT': Directory '{wav}' is a file.")
-    usage_error(invoke("corpus", "check", base_corpus, "--bogus"), "No such option '--bogus'.")
+    result = invoke("corpus", "check", base_corpus, "--bogus")     # click's own wording differs between releases
+    usage_error(result, result.stderr.rstrip("\n").splitlines()[-1][len("Error: "):])
+    assert re.fullmatch(r"Error: No such option:? '?--bogus'?\.?", result.stderr.rstrip("\n").splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------------------------- safe loading

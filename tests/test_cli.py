@@ -1,5 +1,6 @@
 """The `avb` group: every lazily named subcommand exists, and the light CLI copies of registries agree."""
 import importlib
+import re
 
 from click.testing import CliRunner
 
@@ -63,9 +64,9 @@ def test_old_and_new_spellings_of_synth_and_corpus_check_agree(tmp_path):
     assert missing.output.splitlines()[-1] == "Error: Missing argument 'ROOT'."    # as before the option existed
     assert runner.invoke(main, ["synth"]).exit_code == 2
     # click's "Did you mean" never proposes the option added for the old spelling, and still proposes the others
-    assert runner.invoke(main, ["corpus", "check", str(old), "--bogus"]).output.splitlines()[-1] == \
-        "Error: No such option '--bogus'."
-    assert "Did you mean '--json'?" in runner.invoke(main, ["corpus", "check", str(old), "--jsn"]).output
+    bogus = runner.invoke(main, ["corpus", "check", str(old), "--bogus"]).output.splitlines()[-1]
+    assert bogus.startswith("Error: No such option") and "--bogus" in bogus and "Did you mean" not in bogus
+    assert re.search(r"Did you mean '?--json'?\?", runner.invoke(main, ["corpus", "check", str(old), "--jsn"]).output)
 
 
 def test_old_and_new_spellings_of_cache_info_agree(tmp_path):

@@ -510,6 +510,8 @@ def test_finetune_stopped_between_checkpoint_and_export_finishes_the_export_on_r
                                                                                      monkeypatch):
     """The export of the best weights follows the checkpoint of their step; a run stopped in between must
     export them when resumed, even when no epoch is left to train (in-process: the stop lands exactly there)."""
+    from transformers import AutoModel
+
     from extract import finetune as ft
 
     cfg = {"corpus": str(world["corpus"]), "model": str(world["model"]), "out": str(tmp_path / "run"), "epochs": 1,
@@ -529,7 +531,8 @@ def test_finetune_stopped_between_checkpoint_and_export_finishes_the_export_on_r
     metrics = ft.run_finetune(ft.FinetuneConfig(**cfg), progress=False)
     assert metrics["best"]["step"] == strict_json(ckpt / ft.STATE_FILE)["step"] == ft.exported_step(out)
     saved = load_file(str(ckpt / "model.safetensors"))
-    for name, tensor in load_file(str(out / "backbone" / "model.safetensors")).items():
+    # the export loaded as a user loads it (transformers releases differ in the names they save a weight under)
+    for name, tensor in AutoModel.from_pretrained(out / "backbone").state_dict().items():
         assert tensor.equal(saved[f"backbone.{name}"]), name
     assert strict_json(out / "metrics.json")["best"]["step"] == metrics["best"]["step"]
 
@@ -576,7 +579,8 @@ def test_dump_stopped_by_a_signal_exits_cleanly_and_reruns_to_the_same_cache(wor
     out.parent.mkdir(parents=True)
     watcher = dump_watcher(world, out, tmp_path / "snap")
     shard_temp = lambda: any(out.parent.glob(".c.h5.shard-*.tmp-*"))   # noqa: E731 - a rank is writing
-    first = run_watched(dump_cmd(world, out, processes), out.parent, watcher, tmp_path / "log.txt", 0.2, shard_temp,
+    # at once: on a fast machine a shard is written in well under 0.2 s (seen: 0.19 s here with numpy 1.26)
+    first = run_watched(dump_cmd(world, out, processes), out.parent, watcher, tmp_path / "log.txt", 0.0, shard_temp,
                         send=sig)
     if processes == 1:
         assert_interrupted(first, sig, out.parent)

@@ -24,8 +24,8 @@ _QUIET = "quiet_alias"
 
 class ConfigDefault:
     """A click `default` read from a config dataclass when click first needs it (a run, or the command's
-    --help), e.g. `ConfigDefault("heads.model.architectures:HeadConfig.hidden")`; `convert` turns the field's value into the
-    option's spelling (a tuple into "a,b,c"). The owning module is imported then, not when the command module
+    --help), e.g. `ConfigDefault("heads.model.architectures:HeadConfig.hidden")`; `convert` turns the field's
+    value into the option's spelling (a tuple into "a,b,c"). The owning module is imported then, not when the command module
     is, so `avb --help` and `avb heads --help` stay free of torch."""
 
     def __init__(self, target: str, convert: Callable[[Any], Any] | None = None) -> None:
@@ -111,8 +111,8 @@ def option_or_argument(flag: str, dest: str, metavar: str, *, help: str, type: c
                 raise click.UsageError(f"Missing argument '{metavar}'.", ctx)
             return func(*args, **kwargs)
 
-        command = click.argument(alias, metavar=metavar, required=False, type=type,
-                                 help=f"Same as {flag} (the older spelling).")(command)
+        # no help= on the argument: click takes it only from 8.5; the usage line shows the metavar
+        command = click.argument(alias, metavar=metavar, required=False, type=type)(command)
         return click.option(flag, dest, cls=_NewSpelling, default=None, type=type,
                             help=help + ("  [required]" if required else ""))(command)
 
