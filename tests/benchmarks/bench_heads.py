@@ -159,16 +159,15 @@ def adamw_seconds(n_params: int) -> float:
 
 def measure_arch(cache: Any, cache_path: Path, out: Path, arch: str, head: Any, *, steps: int, val_rows: int,
                  test_rows: int, full_sizes: Sequence[int], frames: Any = None,
-                 max_group_bytes: int | None = None) -> dict[str, Any]:
+                 max_group_bytes: int | None = None, device: Any = None) -> dict[str, Any]:
     """Train the 12 runs of `arch` on a subset the way `avb heads ablate` does: in the joint groups that fit
-    `max_group_bytes` (default: the ablation's), one `train_runs` call per group. The measured parts are
-    summed over the groups (a "step" is one batch for all 12 runs) and extrapolated to full size."""
-    from heads.names import DEFAULT_MAX_GROUP_BYTES
+    `max_group_bytes` (default: the ablation's for `device`), one `train_runs` call per group on `device`
+    (default: the CPU). The measured parts are summed over the groups (a "step" is one batch for all 12 runs)
+    and extrapolated to full size."""
+    import torch
+
     from heads.training import joint as train_mod
-    from heads.training.grid import (
-        joint_groups,
-        run_state_bytes,
-    )
+    from heads.training.grid import default_group_bytes, joint_groups, run_state_bytes
     from heads.training.joint import TrainConfig, train_runs
 
     n_val = min(val_rows, len(cache.indices("Val")))
@@ -176,7 +175,8 @@ def measure_arch(cache: Any, cache_path: Path, out: Path, arch: str, head: Any, 
     view = _subset(cache, steps * BATCH, n_val, n_test)
     configs = [TrainConfig(arch=arch, weighting=w, seed=s, epochs=1, batch_size=BATCH, head=head)
                for w in WEIGHTINGS for s in SEEDS]
-    budget = DEFAULT_MAX_GROUP_BYTES if max_group_bytes is None else max_group_bytes
+    device = torch.device("cpu") if device is None else device
+    budget = default_group_bytes(device) if max_group_bytes is None else max_group_bytes
     per_run = run_state_bytes(configs[0].head, dict(cache.layer_dims))
     groups = joint_groups(len(configs), per_run, budget)
     real_batches, real_predict = train_mod.epoch_batches, train_mod._predict
@@ -201,12 +201,16 @@ def measure_arch(cache: Any, cache_path: Path, out: Path, arch: str, head: Any, 
         train_mod.epoch_batches, train_mod._predict = timed_batches, timed_predict
         try:
             t0 = time.perf_counter()
-            train_runs(view, members, [out / arch / c.name for c in members], progress=False, frames=frames)
+            train_runs(view, members, [out / arch / c.name for c in members], device=device, progress=False,
+                       frames=frames)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             t_end = time.perf_counter()
         finally:
             train_mod.epoch_batches, train_mod._predict = real_batches, real_predict
         if len(predicts) != 3:
-            raise RuntimeError(f"expected 3 prediction passes (Val each epoch, final Val and Test), saw {len(predicts)}")
+            raise RuntimeError(f"expected 3 prediction passes (Val each epoch, final Val and Test), "
+                               f"saw {len(predicts)}")
         totals["setup_s"] += marks["loop_start"] - t0
         totals["loop_s"] += marks["loop_end"] - marks["loop_start"]
         totals["eval_s"] += predicts[1][0] - marks["loop_end"]   # Val predictions, scores, best copies, schedule
@@ -239,7 +243,10 @@ def run(args: argparse.Namespace) -> Figures:
     from cache.reader import cache_info, load_cache
     from heads.model.architectures import HeadConfig
 
+    from heads.training.device import resolve_device
+
     fig, threads = begin("heads", args.threads)
+    device = resolve_device(args.device)
     quick = args.quick
     sizes = QUICK_SIZES if quick else HUME_SIZES
     dims = QUICK_DIMS if quick else BASE_DIMS
@@ -271,7 +278,7 @@ def run(args: argparse.Namespace) -> Figures:
         for arch in archs:
             results[arch] = r = measure_arch(cache, path, tmp / "runs", arch, head, steps=steps[arch],
                                              val_rows=args.val_rows, test_rows=args.test_rows, full_sizes=sizes,
-                                             max_group_bytes=budget)
+                                             max_group_bytes=budget, device=device)
             flops, n_params, _ = step_cost(cache, head, arch, group=max(r["groups"]))
             n_runs = len(WEIGHTINGS) * len(SEEDS)
             # The matmuls at the best GEMM rate, the fused AdamW pass over the parameters as measured here (reads
@@ -307,7 +314,7 @@ def run(args: argparse.Namespace) -> Figures:
         else:
             fig.note(f"only {','.join(archs)} measured: no grid total")
         if not args.skip_frames:
-            frame_layers, finfo = _measure_frames(fig, args, tmp, head, dims, sizes, steps, budget)
+            frame_layers, finfo = _measure_frames(fig, args, tmp, head, dims, sizes, steps, budget, device)
 
         # (d) storage and memory
         fig.add("d", "pooled cache bytes per clip", info["bytes_per_clip"]["pooled"], "B",
@@ -337,7 +344,8 @@ def run(args: argparse.Namespace) -> Figures:
 
 
 def _measure_frames(fig: Figures, args: argparse.Namespace, tmp: Path, head: Any, dims: dict[str, int],
-                    sizes: Sequence[int], steps: dict[str, int], budget: int | None) -> tuple[list[str], dict]:
+                    sizes: Sequence[int], steps: dict[str, int], budget: int | None,
+                    device: Any) -> tuple[list[str], dict]:
     """BRANCH over frames (stride 4) on a small frame-level cache, extrapolated to HUME-VB size."""
     from cache.reader import FrameReader, cache_info, load_cache
     from heads.model.architectures import branch_groups
@@ -355,7 +363,7 @@ def _measure_frames(fig: Figures, args: argparse.Namespace, tmp: Path, head: Any
         fr = measure_arch(fcache, fpath, tmp / "frame-runs", "branch", frame_head,
                           steps=min(steps["branch"] if quick else args.frame_steps, frame_sizes[0] // BATCH),
                           val_rows=frame_sizes[1], test_rows=frame_sizes[2], full_sizes=sizes, frames=reader,
-                          max_group_bytes=budget)
+                          max_group_bytes=budget, device=device)
         fflops, _, fbatch_s = step_cost(fcache, frame_head, "branch", frames=reader, group=max(fr["groups"]))
     del fcache
     fig.add("b", "branch-frames ms per step (12 runs jointly, batch 8)", 1e3 * fr["step_s"], "ms",
@@ -387,6 +395,9 @@ def parser() -> argparse.ArgumentParser:
                    help="architectures to measure, comma-separated (default: all; the grid total needs all)")
     p.add_argument("--skip-frames", action="store_true", help="skip BRANCH over frames (and its frame cache)")
     p.add_argument("--keep", action="store_true", help="keep the generated caches and runs")
+    p.add_argument("--device", default="cpu",
+                   help="where the heads train, as `avb heads ablate --device` (cpu, cuda, cuda:1, mps; default cpu); "
+                        "the machine figures (GEMM rate, bandwidth, lower bounds) stay the CPU's")
     return p
 
 
