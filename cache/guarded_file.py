@@ -7,8 +7,8 @@ file system did. So h5py writes through this object (its `fileobj` driver) inste
 first failure is kept in `error` and every later write is accepted and dropped, HDF5 sees success and closes
 cleanly, and the cache writer raises the kept error and deletes the (useless) temporary file.
 `high` is the size HDF5 wanted the file to have, for the "needs about N MiB more" hint. For the same reason a
-termination signal that arrives while HDF5 calls in here is held (cache.command_kit.interrupt.HELD_MODULES) and raised by
-the cache writer once HDF5 has returned.
+termination signal that arrives while HDF5 calls in here is held (cache.command_kit.interrupt.HELD_MODULES)
+and raised by the cache writer once HDF5 has returned.
 """
 from __future__ import annotations
 

@@ -109,7 +109,7 @@ class FinetuneConfig(ClipRunConfig):
     num_workers: int = 0
     keep_checkpoints: int = 2
     resume: bool = False
-    report_to: str = "none"           # experiment trackers (heads.training.tracking): none, tensorboard, wandb, mlflow, all
+    report_to: str = "none"           # trackers (heads.training.tracking): none, tensorboard, wandb, mlflow, all
     tracking_dir: str = ""            # where they write; "" = OUT/tracking
 
     # Fields that may change between a run and its --resume; every other field must match.

@@ -1,7 +1,7 @@
 """The names and shared defaults of both stages, in one torch-free place.
 
-Each registry keeps its classes beside their code (`heads.model.architectures.ARCHITECTURES`, `heads.model.weighting.WEIGHTINGS`,
-the strategies of `heads.analysis.ensemble`); this module owns their *names* (in the paper's order), so a command line,
+Each registry keeps its classes beside their code (`heads.model.architectures.ARCHITECTURES`,
+`heads.model.weighting.WEIGHTINGS`, the strategies of `heads.analysis.ensemble`); this module owns their *names* (in the paper's order), so a command line,
 a config check or a table can name them without importing torch. tests/test_names.py checks that every
 registry's keys equal the names here.
 

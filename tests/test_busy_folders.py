@@ -1,4 +1,5 @@
-"""Busy output folders (cache.command_kit.lock): a second writer stops at once, readers are never blocked, ranks share one lock.
+"""Busy output folders (cache.command_kit.lock): a second writer stops at once, readers are never blocked, ranks
+share one lock.
 
 The lock's holder in these tests is another process (`holder`: a small script that takes the lock and waits),
 as it would be for a user who starts a second command in another terminal.

@@ -1,4 +1,5 @@
-"""SIGINT / SIGTERM as a clean stop (cache.command_kit.interrupt, cache.command_kit.command), with real signals sent to this process.
+"""SIGINT / SIGTERM as a clean stop (cache.command_kit.interrupt, cache.command_kit.command), with real signals
+sent to this process.
 
 The subprocess cases (dump with one and two processes, heads ablate, finetune) are in test_interruption.py beside
 the kill -9 tests and share their reference runs; the demo's is in test_demo.py. Here: the mechanism itself, and

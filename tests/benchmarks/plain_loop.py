@@ -6,8 +6,8 @@ Plain PyTorch: per (weighting, seed) run a fresh model of the paper's head sizes
 `nn.LayerNorm` and `nn.MultiheadAttention`, `torch.optim.AdamW`, `clip_grad_norm_`, `ReduceLROnPlateau` halving
 on the Val mean, batch 8 sliced from tensors held in memory, a Val pass every epoch, a deep copy of the best
 epoch's state, and the best epoch's Val and Test predictions saved. The losses and loss weightings are the
-project's own (`heads.model.losses`, `heads.model.weighting`, used for one run), so both sides do the same arithmetic and
-only the way the runs are organised differs. Prints the wall time of the whole process as its last line.
+project's own (`heads.model.losses`, `heads.model.weighting`, used for one run), so both sides do the same
+arithmetic and only the way the runs are organised differs. Prints the wall time of the whole process as its last line.
 """
 from __future__ import annotations
 
