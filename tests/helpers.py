@@ -38,12 +38,13 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def accelerate_command(module: str, processes: int) -> list[str]:
-    """`accelerate launch [--multi_gpu --num_processes N] -m MODULE` for real, on the CPU (gloo); append the
+def accelerate_command(module: str, processes: int, mixed_precision: str = "no") -> list[str]:
+    """`accelerate launch [--multi_gpu --num_processes N] -m MODULE` for real (on the CPU: gloo); append the
     module's arguments."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]
     launcher += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
-    return launcher + ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module]
+    return launcher + ["--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
+                       "-m", module]
 
 
 def accelerate_launch(module: str, args: list[str], processes: int, cwd: Path,
@@ -247,13 +248,18 @@ def val_labels(root, task):
 
 # ------------------------------------------------------------------------------------ trackers, read back
 
+def mlflow_store(tracking_dir: Path) -> str:
+    """The URI of the default MLflow store of a tracking dir (`mlflow.db` in it)."""
+    return f"sqlite:///{(tracking_dir / 'mlflow.db').resolve()}"
+
+
 def mlflow_runs(tracking_dir: Path, experiment: str) -> dict[str, Any]:
     """run name -> MLflow Run of `experiment` in the default store of a tracking dir (`mlflow.db`), found the
     way a user finds them: `mlflow.search_runs` on that store."""
     import mlflow  # noqa: PLC0415
 
     before = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(f"sqlite:///{(tracking_dir / 'mlflow.db').resolve()}")
+    mlflow.set_tracking_uri(mlflow_store(tracking_dir))
     if before is None:      # MLflow also sets the variable, which later tests would take for a user's setting
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
@@ -264,7 +270,7 @@ def mlflow_history(tracking_dir: Path, run: Any, key: str) -> list[tuple[int, fl
     """(step, value) of every logged value of `key` in an MLflow run, in step order."""
     from mlflow.tracking import MlflowClient  # noqa: PLC0415
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{(tracking_dir / 'mlflow.db').resolve()}")
+    client = MlflowClient(tracking_uri=mlflow_store(tracking_dir))
     return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
 
 

@@ -6,8 +6,8 @@ both AdamW moments and a best-epoch copy at once, so the runs are split into joi
 `max_group_bytes` (`joint_groups`): with the default budget VANILLA and CHAIN (~15 MiB of state per run) train
 12 runs in one group, while BRANCH (~132 MiB per run at wav2vec2-base size) trains 12 runs as 3 groups of 4,
 which keeps the HUME-scale grid's peak memory under twice the in-memory cache. A run folder whose `metrics.json`
-exists (written last) and whose `config.json` equals the config it would get now is finished and is not trained again, so an
-interrupted grid resumes where it stopped and a grown grid (more seeds) trains only the new runs. A joint
+exists (written last) and whose `config.json` equals the config it would get now is finished and is not trained
+again, so an interrupted grid resumes where it stopped and a grown grid (more seeds) trains only the new runs. A joint
 call that was killed while writing its run folders is retrained as a whole (see `_interrupted_groups`), so
 a resumed grid is bit-identical to an uninterrupted one. The groups are cut from the grid's run list (not
 from the unfinished runs), so the same grid always gives the same groups and a resumed grid trains every run

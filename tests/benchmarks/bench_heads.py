@@ -191,6 +191,8 @@ def measure_arch(cache: Any, cache_path: Path, out: Path, arch: str, head: Any, 
             return result
 
         def timed_predict(*args: Any, _marks: dict = marks, _predicts: list = predicts, **kwargs: Any) -> Any:
+            if device.type == "cuda":      # the loop's queued kernels belong to the loop, not to the evaluation
+                torch.cuda.synchronize(device)
             start = time.perf_counter()
             _marks.setdefault("loop_end", start)
             result = real_predict(*args, **kwargs)
@@ -242,7 +244,6 @@ def _groups_text(r: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> Figures:
     from cache.reader import cache_info, load_cache
     from heads.model.architectures import HeadConfig
-
     from heads.training.device import resolve_device
 
     fig, threads = begin("heads", args.threads)

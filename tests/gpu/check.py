@@ -37,6 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import accelerate_command, make_signal_cache
+
 REPO = Path(__file__).resolve().parents[2]
 HEADS_TOL = {"fp32": 5e-3, "bf16": 5e-2}       # largest |score difference| against the CPU's, per precision
 DUMP_REL_TOL = 2e-2                            # relative difference of pooled features, GPU fp32 vs CPU
@@ -63,11 +65,6 @@ def _run(cmd: list[str], log: Path, *, cpu_only: bool = False, timeout: int = 60
     return seconds
 
 
-def _launch(module: str, processes: int, precision: str) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", precision, "--dynamo_backend", "no", "-m", module]
-
-
 def _max_diff(a: dict[str, float], b: dict[str, float]) -> float:
     return max(abs(a[k] - b[k]) for k in a)
 
@@ -81,7 +78,6 @@ def check_heads(ctx: dict[str, Any]) -> dict[str, Any]:
     from heads.model.architectures import HeadConfig
     from heads.tasks import METRIC_KEYS
     from heads.training.joint import TrainConfig, train_runs
-    from tests.helpers import make_signal_cache
 
     device, work = ctx["device"], ctx["work"]
     sizes = (240, 120, 40) if ctx["quick"] else (4000, 1000, 400)
@@ -132,7 +128,7 @@ def check_finetune(ctx: dict[str, Any]) -> dict[str, Any]:
     model = random_wav2vec2(work / "pretrained", ctx["quick"])
     precision = "bf16" if ctx["cuda"] else "no"
     ft = work / "ft"
-    seconds = _run(_launch("extract.finetune", 1, precision) + [
+    seconds = _run(accelerate_command("extract.finetune", 1, precision) + [
         "--quiet", "--corpus", str(corpus), "--model", str(model), "--out", str(ft), "--epochs", "1",
         "--batch-size", "8", "--eval-batch-size", "16", "--mixed-precision", precision],
         work / "finetune.log", cpu_only=not ctx["cuda"])
@@ -153,7 +149,7 @@ def check_dump(ctx: dict[str, Any]) -> dict[str, Any]:
     runs = {}
     for name, cpu_only in (("device", not ctx["cuda"]), ("cpu", True)):
         out = work / f"dump-{name}.h5"
-        seconds = _run(_launch("extract.dump", 1, "no") + [
+        seconds = _run(accelerate_command("extract.dump", 1) + [
             "--quiet", "--corpus", str(ctx["corpus"]), "--model", str(backbone), "--out", str(out),
             "--batch-size", "16"], work / f"dump-{name}.log", cpu_only=cpu_only)
         runs[name] = (load_cache(out), seconds)
