@@ -37,14 +37,15 @@ REQUIRED_ATTRS: tuple[str, ...] = (
     "sample_rate", "clip_seconds", "frame_layers", "frame_stride", "n_clips",
 )
 # Attributes that must hold JSON; any other string attribute starting with "{" or "[" is parsed too.
-JSON_ATTRS: tuple[str, ...] = ("backbone", "layers", "layer_dims", "frame_layers")
+JSON_ATTRS: tuple[str, ...] = ("backbone", "layers", "layer_dims", "frame_layers", "tasks")
 # Attributes the writer derives from its own arguments, so a caller's `attrs` may not set them.
 RESERVED_ATTRS: tuple[str, ...] = (
     "format", "format_version", "layers", "layer_dims", "pooling", "dtype",
     "frame_layers", "frame_stride", "n_clips",
 )
-# Attributes that decide whether features from two caches are interchangeable (see check_compatible).
-COMPAT_ATTRS: tuple[str, ...] = ("backbone", "layers", "layer_dims", "pooling", "sample_rate", "clip_seconds")
+# Attributes that decide whether features from two caches are interchangeable (see check_compatible); a run
+# records them, so its tasks ("tasks", the corpus description) travel with it.
+COMPAT_ATTRS: tuple[str, ...] = ("backbone", "layers", "layer_dims", "pooling", "sample_rate", "clip_seconds", "tasks")
 
 # Reads of scattered rows are coalesced into one slice when the gap between them is below this many bytes:
 # one larger contiguous read beats many small ones on both local disks and network file systems.

@@ -8,6 +8,9 @@ The header is parsed by hand (`wav_info`) rather than through the `wave` module 
 WAVs, and `corpus check` must size tens of thousands of files without decoding them. `load_wav` runs the same
 header check first, so a truncated or malformed file gets the same one-line error from both, before
 `scipy.io.wavfile` decodes the samples (scipy only warns on a truncated data chunk and returns a partial clip).
+Other formats (FLAC, OGG, AIFF, ... -- whatever libsndfile reads) go through `soundfile`, imported only when
+such a file is met: `load_audio` / `audio_info` pick the reader by extension and give the same one-line errors,
+the same down-mix and the same resampling as `load_wav` / `wav_info`.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import os
 import struct
 import warnings
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -151,7 +154,6 @@ def _to_float(samples: np.ndarray, bits: int) -> np.ndarray:
 def load_wav(path: str | os.PathLike, max_seconds: float = MAX_SECONDS) -> np.ndarray:
     """Decode a WAV file to float32 mono at 16 kHz (channels averaged, polyphase resampling)."""
     from scipy.io import wavfile
-    from scipy.signal import resample_poly
 
     path = Path(path)
     header = _read_header(path)
@@ -170,6 +172,13 @@ def load_wav(path: str | os.PathLike, max_seconds: float = MAX_SECONDS) -> np.nd
         wave = _to_float(samples, header.bits)
     except AudioError as err:
         raise AudioError(f"{path}: {err}") from None
+    return _mono_16k(path, wave, int(rate))
+
+
+def _mono_16k(path: Path, wave: np.ndarray, rate: int) -> np.ndarray:
+    """Float samples ([n] or [n, channels]) -> float32 mono at 16 kHz: channels averaged, polyphase resampling."""
+    from scipy.signal import resample_poly
+
     if wave.ndim == 2:
         wave = wave.mean(axis=1)
     if wave.size == 0:
@@ -181,6 +190,73 @@ def load_wav(path: str | os.PathLike, max_seconds: float = MAX_SECONDS) -> np.nd
         g = math.gcd(int(rate), SAMPLE_RATE)
         wave = resample_poly(wave, SAMPLE_RATE // g, int(rate) // g)
     return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def _is_wav(path: Path) -> bool:
+    return path.suffix.lower() in (".wav", ".wave")
+
+
+def _soundfile_info(path: Path) -> Any:
+    """soundfile's header for a non-WAV file, with the same one-line errors as the WAV reader."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise AudioError(f"{path}: no such file") from None
+    except OSError as err:
+        raise AudioError(f"{path}: cannot open ({err.strerror or err})") from None
+    if not path.is_file():
+        raise AudioError(f"{path}: not a regular file")
+    if size == 0:
+        raise AudioError(f"{path}: empty file (0 bytes)")
+    import soundfile
+
+    try:
+        info = soundfile.info(str(path))
+    except Exception as err:  # noqa: BLE001 -- soundfile.LibsndfileError (a RuntimeError), TypeError, ...
+        raise AudioError(f"{path}: not a readable audio file ({_one_line(err)})") from None
+    if info.samplerate < 1 or info.channels < 1:
+        raise AudioError(f"{path}: malformed header ({info.channels} channels, {info.samplerate} Hz)")
+    return info
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def audio_info(path: str | os.PathLike) -> WavInfo:
+    """(sample_rate, n_frames, n_channels, duration_s) of any audio file from its header: `wav_info` for a
+    .wav file, soundfile (libsndfile: FLAC, OGG, AIFF, ...) for the others."""
+    path = Path(path)
+    if _is_wav(path):
+        return wav_info(path)
+    info = _soundfile_info(path)
+    frames = max(int(info.frames), 0)
+    return WavInfo(int(info.samplerate), frames, int(info.channels), frames / info.samplerate)
+
+
+def load_audio(path: str | os.PathLike, max_seconds: float = MAX_SECONDS) -> np.ndarray:
+    """Decode any audio file to float32 mono at 16 kHz: `load_wav` for a .wav file, soundfile for FLAC, OGG and
+    the other formats libsndfile reads; the same checks, errors, down-mix and resampling either way."""
+    path = Path(path)
+    if _is_wav(path):
+        return load_wav(path, max_seconds)
+    info = _soundfile_info(path)
+    if info.frames == 0:
+        raise AudioError(f"{path}: no audio samples (0 frames)")
+    duration = info.frames / info.samplerate
+    if info.frames > 0 and duration > max_seconds:
+        raise AudioError(f"{path}: clip is {duration:.2f} s long, more than the {max_seconds:g} s maximum")
+    import soundfile
+
+    try:
+        # float64 keeps integer sources exact: 16-bit FLAC reads as int16 / 32768, as load_wav scales PCM_16
+        wave, rate = soundfile.read(str(path), dtype="float64", always_2d=True)
+    except Exception as err:  # noqa: BLE001 -- libsndfile's errors for a damaged stream
+        raise AudioError(f"{path}: unreadable audio ({type(err).__name__}: {_one_line(err)})") from None
+    if wave.shape[0] / rate > max_seconds:  # formats whose header does not give the length
+        raise AudioError(f"{path}: clip is {wave.shape[0] / rate:.2f} s long, more than the {max_seconds:g} s "
+                         f"maximum")
+    return _mono_16k(path, wave, int(rate))
 
 
 def crop_or_pad(

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from cache.command_kit.errors import AvbError
-from extract.audio import SAMPLE_RATE, crop_or_pad, load_wav
+from extract.audio import SAMPLE_RATE, crop_or_pad, load_audio
 from extract.corpus import Corpus
 from heads.names import CLIP_SECONDS
 
@@ -63,7 +63,7 @@ class ClipDataset(Dataset):
 
     def __getitem__(self, k: int) -> dict:
         row = int(self.rows[k])
-        wave = load_wav(self.corpus.wav_path(self.corpus.ids[row]))
+        wave = load_audio(self.corpus.audio_path(self.corpus.ids[row]))
         rng = np.random.default_rng([self.seed, self.epoch, row]) if self.train else None
         clip, mask = crop_or_pad(wave, self.n_samples, rng)
         return {

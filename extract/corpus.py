@@ -23,7 +23,7 @@ import numpy as np
 
 from cache.command_kit.errors import AvbError, where
 from heads.submission import SubmissionError, bracket_id, row_where, strip_brackets
-from heads.tasks import SPLITS, TASKS, Task
+from heads.tasks import AVB, SPLITS, Task, TaskSet
 
 LABELS_DIR = "labels"
 AUDIO_DIR = ("audio", "wav")
@@ -38,17 +38,32 @@ class CorpusError(AvbError):
 
 @dataclass
 class Corpus:
-    """Label-side view of a corpus, rows sorted by id. Audio is located by `wav_path`, never preloaded."""
+    """Label-side view of a corpus, rows sorted by id. Audio is located by `audio_path`, never preloaded.
+
+    The same shape for the A-VB layout (`read_corpus`) and for a corpus described by a `corpus.yaml`
+    (`extract.description`): `tasks` says what the labels are, `audio_paths` (described corpora) maps each id
+    to its file, `groups` holds each clip's speaker/group ("" for none)."""
 
     root: Path
     ids: list[str]                  # without brackets, sorted ascending
     splits: np.ndarray              # str: "Train" | "Val" | "Test", aligned with ids
-    labels: dict[str, np.ndarray]   # task name -> float32 [N, label_dim]; NaN where unknown; TYPE = class index
-    countries: list[str]            # "" when unknown
+    labels: dict[str, np.ndarray]   # task name -> float32 [N, label_dim]; NaN where unknown; class index for
+                                    # a classification task
+    countries: list[str]            # A-VB's Country; "" when unknown
     label_files: list[Path] = field(default_factory=list)  # the CSVs that were read, for reports
+    tasks: TaskSet = AVB
+    groups: list[str] = field(default_factory=list)        # aligned with ids; empty list: no group column
+    audio_paths: dict[str, Path] | None = None            # id -> audio file (described corpora)
+    spec_path: Path | None = None                          # the corpus.yaml read, None for the A-VB layout
 
-    def wav_path(self, clip_id: str) -> Path:
+    def audio_path(self, clip_id: str) -> Path:
+        if self.audio_paths is not None:
+            return self.audio_paths[clip_id]
         return self.root.joinpath(*AUDIO_DIR, f"{clip_id}.wav")
+
+    @property
+    def name(self) -> str:
+        return self.tasks.name
 
     def indices(self, split: str) -> np.ndarray:
         """Row positions of one split, ascending."""
@@ -201,12 +216,13 @@ def _label_sources(labels_dir: Path) -> tuple[dict[str, Path], Path | None]:
     """Which CSV each task is read from, and data_info.csv if present."""
     data_info = labels_dir / DATA_INFO
     has_data_info = data_info.is_file()
-    task_files = {name: labels_dir / task.info_csv for name, task in TASKS.items()}
+    task_files = {task.name: labels_dir / task.info_csv for task in AVB}
     if not has_data_info and not any(p.is_file() for p in task_files.values()):
         raise CorpusError(f"{labels_dir}: no label files found (expected high_info.csv, two_info.csv, "
                           f"culture_info.csv and type_info.csv, or data_info.csv and type_info.csv)")
     sources: dict[str, Path] = {}
-    for name, task in TASKS.items():
+    for task in AVB:
+        name = task.name
         path = task_files[name]
         if path.is_file():
             sources[name] = path
@@ -242,7 +258,8 @@ def read_corpus(root: str | os.PathLike, *, check_audio: bool = False) -> Corpus
     position = {clip: i for i, clip in enumerate(ids)}
     split_of = dict(zip(reference.ids, reference.splits))
     labels: dict[str, np.ndarray] = {}
-    for name, task in TASKS.items():
+    for task in AVB:
+        name = task.name
         array = np.full((len(ids), task.label_dim), np.nan, dtype=np.float32)
         for clip, row in _parse_labels(tables[sources[name]], task).items():
             array[position[clip]] = row
@@ -271,4 +288,4 @@ def missing_wavs(corpus: Corpus) -> list[Path]:
         present = {entry.name for entry in os.scandir(folder) if entry.is_file()}
     except FileNotFoundError:
         present = set()
-    return [corpus.wav_path(clip) for clip in corpus.ids if f"{clip}.wav" not in present]
+    return [corpus.audio_path(clip) for clip in corpus.ids if f"{clip}.wav" not in present]

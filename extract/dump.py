@@ -40,7 +40,7 @@ from cache.writer import CacheWriter, merge_shards
 from extract.audio import SAMPLE_RATE
 from extract.run_config import PRECISIONS, ClipRunConfig
 from heads.names import CLIP_SECONDS
-from heads.tasks import TASKS, TYPE
+from heads.tasks import TaskSet
 
 SHARD_PATTERN = re.compile(r"\.shard-(\d+)-of-(\d+)$")
 DTYPES = ("float16", "float32")
@@ -64,8 +64,8 @@ class DumpConfig(ClipRunConfig):
     overwrite: bool = False
 
     def validate(self) -> None:
-        if not self.corpus or not self.out:
-            raise DumpError("both a corpus root and an output file are required")
+        if not (self.corpus or self.spec) or not self.out:
+            raise DumpError("a corpus (--corpus or --spec) and an output file are required")
         if self.frame_stride < 1:
             raise DumpError(f"--frame-stride must be >= 1, got {self.frame_stride}")
         if self.batch_size < 1:
@@ -102,8 +102,9 @@ def backbone_attrs(name_or_path: str, model: Any) -> dict[str, Any]:
     }
 
 
-def expected_attrs(cfg: DumpConfig, model: Any) -> dict[str, Any]:
-    """Every root attribute a cache of this dump must carry (used to write shards and to validate old ones)."""
+def expected_attrs(cfg: DumpConfig, model: Any, tasks: TaskSet) -> dict[str, Any]:
+    """Every root attribute a cache of this dump must carry (used to write shards and to validate old ones);
+    `tasks` is the corpus's description, which every later stage reads from the cache."""
     from extract.backbone import layer_dims, uses_attention_mask
 
     return {
@@ -117,6 +118,7 @@ def expected_attrs(cfg: DumpConfig, model: Any) -> dict[str, Any]:
         "dtype": cfg.dtype,
         "frame_layers": list(cfg.frame_layers),
         "frame_stride": int(cfg.frame_stride),
+        "tasks": tasks.to_json(),
     }
 
 
@@ -132,10 +134,11 @@ def cache_matches(path: Path, attrs: dict[str, Any], ids: Sequence[str]) -> bool
 
 def _writer_args(attrs: dict[str, Any]) -> dict[str, Any]:
     derived = ("layers", "layer_dims", "dtype", "frame_layers", "frame_stride")
+    columns, classes = TaskSet.from_json(attrs["tasks"]).label_meta()
     return {
         "layer_dims": attrs["layer_dims"],
-        "label_columns": {name: list(task.columns) for name, task in TASKS.items()},
-        "label_classes": {TYPE.name: list(TYPE.classes)},
+        "label_columns": columns,
+        "label_classes": classes,
         "attrs": {k: v for k, v in attrs.items() if k not in derived},
         "frame_layers": attrs["frame_layers"],
         "frame_stride": attrs["frame_stride"],
@@ -181,7 +184,7 @@ def dump_shard(
             writer.append(
                 ids=[corpus.ids[r] for r in batch_rows],
                 splits=[str(corpus.splits[r]) for r in batch_rows],
-                labels={name: corpus.labels[name][batch_rows] for name in TASKS},
+                labels={name: corpus.labels[name][batch_rows] for name in corpus.tasks.names},
                 n_frames=n_frames.cpu().numpy().astype(np.int32),
                 pooled={layer: t.float().cpu().numpy() for layer, t in pooled.items()},
                 frames={layer: [t.cpu().numpy() for t in clips] for layer, clips in frames.items()} or None,
@@ -211,18 +214,18 @@ def run_dump(cfg: DumpConfig, *, progress: bool = True) -> DumpResult:
 def _dump_in_role(cfg: DumpConfig, accelerator: Any, progress: bool) -> DumpResult:
     """This rank's shard, the barrier and (rank 0) the merge; `run_dump` holds the output's lock meanwhile."""
     from extract.backbone import layer_names, load_backbone
-    from extract.corpus import read_corpus
+    from extract.description import open_corpus
 
     out = Path(cfg.out)
-    corpus = read_corpus(cfg.corpus)
+    corpus = open_corpus(cfg.corpus or None, cfg.spec or None)
     if len(corpus) == 0:
-        raise DumpError(f"corpus {cfg.corpus} has no clips")
+        raise DumpError(f"corpus {corpus.root} has no clips")
     model = load_backbone(cfg.model)
     unknown = [layer for layer in cfg.frame_layers if layer not in layer_names(model)]
     if unknown:
         raise DumpError(f"unknown frame layer(s) {', '.join(unknown)}; this backbone has "
                         f"{', '.join(layer_names(model))}")
-    attrs = expected_attrs(cfg, model)
+    attrs = expected_attrs(cfg, model, corpus.tasks)
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     show = progress and accelerator.is_local_main_process
@@ -277,8 +280,10 @@ def parse_layers(text: str) -> tuple[str, ...]:
 
 
 @click.command("dump")
-@click.option("--corpus", "corpus", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Corpus root in the official A-VB layout.")
+@click.option("--corpus", "corpus", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Corpus root: with a corpus.yaml, or in the official A-VB layout.")
+@click.option("--spec", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="The corpus.yaml describing the corpus, when it is not <corpus>/corpus.yaml.")
 @click.option("--model", "model", default=DumpConfig.model, show_default=True,
               help="Fine-tuned backbone directory (avb finetune's OUT/backbone) or a pretrained checkpoint name.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -296,14 +301,14 @@ def parse_layers(text: str) -> tuple[str, ...]:
 @click.option("--num-workers", default=DumpConfig.num_workers, show_default=True, type=int, help="DataLoader workers per process.")
 @click.option("--overwrite", is_flag=True, help="Recompute FILE.h5 and its shards even if they are complete.")
 @progress_option()
-def dump_command(corpus: Path, model: str, out: Path, frame_layers: str, frame_stride: int, batch_size: int,
+def dump_command(corpus: Path | None, spec: Path | None, model: str, out: Path, frame_layers: str, frame_stride: int, batch_size: int,
                  clip_seconds: float, dtype: str, mixed_precision: str, num_workers: int, overwrite: bool,
                  progress: bool) -> None:
     """Dump per-layer hidden states (masked mean, optional frames) of a backbone to an HDF5 cache.
 
     Run under `accelerate launch -m extract.dump ...` to shard the clips over processes/GPUs.
     """
-    cfg = DumpConfig(corpus=str(corpus), model=str(model), out=str(out), frame_layers=parse_layers(frame_layers),
+    cfg = DumpConfig(corpus=str(corpus or ""), spec=str(spec or ""), model=str(model), out=str(out), frame_layers=parse_layers(frame_layers),
                      frame_stride=frame_stride, batch_size=batch_size, clip_seconds=clip_seconds, dtype=dtype,
                      mixed_precision=mixed_precision, num_workers=num_workers, overwrite=overwrite)
     with command_errors():  # DumpError, CorpusError, CacheError, AudioError, write errors, SIGINT/SIGTERM

@@ -66,7 +66,6 @@ from heads.runs import (
     history_entry,
     read_history,
 )
-from heads.tasks import TASK_NAMES
 from heads.training.tracking import REPORT_TO_CHOICES
 
 CHECKPOINT = re.compile(r"^step-(\d{8,})$")
@@ -117,8 +116,8 @@ class FinetuneConfig(ClipRunConfig):
                          "report_to", "tracking_dir")
 
     def validate(self) -> None:
-        if not self.corpus or not self.out:
-            raise FinetuneError("both --corpus and --out are required")
+        if not (self.corpus or self.spec) or not self.out:
+            raise FinetuneError("a corpus (--corpus or --spec) and --out are required")
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "keep_checkpoints", "hidden"):
             if getattr(self, name) < 1:
                 raise FinetuneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -157,7 +156,7 @@ class FinetuneModel(nn.Module):
         self.weighting = weighting
 
     def forward(self, waves: Tensor, mask: Tensor, targets: dict[str, Tensor] | None = None) -> dict[str, Any]:
-        """outputs: task -> [B, out_dim]; with targets ({task: [B, label_dim]}) also loss and task_losses [4]."""
+        """outputs: task -> [B, out_dim]; with targets ({task: [B, label_dim]}) also loss and task_losses [K]."""
         from extract.backbone import forward_layers
         from heads.model.architectures import HeadInputs
         from heads.model.losses import task_losses
@@ -168,7 +167,7 @@ class FinetuneModel(nn.Module):
         outputs = self.head(inputs, stacked)
         result: dict[str, Any] = {"outputs": {task: out[0] for task, out in outputs.items()}}
         if stacked is not None:
-            losses = task_losses(outputs, stacked)                      # [1, 4]
+            losses = task_losses(self.head.tasks, outputs, stacked)    # [1, K]
             result["task_losses"] = losses[0]
             result["loss"] = self.weighting(losses)[0]
         return result
@@ -184,7 +183,7 @@ class TrainState:
     step: int = 0                   # optimizer steps so far
     world: int = 1                  # processes that trained the current epoch
     loss_sum: float = 0.0           # sums over the current epoch's micro-batches, all processes
-    task_loss_sum: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
+    task_loss_sum: tuple[float, ...] = ()   # per task, in the corpus's task order
     n_batches: int = 0
     history: list[dict] = field(default_factory=list)   # one heads.runs.history_entry per validation
     best: dict | None = None        # the history entry of the best validation so far
@@ -318,10 +317,10 @@ def _check_resume_config(saved_path: Path, cfg: FinetuneConfig) -> None:
 
 
 def _train_rows(corpus: Any) -> np.ndarray:
-    """Train rows with every task labelled (a clip missing a label cannot give all four losses)."""
+    """Train rows with every task labelled (a clip missing a label cannot give every task's loss)."""
     rows = corpus.indices("Train")
     known = np.ones(len(rows), dtype=bool)
-    for task in TASK_NAMES:
+    for task in corpus.tasks.names:
         known &= ~np.isnan(corpus.labels[task][rows]).any(axis=1)
     return rows[known]
 
@@ -329,12 +328,13 @@ def _train_rows(corpus: Any) -> np.ndarray:
 def _step_values(step_sums: Tensor, unwrapped: FinetuneModel, optimizer: Any) -> dict[str, float]:
     """What one optimizer step logs (heads.training.tracking names): this process's mean loss over the step's
     micro-batches, each task's loss and loss weight, and both learning rates."""
-    n = max(1.0, float(step_sums[5]))
+    names = unwrapped.head.tasks.names
+    n = max(1.0, float(step_sums[-1]))
     values = {"train/loss": float(step_sums[0]) / n,
-              **{f"train/loss_{task}": float(step_sums[1 + k]) / n for k, task in enumerate(TASK_NAMES)},
+              **{f"train/loss_{task}": float(step_sums[1 + k]) / n for k, task in enumerate(names)},
               "lr/backbone": float(optimizer.param_groups[0]["lr"]), "lr/head": float(optimizer.param_groups[-1]["lr"])}
     weights = unwrapped.weighting.weights()[0].tolist()
-    values.update({f"loss_weight/{task}": float(w) for task, w in zip(TASK_NAMES, weights)})
+    values.update({f"loss_weight/{task}": float(w) for task, w in zip(names, weights)})
     return values
 
 
@@ -367,19 +367,20 @@ def evaluate(accelerator: Any, model: nn.Module, loader: Any, corpus: Any, *, pr
 
     model.eval()
     rows: list[np.ndarray] = []
-    preds: dict[str, list[np.ndarray]] = {task: [] for task in TASK_NAMES}
+    names = corpus.tasks.names
+    preds: dict[str, list[np.ndarray]] = {task: [] for task in names}
     for batch in tqdm(loader, desc="val", unit="batch", leave=False, disable=not progress):
         result = model(batch["waves"], batch["mask"])
         gathered = accelerator.gather_for_metrics(
             {"rows": batch["rows"], "outputs": {task: out.float() for task, out in result["outputs"].items()}}
         )
         rows.append(gathered["rows"].cpu().numpy())
-        for task in TASK_NAMES:
+        for task in names:
             preds[task].append(gathered["outputs"][task].cpu().numpy())
     all_rows = np.concatenate(rows)
     all_preds = {task: np.concatenate(p) for task, p in preds.items()}
-    labels = {task: corpus.labels[task][all_rows] for task in TASK_NAMES}
-    return score_all(labels, all_preds), all_rows, all_preds
+    labels = {task: corpus.labels[task][all_rows] for task in names}
+    return score_all(corpus.tasks, labels, all_preds), all_rows, all_preds
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -393,7 +394,7 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
     )
 
     from extract.backbone import load_backbone, make_accelerator
-    from extract.corpus import read_corpus
+    from extract.description import open_corpus
     from heads.training.tracking import TRACKING_DIR, resolve_report_to
 
     out = Path(cfg.out)
@@ -407,10 +408,10 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
     if cfg.resume and latest is not None and (out / CONFIG_FILE).exists():
         _check_resume_config(out / CONFIG_FILE, cfg)
 
-    corpus = read_corpus(cfg.corpus)
+    corpus = open_corpus(cfg.corpus or None, cfg.spec or None)
     train_rows, val_rows = _train_rows(corpus), corpus.indices("Val")
     if len(val_rows) == 0:
-        raise FinetuneError(f"corpus {cfg.corpus} has no Val clips to select the best epoch on")
+        raise FinetuneError(f"corpus {corpus.root} has no Val clips to select the best epoch on")
 
     set_seed(cfg.seed)   # same initial weights on every rank (DDP also broadcasts them)
     backbone = load_backbone(cfg.model, spec_time_p=cfg.spec_time_p, spec_feature_p=cfg.spec_feature_p,
@@ -456,7 +457,7 @@ class Finetuning:
         self.ckpt_root = self.out / CHECKPOINTS_DIR
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         if len(train_rows) < cfg.batch_size * self.world:
-            raise FinetuneError(f"corpus {cfg.corpus} has {len(train_rows)} fully labelled Train clips, fewer than "
+            raise FinetuneError(f"corpus {corpus.root} has {len(train_rows)} fully labelled Train clips, fewer than "
                                 f"one batch per process ({cfg.batch_size} x {self.world})")
         self.show = progress and accelerator.is_local_main_process
         model = self._build_model(backbone)
@@ -479,11 +480,13 @@ class Finetuning:
 
         cfg = self.cfg
         self.dims = layer_dims(backbone)
-        self.head_cfg = HeadConfig(arch=cfg.arch, hidden=cfg.hidden, dropout=cfg.dropout, input_layer=cfg.input_layer)
-        head = build_head(self.head_cfg, self.dims, seeds=[cfg.seed])
+        tasks = self.corpus.tasks
+        self.head_cfg = HeadConfig(arch=cfg.arch, hidden=cfg.hidden, dropout=cfg.dropout, input_layer=cfg.input_layer,
+                                   chain_order=tasks.names)
+        head = build_head(self.head_cfg, self.dims, [cfg.seed], tasks)
         self.dropout_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * (self.rank + 1))
         head.set_run_generators([self.dropout_gen])
-        return FinetuneModel(backbone, head, build_weighting(cfg.weighting, n_runs=1))
+        return FinetuneModel(backbone, head, build_weighting(cfg.weighting, 1, len(tasks)))
 
     def _build_optimizer(self, model: FinetuneModel) -> torch.optim.Optimizer:
         """AdamW: the backbone at its LR, the head and the weighting's alpha (no weight decay) at the head's."""
@@ -538,7 +541,7 @@ class Finetuning:
         if gen_file.exists():
             self.dropout_gen.set_state(load_file(str(gen_file))["state"])
         if not accelerator.is_main_process:   # the epoch's sums so far are counted once, on rank 0
-            state.loss_sum, state.task_loss_sum, state.n_batches = 0.0, (0.0,) * 4, 0
+            state.loss_sum, state.task_loss_sum, state.n_batches = 0.0, (0.0,) * len(self.corpus.tasks), 0
         if accelerator.is_main_process:
             _log(f"resuming from {latest} (epoch {state.epoch + 1}, step {state.step})")
 
@@ -565,6 +568,7 @@ class Finetuning:
         if self.accelerator.is_main_process:
             write_json_atomic(out / CONFIG_FILE, {**cfg.to_json(), "head": asdict(self.head_cfg),
                                                     "layer_dims": self.dims, "processes": self.world,
+                                                    "tasks": self.corpus.tasks.to_json(),
                                                     "kind": FINETUNE_KIND, "finetune_format": FINETUNE_FORMAT})
         if self.trackers:   # TensorBoard: OUT/tracking/finetune; a resumed run replaces the steps it redoes
             self.accelerator.init_trackers(
@@ -579,7 +583,7 @@ class Finetuning:
         self.stop = bool(cfg.max_steps) and state.step >= cfg.max_steps
 
     def train_epoch(self) -> Tensor:
-        """Train the rest of the current epoch, or up to --max-steps; this process's sums (loss, 4 task losses,
+        """Train the rest of the current epoch, or up to --max-steps; this process's sums (loss, K task losses,
         micro-batches)."""
         from tqdm.auto import tqdm
 
@@ -590,8 +594,9 @@ class Finetuning:
         if state.batches_in_epoch:
             loader = accelerator.skip_first_batches(self.train_loader, state.batches_in_epoch)
         self.model.train()
-        sums = torch.zeros(6, dtype=torch.float64)       # loss, 4 task losses, batches (this process)
-        step_sums = torch.zeros(6, dtype=torch.float64)  # the same over the micro-batches of one optimizer step
+        width = 2 + len(self.corpus.tasks)
+        sums = torch.zeros(width, dtype=torch.float64)       # loss, K task losses, batches (this process)
+        step_sums = torch.zeros(width, dtype=torch.float64)  # the same over the micro-batches of one optimizer step
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch", disable=not self.show,
                    initial=state.batches_in_epoch, total=len(self.train_loader))
         for batch in bar:
@@ -637,7 +642,8 @@ class Finetuning:
         groups = self.optimizer.param_groups
         entry = history_entry(epoch=epoch + 1, step=state.step, partial=not epoch_done,
                               loss=state.loss_sum / max(1, state.n_batches),
-                              task_losses=dict(zip(TASK_NAMES, task_means)), weights=dict(zip(TASK_NAMES, weights)),
+                              task_losses=dict(zip(self.corpus.tasks.names, task_means)),
+                              weights=dict(zip(self.corpus.tasks.names, weights)),
                               lr={"backbone": groups[0]["lr"], "head": groups[-1]["lr"]}, val=scores)
         state.history.append(entry)
         if self.trackers:
@@ -652,9 +658,9 @@ class Finetuning:
             self.unwrapped.weighting.end_epoch(torch.tensor([task_means], dtype=torch.float32))
             self.plateau.step(score if math.isfinite(score) else float("-inf"))
             state.epoch += 1
-            state.batches_in_epoch, state.loss_sum, state.task_loss_sum, state.n_batches = 0, 0.0, (0.0,) * 4, 0
+            state.batches_in_epoch, state.loss_sum, state.task_loss_sum, state.n_batches = 0, 0.0, (0.0,) * len(self.corpus.tasks), 0
         elif not self.accelerator.is_main_process:
-            state.loss_sum, state.task_loss_sum, state.n_batches = 0.0, (0.0,) * 4, 0
+            state.loss_sum, state.task_loss_sum, state.n_batches = 0.0, (0.0,) * len(self.corpus.tasks), 0
         if self.accelerator.is_main_process:
             _log(f"epoch {entry['epoch']}{' (partial)' if entry['partial'] else ''} step {state.step}: "
                  f"train loss {entry['loss']:.4f}, val " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
@@ -666,8 +672,10 @@ class Finetuning:
         state = self.state
         total = self.accelerator.reduce(sums.float().to(self.accelerator.device), reduction="sum").double().cpu()
         state.loss_sum += float(total[0])
-        state.task_loss_sum = tuple(float(a + b) for a, b in zip(state.task_loss_sum, total[1:5].tolist()))
-        state.n_batches += int(round(float(total[5])))
+        k = len(self.corpus.tasks)
+        sums_before = state.task_loss_sum or (0.0,) * k
+        state.task_loss_sum = tuple(float(a + b) for a, b in zip(sums_before, total[1:1 + k].tolist()))
+        state.n_batches += int(round(float(total[1 + k])))
         return [s / max(1, state.n_batches) for s in state.task_loss_sum]
 
     # ------------------------------------------------------------------ checkpoint and export
@@ -717,8 +725,10 @@ class Finetuning:
 
 # ---------------------------------------------------------------------------------------------- CLI
 @click.command("finetune")
-@click.option("--corpus", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Corpus root in the official A-VB layout.")
+@click.option("--corpus", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Corpus root: with a corpus.yaml, or in the official A-VB layout.")
+@click.option("--spec", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="The corpus.yaml describing the corpus, when it is not <corpus>/corpus.yaml.")
 @click.option("--model", default=FinetuneConfig.model, show_default=True,
               help="Pretrained wav2vec2-family checkpoint name or local directory.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output directory.")
@@ -754,18 +764,18 @@ class Finetuning:
 @click.option("--tracking-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the trackers write (default: OUT/tracking; TensorBoard: OUT/tracking/finetune).")
 @progress_option()
-def finetune_command(corpus: Path, model: str, out: Path, epochs: int, batch_size: int, eval_batch_size: int,
+def finetune_command(corpus: Path | None, spec: Path | None, model: str, out: Path, epochs: int, batch_size: int, eval_batch_size: int,
                      lr_backbone: float, lr_head: float, clip_seconds: float, spec_time_p: float,
                      spec_feature_p: float, arch: str, weighting: str, freeze_cnn: bool, grad_accum: int,
                      grad_clip: float, mixed_precision: str, max_steps: int, resume: bool, seed: int,
                      num_workers: int, report_to: str, tracking_dir: Path | None, progress: bool) -> None:
-    """Fine-tune a wav2vec2 backbone and a multi-task head on the four A-VB tasks (stage 1).
+    """Fine-tune a wav2vec2 backbone and a multi-task head on the corpus's tasks (stage 1).
 
     Run under `accelerate launch -m extract.finetune ...` for several GPUs. Writes OUT/backbone (the best
     epoch, loadable with AutoModel.from_pretrained), OUT/head.safetensors, OUT/config.json, OUT/metrics.json
     and OUT/checkpoints/.
     """
-    cfg = FinetuneConfig(corpus=str(corpus), model=str(model), out=str(out), epochs=epochs, batch_size=batch_size,
+    cfg = FinetuneConfig(corpus=str(corpus or ""), spec=str(spec or ""), model=str(model), out=str(out), epochs=epochs, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, lr_backbone=lr_backbone, lr_head=lr_head,
                          clip_seconds=clip_seconds, spec_time_p=spec_time_p, spec_feature_p=spec_feature_p,
                          arch=arch.lower(), weighting=weighting.lower(), freeze_cnn=freeze_cnn, grad_accum=grad_accum,

@@ -12,8 +12,10 @@ PRECISIONS = ("no", "fp16", "bf16")   # accelerate's mixed-precision modes for a
 
 @dataclass
 class ClipRunConfig:
-    """The corpus root, the backbone (a checkpoint name or folder) and where the pass's output goes."""
+    """The corpus (its root, and/or the `corpus.yaml` describing it), the backbone (a checkpoint name or folder)
+    and where the pass's output goes."""
 
     corpus: str = ""
     model: str = "facebook/wav2vec2-base"
     out: str = ""
+    spec: str = ""      # a corpus.yaml elsewhere than <corpus>/corpus.yaml

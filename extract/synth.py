@@ -19,16 +19,24 @@ The layout, column names and order are exactly the official ones (as `heads.task
 described in the README, "The workflow on the real corpus"), Test rows have empty label cells, and the same seed gives byte-identical files. Beside the
 official files sits `synth_config.json` (the resolved settings): it marks the folder as a synth corpus, so a
 rerun may replace it without `--overwrite`, and documents how the corpus was made.
+
+`--layout described` (`synthesize_described`) writes instead a corpus described by a `corpus.yaml` -- the
+format any corpus can be brought in -- with one `labels.csv` (id, split, speaker, emotion, intensity, valence,
+arousal), `audio/<id>.flac` (or .wav) and speaker-disjoint splits: 7 emotions that pick a sound recipe and
+the latent means, `intensity` normal/strong from activation, valence and arousal on a 1..9 scale. `--tasks`
+picks which of its tasks (emotion, intensity, affect) the yaml describes; labels.csv keeps every column.
 """
 from __future__ import annotations
 
 import csv
 import inspect
 import io
+import json
 import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -36,7 +44,7 @@ from scipy.io import wavfile
 from scipy.signal import lfilter
 from tqdm.auto import tqdm
 
-from cache.command_kit.atomic import write_json_atomic, write_text_atomic
+from cache.command_kit.atomic import atomic_path, write_json_atomic, write_text_atomic
 from cache.command_kit.command import command_errors
 from cache.command_kit.errors import AvbError
 from cache.command_kit.options import (
@@ -46,16 +54,10 @@ from cache.command_kit.options import (
 )
 from extract.audio import write_wav
 from heads.submission import number_text
-from heads.tasks import (
-    COUNTRIES,
-    CULTURE,
-    EMOTIONS,
-    HIGH,
-    SPLITS,
-    TWO,
-    TYPE,
-    TYPE_CLASSES,
-)
+from heads.tasks import AVB, COUNTRIES, EMOTIONS, SPLITS, TYPE_CLASSES
+
+# The A-VB tasks whose columns the official layout's CSVs hold.
+TYPE, TWO, HIGH, CULTURE = (AVB[name] for name in ("type", "two", "high", "culture"))
 
 MARKER = "synth_config.json"
 LABEL_FILES = ("data_info.csv", "high_info.csv", "two_info.csv", "culture_info.csv", "type_info.csv")
@@ -265,11 +267,14 @@ def _other_recipe(rng: np.random.Generator) -> Recipe:
     return replace(RECIPES["Gasp"], **mixed)
 
 
-def render_audio(clip: Clip, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
-    """The clip's waveform (float64 in [-1, 1]) from its type recipe modulated by its latent factors."""
-    recipe = RECIPES[clip.voc_type] if clip.voc_type in RECIPES else _other_recipe(rng)
+def render_audio(clip: Clip, sample_rate: int, rng: np.random.Generator, *,
+                 recipe: Recipe | None = None) -> np.ndarray:
+    """The clip's waveform (float64 in [-1, 1]) from its type recipe (or `recipe`, e.g. one shifted to a
+    speaker's voice) modulated by its latent factors."""
+    if recipe is None:
+        recipe = RECIPES[clip.voc_type] if clip.voc_type in RECIPES else _other_recipe(rng)
     activation, pleasantness, roughness, tension = clip.latent
-    n = max(1, int(round(clip.seconds * sample_rate)))
+    n = max(1, round(clip.seconds * sample_rate))
     t = np.arange(n) / sample_rate
     frac = t / max(clip.seconds, 1e-9)
 
@@ -377,9 +382,12 @@ def synthesize_corpus(out: Path, clips: int, seed: int, min_seconds: float = 0.5
     cfg.validate()
     out = Path(out)
     _prepare_output(out, overwrite)
+    own = (out / MARKER).is_file()
     out.mkdir(parents=True, exist_ok=True)
     # The marker goes first: a crashed run still leaves a folder that a rerun may replace without --overwrite.
     write_json_atomic(out / MARKER, asdict(cfg))
+    if own:   # an earlier `--layout described` corpus here must not be read instead of this one
+        _remove_layout_files(out, "described")
 
     splits, types = assign_splits_and_types(cfg.clips, np.random.default_rng(np.random.SeedSequence(cfg.seed)))
     width = max(5, len(str(cfg.clips)))
@@ -404,7 +412,10 @@ def synthesize_corpus(out: Path, clips: int, seed: int, min_seconds: float = 0.5
 
 
 def summary_line(out: Path) -> str:
-    """One line describing a corpus just written (split sizes and total audio)."""
+    """One line describing a corpus just written (split sizes and total audio), either layout."""
+    out = Path(out)
+    if _marker_layout(out) == "described":
+        return _described_summary_line(out)
     counts = {s: 0 for s in SPLITS}
     with open(out / "labels" / "type_info.csv", newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
@@ -417,31 +428,383 @@ def summary_line(out: Path) -> str:
     return f"wrote {sum(counts.values())} clips ({parts}; {seconds:.1f} s of audio) to {out}"
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# `--layout described`: a corpus described by a corpus.yaml (one labels.csv, one audio folder, speakers).
+#
+# Each clip's emotion picks a sound recipe and the mean of its latent factors; the factors then shape the
+# sound exactly as above (activation -> loudness, pitch, pulse rate; pleasantness -> brightness, pitch
+# direction) and the labels: intensity is `strong` when activation (plus noise) is high, valence and arousal
+# are noisy linear functions of pleasantness and activation on a 1..9 scale. A speaker shifts the pitch and
+# brightness of every clip it utters; speakers are split-disjoint, so the splits test speaker independence.
+
+DESCRIBED_NAME = "synth-described"
+DESCRIBED_SPEC = "corpus.yaml"
+DESCRIBED_LABELS = "labels.csv"
+DESCRIBED_AUDIO = "audio"
+DESCRIBED_COLUMNS = ("id", "split", "speaker", "emotion", "intensity", "valence", "arousal")
+DESCRIBED_EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "disgust", "surprised")
+INTENSITIES = ("normal", "strong")
+DESCRIBED_TASKS = ("emotion", "intensity", "affect")
+AUDIO_FORMATS = ("flac", "wav")
+LAYOUTS = ("avb", "described")
+
+# Each emotion sounds like one vocal-burst recipe, moved by the latent factors around its own mean.
+EMOTION_RECIPE = {"neutral": "Grunt", "happy": "Laugh", "sad": "Cry", "angry": "Scream", "fearful": "Pant",
+                  "disgust": "Groan", "surprised": "Gasp"}
+EMOTION_LATENT_MEAN: dict[str, tuple[float, float, float, float]] = {   # activation, pleasantness, rough, tense
+    "neutral": (-0.5, 0.0, 0.0, -0.3), "happy": (0.6, 1.2, 0.0, -0.4), "sad": (-0.6, -1.0, 0.1, 0.5),
+    "angry": (1.2, -1.0, 0.6, 0.8), "fearful": (0.8, -0.8, 0.3, 0.9), "disgust": (-0.2, -0.9, 0.5, 0.3),
+    "surprised": (0.9, 0.3, 0.2, 0.2),
+}
+EMOTION_FLIP = 0.05        # share of clips whose emotion label is another class (rater disagreement)
+INTENSITY_THRESHOLD = 0.3  # activation (+ noise) above which a clip is `strong`
+INTENSITY_NOISE = 0.3
+AFFECT_CENTRE, AFFECT_SLOPE, AFFECT_NOISE = 5.0, 1.2, 0.4   # rating = 5 + 1.2 * factor + noise, on 1..9
+AFFECT_RANGE = (1.0, 9.0)
+SPEAKER_PITCH_SIGMA = 0.25  # octaves
+SPEAKER_TILT_SIGMA = 0.15
+_DESCRIBED_TASK_SPECS = {
+    "emotion": ("classification", ("emotion",), DESCRIBED_EMOTIONS),
+    "intensity": ("classification", ("intensity",), INTENSITIES),
+    "affect": ("regression", ("valence", "arousal"), ()),
+}
+
+
+def parse_described_tasks(tasks: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """'emotion,affect' (or a sequence) -> the tasks the corpus.yaml describes, in that (chain) order."""
+    parts = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    names = tuple(str(p).strip().lower() for p in parts if str(p).strip())
+    unknown = [n for n in names if n not in DESCRIBED_TASKS]
+    if unknown:
+        raise SynthError(f"--tasks: unknown task {unknown[0]!r}; expected some of {', '.join(DESCRIBED_TASKS)}")
+    if not names:
+        raise SynthError(f"--tasks names no task; expected some of {', '.join(DESCRIBED_TASKS)}")
+    if len(set(names)) != len(names):
+        raise SynthError(f"--tasks names a task twice: {','.join(names)}")
+    return names
+
+
+@dataclass(frozen=True)
+class DescribedConfig:
+    """The settings of one generated described corpus (written to synth_config.json)."""
+
+    clips: int
+    seed: int
+    speakers: int = 8
+    tasks: tuple[str, ...] = DESCRIBED_TASKS
+    audio_format: str = "flac"
+    min_seconds: float = 0.5
+    max_seconds: float = 10.0
+    sample_rate: int = 16000
+    layout: str = "described"
+    generator: str = "extract.synth described v1"
+    emotions: tuple[str, ...] = DESCRIBED_EMOTIONS
+
+    def validate(self) -> None:
+        SynthConfig(self.clips, self.seed, self.min_seconds, self.max_seconds, self.sample_rate).validate()
+        if self.speakers < 3:
+            raise SynthError(f"--speakers must be at least 3 (one per split), got {self.speakers}")
+        if self.speakers > self.clips:
+            raise SynthError(f"--speakers {self.speakers} is more than --clips {self.clips}; every speaker "
+                             "needs a clip")
+        if self.audio_format not in AUDIO_FORMATS:
+            raise SynthError(f"--audio-format must be one of {', '.join(AUDIO_FORMATS)}, got {self.audio_format!r}")
+        parse_described_tasks(self.tasks)
+
+
+@dataclass(frozen=True)
+class DescribedClip:
+    """One clip of a described corpus: its row of labels.csv and the hidden causes its audio is rendered from."""
+
+    clip_id: str
+    split: str
+    speaker: str
+    emotion: str        # the label (after rater disagreement)
+    sound: str          # the emotion the audio is rendered from
+    intensity: str
+    valence: float
+    arousal: float
+    seconds: float
+    latent: np.ndarray  # [4]
+
+
+def assign_speakers(clips: int, speakers: int, rng: np.random.Generator) -> tuple[list[str], list[str], list[str]]:
+    """Speaker names, each clip's speaker (every speaker gets clips, near-equally) and each clip's split; a
+    speaker belongs to one split (a quarter of them to Val, a quarter to Test, the rest to Train)."""
+    width = max(2, len(str(speakers)))
+    names = [f"spk{s + 1:0{width}d}" for s in range(speakers)]
+    n_held = max(1, round(speakers / 4))
+    order = rng.permutation(speakers)
+    speaker_split = {}
+    for rank, s in enumerate(order):
+        speaker_split[int(s)] = "Test" if rank < n_held else "Val" if rank < 2 * n_held else "Train"
+    of_clip = rng.permutation(np.arange(clips) % speakers)
+    return names, [names[s] for s in of_clip], [speaker_split[int(s)] for s in of_clip]
+
+
+def assign_emotions(splits: list[str], rng: np.random.Generator) -> list[str]:
+    """Near-uniform emotions; every split with at least 7 clips holds each emotion (so its UAR is defined)."""
+    split_arr = np.array(splits, dtype=object)
+    emotions = rng.choice(len(DESCRIBED_EMOTIONS), size=len(splits))
+    for split in SPLITS:
+        members = np.flatnonzero(split_arr == split)
+        if len(members) >= len(DESCRIBED_EMOTIONS):
+            chosen = rng.choice(members, size=len(DESCRIBED_EMOTIONS), replace=False)
+            emotions[chosen] = rng.permutation(len(DESCRIBED_EMOTIONS))
+    return [DESCRIBED_EMOTIONS[e] for e in emotions]
+
+
+def make_described_clip(clip_id: str, split: str, speaker: str, emotion: str, cfg: DescribedConfig,
+                        rng: np.random.Generator) -> DescribedClip:
+    """Draw a described clip's hidden causes and the labels they imply."""
+    length = RECIPES[EMOTION_RECIPE[emotion]].length
+    seconds = DURATION_MEDIAN * length * math.exp(DURATION_SIGMA * rng.standard_normal())
+    seconds = float(np.clip(seconds, cfg.min_seconds, cfg.max_seconds))
+    z = np.asarray(EMOTION_LATENT_MEAN[emotion]) + rng.standard_normal(len(LATENTS))
+    label = emotion
+    if rng.uniform() < EMOTION_FLIP:
+        others = [e for e in DESCRIBED_EMOTIONS if e != emotion]
+        label = others[int(rng.integers(len(others)))]
+    strong = z[0] + INTENSITY_NOISE * rng.standard_normal() > INTENSITY_THRESHOLD
+    low, high = AFFECT_RANGE
+    valence = float(np.clip(AFFECT_CENTRE + AFFECT_SLOPE * z[1] + AFFECT_NOISE * rng.standard_normal(), low, high))
+    arousal = float(np.clip(AFFECT_CENTRE + AFFECT_SLOPE * z[0] + AFFECT_NOISE * rng.standard_normal(), low, high))
+    return DescribedClip(clip_id, split, speaker, label, emotion, INTENSITIES[int(strong)], valence, arousal,
+                         seconds, z)
+
+
+def speaker_voice(seed: int, index: int) -> tuple[float, float]:
+    """A speaker's pitch factor and spectral-tilt offset (fixed by the seed and the speaker's index)."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(3, index)))
+    pitch = float(np.clip(2.0 ** (SPEAKER_PITCH_SIGMA * rng.standard_normal()), 0.7, 1.4))
+    tilt = float(np.clip(SPEAKER_TILT_SIGMA * rng.standard_normal(), -0.3, 0.3))
+    return pitch, tilt
+
+
+def render_described(clip: DescribedClip, voice: tuple[float, float], sample_rate: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """The clip's waveform: its emotion's recipe in its speaker's voice, moved by its latent factors."""
+    base = RECIPES[EMOTION_RECIPE[clip.sound]]
+    recipe = replace(base, f0=base.f0 * voice[0], tilt=max(0.3, base.tilt + voice[1]))
+    empty = np.zeros(0)
+    shell = Clip(clip.clip_id, clip.split, EMOTION_RECIPE[clip.sound], "", clip.seconds, clip.latent, empty,
+                 empty, empty)
+    return np.clip(render_audio(shell, sample_rate, rng, recipe=recipe), -1.0, 1.0)
+
+
+def _soundfile() -> Any:
+    """soundfile, which only FLAC needs (imported on demand), or a one-line error saying what to do."""
+    try:
+        import soundfile
+    except ImportError:
+        raise SynthError("--audio-format flac needs the soundfile package (pip install soundfile); "
+                         "or pass --audio-format wav") from None
+    return soundfile
+
+
+def write_flac(path: Path, wave: np.ndarray, sample_rate: int) -> None:
+    """Write `wave` (float in [-1, 1]) atomically as 16-bit FLAC (rounded like write_wav's PCM_16)."""
+    soundfile = _soundfile()
+    pcm = np.clip(np.round(np.asarray(wave, dtype=np.float64) * 32768), -32768, 32767).astype(np.int16)
+    with atomic_path(path, suffix=".flac") as tmp:
+        soundfile.write(tmp, pcm, sample_rate, format="FLAC", subtype="PCM_16")
+
+
+def described_yaml(tasks: tuple[str, ...]) -> str:
+    """The corpus.yaml text (written by hand: flow lists keep each task on one line, no yaml needed)."""
+    lines = [
+        "# Generated by `avb synth --layout described` (extract.synth); the settings are in synth_config.json.",
+        f"name: {DESCRIBED_NAME}",
+        f"audio: {DESCRIBED_AUDIO}",
+        f"labels: {DESCRIBED_LABELS}",
+        "id: id",
+        "split: split",
+        "group: speaker",
+        "tasks:",
+    ]
+    for name in tasks:
+        kind, columns, classes = _DESCRIBED_TASK_SPECS[name]
+        entry = f"  {name}: {{kind: {kind}, columns: [{', '.join(columns)}]"
+        if classes:
+            entry += f", classes: [{', '.join(classes)}]"
+        lines.append(entry + "}")
+    return "\n".join(lines) + "\n"
+
+
+def described_table(clips: list[DescribedClip]) -> str:
+    """The text of labels.csv (Test rows: id, split and speaker only, every label cell empty)."""
+    rows = []
+    for clip in clips:
+        hidden = clip.split == "Test"
+        labels = [clip.emotion, clip.intensity, _label_text(clip.valence), _label_text(clip.arousal)]
+        rows.append([clip.clip_id, clip.split, clip.speaker] + (["", "", "", ""] if hidden else labels))
+    return _csv_text(DESCRIBED_COLUMNS, rows)
+
+
+_CLIP_FILE = re.compile(r"\d+\.(flac|wav)")
+
+
+def _remove_layout_files(out: Path, layout: str) -> None:
+    """Remove the files an earlier synth run of the other `layout` left in our own folder (generated names
+    only), so a reader never finds that corpus instead of the new one."""
+    if layout == "described":
+        for name in (DESCRIBED_SPEC, DESCRIBED_LABELS):
+            (out / name).unlink(missing_ok=True)
+        audio = out / DESCRIBED_AUDIO
+        if audio.is_dir():
+            for stale in audio.iterdir():
+                if stale.is_file() and _CLIP_FILE.fullmatch(stale.name):
+                    stale.unlink()
+    else:
+        for name in LABEL_FILES:
+            (out / "labels" / name).unlink(missing_ok=True)
+        wav_dir = out / "audio" / "wav"
+        if wav_dir.is_dir():
+            for stale in wav_dir.glob("*.wav"):
+                if re.fullmatch(r"\d+\.wav", stale.name):
+                    stale.unlink()
+        for folder in (wav_dir, out / "labels"):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def _marker_layout(out: Path) -> str:
+    """The layout synth_config.json records ('avb' for a marker from before layouts, or none)."""
+    try:
+        data = json.loads((out / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "avb"
+    return str(data.get("layout", "avb")) if isinstance(data, dict) else "avb"
+
+
+def synthesize_described(out: Path, clips: int, seed: int, min_seconds: float = 0.5, max_seconds: float = 10.0,
+                         sample_rate: int = 16000, *, speakers: int = 8, audio_format: str = "flac",
+                         tasks: str | tuple[str, ...] = ",".join(DESCRIBED_TASKS), overwrite: bool = False,
+                         progress: bool = True) -> Path:
+    """Write a generated corpus described by a corpus.yaml to `out` and return `out`.
+
+    `out/corpus.yaml` describes `tasks` (a subset of emotion, intensity, affect, in chain order);
+    `out/labels.csv` holds every column whatever `tasks` says; `out/audio/<id>.<audio_format>` the clips.
+    Deterministic like `synthesize_corpus`: the same arguments give byte-identical files.
+    """
+    cfg = DescribedConfig(clips=int(clips), seed=int(seed), speakers=int(speakers),
+                          tasks=parse_described_tasks(tasks), audio_format=str(audio_format).lower(),
+                          min_seconds=float(min_seconds), max_seconds=float(max_seconds),
+                          sample_rate=int(sample_rate))
+    cfg.validate()
+    if cfg.audio_format == "flac":
+        _soundfile()   # before anything is written
+    out = Path(out)
+    _prepare_output(out, overwrite)
+    own = (out / MARKER).is_file()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / MARKER, asdict(cfg))
+    if own:   # an earlier A-VB-layout corpus here must not be read instead of this one
+        _remove_layout_files(out, "avb")
+
+    plan = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(4,)))
+    names, speaker_of, splits = assign_speakers(cfg.clips, cfg.speakers, plan)
+    emotions = assign_emotions(splits, plan)
+    voices = {name: speaker_voice(cfg.seed, i) for i, name in enumerate(names)}
+    width = max(5, len(str(cfg.clips)))
+    audio_dir = out / DESCRIBED_AUDIO
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    made: list[DescribedClip] = []
+    for i in tqdm(range(cfg.clips), desc="synth", unit="clip", disable=not progress):
+        rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(2, i)))
+        clip = make_described_clip(f"{i + 1:0{width}d}", splits[i], speaker_of[i], emotions[i], cfg, rng)
+        wave = render_described(clip, voices[clip.speaker], cfg.sample_rate, rng)
+        path = audio_dir / f"{clip.clip_id}.{cfg.audio_format}"
+        if cfg.audio_format == "flac":
+            write_flac(path, wave, cfg.sample_rate)
+        else:
+            write_wav(path, wave, cfg.sample_rate, "PCM_16")
+        made.append(clip)
+
+    # A previous corpus in the same folder (larger, or in the other format) must not leave clips behind.
+    keep = {f"{c.clip_id}.{cfg.audio_format}" for c in made}
+    for stale in audio_dir.iterdir():
+        if stale.name not in keep and stale.is_file() and _CLIP_FILE.fullmatch(stale.name):
+            stale.unlink()
+    write_text_atomic(out / DESCRIBED_LABELS, described_table(made))
+    write_text_atomic(out / DESCRIBED_SPEC, described_yaml(cfg.tasks))
+    return out
+
+
+def _audio_seconds(path: Path) -> float:
+    if path.suffix == ".wav":
+        rate, data = wavfile.read(path, mmap=True)
+        return len(data) / rate
+    info = _soundfile().info(str(path))
+    return info.frames / info.samplerate
+
+
+def _described_summary_line(out: Path) -> str:
+    counts = {s: 0 for s in SPLITS}
+    speakers: set[str] = set()
+    seconds = 0.0
+    ext = json.loads((out / MARKER).read_text(encoding="utf-8")).get("audio_format", "flac")
+    with open(out / DESCRIBED_LABELS, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            counts[row["split"]] += 1
+            speakers.add(row["speaker"])
+            seconds += _audio_seconds(out / DESCRIBED_AUDIO / f"{row['id']}.{ext}")
+    parts = ", ".join(f"{s} {counts[s]}" for s in SPLITS)
+    return (f"wrote {sum(counts.values())} clips ({parts}; {len(speakers)} speakers; {seconds:.1f} s of audio) "
+            f"to {out}")
+
+
 _DEFAULTS = inspect.signature(synthesize_corpus).parameters   # the CLI's defaults are the function's
+_DESCRIBED_DEFAULTS = inspect.signature(synthesize_described).parameters
 
 
 @click.command("synth", cls=OptionOrArgumentCommand)
 @option_or_argument("--out", "out", "OUT", type=click.Path(file_okay=False, path_type=Path),
-                    help="Folder the corpus is written to (labels/ and audio/wav/).")
-@click.option("--clips", type=int, default=300, show_default=True, help="Number of clips (split ~1/3 each).")
+                    help="Folder the corpus is written to (avb: labels/ and audio/wav/; described: corpus.yaml, "
+                         "labels.csv and audio/).")
+@click.option("--layout", type=click.Choice(LAYOUTS), default="avb", show_default=True,
+              help="avb: the official A-VB layout; described: a corpus.yaml corpus with speakers and "
+                   "emotion / intensity / affect tasks.")
+@click.option("--clips", type=int, default=300, show_default=True,
+              help="Number of clips (avb: ~1/3 per split; described: split by speaker).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed -> byte-identical corpus.")
 @click.option("--min-seconds", type=float, default=_DEFAULTS["min_seconds"].default, show_default=True,
               help="Shortest clip.")
 @click.option("--max-seconds", type=float, default=_DEFAULTS["max_seconds"].default, show_default=True,
               help="Longest clip.")
 @click.option("--sample-rate", type=int, default=_DEFAULTS["sample_rate"].default, show_default=True,
-              help="WAV sample rate in Hz.")
+              help="Audio sample rate in Hz.")
+@click.option("--speakers", type=int, default=None,
+              help="described only: number of speakers, each in one split "
+                   f"[default: {_DESCRIBED_DEFAULTS['speakers'].default}].")
+@click.option("--tasks", "tasks", default=None,
+              help=f"described only: the tasks corpus.yaml describes, in chain order "
+                   f"[default: {_DESCRIBED_DEFAULTS['tasks'].default}].")
+@click.option("--audio-format", type=click.Choice(AUDIO_FORMATS), default=None,
+              help=f"described only: audio file format [default: {_DESCRIBED_DEFAULTS['audio_format'].default}].")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty folder that is not a synth corpus.")
 @progress_option("Show a progress bar.")
-def synth_command(out: Path, clips: int, seed: int, min_seconds: float, max_seconds: float, sample_rate: int,
+def synth_command(out: Path, layout: str, clips: int, seed: int, min_seconds: float, max_seconds: float,
+                  sample_rate: int, speakers: int | None, tasks: str | None, audio_format: str | None,
                   overwrite: bool, progress: bool) -> None:
-    """Write a generated corpus in the official A-VB layout to --out.
+    """Write a generated corpus to --out: the official A-VB layout (default) or, with --layout described, a
+    corpus.yaml corpus (labels.csv: id, split, speaker, emotion, intensity, valence, arousal; audio/<id>.flac).
 
     Every clip's sound is rendered from the same hidden factors as its labels (type recipe; activation ->
-    loudness, pitch, pulse rate; pleasantness -> brightness, pitch direction), so models can learn all four
+    loudness, pitch, pulse rate; pleasantness -> brightness, pitch direction), so models can learn all the
     tasks from it. Test rows have empty label cells, as in the real corpus.
     """
     with command_errors():
-        path = synthesize_corpus(out, clips, seed, min_seconds, max_seconds, sample_rate,
-                                 overwrite=overwrite, progress=progress)
-    click.echo(summary_line(path))
+        if layout == "avb":
+            given = [flag for flag, value in (("--speakers", speakers), ("--tasks", tasks),
+                                              ("--audio-format", audio_format)) if value is not None]
+            if given:
+                raise SynthError(f"{given[0]} applies only to --layout described")
+            path = synthesize_corpus(out, clips, seed, min_seconds, max_seconds, sample_rate,
+                                     overwrite=overwrite, progress=progress)
+        else:
+            extra = {k: v for k, v in (("speakers", speakers), ("tasks", tasks), ("audio_format", audio_format))
+                     if v is not None}
+            path = synthesize_described(out, clips, seed, min_seconds, max_seconds, sample_rate,
+                                        overwrite=overwrite, progress=progress, **extra)
+        click.echo(summary_line(path))

@@ -6,6 +6,7 @@ are the config dataclasses' (HeadConfig, TrainConfig, GridConfig), read when cli
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,6 @@ from cache.command_kit.options import ConfigDefault, csv_text, progress_option
 from heads.analysis.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT
 from heads.names import ARCHS, DEFAULT_MAX_GROUP_MIB, HEAD_PRECISIONS, WEIGHTINGS
 from heads.runs import CONFIG_FILE, RESULTS_CSV, RESULTS_JSON, RESULTS_MD
-from heads.tasks import METRIC_KEYS
 from heads.training.tracking import REPORT_TO_CHOICES
 
 HEAD = "heads.model.architectures:HeadConfig."
@@ -46,14 +46,11 @@ def _seed_list(text: str) -> list[int]:
 def _head_config(hidden: int, dropout: float, input_layer: str, chain_order: str, n_heads: int,
                  branch_blocks: int, branch_frames: bool):
     from heads.model.architectures import HeadConfig  # noqa: PLC0415
-    from heads.tasks import TaskError, parse_task_order  # noqa: PLC0415
 
     if not 0.0 <= dropout < 1.0:
         raise click.BadParameter(f"dropout must be in [0, 1), got {dropout}", param_hint="--dropout")
-    try:
-        order = parse_task_order(chain_order)
-    except TaskError as err:
-        raise click.BadParameter(str(err), param_hint="--chain-order") from None
+    # checked against the cache's tasks once it is read (HeadConfig.validate)
+    order = tuple(part.strip().lower() for part in chain_order.split(",") if part.strip())
     return HeadConfig(hidden=hidden, dropout=dropout, input_layer=input_layer, chain_order=order,
                       n_heads=n_heads, branch_blocks=branch_blocks, branch_use_frames=branch_frames)
 
@@ -85,7 +82,8 @@ def _head_options(func):
         click.option("--input-layer", type=str, default=ConfigDefault(HEAD + "input_layer"), show_default=True,
                      help=INPUT_LAYER_HELP),
         click.option("--chain-order", type=str, default=ConfigDefault(HEAD + "chain_order", csv_text),
-                     show_default=True, help="CHAIN task order (a permutation of type,two,high,culture)."),
+                     show_default=True, help="CHAIN task order: a permutation of the cache's tasks (default: "
+                     "their order; A-VB: type,two,high,culture)."),
         click.option("--n-heads", type=int, default=ConfigDefault(HEAD + "n_heads"), show_default=True,
                      help="BRANCH attention heads."),
         click.option("--branch-blocks", type=int, default=ConfigDefault(HEAD + "branch_blocks"), show_default=True,
@@ -133,7 +131,7 @@ def heads_group() -> None:
               show_default=True)
 @click.option("--weighting", type=click.Choice(WEIGHTINGS, case_sensitive=False),
               default=ConfigDefault(TRAIN + "weighting"), show_default=True,
-              help="Loss weighting across the four tasks.")
+              help="Loss weighting across the tasks.")
 @click.option("--seed", type=int, default=ConfigDefault(TRAIN + "seed"), show_default=True,
               help="Seeds the head's initialisation, shuffling and dropout.")
 @_head_options
@@ -147,17 +145,26 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
           _tracking(report_to, tracking_dir, out, lambda run: out / CONFIG_FILE) as tracker):
         from cache.reader import FrameReader, load_cache  # noqa: PLC0415
         from heads.training.device import resolve_device  # noqa: PLC0415
+        from heads.model.architectures import with_chain_order  # noqa: PLC0415
+        from heads.tasks import TaskError, tasks_of  # noqa: PLC0415
         from heads.training.joint import TrainConfig, train_runs  # noqa: PLC0415
 
         train_device = resolve_device(device)   # the one resolution; a missing device fails before anything loads
         cfg = TrainConfig(arch=arch, weighting=weighting, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
                           head=head, precision=precision)
         cache = load_cache(cache_path)
+        tasks = tasks_of(cache.attrs, str(cache_path))
+        if head.chain_order:   # a usage error, as before task descriptions: checkable once the cache's tasks are known
+            try:
+                tasks.parse_order(head.chain_order)
+            except TaskError as err:
+                raise click.BadParameter(str(err), param_hint="--chain-order") from None
+        cfg = replace(cfg, head=with_chain_order(head, tasks))
         with (FrameReader(cache.path) if arch == "branch" and branch_frames else contextlib.nullcontext()) as frames:
             metrics = train_runs(cache, [cfg], [out], device=train_device, progress=progress, frames=frames,
                                  tracker=tracker)[0]
     click.echo(f"best epoch {metrics['best_epoch']} of {epochs} (Val):")
-    for key in (*METRIC_KEYS, "mean"):
+    for key in (*tasks.metric_keys, "mean"):
         click.echo(f"  {key:<16} {metrics[key]:.4f}")
     click.echo(f"wrote {out}")
 

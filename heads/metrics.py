@@ -1,13 +1,14 @@
-"""Challenge metrics: UAR for TYPE, CCC and Pearson's r for the regression tasks.
+"""Metrics: UAR (with accuracy and macro-F1) for classification tasks, CCC and Pearson's r for regression tasks.
 
-Computed as the challenge computes them (`avb-format.md`): CCC with population (1/N) moments per column, then
-the plain mean over a task's columns; UAR as the mean recall over the classes that occur in the ground truth.
-Everything is computed in float64 so a score does not depend on the dtype a model produced.
+Computed as the A-VB challenge computes them (`avb-format.md`): CCC with population (1/N) moments per column,
+then the plain mean over a task's columns; UAR as the mean recall over the classes that occur in the ground
+truth (macro-F1 averages over the same classes). Everything is computed in float64 so a score does not depend
+on the dtype a model produced.
 
 Label convention used across the project: `labels[task]` is a float array of shape [N, task.label_dim] with
-NaN where unknown; for TYPE it holds the class index. Predictions: `preds[task]` is [N, k] for regression
-tasks and, for TYPE, either class indices [N] / [N, 1] or scores [N, n_classes] (probabilities or logits;
-the arg-max is taken).
+NaN where unknown; a classification task holds the class index. Predictions: `preds[task]` is [N, k] for
+regression tasks and, for classification, either class indices [N] / [N, 1] or scores [N, n_classes]
+(probabilities or logits; the arg-max is taken).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from cache.command_kit.errors import AvbError
-from heads.tasks import HEADLINE_KEYS, SELECTION_KEY, TASKS, Task
+from heads.tasks import SELECTION_KEY, Task, TaskSet
 
 EPS = 1e-12  # keeps CCC/Pearson finite when both inputs are constant
 
@@ -67,8 +68,23 @@ def uar(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(recalls))
 
 
-def type_indices(pred: np.ndarray) -> np.ndarray:
-    """Class indices from TYPE predictions given as indices ([N] or [N, 1]) or class scores ([N, C])."""
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean F1 over the classes present in `y_true` (the classes UAR averages over); F1 = 0 for a class never
+    predicted correctly."""
+    t = np.asarray(y_true).astype(np.int64).ravel()
+    p = np.asarray(y_pred).astype(np.int64).ravel()
+    if t.size == 0:
+        raise MetricsError("F1 of an empty set is undefined")
+    scores = []
+    for c in np.unique(t):
+        tp = float(np.sum((p == c) & (t == c)))
+        denom = float(np.sum(p == c) + np.sum(t == c))
+        scores.append(2.0 * tp / denom)
+    return float(np.mean(scores))
+
+
+def class_indices(pred: np.ndarray) -> np.ndarray:
+    """Class indices from classification predictions given as indices ([N] or [N, 1]) or class scores ([N, C])."""
     pred = np.asarray(pred)
     if pred.ndim == 2 and pred.shape[1] > 1:
         return pred.argmax(1)
@@ -84,14 +100,18 @@ def labelled_rows(task: Task, labels: np.ndarray) -> np.ndarray:
 def score_task(task: Task, labels: np.ndarray, preds: np.ndarray) -> dict[str, float]:
     """The challenge metrics of one task, on the rows whose labels are known.
 
-    Returns {"type_uar"} for TYPE and {"<task>_ccc", "<task>_pearson"} for the regression tasks.
+    Returns {"<task>_uar", "<task>_accuracy", "<task>_f1"} for a classification task and {"<task>_ccc",
+    "<task>_pearson"} for a regression task (`task.metric_keys`).
     """
     keep = labelled_rows(task, labels)
     if not keep.any():
         raise MetricsError(f"no labelled rows to score {task.title} on")
     y = _as_columns(labels)[keep]
     if task.is_classification:
-        return {"type_uar": uar(y[:, 0], type_indices(np.asarray(preds)[keep]))}
+        truth, guess = y[:, 0], class_indices(np.asarray(preds)[keep])
+        return {f"{task.name}_uar": uar(truth, guess),
+                f"{task.name}_accuracy": float(np.mean(truth.astype(np.int64) == guess)),
+                f"{task.name}_f1": macro_f1(truth, guess)}
     p = _as_columns(preds)[keep]
     return {
         f"{task.name}_ccc": float(ccc_per_column(y, p).mean()),
@@ -99,14 +119,15 @@ def score_task(task: Task, labels: np.ndarray, preds: np.ndarray) -> dict[str, f
     }
 
 
-def score_all(labels: Mapping[str, np.ndarray], preds: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """Scores of every task present in `preds`, plus `mean` of the headline scores when all four are there."""
+def score_all(tasks: TaskSet, labels: Mapping[str, np.ndarray], preds: Mapping[str, np.ndarray]
+              ) -> dict[str, float]:
+    """Scores of every task present in `preds`, plus `mean` of the headline scores when every task is there."""
     out: dict[str, float] = {}
-    for name in TASKS:
-        if name in preds:
-            out.update(score_task(TASKS[name], labels[name], preds[name]))
-    headline = [out[k] for k in HEADLINE_KEYS.values() if k in out]
-    if len(headline) == len(TASKS):
+    for task in tasks:
+        if task.name in preds:
+            out.update(score_task(task, labels[task.name], preds[task.name]))
+    headline = [out[k] for k in tasks.headline_keys.values() if k in out]
+    if len(headline) == len(tasks):
         out[SELECTION_KEY] = float(np.mean(headline))
     return out
 

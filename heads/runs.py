@@ -44,10 +44,9 @@ from typing import Any
 
 from cache.command_kit.atomic import write_json_atomic
 from cache.command_kit.errors import AvbError
-from heads.tasks import TASK_NAMES
 
 RUN_FORMAT = 2            # bump when the files of a run folder change meaning; readers refuse other values
-                          # (2: the heads stack their four tasks, so head.safetensors holds other tensors)
+                          # (2: the heads stack their tasks, so head.safetensors holds other tensors)
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 MEMBERS_FILE = "members.json"
@@ -261,7 +260,8 @@ def members_record(*, strategy: str, top_k: int | None, rounds: int | None,
         "strategy": strategy,
         "top_k": top_k,
         "rounds": rounds,
-        "tasks": {name: [{"run": str(run), "weight": float(w)} for run, w in tasks[name]] for name in TASK_NAMES},
+        "tasks": {name: [{"run": str(run), "weight": float(w)} for run, w in members]
+                  for name, members in tasks.items()},
         "runs": [{"run": str(run), "val": dict(val)} for run, val in runs],
     }
 
@@ -284,9 +284,9 @@ def read_ensemble(ens_dir: str | os.PathLike) -> EnsembleFolder:
     path = ens_dir / MEMBERS_FILE
     data = read_json_object(path)
     tasks = data.get("tasks")
-    if not isinstance(tasks, Mapping) or sorted(tasks) != sorted(TASK_NAMES):
-        raise RunDirError(f"{path}: 'tasks' must map each of {', '.join(TASK_NAMES)} to its members")
-    members = {name: _task_members(path, name, tasks[name]) for name in TASK_NAMES}
+    if not isinstance(tasks, Mapping) or not tasks:
+        raise RunDirError(f"{path}: 'tasks' must map each task to its members")
+    members = {str(name): _task_members(path, name, entries) for name, entries in tasks.items()}
     runs = [(Path(str(r["run"])), dict(r["val"])) for r in data.get("runs") or []
             if isinstance(r, Mapping) and "run" in r and isinstance(r.get("val"), Mapping)]
     metrics = read_json_object(ens_dir / METRICS_FILE) if (ens_dir / METRICS_FILE).is_file() else {}
@@ -312,8 +312,8 @@ def history_entry(*, epoch: int, step: int, loss: float, task_losses: Mapping[st
     ("head"; fine-tuning also "backbone") to its learning rate, `val` maps each Val metric to its score.
     """
     return {"epoch": int(epoch), "step": int(step), "partial": bool(partial), "loss": float(loss),
-            "task_losses": {t: float(task_losses[t]) for t in TASK_NAMES},
-            "weights": {t: float(weights[t]) for t in TASK_NAMES},
+            "task_losses": {str(t): float(v) for t, v in task_losses.items()},
+            "weights": {str(t): float(w) for t, w in weights.items()},
             "lr": {str(k): float(v) for k, v in lr.items()},
             "val": {str(k): float(v) for k, v in val.items()}}
 

@@ -18,8 +18,8 @@ import numpy as np
 
 from cache.reader import FrameReader, load_cache, read_attrs
 from cache.writer import CacheWriter
-from heads.submission import PROBS_FILE, read_submission, read_type_probs
-from heads.tasks import TASK_NAMES, TASKS, TYPE_CLASSES
+from heads.submission import PROBS_FILE, read_class_probs, read_submission
+from heads.tasks import AVB, TYPE_CLASSES
 
 if TYPE_CHECKING:
     import torch
@@ -131,7 +131,7 @@ def make_targets(n_runs: int, seed: int = 1) -> dict[str, torch.Tensor]:
     import torch  # noqa: PLC0415
 
     g = torch.Generator().manual_seed(seed)
-    out = {t: torch.rand(n_runs, B, TASKS[t].label_dim, generator=g) for t in TASK_NAMES if t != "type"}
+    out = {t: torch.rand(n_runs, B, AVB[t].label_dim, generator=g) for t in AVB.names if t != "type"}
     out["type"] = torch.randint(0, 8, (n_runs, B, 1), generator=g).float()
     return out
 
@@ -158,7 +158,7 @@ def make_signal_cache(path: Path, *, seed: int = 0, sizes=SPLIT_SIZES, invert_va
     zl = np.where(is_val[:, None] & invert_val, -z, z)
     labels = {"type": np.argmax(zl @ rng.normal(size=(8, 8)), 1).astype(np.float32)[:, None]}
     for name in ("two", "high", "culture"):
-        k = len(TASKS[name].columns)
+        k = len(AVB[name].columns)
         labels[name] = (1.0 / (1.0 + np.exp(-0.7 * (zl @ rng.normal(size=(8, k)))))).astype(np.float32)
     for name in labels:
         labels[name][sizes[0] + sizes[1]:] = np.nan  # Test rows are unlabelled
@@ -173,7 +173,7 @@ def make_signal_cache(path: Path, *, seed: int = 0, sizes=SPLIT_SIZES, invert_va
             for layer, d in dims.items():
                 wiggle = rng.normal(size=(int(n_frames[i]), d)).astype(np.float32) * 0.2
                 frame_data[layer].append(pooled[layer][i] + wiggle - wiggle.mean(0))
-    with CacheWriter(path, layer_dims=dims, label_columns={k: list(t.columns) for k, t in TASKS.items()},
+    with CacheWriter(path, layer_dims=dims, label_columns={t.name: list(t.columns) for t in AVB},
                      label_classes={"type": list(TYPE_CLASSES)}, dtype="float32",
                      frame_layers=list(dims) if frames else (),
                      attrs={"backbone": {"name": "synthetic"}, "sample_rate": 16000, "clip_seconds": 2.5}) as w:
@@ -218,12 +218,12 @@ def run_val_predictions(run: Path) -> dict[str, dict[str, np.ndarray]]:
     """A run's own Val predictions (the head applied to the cache's pooled features): id -> task -> values."""
     out: dict[str, dict[str, np.ndarray]] = {}
     for path in sorted((run / "predictions" / "val").glob("A-VB-*.csv")):
-        task, ids, values = read_submission(path)
+        task, ids, values = read_submission(path, AVB)
         if task.is_classification:
             continue
         for i, clip in enumerate(ids):
             out.setdefault(clip, {})[task.name] = values[i]
-    ids, probs = read_type_probs(run / "predictions" / "val" / PROBS_FILE)
+    ids, probs = read_class_probs(run / "predictions" / "val" / PROBS_FILE, AVB, AVB["type"])
     for i, clip in enumerate(ids):
         out[clip]["type"] = probs[i]
     return out
@@ -232,7 +232,7 @@ def run_val_predictions(run: Path) -> dict[str, dict[str, np.ndarray]]:
 def row_values(row: dict[str, str]) -> dict[str, np.ndarray]:
     return {
         "type": np.array([float(row[f"p_{c}"]) for c in TYPE_CLASSES]),
-        **{name: np.array([float(row[c]) for c in TASKS[name].columns]) for name in ("two", "high", "culture")},
+        **{name: np.array([float(row[c]) for c in AVB[name].columns]) for name in ("two", "high", "culture")},
     }
 
 

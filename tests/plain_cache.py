@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from heads.tasks import TASKS
+from heads.tasks import AVB
 
 
 def write_plain_h5(path: str | Path, ids: Sequence[str], splits: Sequence[str], labels: Mapping[str, np.ndarray],
@@ -29,7 +29,8 @@ def write_plain_h5(path: str | Path, ids: Sequence[str], splits: Sequence[str], 
         f.create_dataset("splits", data=np.array(list(splits), dtype=object), dtype=text)
         f.create_dataset("n_frames", data=np.full(n, 124, dtype=np.int32))
         group = f.create_group("labels")
-        for name, task in TASKS.items():
+        for task in AVB:
+            name = task.name
             ds = group.create_dataset(name, data=np.asarray(labels[name], dtype=np.float32))
             ds.attrs["columns"] = json.dumps(list(task.columns))
             if task.is_classification:

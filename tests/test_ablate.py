@@ -22,7 +22,7 @@ from heads.analysis.ensemble import read_split_predictions
 from heads.analysis.tables import results_markdown, summarise
 from heads.metrics import score_task
 from heads.model.architectures import HeadConfig, build_head
-from heads.tasks import METRIC_KEYS, TASKS
+from heads.tasks import AVB
 from heads.training import grid as ablate_mod
 from heads.training.grid import AblationError, joint_groups, run_grid, run_state_bytes
 
@@ -60,14 +60,14 @@ def test_grid_writes_one_folder_per_run_and_results(grid_dir):
     assert names == sorted(f"{a}-{w}-s{s}" for a in ("vanilla", "chain") for w in ("uniform", "rruw") for s in (0, 1))
     with open(grid_dir / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    cis = [f"{k}_ci_{end}" for k in (*METRIC_KEYS, "mean") for end in ("low", "high")]
-    assert list(rows[0]) == ["arch", "weighting", "seed", *METRIC_KEYS, "mean", "best_epoch", *cis]
+    cis = [f"{k}_ci_{end}" for k in (*AVB.metric_keys, "mean") for end in ("low", "high")]
+    assert list(rows[0]) == ["arch", "weighting", "seed", *AVB.metric_keys, "mean", "best_epoch", *cis]
     assert [(r["arch"], r["weighting"], r["seed"]) for r in rows][:4] == [
         ("vanilla", "uniform", "0"), ("vanilla", "uniform", "1"), ("vanilla", "rruw", "0"), ("vanilla", "rruw", "1")]
     for row in rows:  # every row is its run's metrics.json
         metrics = json.loads((grid_dir / f"{row['arch']}-{row['weighting']}-s{row['seed']}" / "metrics.json")
                              .read_text())
-        for key in (*METRIC_KEYS, "mean"):
+        for key in (*AVB.metric_keys, "mean"):
             assert float(row[key]) == metrics[key]
         assert int(row["best_epoch"]) == metrics["best_epoch"]
     results = json.loads((grid_dir / "results.json").read_text())
@@ -120,9 +120,9 @@ def test_intervals_and_paired_comparisons_follow_from_the_runs_val_files(grid_di
     systems = {}
     for row, line in zip(results["runs"], csv_rows):
         name = f"{row['arch']}-{row['weighting']}-s{row['seed']}"
-        systems[name] = read_split_predictions(grid_dir / name / "predictions" / "val").reindexed(val_ids)
-        alone = score_intervals(val_labels, systems[name], BootstrapConfig())
-        for key in (*METRIC_KEYS, "mean"):
+        systems[name] = read_split_predictions(grid_dir / name / "predictions" / "val", AVB).reindexed(val_ids)
+        alone = score_intervals(AVB, val_labels, systems[name], BootstrapConfig())
+        for key in (*AVB.metric_keys, "mean"):
             assert row[f"{key}_ci"] == pytest.approx(alone[key], abs=1e-12), (name, key)
             assert [float(line[f"{key}_ci_low"]), float(line[f"{key}_ci_high"])] == row[f"{key}_ci"]
             assert row[f"{key}_ci"][0] - 1e-6 <= row[key] <= row[f"{key}_ci"][1] + 1e-6
@@ -145,7 +145,7 @@ def test_intervals_and_paired_comparisons_follow_from_the_runs_val_files(grid_di
         wins = 0.0
         for b in range(1000):
             idx = resample_indices(100, b, 0)
-            a, c = (score_task(TASKS["high"], val_labels["high"][idx], systems[r]["high"][idx])["high_ccc"]
+            a, c = (score_task(AVB["high"], val_labels["high"][idx], systems[r]["high"][idx])["high_ccc"]
                     for r in (run, best_run))
             wins += 1.0 if a > c else 0.5 if a == c else 0.0
         assert cell["win_fraction"]["high_ccc"] == pytest.approx(wins / 1000, abs=1e-12), run
@@ -169,7 +169,7 @@ def test_markdown_formatting_by_hand():
     ] + [{"arch": "vanilla", "weighting": "uniform", "seed": 0, "type_uar": 0.55, "two_ccc": -0.01,
           "two_pearson": 0.1, "high_ccc": 0.2, "high_pearson": 0.3, "culture_ccc": 0.65, "culture_pearson": 0.5,
           "mean": 0.3, "best_epoch": 1}]
-    text = results_markdown(summarise(rows))
+    text = results_markdown(AVB, summarise(AVB, rows))
     lines = text.splitlines()
     assert lines[2] == "| **Uniform Weighting** |" + " |" * 8
     assert lines[3].startswith("| *VANILLA* | .5500 | -.0100 | .1000 |")
@@ -220,11 +220,11 @@ def test_run_state_bytes_is_five_float32_arrays_per_parameter():
     dims = {"cnn": 16, "hidden_0": 24, "hidden_1": 24, "hidden_2": 24}
     for arch in ("vanilla", "branch"):
         head = HeadConfig(arch=arch, hidden=32, n_heads=4, branch_blocks=2)
-        stacked = sum(p.numel() for p in build_head(head, dims, [0, 1, 2]).parameters())
-        assert run_state_bytes(head, dims) == 5 * 4 * stacked // 3
+        stacked = sum(p.numel() for p in build_head(head, dims, [0, 1, 2], AVB).parameters())
+        assert run_state_bytes(head, dims, AVB) == 5 * 4 * stacked // 3
     # VANILLA by hand: per task Linear(24, 32), LayerNorm(32) (weight + bias), Linear(32, out), outs 8, 2, 10, 40
     head = HeadConfig(arch="vanilla", hidden=32)
-    assert run_state_bytes(head, dims) == 20 * sum(24 * 32 + 32 + 2 * 32 + 32 * k + k for k in (8, 2, 10, 40))
+    assert run_state_bytes(head, dims, AVB) == 20 * sum(24 * 32 + 32 + 2 * 32 + 32 * k + k for k in (8, 2, 10, 40))
 
 
 def test_memory_budget_splits_an_arch_into_joint_groups_with_the_joint_results(cache_file, tmp_path, monkeypatch):
@@ -240,7 +240,7 @@ def test_memory_budget_splits_an_arch_into_joint_groups_with_the_joint_results(c
         return real(cache, configs, out_dirs, **kw)
 
     monkeypatch.setattr(ablate_mod, "train_runs", recording)
-    per_run = run_state_bytes(HEAD, {"cnn": 16, "hidden_0": 24, "hidden_1": 24, "hidden_2": 24})
+    per_run = run_state_bytes(HEAD, {"cnn": 16, "hidden_0": 24, "hidden_1": 24, "hidden_2": 24}, AVB)
     out = tmp_path / "grouped"
     budget = 2 * per_run + per_run // 2   # room for 2
     grouped = run_grid(grid_config(cache_file, **grid, max_group_bytes=budget), out, progress=False)
@@ -250,7 +250,7 @@ def test_memory_budget_splits_an_arch_into_joint_groups_with_the_joint_results(c
     assert json.loads((out / "config.json").read_text())["max_group_bytes"] == budget
     for a, b in zip(joint, grouped):
         assert (a["arch"], a["weighting"], a["seed"]) == (b["arch"], b["weighting"], b["seed"])
-        for key in (*METRIC_KEYS, "mean"):
+        for key in (*AVB.metric_keys, "mean"):
             assert b[key] == pytest.approx(a[key], abs=1e-5), (a["weighting"], key)
 
     run_grid(grid_config(cache_file, **grid, max_group_bytes=budget), out, progress=False)

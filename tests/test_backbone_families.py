@@ -40,7 +40,7 @@ from extract.synth import synthesize_corpus
 from heads.metrics import score_all
 from heads.model.architectures import HeadConfig
 from heads.runs import CONFIG_FILE, RunDirError, find_runs, is_finetune_dir, read_run_config
-from heads.tasks import TASKS, TYPE_CLASSES
+from heads.tasks import AVB, TYPE_CLASSES
 from heads.training.joint import TrainConfig, train_runs
 
 torch.set_num_threads(1)
@@ -120,7 +120,7 @@ def pipeline(request, corpus_root, tmp_path_factory):
 
 def val_wav_paths(corpus_root: Path) -> list[Path]:
     corpus = read_corpus(corpus_root)
-    return [corpus.wav_path(corpus.ids[i]) for i in corpus.indices("Val")]
+    return [corpus.audio_path(corpus.ids[i]) for i in corpus.indices("Val")]
 
 
 def predict(*args) -> object:
@@ -161,11 +161,11 @@ def test_predict_with_a_finetuning_output_uses_its_own_head_and_reproduces_its_v
     corpus = read_corpus(corpus_root)
     rows_of = {clip: i for i, clip in enumerate(corpus.ids)}
     order = [rows_of[Path(r["path"]).stem] for r in rows]
-    labels = {name: corpus.labels[name][order] for name in TASKS}
-    preds = {name: np.array([row_values(r)[name] for r in rows]) for name in TASKS}
+    labels = {name: corpus.labels[name][order] for name in AVB.names}
+    preds = {name: np.array([row_values(r)[name] for r in rows]) for name in AVB.names}
     assert [r["Voc_Type"] for r in rows] == [TYPE_CLASSES[i] for i in preds["type"].argmax(1)]
     best = json.loads((ft / "metrics.json").read_text())["best"]["val"]
-    got = score_all(labels, preds)
+    got = score_all(AVB, labels, preds)
     for key, value in best.items():
         assert got[key] == pytest.approx(value, abs=1e-5), key
     # --model may be left out (the output's own backbone) and gives the same file

@@ -19,8 +19,8 @@ from heads.analysis.bootstrap import (
     win_fraction,
 )
 from heads.metrics import score_all
-from heads.submission import write_submissions
-from heads.tasks import TASKS
+from heads.submission import PROBS_FILE, write_predictions
+from heads.tasks import AVB
 
 
 def random_task_data(n: int, seed: int):
@@ -39,7 +39,7 @@ def slow_distribution(labels, preds, n_boot, seed):
     out = {}
     for b in range(n_boot):
         idx = resample_indices(n, b, seed)
-        scores = score_all({k: v[idx] for k, v in labels.items()}, {k: v[idx] for k, v in preds.items()})
+        scores = score_all(AVB, {k: v[idx] for k, v in labels.items()}, {k: v[idx] for k, v in preds.items()})
         for key, value in scores.items():
             out.setdefault(key, []).append(value)
     return {k: np.array(v) for k, v in out.items()}
@@ -49,12 +49,12 @@ def test_vectorised_bootstrap_equals_a_slow_loop_over_resamples(monkeypatch):
     labels, preds = random_task_data(150, seed=1)
     monkeypatch.setattr(boot, "BLOCK_CELLS", 150 * 7)   # several blocks, the last one partial
     config = BootstrapConfig(level=0.9, n_boot=60, seed=7)
-    fast = score_distributions(labels, [preds], config)[0]
+    fast = score_distributions(AVB, labels, [preds], config)[0]
     slow = slow_distribution(labels, preds, 60, seed=7)
     assert sorted(fast) == sorted(slow)
     for key in slow:
         np.testing.assert_allclose(fast[key], slow[key], rtol=0, atol=1e-10, err_msg=key)
-        assert score_intervals(labels, preds, config)[key] == pytest.approx(
+        assert score_intervals(AVB, labels, preds, config)[key] == pytest.approx(
             list(np.quantile(slow[key], [0.05, 0.95])), abs=1e-10)
 
 
@@ -71,9 +71,9 @@ def test_perfect_predictions_give_an_interval_of_zero_width_at_one():
     labels, _ = random_task_data(120, seed=3)
     perfect = {"type": labels["type"][:, 0].astype(int), "two": np.nan_to_num(labels["two"], nan=0.5),
                "high": labels["high"], "culture": labels["culture"]}
-    cis = score_intervals(labels, perfect, BootstrapConfig(n_boot=200))
-    assert set(cis) == {"type_uar", "two_ccc", "two_pearson", "high_ccc", "high_pearson", "culture_ccc",
-                        "culture_pearson", "mean"}
+    cis = score_intervals(AVB, labels, perfect, BootstrapConfig(n_boot=200))
+    assert set(cis) == {"type_uar", "type_accuracy", "type_f1", "two_ccc", "two_pearson", "high_ccc",
+                        "high_pearson", "culture_ccc", "culture_pearson", "mean"}
     for key, (low, high) in cis.items():
         assert low == pytest.approx(1.0, abs=1e-9) and high == pytest.approx(1.0, abs=1e-9), key
 
@@ -84,9 +84,9 @@ def test_a_systems_distribution_does_not_depend_on_the_systems_scored_beside_it(
     labels, preds = random_task_data(180, seed=6)
     others = [{**preds, "high": preds["high"] * (1 + k / 10), "two": preds["two"] + k / 7} for k in range(1, 6)]
     config = BootstrapConfig(n_boot=90, seed=3)
-    alone = score_distributions(labels, [preds], config)[0]
+    alone = score_distributions(AVB, labels, [preds], config)[0]
     for systems, at in (([preds, *others], 0), ([*others, preds], 5), ([others[0], preds, others[1]], 1)):
-        beside = score_distributions(labels, systems, config)[at]
+        beside = score_distributions(AVB, labels, systems, config)[at]
         assert sorted(beside) == sorted(alone)
         for key in alone:
             assert beside[key].tobytes() == alone[key].tobytes(), key
@@ -96,7 +96,7 @@ def test_paired_win_fraction_uses_the_same_resamples_for_both_systems():
     labels, preds = random_task_data(200, seed=4)
     better = {**preds, "high": labels["high"] * 0.8 + 0.2 * preds["high"]}
     config = BootstrapConfig(n_boot=100, seed=5)
-    worse_d, better_d = score_distributions(labels, [preds, better], config)
+    worse_d, better_d = score_distributions(AVB, labels, [preds, better], config)
     slow_w, slow_b = slow_distribution(labels, preds, 100, 5), slow_distribution(labels, better, 100, 5)
     for key in slow_w:
         np.testing.assert_allclose(worse_d[key], slow_w[key], rtol=0, atol=1e-10, err_msg=key)
@@ -128,16 +128,18 @@ def corpus_root(tmp_path_factory):
 def test_avb_score_ci_adds_an_interval_beside_every_score(corpus_root, tmp_path):
     rng = np.random.default_rng(0)
     truth, preds = {}, {}
-    for name, task in TASKS.items():
+    for name, task in zip(AVB.names, AVB):
         ids, truth[name] = val_labels(corpus_root, task)
         preds[name] = (rng.random((len(ids), 8)) if task.is_classification
                        else np.clip(truth[name] * 0.7 + rng.random(truth[name].shape) * 0.3, 0, 1))
-    files = [str(p) for p in write_submissions(tmp_path, ids, preds, team="t", number=1)]
+    files = [str(p) for p in write_predictions(tmp_path, AVB, ids, preds, team="t", number=1)
+             if p.name != PROBS_FILE]
     args = ["score", "--corpus", str(corpus_root), "--json", "--seed", "3", "--n-boot", "300"]
     result = CliRunner().invoke(main, args + ["--ci", "0.95", *files])
     assert result.exit_code == 0, result.output
     got = json.loads(result.output)
-    assert list(got)[:4] == ["type_uar", "type_uar_ci", "two_ccc", "two_ccc_ci"] and len(got) == 14
+    assert list(got)[:8] == ["type_uar", "type_uar_ci", "type_accuracy", "type_accuracy_ci", "type_f1", "type_f1_ci",
+                             "two_ccc", "two_ccc_ci"] and len(got) == 18
     order = np.argsort(ids)                            # the corpus keeps a split's clips sorted by id
     labels = {"type": truth["type"][order, None].astype(float),
               **{k: truth[k][order] for k in ("two", "high", "culture")}}

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from extract.app.cli import main
 from extract.audio import write_wav
 from extract.corpus import CorpusError, read_corpus
-from heads.tasks import COUNTRIES, EMOTIONS, TASKS, TYPE_CLASSES
+from heads.tasks import AVB, COUNTRIES, EMOTIONS, TYPE_CLASSES
 
 SPLIT_ORDER = ["Train", "Val", "Test", "Train", "Val", "Test", "Train", "Val", "Test"]
 TYPES = ["Laugh", "Gasp", None, "Laugh", "Pant", None, "Cry", "Other", None]
@@ -27,14 +27,14 @@ def make_rows(seed: int = 0) -> list[dict[str, str]]:
     for i in WRITE_ORDER:
         split = SPLIT_ORDER[i]
         row = {"File_ID": f"[{i + 1:05d}]", "Split": split, "Country": ""}
-        for task in TASKS.values():
+        for task in AVB:
             for col in task.columns:
                 row[col] = ""
         if split != "Test":
             row["Country"] = COUNTRIES[i % 4]
             row["Voc_Type"] = TYPES[i]
             for task in ("two", "high", "culture"):
-                for col in TASKS[task].columns:
+                for col in AVB[task].columns:
                     row[col] = f"{rng.random():.4f}"
             row["Awe"] = "1"  # exact endpoints are valid
             row["Fear"] = "0.0"
@@ -52,13 +52,13 @@ def write_csv(path: Path, header: list[str], rows: list[dict[str, str]], *, bom=
 
 
 def write_task_file(root: Path, task: str, rows, **kwargs) -> Path:
-    path = root / "labels" / TASKS[task].info_csv
-    write_csv(path, ["File_ID", "Split", *TASKS[task].columns], rows, **kwargs)
+    path = root / "labels" / AVB[task].info_csv
+    write_csv(path, ["File_ID", "Split", *AVB[task].columns], rows, **kwargs)
     return path
 
 
 def write_data_info(root: Path, rows, **kwargs) -> Path:
-    header = ["File_ID", "Split", "Country", *EMOTIONS, "Valence", "Arousal", *TASKS["culture"].columns]
+    header = ["File_ID", "Split", "Country", *EMOTIONS, "Valence", "Arousal", *AVB["culture"].columns]
     path = root / "labels" / "data_info.csv"
     write_csv(path, header, rows, **kwargs)
     return path
@@ -72,7 +72,7 @@ def write_audio(root: Path) -> None:
 def make_corpus(root: Path, layout: str = "tasks", audio: bool = True, rows=None) -> list[dict[str, str]]:
     rows = make_rows() if rows is None else rows
     if layout in ("tasks", "both"):
-        for task in TASKS:
+        for task in AVB.names:
             write_task_file(root, task, rows)
     if layout in ("data_info", "both"):
         write_data_info(root, rows)
@@ -85,7 +85,7 @@ def make_corpus(root: Path, layout: str = "tasks", audio: bool = True, rows=None
 def expected_labels(rows) -> dict[str, np.ndarray]:
     by_id = {r["File_ID"].strip("[]"): r for r in rows}
     out = {}
-    for name, task in TASKS.items():
+    for name, task in zip(AVB.names, AVB):
         array = np.full((len(rows), task.label_dim), np.nan, dtype=np.float32)
         for k, clip in enumerate(sorted(by_id)):
             row = by_id[clip]
@@ -125,9 +125,9 @@ def test_task_file_layout_reads_sorted_ids_splits_and_labels(tmp_path):
     assert len(corpus) == 9
     np.testing.assert_array_equal(corpus.indices("Train"), [0, 3, 6])
     np.testing.assert_array_equal(corpus.indices("Test"), [2, 5, 8])
-    assert corpus.wav_path("00003") == tmp_path / "audio" / "wav" / "00003.wav"
+    assert corpus.audio_path("00003") == tmp_path / "audio" / "wav" / "00003.wav"
     expected = expected_labels(rows)
-    for name, task in TASKS.items():
+    for name, task in zip(AVB.names, AVB):
         assert corpus.labels[name].dtype == np.float32
         assert corpus.labels[name].shape == (9, task.label_dim)
         np.testing.assert_array_equal(corpus.labels[name], expected[name])
@@ -143,7 +143,7 @@ def test_data_info_layout_gives_the_same_labels_and_countries(tmp_path):
     make_corpus(tmp_path / "b", layout="data_info", audio=False, rows=rows)
     a, b = read_corpus(tmp_path / "a"), read_corpus(tmp_path / "b")
     assert a.ids == b.ids
-    for name in TASKS:
+    for name in AVB.names:
         np.testing.assert_array_equal(a.labels[name], b.labels[name])
     assert b.countries == ["China", "United States", "", "Venezuela", "China", "", "South Africa",
                            "Venezuela", ""]
@@ -155,7 +155,7 @@ def test_task_files_win_over_data_info_which_still_supplies_country(tmp_path):
     zeroed = copy.deepcopy(rows)
     for row in zeroed:
         if row["Split"] != "Test":
-            row.update({c: "0" for c in ("Valence", "Arousal", *EMOTIONS, *TASKS["culture"].columns)})
+            row.update({c: "0" for c in ("Valence", "Arousal", *EMOTIONS, *AVB["culture"].columns)})
     write_data_info(tmp_path, zeroed)
     corpus = read_corpus(tmp_path)
     np.testing.assert_array_equal(corpus.labels["high"], expected_labels(rows)["high"])

@@ -17,7 +17,7 @@ from cache.reader import read_attrs
 from extract.app.cli import main as avb
 from extract.app.demo import STAGES
 from heads.submission import read_submission
-from heads.tasks import HEADLINE_KEYS, TASK_NAMES, TASKS
+from heads.tasks import AVB
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.slow  # ~20-40 s for the first quick demo on a 2-core machine
@@ -71,8 +71,8 @@ def test_quick_demo_writes_every_stage_output(done):
     assert (out / "ablation" / "results.md").is_file() and (out / "ablation" / "results.csv").is_file()
 
     test_ids = None
-    for task in TASKS.values():
-        got_task, ids, values = read_submission(out / "ensemble" / f"A-VB-{task.file_stem}_avb_1.csv")
+    for task in AVB:
+        got_task, ids, values = read_submission(out / "ensemble" / f"A-VB-{task.file_stem}_avb_1.csv", AVB)
         assert got_task is task and len(ids) == 16  # a third of 48 clips is Test
         test_ids = test_ids or ids
         assert ids == test_ids
@@ -82,7 +82,7 @@ def test_quick_demo_writes_every_stage_output(done):
         rows = list(csv.DictReader(handle))
     assert [Path(r["path"]).name for r in rows] == ["00001.wav", "00002.wav", "00003.wav"]
     for row in rows:
-        probs = np.array([float(row[f"p_{c}"]) for c in TASKS["type"].classes])
+        probs = np.array([float(row[f"p_{c}"]) for c in AVB["type"].classes])
         assert abs(probs.sum() - 1) < 1e-6
 
 
@@ -91,7 +91,7 @@ def test_printed_output_has_the_table_the_ensemble_row_and_stage_times(done):
     assert table_rows(text) == ["VANILLA", "CHAIN", "BRANCH"] * 4
     assert (out / "ablation" / "results.md").read_text().strip() in text
     metrics = json.loads((out / "ensemble" / "metrics.json").read_text())
-    keys = [HEADLINE_KEYS[n] for n in TASK_NAMES] + ["mean"]
+    keys = [AVB.headline_keys[n] for n in AVB.names] + ["mean"]
     assert "combined ensemble (Table II): " + "  ".join(f"{k} {metrics[k]:.4f}" for k in keys) in text
     for i, stage in enumerate(STAGES, start=1):
         assert f"=== [{i}/{N_STAGES}] {stage.name}:" in text

@@ -24,7 +24,7 @@ from helpers import (
 from cache.reader import load_cache
 from extract.app.cli import main as avb
 from heads.model.architectures import HeadConfig, build_head
-from heads.tasks import METRIC_KEYS
+from heads.tasks import AVB
 from heads.training import joint as train_mod
 from heads.training.device import DeviceError, autocast, resolve_device
 from heads.training.joint import TrainConfig, TrainingError, train_runs
@@ -86,8 +86,8 @@ def test_epoch_end_loss_check_of_accelerators_names_run_epoch_and_task(cache_fil
     real = train_mod.task_losses
     calls = []
 
-    def poisoned(outputs, targets):
-        losses = real(outputs, targets)
+    def poisoned(tasks, outputs, targets):
+        losses = real(tasks, outputs, targets)
         calls.append(1)
         if len(calls) == 3:  # third step of epoch 1, run 1, task high
             losses = losses.clone()
@@ -116,7 +116,7 @@ def test_bf16_autocast_trains_finite_runs_with_float32_state(cache_file, tmp_pat
     cfgs = [TrainConfig(arch=arch, weighting="rruw", seed=0, epochs=2, head=HEAD, precision="bf16")
             for arch in ("vanilla",)]
     m = train_runs(cache, cfgs, [tmp_path / "bf16"], progress=False)[0]
-    assert all(np.isfinite(m[k]) for k in METRIC_KEYS)
+    assert all(np.isfinite(m[k]) for k in AVB.metric_keys)
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["precision"] == "bf16"
     with pytest.raises(TrainingError, match=r"^unknown precision 'fp8'; expected one of fp32, bf16$"):
         TrainConfig(precision="fp8")
@@ -124,7 +124,7 @@ def test_bf16_autocast_trains_finite_runs_with_float32_state(cache_file, tmp_pat
 
 @pytest.mark.parametrize("variant", ["vanilla", "chain", "branch", "branch_frames"])
 def test_bf16_autocast_forward_and_backward_of_every_head(variant):
-    head = build_head(cfg_of(variant), DIMS, [3, 7]).train()
+    head = build_head(cfg_of(variant), DIMS, [3, 7], AVB).train()
     head.use_grad_buffers()
     with autocast(torch.device("cpu"), "bf16"):
         out = head(make_inputs(2), make_targets(2))
@@ -136,7 +136,7 @@ def test_bf16_autocast_forward_and_backward_of_every_head(variant):
 
 @pytest.mark.parametrize("variant", ["vanilla_weighted", "chain", "branch", "branch_frames"])
 def test_gradient_buffers_give_autograd_gradients_step_after_step(variant):
-    plain, buffered = (build_head(cfg_of(variant, dropout=0.0), DIMS, [3, 7]).train() for _ in range(2))
+    plain, buffered = (build_head(cfg_of(variant, dropout=0.0), DIMS, [3, 7], AVB).train() for _ in range(2))
     buffered.use_grad_buffers()
     for step in range(2):
         x, tg = make_inputs(2, seed=step), make_targets(2, seed=step)

@@ -15,7 +15,7 @@ from cache.reader import FrameReader, load_cache, read_attrs
 from extract.audio import crop_or_pad, load_wav
 from extract.corpus import read_corpus
 from extract.dump import DumpConfig, dump_command, run_dump, shard_path
-from heads.tasks import TASK_NAMES, TYPE_CLASSES
+from heads.tasks import AVB, TYPE_CLASSES
 
 torch.set_num_threads(1)
 
@@ -67,7 +67,7 @@ def test_one_and_two_processes_give_the_same_cache(setup, dumps):
     assert one.ids.tolist() == two.ids.tolist() == corpus.ids
     assert one.splits.tolist() == two.splits.tolist() == corpus.splits.tolist()
     assert np.array_equal(one.n_frames, two.n_frames)
-    for task in TASK_NAMES:
+    for task in AVB.names:
         np.testing.assert_array_equal(one.labels[task], corpus.labels[task])
         np.testing.assert_array_equal(two.labels[task], corpus.labels[task])
     assert np.isnan(one.labels["high"][corpus.indices("Test")]).all()

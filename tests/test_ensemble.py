@@ -21,12 +21,11 @@ from heads.analysis.ensemble import ensemble_command, select_greedy
 from heads.metrics import score_all
 from heads.runs import RUN_FORMAT
 from heads.submission import (
+    read_class_probs,
     read_submission,
-    read_type_probs,
-    write_submissions,
-    write_type_probs,
+    write_predictions,
 )
-from heads.tasks import TASK_NAMES, TASKS, TYPE_CLASSES
+from heads.tasks import AVB, TYPE_CLASSES
 
 N_TRAIN, N_VAL, N_TEST = 4, 48, 12
 BACKBONE = {"name": "tiny-random-wav2vec2", "hidden_size": 4}
@@ -71,14 +70,14 @@ class World:
             labels[name][N_TRAIN + N_VAL:] = np.nan
         self.cache = root / "cache.h5"
         with CacheWriter(self.cache, layer_dims={"cnn": 4},
-                         label_columns={name: list(TASKS[name].columns) for name in TASK_NAMES},
+                         label_columns={name: list(AVB[name].columns) for name in AVB.names},
                          label_classes={"type": list(TYPE_CLASSES)},
                          attrs={"backbone": backbone or BACKBONE, "sample_rate": 16000, "clip_seconds": 2.5}) as w:
             w.append(ids, splits, labels, np.full(n, 5), {"cnn": rng.random((n, 4))})
         val = slice(N_TRAIN, N_TRAIN + N_VAL)
         self.val_ids = ids[val]
         self.test_ids = ids[N_TRAIN + N_VAL:]
-        self.val_labels = {name: labels[name][val] for name in TASK_NAMES}
+        self.val_labels = {name: labels[name][val] for name in AVB.names}
 
     def preds(self, seed: int, noise: dict[str, float], n: int = N_VAL) -> dict[str, np.ndarray]:
         """Labels plus Gaussian noise of the given size per task; TYPE as softmax probabilities."""
@@ -104,14 +103,13 @@ class World:
         val_written = {k: v[keep] for k, v in val.items()}
         for split, split_ids, preds in (("val", ids, val_written), ("test", self.test_ids, test)):
             folder = path / "predictions" / split
-            write_submissions(folder, split_ids, preds, team="avb", number=1)
-            write_type_probs(folder / "type_probs.csv", split_ids, preds["type"])
+            write_predictions(folder, AVB, split_ids, preds, team="avb", number=1)  # with type_probs.csv
         config = {"run_format": RUN_FORMAT, "arch": arch, "weighting": weighting, "seed": seed,
                   "cache": str(self.cache),
                   "cache_attrs": {"backbone": backbone or BACKBONE, "layers": ["cnn"]}}
         (path / "config.json").write_text(json.dumps(config))
         if complete:
-            metrics = score_all(self.val_labels, val) if val_ids is None else {"mean": 0.0}
+            metrics = score_all(AVB, self.val_labels, val) if val_ids is None else {"mean": 0.0}
             (path / "metrics.json").write_text(json.dumps({**metrics, "best_epoch": 1, "history": []}))
         return path, val, test
 
@@ -120,7 +118,7 @@ GOOD, BAD = 0.05, 0.6
 
 
 def noise(**good: bool) -> dict[str, float]:
-    return {name: GOOD if good.get(name) else BAD for name in TASK_NAMES}
+    return {name: GOOD if good.get(name) else BAD for name in AVB.names}
 
 
 @pytest.fixture()
@@ -134,9 +132,9 @@ def invoke(*args: str):
 
 def read_val(out: Path, team: str = "avb", number: int = 1) -> dict[str, tuple[list[str], np.ndarray]]:
     files = {}
-    for name in TASK_NAMES:
+    for name in AVB.names:
         folder = out / "predictions" / "val"
-        _, ids, values = read_submission(folder / f"A-VB-{TASKS[name].file_stem}_{team}_{number}.csv")
+        _, ids, values = read_submission(folder / f"A-VB-{AVB[name].file_stem}_{team}_{number}.csv", AVB)
         files[name] = (ids, values)
     return files
 
@@ -157,7 +155,7 @@ def test_combined_takes_each_task_from_its_best_run_and_scores_match_independent
     assert result.exit_code == 0, result.output
 
     members = json.loads((out / "members.json").read_text())
-    chosen = {name: [(Path(m["run"]).name, m["weight"]) for m in members["tasks"][name]] for name in TASK_NAMES}
+    chosen = {name: [(Path(m["run"]).name, m["weight"]) for m in members["tasks"][name]] for name in AVB.names}
     assert chosen == {"type": [("A", 1.0)], "two": [("B", 1.0)], "high": [("B", 1.0)], "culture": [("C", 1.0)]}
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -170,7 +168,7 @@ def test_combined_takes_each_task_from_its_best_run_and_scores_match_independent
     assert metrics["mean"] == pytest.approx(np.mean(headline), abs=1e-12)
     # Per task never below any single run (it is the best run's predictions for that task).
     for preds in (va, vb, vc):
-        single = score_all(y, preds)
+        single = score_all(AVB, y, preds)
         for key in ("type_uar", "two_ccc", "high_ccc", "culture_ccc"):
             assert metrics[key] >= single[key] - 1e-7
     # The printed table lists the members and the ensemble row.
@@ -205,11 +203,11 @@ def test_test_submission_files_have_official_headers_bracketed_sorted_ids_and_th
         ids = [r.split(",")[0] for r in rows]
         assert ids == [f"[{i}]" for i in sorted(world.test_ids)]
     # Test values are the chosen runs' Test predictions, matched by id.
-    _, ids, two = read_submission(out / "A-VB-Two_myteam_3.csv")
+    _, ids, two = read_submission(out / "A-VB-Two_myteam_3.csv", AVB)
     np.testing.assert_allclose(two, by_id(world.test_ids, tb["two"], ids), rtol=1e-8)
-    _, ids, types = read_submission(out / "A-VB-Type_myteam_3.csv")
+    _, ids, types = read_submission(out / "A-VB-Type_myteam_3.csv", AVB)
     np.testing.assert_array_equal(types, by_id(world.test_ids, ta["type"], ids).argmax(1))
-    prob_ids, probs = read_type_probs(out / "predictions" / "test" / "type_probs.csv")
+    prob_ids, probs = read_class_probs(out / "predictions" / "test" / "type_probs.csv", AVB, AVB["type"])
     np.testing.assert_allclose(probs, by_id(world.test_ids, ta["type"], prob_ids), rtol=1e-8)
     assert not list(out.glob("A-VB-*_avb_1.csv"))
 
@@ -221,11 +219,11 @@ def test_rescoring_the_written_val_predictions_reproduces_metrics_json(world, tm
         assert invoke(*runs, "--out", out, "--strategy", strategy).exit_code == 0
         metrics = json.loads((out / "metrics.json").read_text())
         preds = {name: by_id(ids, values, world.val_ids) for name, (ids, values) in read_val(out).items()}
-        rescored = score_all(world.val_labels, preds)
+        rescored = score_all(AVB, world.val_labels, preds)
         assert set(metrics) == set(rescored) | {f"{key}_ci" for key in rescored}
         # resamples index the clips in id order (as `avb score --ci` does), so the same files give the same CIs
         order = np.argsort(world.val_ids)
-        cis = score_intervals({k: v[order] for k, v in world.val_labels.items()},
+        cis = score_intervals(AVB, {k: v[order] for k, v in world.val_labels.items()},
                               {k: v[order] for k, v in preds.items()}, BootstrapConfig(level=0.95, n_boot=1000))
         for key, value in rescored.items():
             assert metrics[key] == pytest.approx(value, abs=1e-12), (strategy, key)
@@ -242,7 +240,7 @@ def test_mean_of_identical_runs_equals_the_run(world, tmp_path):
     out = tmp_path / "ens"
     assert invoke(a, tmp_path / "A2", "--out", out, "--strategy", "mean", "--top-k", "2").exit_code == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    single = score_all(world.val_labels, va)
+    single = score_all(AVB, world.val_labels, va)
     for key, value in single.items():
         assert metrics[key] == pytest.approx(value, abs=1e-7), key
     written = read_val(out)
@@ -258,11 +256,11 @@ def test_mean_averages_the_top_k_runs_by_val_mean_and_type_by_averaged_probabili
     out = tmp_path / "ens"
     assert invoke(c, b, a, "--out", out, "--strategy", "mean", "--top-k", "2").exit_code == 0
     members = json.loads((out / "members.json").read_text())
-    for name in TASK_NAMES:
+    for name in AVB.names:
         assert sorted((Path(m["run"]).name, m["weight"]) for m in members["tasks"][name]) == [("A", 0.5), ("B", 0.5)]
     metrics = json.loads((out / "metrics.json").read_text())
     y = world.val_labels
-    avg = {name: (va[name] + vb[name]) / 2 for name in TASK_NAMES}
+    avg = {name: (va[name] + vb[name]) / 2 for name in AVB.names}
     assert metrics["type_uar"] == pytest.approx(ref_uar(y["type"], avg["type"]), abs=1e-12)
     for name in DIMS:
         assert metrics[f"{name}_ccc"] == pytest.approx(ref_ccc(y[name], avg[name]), abs=1e-7)
@@ -280,8 +278,8 @@ def test_greedy_is_never_worse_than_the_best_member_and_mixes_runs_when_that_hel
     assert invoke(a, b, c, "--out", out, "--strategy", "greedy").exit_code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     members = json.loads((out / "members.json").read_text())
-    singles = [score_all(world.val_labels, p) for p in (va, vb, vc)]
-    for name in TASK_NAMES:
+    singles = [score_all(AVB, world.val_labels, p) for p in (va, vb, vc)]
+    for name in AVB.names:
         key = f"{name}_uar" if name == "type" else f"{name}_ccc"
         assert metrics[key] >= max(s[key] for s in singles) - 1e-7
         assert sum(m["weight"] for m in members["tasks"][name]) == pytest.approx(1.0)
@@ -305,7 +303,7 @@ def test_greedy_selection_with_replacement_on_hand_worked_values():
     probs1 = np.eye(8)[[0, 1, 1, 1]]
     run0 = {"type": probs0, "two": y + e, "high": labels["high"] + e, "culture": labels["culture"] + e}
     run1 = {"type": probs1, "two": y - e, "high": labels["high"] - e, "culture": labels["culture"] - e}
-    members = select_greedy([run0, run1], labels, rounds=20)
+    members = select_greedy(AVB, [run0, run1], labels, rounds=20)
     assert members["two"] == [(0, 0.5), (1, 0.5)]
     assert members["culture"] == [(0, 0.5), (1, 0.5)]
     # TYPE: run 0 has UAR (2/2 + 1/2)/2 = .75, run 1 (1/2 + 2/2)/2 = .75; the tie goes to run 0, and the
@@ -313,7 +311,7 @@ def test_greedy_selection_with_replacement_on_hand_worked_values():
     assert members["type"] == [(0, 1.0)]
     # One round = the best single run: var(y) = 1.25; run 0 has var 1, cov 1 -> CCC 2/2.25 = 8/9; run 1 has
     # var 2, cov 1.5 -> CCC 3/3.25 = 12/13, so run 1.
-    assert select_greedy([run0, run1], labels, rounds=1)["two"] == [(1, 1.0)]
+    assert select_greedy(AVB, [run0, run1], labels, rounds=1)["two"] == [(1, 1.0)]
 
 
 def test_val_id_sets_that_differ_are_refused_naming_a_missing_id(world, tmp_path):

@@ -17,7 +17,7 @@ from extract.corpus import read_corpus
 from extract.finetune import FinetuneConfig, finetune_command, latest_checkpoint
 from extract.synth import synthesize_corpus
 from heads.metrics import score_all
-from heads.tasks import TASK_NAMES
+from heads.tasks import AVB
 
 torch.set_num_threads(1)
 S = 40000
@@ -78,8 +78,8 @@ def test_training_loss_decreases_and_history_is_logged(two_process_run):
     full = [h for h in metrics["history"] if not h["partial"]]
     assert full[-1]["loss"] < full[0]["loss"]
     for h in full:
-        assert set(h["task_losses"]) == set(TASK_NAMES) == set(h["weights"])
-        assert h["weights"] == {t: 1.0 for t in TASK_NAMES}  # uniform weighting
+        assert set(h["task_losses"]) == set(AVB.names) == set(h["weights"])
+        assert h["weights"] == {t: 1.0 for t in AVB.names}  # uniform weighting
         # uniform weighting: the total is the plain sum of the task losses
         assert h["loss"] == pytest.approx(sum(h["task_losses"].values()), rel=1e-5)
         assert {"type_uar", "two_ccc", "high_ccc", "culture_ccc", "mean"} <= set(h["val"])
@@ -100,20 +100,20 @@ def _direct_val_scores(out: Path, corpus_root: Path) -> dict[str, float]:
 
     config = json.loads((out / "config.json").read_text())
     backbone = AutoModel.from_pretrained(out / "backbone").eval()
-    head = build_head(HeadConfig(**config["head"]), config["layer_dims"], seeds=[0])
+    head = build_head(HeadConfig(**config["head"]), config["layer_dims"], seeds=[0], tasks=AVB)
     head.load_state_dict(load_file(str(out / "head.safetensors")))
     head.eval()
     corpus = read_corpus(corpus_root)
     rows = corpus.indices("Val")
-    preds: dict[str, list] = {t: [] for t in TASK_NAMES}
+    preds: dict[str, list] = {t: [] for t in AVB.names}
     with torch.no_grad():
         for row in rows:
-            clip, mask = crop_or_pad(load_wav(corpus.wav_path(corpus.ids[row])), S)
+            clip, mask = crop_or_pad(load_wav(corpus.audio_path(corpus.ids[row])), S)
             pooled, _, _ = forward_layers(backbone, torch.from_numpy(clip)[None], torch.from_numpy(mask)[None])
             outputs = head(HeadInputs(pooled={k: v[None] for k, v in pooled.items()}))
-            for t in TASK_NAMES:
+            for t in AVB.names:
                 preds[t].append(outputs[t][0, 0].numpy())
-    return score_all({t: corpus.labels[t][rows] for t in TASK_NAMES}, {t: np.stack(p) for t, p in preds.items()})
+    return score_all(AVB, {t: corpus.labels[t][rows] for t in AVB.names}, {t: np.stack(p) for t, p in preds.items()})
 
 
 @pytest.mark.slow
@@ -202,7 +202,7 @@ def test_one_process_finetune_beats_chance_on_type(tmp_path):
     assert metrics["best"]["val"]["type_uar"] > 2 * chance
     # DWA: weights 1 for the first two epochs, then dynamic, always summing to K = 4.
     weights = [h["weights"] for h in metrics["history"]]
-    assert weights[0] == weights[1] == {t: 1.0 for t in TASK_NAMES}
+    assert weights[0] == weights[1] == {t: 1.0 for t in AVB.names}
     assert weights[2] != weights[1]
     for w in weights:
         assert sum(w.values()) == pytest.approx(4.0, rel=1e-5)
@@ -214,12 +214,12 @@ def test_clip_dataset_crops_are_seeded_per_epoch_and_row(setup):
 
     _, corpus_root, _ = setup
     corpus = read_corpus(corpus_root)
-    lengths = np.array([len(load_wav(corpus.wav_path(i))) for i in corpus.ids])
+    lengths = np.array([len(load_wav(corpus.audio_path(i))) for i in corpus.ids])
     long_row, short_row = int(np.argmax(lengths)), int(np.argmin(lengths))
     assert lengths[long_row] > S > lengths[short_row]
     rows = [long_row, short_row]
     train = ClipDataset(corpus, rows, train=True, seed=3)
-    wave = load_wav(corpus.wav_path(corpus.ids[long_row]))
+    wave = load_wav(corpus.audio_path(corpus.ids[long_row]))
 
     def start_of(clip: torch.Tensor) -> int:  # where in the file the window was cut
         starts = [s for s in range(len(wave) - S + 1) if np.array_equal(wave[s:s + S], clip.numpy())]

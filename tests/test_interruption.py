@@ -51,7 +51,8 @@ from safetensors.torch import load_file
 from cache.command_kit.interrupt import MESSAGE
 from cache.command_kit.lock import LOCK_NAME
 from cache.reader import load_cache, read_attrs
-from heads.submission import read_submission, read_type_probs
+from heads.submission import read_class_probs, read_submission
+from heads.tasks import AVB
 
 pytestmark = pytest.mark.slow
 
@@ -339,9 +340,9 @@ def check_metrics(copy: Path, final: Path) -> None:
     check_safetensors(final.parent / "head.safetensors", final)
     for split in ("val", "test"):
         folder = final.parent / "predictions" / split
-        tasks = {read_submission(p)[0].name for p in folder.glob("A-VB-*.csv")}
+        tasks = {read_submission(p, AVB)[0].name for p in folder.glob("A-VB-*.csv")}
         assert tasks == {"type", "two", "high", "culture"}, (split, tasks)
-        read_type_probs(folder / "type_probs.csv")
+        read_class_probs(folder / "type_probs.csv", AVB, AVB["type"])
 
 
 def check_results_csv(copy: Path, final: Path) -> None:
@@ -360,8 +361,8 @@ ABLATE_CHECKS: list[tuple[str, Check]] = [
     ("config.json", check_json), ("results.json", check_json), ("results.csv", check_results_csv),
     ("results.md", check_results_md), ("*/config.json", check_json), ("*/metrics.json", check_metrics),
     ("*/head.safetensors", check_safetensors),
-    ("*/predictions/*/A-VB-*.csv", lambda copy, final: read_submission(copy)),
-    ("*/predictions/*/type_probs.csv", lambda copy, final: read_type_probs(copy)),
+    ("*/predictions/*/A-VB-*.csv", lambda copy, final: read_submission(copy, AVB)),
+    ("*/predictions/*/type_probs.csv", lambda copy, final: read_class_probs(copy, AVB, AVB["type"])),
 ]
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from heads.model.losses import LossInputError, ccc_loss, task_losses, type_loss
-from heads.tasks import TASK_NAMES, TASKS
+from heads.tasks import AVB
 
 torch.set_num_threads(1)
 
@@ -137,21 +137,21 @@ def test_type_loss_rejects_out_of_range_class():
 
 def _batch(r: int, b: int, seed: int = 5):
     g = torch.Generator().manual_seed(seed)
-    outputs = {n: (torch.randn if TASKS[n].is_classification else torch.rand)(r, b, TASKS[n].out_dim, generator=g)
-               for n in TASK_NAMES}
-    targets = {n: torch.rand(r, b, TASKS[n].label_dim, generator=g) for n in TASK_NAMES}
+    outputs = {n: (torch.randn if AVB[n].is_classification else torch.rand)(r, b, AVB[n].out_dim, generator=g)
+               for n in AVB.names}
+    targets = {n: torch.rand(r, b, AVB[n].label_dim, generator=g) for n in AVB.names}
     targets["type"] = torch.randint(0, 8, (r, b, 1), generator=g).float()
     return outputs, targets
 
 
 def test_task_losses_stacks_in_task_order():
     outputs, targets = _batch(2, 6)
-    got = task_losses(outputs, targets)
+    got = task_losses(AVB, outputs, targets)
     assert got.shape == (2, 4)
     torch.testing.assert_close(got[:, 0], type_loss(outputs["type"], targets["type"].squeeze(-1).long()))
-    for k, name in enumerate(TASK_NAMES[1:], start=1):
+    for k, name in enumerate(AVB.names[1:], start=1):
         expected = [1 - np.mean([np_population_ccc(targets[name][r, :, j].numpy(), outputs[name][r, :, j].numpy())
-                                 for j in range(TASKS[name].out_dim)]) for r in range(2)]
+                                 for j in range(AVB[name].out_dim)]) for r in range(2)]
         np.testing.assert_allclose(got[:, k].numpy(), expected, atol=1e-6)
 
 
@@ -160,7 +160,7 @@ def test_task_losses_shared_targets_and_nan_type():
     shared = {n: t[0] for n, t in targets.items()}  # [B, label_dim], the same for both runs
     shared["type"] = shared["type"].clone()
     shared["type"][1, 0] = float("nan")
-    got = task_losses(outputs, shared)
+    got = task_losses(AVB, outputs, shared)
     keep = torch.tensor([True, False, True, True, True, True])
     expected = torch.stack([F.cross_entropy(outputs["type"][r][keep], shared["type"][keep, 0].long())
                             for r in range(2)])
@@ -172,9 +172,9 @@ def test_task_losses_errors_name_task_and_shapes():
     outputs, targets = _batch(1, 3)
     del targets["high"]
     with pytest.raises(LossInputError, match=r"^targets lack task 'high'; got type, two, culture$"):
-        task_losses(outputs, targets)
+        task_losses(AVB, outputs, targets)
     outputs, targets = _batch(1, 3)
     targets["two"] = torch.zeros(1, 3, 3)
     with pytest.raises(LossInputError, match=r"^target of task 'two' must be \[R, B, 2\] or \[B, 2\] to match "
                                              r"output \(1, 3, 2\), got \(1, 3, 3\)$"):
-        task_losses(outputs, targets)
+        task_losses(AVB, outputs, targets)

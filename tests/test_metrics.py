@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 from scipy.stats import pearsonr
-from sklearn.metrics import recall_score
+from sklearn.metrics import accuracy_score, f1_score, recall_score
 
-from heads.metrics import ccc_per_column, pearson_per_column, score_all, score_task, uar
-from heads.tasks import TASKS
+from heads.metrics import ccc_per_column, macro_f1, pearson_per_column, score_all, score_task, uar
+from heads.tasks import AVB
 
 
 def hand_ccc(x, y):
@@ -67,7 +67,9 @@ def test_score_task_skips_unlabelled_rows_and_takes_argmax_of_probabilities():
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5], [0.7, 0.3]])
     padded = np.zeros((4, 8))
     padded[:, :2] = probs
-    assert score_task(TASKS["type"], labels, padded) == {"type_uar": pytest.approx((1.0 + 0.5) / 2)}
+    assert score_task(AVB["type"], labels, padded) == {"type_uar": pytest.approx((1.0 + 0.5) / 2),
+                                                       "type_accuracy": pytest.approx(2 / 3),
+                                                       "type_f1": pytest.approx(2 / 3)}
 
 
 def test_score_all_means_the_four_headline_scores():
@@ -76,16 +78,42 @@ def test_score_all_means_the_four_headline_scores():
     labels = {"type": rng.integers(0, 8, (n, 1)).astype(float)}
     preds = {"type": rng.random((n, 8))}
     for name in ("two", "high", "culture"):
-        k = TASKS[name].label_dim
+        k = AVB[name].label_dim
         labels[name] = rng.random((n, k))
         preds[name] = labels[name] * 0.5 + rng.random((n, k)) * 0.5
-    out = score_all(labels, preds)
-    assert set(out) == {"type_uar", "two_ccc", "two_pearson", "high_ccc", "high_pearson",
+    out = score_all(AVB, labels, preds)
+    assert set(out) == {"type_uar", "type_accuracy", "type_f1", "two_ccc", "two_pearson", "high_ccc", "high_pearson",
                         "culture_ccc", "culture_pearson", "mean"}
     hand = np.mean([np.mean([hand_ccc(labels[t][:, j], preds[t][:, j]) for j in range(labels[t].shape[1])])
                     for t in ("two", "high", "culture")] + [recall_score(labels["type"][:, 0], preds["type"].argmax(1),
                                                                        average="macro")])
     assert out["mean"] == pytest.approx(hand, abs=1e-6)
+
+
+def test_macro_f1_matches_sklearn_over_the_classes_in_the_truth():
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        t = rng.integers(0, 8, 300)
+        t[t == 5] = 4  # class 5 never occurs in the truth ...
+        p = np.where(rng.random(300) < 0.4, t, rng.integers(0, 8, 300))  # ... but is predicted
+        want = f1_score(t, p, average="macro", labels=np.unique(t))
+        assert macro_f1(t, p) == pytest.approx(want, abs=1e-9)
+
+
+def test_score_task_accuracy_and_f1_match_sklearn():
+    rng = np.random.default_rng(5)
+    t = rng.integers(0, 8, 400)
+    probs = rng.random((400, 8))
+    probs[np.arange(400), t] += rng.random(400)  # better than chance
+    labels = t.astype(float)[:, None]
+    labels[::7] = np.nan  # unlabelled rows are skipped
+    keep = ~np.isnan(labels[:, 0])
+    out = score_task(AVB["type"], labels, probs)
+    guess = probs[keep].argmax(1)
+    assert out["type_accuracy"] == pytest.approx(accuracy_score(t[keep], guess), abs=1e-9)
+    assert out["type_f1"] == pytest.approx(f1_score(t[keep], guess, average="macro", labels=np.unique(t[keep])),
+                                           abs=1e-9)
+    assert out["type_uar"] == pytest.approx(recall_score(t[keep], guess, average="macro"), abs=1e-9)
 
 
 def test_scores_are_written_as_the_paper_prints_them():

@@ -22,7 +22,7 @@ from heads.model.layers import (
     StackedMultiheadAttention,
     make_generators,
 )
-from heads.tasks import TASK_NAMES, TASKS
+from heads.tasks import AVB
 
 torch.set_num_threads(1)
 
@@ -107,12 +107,12 @@ def test_dropout_per_run_masks_follow_their_generators():
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("training", [True, False])
 def test_output_shapes_and_ranges(variant, training):
-    head = build_head(cfg_of(variant), DIMS, [3, 7])
+    head = build_head(cfg_of(variant), DIMS, [3, 7], AVB)
     head.train(training)
     out = head(make_inputs(2), make_targets(2))
-    assert list(out) == list(TASK_NAMES)
-    for task in TASK_NAMES:
-        assert out[task].shape == (2, B, TASKS[task].out_dim)
+    assert list(out) == list(AVB.names)
+    for task in AVB.names:
+        assert out[task].shape == (2, B, AVB[task].out_dim)
         assert torch.isfinite(out[task]).all()
         if task != "type":
             assert out[task].min() >= 0 and out[task].max() <= 1
@@ -120,15 +120,15 @@ def test_output_shapes_and_ranges(variant, training):
 
 
 def test_required_layers_per_arch():
-    assert build_head(cfg_of("vanilla"), DIMS, [0]).required_layers == ["hidden_4"]
-    assert build_head(cfg_of("chain", input_layer="hidden_2"), DIMS, [0]).required_layers == ["hidden_2"]
-    assert build_head(cfg_of("vanilla_weighted"), DIMS, [0]).required_layers == [f"hidden_{i}" for i in range(5)]
-    tok = build_head(cfg_of("branch"), DIMS, [0])
+    assert build_head(cfg_of("vanilla"), DIMS, [0], AVB).required_layers == ["hidden_4"]
+    assert build_head(cfg_of("chain", input_layer="hidden_2"), DIMS, [0], AVB).required_layers == ["hidden_2"]
+    assert build_head(cfg_of("vanilla_weighted"), DIMS, [0], AVB).required_layers == [f"hidden_{i}" for i in range(5)]
+    tok = build_head(cfg_of("branch"), DIMS, [0], AVB)
     assert tok.required_layers == ["cnn"] + [f"hidden_{i}" for i in range(5)] and tok.required_frame_layers == []
-    fr = build_head(cfg_of("branch_frames", branch_blocks=2), DIMS, [0])
+    fr = build_head(cfg_of("branch_frames", branch_blocks=2), DIMS, [0], AVB)
     assert fr.required_layers == [] and fr.required_frame_layers == ["cnn", "hidden_2", "hidden_4"]
     dims12 = {"cnn": 16, **{f"hidden_{i}": 24 for i in range(13)}}
-    ref = build_head(cfg_of("branch_frames"), dims12, [0])   # the reference's layers 3, 6, 9, 12
+    ref = build_head(cfg_of("branch_frames"), dims12, [0], AVB)   # the reference's layers 3, 6, 9, 12
     assert ref.required_frame_layers == ["cnn", "hidden_3", "hidden_6", "hidden_9", "hidden_12"]
 
 
@@ -142,12 +142,12 @@ def test_branch_groups():
     assert branch_groups(4, 4, min_group=2) == [[1, 2], [3, 4]]
     assert branch_groups(5, 4, min_group=2) == [[1, 2, 3], [4, 5]]
     assert branch_groups(1, 4, min_group=2) == [[1]]
-    assert build_head(cfg_of("branch"), DIMS, [0]).groups == [[1, 2], [3, 4]]
-    assert build_head(cfg_of("branch_frames"), DIMS, [0]).groups == [[1], [2], [3], [4]]
+    assert build_head(cfg_of("branch"), DIMS, [0], AVB).groups == [[1, 2], [3, 4]]
+    assert build_head(cfg_of("branch_frames"), DIMS, [0], AVB).groups == [[1], [2], [3], [4]]
 
 
 def test_weighted_input_is_softmax_sum_of_hidden_layers():
-    head = build_head(cfg_of("vanilla_weighted"), DIMS, [0, 1])
+    head = build_head(cfg_of("vanilla_weighted"), DIMS, [0, 1], AVB)
     with torch.no_grad():
         head.featurizer.layer_logits.copy_(torch.tensor([[0.0, 1, 2, 3, 4], [4.0, -1, 0, 0, 2]]))
     x = make_inputs(2)
@@ -158,23 +158,23 @@ def test_weighted_input_is_softmax_sum_of_hidden_layers():
 
 def test_config_errors():
     with pytest.raises(HeadConfigError, match=r"^unknown head arch 'mlp'; expected one of vanilla, chain, branch$"):
-        build_head(HeadConfig(arch="mlp"), DIMS, [0])
+        build_head(HeadConfig(arch="mlp"), DIMS, [0], AVB)
     with pytest.raises(HeadConfigError, match=r"^chain_order \['type', 'two', 'two', 'culture'\] must name each of "
                                               r"type, two, high, culture exactly once$"):
-        build_head(HeadConfig(arch="chain", chain_order=("type", "two", "two", "culture")), DIMS, [0])
+        build_head(HeadConfig(arch="chain", chain_order=("type", "two", "two", "culture")), DIMS, [0], AVB)
     with pytest.raises(HeadConfigError, match=r"^hidden 10 must be divisible by n_heads 4$"):
-        build_head(HeadConfig(arch="branch", hidden=10, n_heads=4), DIMS, [0])
+        build_head(HeadConfig(arch="branch", hidden=10, n_heads=4), DIMS, [0], AVB)
     with pytest.raises(HeadConfigError, match=r"^input_layer 'hidden_9' is not a cached layer"):
-        build_head(HeadConfig(input_layer="hidden_9"), DIMS, [0])
+        build_head(HeadConfig(input_layer="hidden_9"), DIMS, [0], AVB)
     with pytest.raises(HeadConfigError, match=r"without gaps, got indices \[0, 2\]"):
-        build_head(HeadConfig(), {"hidden_0": 4, "hidden_2": 4}, [0])
-    head = build_head(cfg_of("branch"), DIMS, [0])
+        build_head(HeadConfig(), {"hidden_0": 4, "hidden_2": 4}, [0], AVB)
+    head = build_head(cfg_of("branch"), DIMS, [0], AVB)
     x = make_inputs(1)
     del x.pooled["hidden_3"]
     with pytest.raises(HeadConfigError, match=r"^HeadInputs.pooled lacks layer 'hidden_3' \(has: cnn, hidden_0"):
         head(x)
     with pytest.raises(HeadConfigError, match=r"^pooled 'hidden_4' has 3 runs in its leading dim, head has 2$"):
-        build_head(cfg_of("vanilla"), DIMS, [0, 1])(make_inputs(3))
+        build_head(cfg_of("vanilla"), DIMS, [0, 1], AVB)(make_inputs(3))
 
 
 # ---------------------------------------------------------------- CHAIN teacher forcing
@@ -209,39 +209,39 @@ def _chain_manual(head: MultiTaskHead, feats: torch.Tensor, feed: dict[str, torc
 
 
 def test_chain_eval_feeds_own_predictions_and_ignores_targets():
-    head = build_head(cfg_of("chain"), DIMS, [3, 7]).eval()
+    head = build_head(cfg_of("chain"), DIMS, [3, 7], AVB).eval()
     x = make_inputs(2)
     a = head(x, make_targets(2, seed=1))
     b = head(x, make_targets(2, seed=2))
     c = head(x)
     manual = _chain_manual(head, x.pooled["hidden_4"], None)
-    for t in TASK_NAMES:
+    for t in AVB.names:
         assert torch.equal(a[t], b[t]) and torch.equal(a[t], c[t])
         torch.testing.assert_close(a[t], manual[t], rtol=1e-5, atol=1e-6)
 
 
 def test_chain_training_feeds_ground_truth():
-    head = build_head(cfg_of("chain", dropout=0.0), DIMS, [3, 7]).train()
+    head = build_head(cfg_of("chain", dropout=0.0), DIMS, [3, 7], AVB).train()
     x = make_inputs(2)
     t1, t2 = make_targets(2, seed=1), make_targets(2, seed=2)
     a, b = head(x, t1), head(x, t2)
     assert torch.equal(a["type"], b["type"])                     # first in the chain sees no targets
     for t in ("two", "high", "culture"):
         assert not torch.allclose(a[t], b[t])
-    feed = {t: t1[t] for t in TASK_NAMES}
+    feed = {t: t1[t] for t in AVB.names}
     feed["type"] = F.one_hot(t1["type"][..., 0].long(), 8).float()
     manual = _chain_manual(head, x.pooled["hidden_4"], feed)
-    for t in TASK_NAMES:
+    for t in AVB.names:
         torch.testing.assert_close(a[t], manual[t], rtol=1e-5, atol=1e-6)
     # training without targets falls back to predictions (same as eval when dropout is 0)
     no_t = head(x)
     ev = head.eval()(x)
-    for t in TASK_NAMES:
+    for t in AVB.names:
         torch.testing.assert_close(no_t[t], ev[t])
 
 
 def test_chain_unknown_labels_keep_predictions():
-    head = build_head(cfg_of("chain", dropout=0.0), DIMS, [5]).train()
+    head = build_head(cfg_of("chain", dropout=0.0), DIMS, [5], AVB).train()
     x = make_inputs(1)
     tg = make_targets(1)
     tg["type"][0, 2, 0] = float("nan")
@@ -250,7 +250,7 @@ def test_chain_unknown_labels_keep_predictions():
     assert all(torch.isfinite(v).all() for v in out.values())
     with torch.no_grad():
         preds = head.eval()(x)
-    feed = {t: tg[t].clone() for t in TASK_NAMES}
+    feed = {t: tg[t].clone() for t in AVB.names}
     onehot = F.one_hot(torch.nan_to_num(tg["type"][..., 0]).long(), 8).float()
     onehot[0, 2] = torch.softmax(preds["type"][0, 2], -1)
     feed["type"] = onehot
@@ -260,19 +260,19 @@ def test_chain_unknown_labels_keep_predictions():
 
 
 def test_chain_order_sets_input_widths():
-    head = build_head(cfg_of("chain", chain_order=("culture", "high", "two", "type")), DIMS, [0])
+    head = build_head(cfg_of("chain", chain_order=("culture", "high", "two", "type")), DIMS, [0], AVB)
     assert head.nets.tasks == ("culture", "high", "two", "type")
     widths = {t: _task_layers(head, i, t)[0].shape for i, t in enumerate(head.nets.tasks)}
     assert widths == {"culture": (1, 24, 8), "high": (1, 24 + 40, 8), "two": (1, 24 + 40 + 10, 8),
                       "type": (1, 24 + 40 + 10 + 2, 8)}
-    vanilla = build_head(cfg_of("vanilla"), DIMS, [0])
+    vanilla = build_head(cfg_of("vanilla"), DIMS, [0], AVB)
     assert len(vanilla.nets.chain_in) == 0 and vanilla.nets.fc1.weight.shape == (1, 4, 24, 8)
 
 
 def test_chain_first_layer_is_initialised_like_one_linear_over_features_and_chained_values():
     """nn.Linear(in + e, h) draws uniform(+-1/sqrt(in + e)) for every weight and bias: the split layer does too."""
     dims = {"cnn": 16, **{f"hidden_{i}": 300 for i in range(2)}}
-    head = build_head(HeadConfig(arch="chain", hidden=256), dims, [0])
+    head = build_head(HeadConfig(arch="chain", hidden=256), dims, [0], AVB)
     for i, task in enumerate(head.nets.tasks):
         w1, b1, *_ = _task_layers(head, i, task)
         bound = 1 / w1.shape[1] ** 0.5
@@ -283,7 +283,7 @@ def test_chain_first_layer_is_initialised_like_one_linear_over_features_and_chai
 # ---------------------------------------------------------------- BRANCH frame mode padding
 
 def test_branch_frames_ignore_padding():
-    head = build_head(cfg_of("branch_frames"), DIMS, [3, 7]).eval()
+    head = build_head(cfg_of("branch_frames"), DIMS, [3, 7], AVB).eval()
     x = make_inputs(2)
     base = head(x)
     noisy = make_inputs(2)
@@ -291,13 +291,13 @@ def test_branch_frames_ignore_padding():
         f.copy_(torch.where(x.frame_mask[..., None], x.frames[k], torch.full_like(f, 1e3)))
     noisy.frames["hidden_2"][~x.frame_mask] = float("nan")
     changed = head(noisy)
-    for t in TASK_NAMES:
+    for t in AVB.names:
         torch.testing.assert_close(changed[t], base[t], rtol=0, atol=1e-6)
     # truncating the padding away gives the same output for a clip with 4 valid frames
     short = HeadInputs(pooled={}, frames={k: v[:, 1:2, :4] for k, v in x.frames.items()},
                        frame_mask=x.frame_mask[:, 1:2, :4])
     cut = head(short)
-    for t in TASK_NAMES:
+    for t in AVB.names:
         torch.testing.assert_close(cut[t], base[t][:, 1:2], rtol=1e-5, atol=1e-6)
     # a valid frame does matter
     x.frames["cnn"][:, 1, 0] += 1.0
@@ -307,7 +307,7 @@ def test_branch_frames_ignore_padding():
 
 
 def test_branch_frames_fully_padded_clip_is_finite_with_finite_grads():
-    head = build_head(cfg_of("branch_frames"), DIMS, [3]).train()
+    head = build_head(cfg_of("branch_frames"), DIMS, [3], AVB).train()
     x = make_inputs(1, n_valid=[0, 0, 2, 0, T])
     x.frames["cnn"][0, 0] = float("nan")
     out = head(x)
@@ -320,8 +320,8 @@ def test_branch_frames_fully_padded_clip_is_finite_with_finite_grads():
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_joint_run_equals_solo_run(variant):
-    joint = build_head(cfg_of(variant), DIMS, [3, 7])
-    solo = build_head(cfg_of(variant), DIMS, [7])
+    joint = build_head(cfg_of(variant), DIMS, [3, 7], AVB)
+    solo = build_head(cfg_of(variant), DIMS, [7], AVB)
     j_state, s_state = joint.run_state_dict(1), solo.run_state_dict(0)
     assert list(j_state) == list(s_state)
     for k in j_state:
@@ -336,30 +336,30 @@ def test_joint_run_equals_solo_run(variant):
     joint.set_run_generators(make_generators([100, 200]))
     solo.set_run_generators(make_generators([200]))
     jt, st = joint(x, tg), solo(xs, tgs)
-    for t in TASK_NAMES:
+    for t in AVB.names:
         torch.testing.assert_close(je[t][1:2], se[t], rtol=0, atol=1e-6)
         torch.testing.assert_close(jt[t][1:2], st[t], rtol=0, atol=1e-6)
     assert not torch.allclose(jt["high"][1:2], je["high"][1:2])   # dropout really was active
 
 
 def test_default_dropout_generators_follow_seeds():
-    joint = build_head(cfg_of("vanilla"), DIMS, [3, 7]).train()
-    solo = build_head(cfg_of("vanilla"), DIMS, [7]).train()
+    joint = build_head(cfg_of("vanilla"), DIMS, [3, 7], AVB).train()
+    solo = build_head(cfg_of("vanilla"), DIMS, [7], AVB).train()
     x = make_inputs(2)
     torch.testing.assert_close(joint(x)["high"][1:2], solo(run_slice(x, 1))["high"], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("variant", ["chain", "branch"])
 def test_run_state_dict_round_trip(variant):
-    src = build_head(cfg_of(variant), DIMS, [1]).eval()
-    dst = build_head(cfg_of(variant), DIMS, [5, 6]).eval()
+    src = build_head(cfg_of(variant), DIMS, [1], AVB).eval()
+    dst = build_head(cfg_of(variant), DIMS, [5, 6], AVB).eval()
     x = make_inputs(2)
     before = dst(x)
     state = src.run_state_dict(0)
     dst.load_run_state_dict(1, state)
     after = dst(x)
     ref = src(run_slice(x, 1))
-    for t in TASK_NAMES:
+    for t in AVB.names:
         torch.testing.assert_close(after[t][1:2], ref[t], rtol=0, atol=1e-6)
         assert torch.equal(after[t][0], before[t][0])
     for v in state.values():                 # a real copy: editing it leaves the head alone
@@ -375,7 +375,7 @@ def test_run_state_dict_round_trip(variant):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_parameter_of_every_run_gets_gradient(variant):
-    head = build_head(cfg_of(variant), DIMS, [3, 7]).train()
+    head = build_head(cfg_of(variant), DIMS, [3, 7], AVB).train()
     out = head(make_inputs(2), make_targets(2))
     sum((v * torch.linspace(-1, 1, v.shape[-1])).sum() for v in out.values()).backward()
     for name, p in head.named_parameters():
@@ -389,12 +389,12 @@ def test_every_parameter_of_every_run_gets_gradient(variant):
 
 @pytest.mark.parametrize("variant", ["chain", "branch_frames"])
 def test_single_run_inputs_broadcast_to_all_runs(variant):
-    head = build_head(cfg_of(variant), DIMS, [3, 7]).eval()
+    head = build_head(cfg_of(variant), DIMS, [3, 7], AVB).eval()
     one = make_inputs(1)
     two = HeadInputs(pooled={k: v.repeat(2, 1, 1) for k, v in one.pooled.items()},
                      frames={k: v.repeat(2, 1, 1, 1) for k, v in one.frames.items()},
                      frame_mask=one.frame_mask.repeat(2, 1, 1))
     a, b = head(one), head(two)
-    for t in TASK_NAMES:
-        assert a[t].shape == (2, B, TASKS[t].out_dim)
+    for t in AVB.names:
+        assert a[t].shape == (2, B, AVB[t].out_dim)
         torch.testing.assert_close(a[t], b[t], rtol=0, atol=1e-6)

@@ -32,8 +32,8 @@ from heads.model.architectures import HeadConfig
 from heads.model.optim import StackedAdamW
 from heads.model.weighting import DRUWWeighting
 from heads.names import WEIGHTINGS
-from heads.submission import read_submission, read_type_probs
-from heads.tasks import METRIC_KEYS, TASK_NAMES
+from heads.submission import read_class_probs, read_submission
+from heads.tasks import AVB
 from heads.training.joint import TrainConfig, TrainingError, train_runs
 
 torch.set_num_threads(1)
@@ -68,9 +68,9 @@ def _all_finite(obj) -> bool:
 def _read_predictions(run_dir: Path, split: str) -> dict[str, tuple[list[str], np.ndarray]]:
     out = {}
     for path in sorted((run_dir / "predictions" / split).glob("A-VB-*.csv")):
-        task, ids, values = read_submission(path)
+        task, ids, values = read_submission(path, AVB)
         out[task.name] = (ids, np.asarray(values))
-    out["type_probs"] = read_type_probs(run_dir / "predictions" / split / "type_probs.csv")
+    out["type_probs"] = read_class_probs(run_dir / "predictions" / split / "type_probs.csv", AVB, AVB["type"])
     return out
 
 
@@ -83,7 +83,7 @@ def test_degenerate_train_split_trains_every_weighting_to_finite_outputs(cache_f
     cache = load_cache(cache_file)
     train = cache.indices("Train")
     if case == "constant_labels":
-        for name in TASK_NAMES:
+        for name in AVB.names:
             cache.labels[name][train] = 3.0 if name == "type" else 0.5
     else:
         for layer in cache.pooled:
@@ -99,7 +99,7 @@ def test_degenerate_train_split_trains_every_weighting_to_finite_outputs(cache_f
             assert np.isfinite(epoch["loss"]) and _all_finite(epoch["task_losses"]), (cfg.name, epoch)
             weights = np.array(list(epoch["weights"].values()))
             assert np.isfinite(weights).all() and (weights > 0).all(), (cfg.name, epoch["weights"])
-        assert set(json.loads((run_dir / "metrics.json").read_text())) >= set(METRIC_KEYS)
+        assert set(json.loads((run_dir / "metrics.json").read_text())) >= set(AVB.metric_keys)
         for task, (ids, values) in _read_predictions(run_dir, "val").items():
             assert ids == val_ids and np.isfinite(values).all(), (cfg.name, task)
 
@@ -169,7 +169,7 @@ def test_finetune_clips_a_huge_gradient(corpus_and_models, tmp_path, monkeypatch
 
     corpus, model, _ = corpus_and_models
     real = heads.model.losses.task_losses
-    monkeypatch.setattr(heads.model.losses, "task_losses", lambda o, t: real(o, t) * 1e12)
+    monkeypatch.setattr(heads.model.losses, "task_losses", lambda k, o, t: real(k, o, t) * 1e12)
     out = tmp_path / "ft"
     run_finetune(_finetune_cfg(corpus, model, out, max_steps=1, grad_clip=grad_clip), progress=False)
     (ckpt,) = (out / "checkpoints").iterdir()
@@ -195,7 +195,7 @@ def test_finetune_stops_on_a_nan_loss_before_the_update(corpus_and_models, tmp_p
 
     corpus, model, _ = corpus_and_models
     real = heads.model.losses.task_losses
-    monkeypatch.setattr(heads.model.losses, "task_losses", lambda o, t: real(o, t) * float("nan"))
+    monkeypatch.setattr(heads.model.losses, "task_losses", lambda k, o, t: real(k, o, t) * float("nan"))
     out = tmp_path / "ft"
     with pytest.raises(FinetuneError) as err:
         run_finetune(_finetune_cfg(corpus, model, out), progress=False)
@@ -233,8 +233,8 @@ def test_nan_labels_are_unknowns_not_errors(cache_file, tmp_path):
     idx = np.array([rows[i] for i in preds["high"][0]])
     assert len(idx) == len(val) and all(np.isfinite(v).all() for _, v in preds.values())
     # Rescored from the CSVs on the labelled rows only (score_all drops rows with a NaN label of that task).
-    rescored = score_all({t: cache.labels[t][idx] for t in TASK_NAMES}, {t: preds[t][1] for t in TASK_NAMES})
-    for key in (*METRIC_KEYS, "mean"):
+    rescored = score_all(AVB, {t: cache.labels[t][idx] for t in AVB.names}, {t: preds[t][1] for t in AVB.names})
+    for key in (*AVB.metric_keys, "mean"):
         assert metrics[key] == pytest.approx(rescored[key], abs=1e-6), key
     keep = ~np.isnan(cache.labels["high"][idx]).any(1)
     assert keep.sum() == len(val) - 7

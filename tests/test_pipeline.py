@@ -25,7 +25,7 @@ from cache.reader import load_cache, read_attrs
 from extract.app.cli import main as avb
 from extract.corpus import read_corpus
 from heads.names import ARCHS, WEIGHTINGS
-from heads.tasks import METRIC_KEYS, TASK_NAMES
+from heads.tasks import AVB
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,7 @@ def test_synth_finetune_dump_ablate_score(tmp_path):
     features = load_cache(cache)
     assert features.ids.tolist() == data.ids
     assert features.splits.tolist() == [str(s) for s in data.splits]
-    for task in TASK_NAMES:
+    for task in AVB.names:
         np.testing.assert_array_equal(features.labels[task], data.labels[task])
     attrs = read_attrs(cache)
     assert attrs["backbone"]["name_or_path"] == str(ft / "backbone") and attrs["n_clips"] == 36
@@ -101,6 +101,6 @@ def test_synth_finetune_dump_ablate_score(tmp_path):
         got = json.loads(avb_run("score", "--corpus", corpus, "--json", *val_files(name)).stdout)
         if name == "branch-druw-s0":
             assert got == scored
-        assert set(got) == set(METRIC_KEYS)
-        for key in METRIC_KEYS:
+        assert set(got) == set(AVB.metric_keys)
+        for key in AVB.metric_keys:
             assert got[key] == pytest.approx(metrics[key], abs=1e-6), (name, key)

@@ -18,7 +18,7 @@ from extract.dump import DumpConfig, run_dump
 from extract.synth import synthesize_corpus
 from heads.analysis.ensemble import EnsembleConfig, build_ensemble
 from heads.model.architectures import HeadConfig
-from heads.tasks import COUNTRIES, EMOTIONS, TASKS, TYPE_CLASSES
+from heads.tasks import AVB, COUNTRIES, EMOTIONS, TYPE_CLASSES
 from heads.training.joint import TrainConfig, train_runs
 
 torch.set_num_threads(1)
@@ -124,7 +124,7 @@ def test_prediction_equals_the_head_applied_to_the_dumped_features_of_the_same_c
     reference = run_val_predictions(world["runs"][arch])
     for wav, row in zip(wavs, rows):
         got, want = row_values(row), reference[wav.stem]
-        for name in TASKS:
+        for name in AVB.names:
             np.testing.assert_allclose(got[name], want[name], atol=TOL, err_msg=f"{wav.name} {name}")
 
 
@@ -140,7 +140,7 @@ def test_an_ensemble_dir_averages_its_members_per_task_like_the_ensemble_did(wor
     vanilla, chain = run_val_predictions(world["runs"]["vanilla"]), run_val_predictions(world["runs"]["chain"])
     for wav, row in zip(wavs, rows):
         got = row_values(row)
-        for name in TASKS:
+        for name in AVB.names:
             np.testing.assert_allclose(got[name], ensemble_val[wav.stem][name], atol=TOL)
             np.testing.assert_allclose(got[name], 0.5 * (vanilla[wav.stem][name] + chain[wav.stem][name]), atol=TOL)
 

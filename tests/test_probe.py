@@ -1,17 +1,19 @@
 """`avb probe`: on a cache written with plain h5py in which one known layer carries the signal, the probe names
-that layer for every task; ridge's closed-form GCV equals brute-force GCV over sklearn Ridge fits; the logistic
-probe equals sklearn's LogisticRegression on the same objective; `avb report` draws the heatmap."""
+that layer for every task (A-VB's four, and a corpus of its own with a 3-class and a 2-column [1, 9] task);
+ridge's closed-form GCV equals brute-force GCV over sklearn Ridge fits; the logistic probe equals sklearn's
+LogisticRegression on the same objective; `avb report` draws the heatmap."""
 from __future__ import annotations
 
 import csv
 import json
 import struct
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from plain_cache import write_plain_h5
 from sklearn.linear_model import LogisticRegression, Ridge
 
 from extract.app.cli import main as avb
@@ -23,24 +25,68 @@ from heads.analysis.probe import (
     probe_layer,
 )
 from heads.metrics import ccc_per_column
-from heads.tasks import TASKS
+from heads.tasks import AVB, Task, TaskSet
 
+TASKS = AVB
 DIMS = {"cnn": 24, "hidden_0": 32, "hidden_1": 32, "hidden_2": 32, "hidden_3": 32, "hidden_4": 32}
 SIGNAL_LAYER = "hidden_3"
 SIZES = (400, 300, 40)
+# A corpus of its own: a 3-class task and a 2-column regression task rated on [1, 9].
+FARM = TaskSet((Task("call", "classification", ("Call",), ("bark", "meow", "moo")),
+                Task("mood", "regression", ("Valence", "Arousal"), low=1.0, high=9.0)), name="farm")
 
 
-def write_probe_cache(path: Path, seed: int = 0) -> Path:
-    """A cache per cache/FORMAT.md, with nothing but h5py. Labels are functions of a latent z (8-d);
-    `hidden_3` is a random projection of z plus noise, `hidden_2` a weaker (noisier) one, the rest pure noise."""
+def write_plain_h5(path: str | Path, ids: Sequence[str], splits: Sequence[str], labels: Mapping[str, np.ndarray],
+                   pooled: Mapping[str, np.ndarray], model_type: str = "none", tasks: TaskSet | None = None) -> Path:
+    """A cache per cache/FORMAT.md with nothing but h5py (pooled layers only, float16): ids/splits [N]; labels:
+    task -> [N, label_dim] (NaN unknown); pooled: layer -> [N, D]. With `tasks`, the root attribute `tasks`
+    describes them (the labels follow their columns and classes); without, the cache predates task descriptions
+    and is read as A-VB."""
+    described = tasks is not None
+    tasks = tasks or AVB
+    dims = {layer: int(x.shape[1]) for layer, x in pooled.items()}
+    n = len(ids)
+    text = h5py.string_dtype("utf-8")
+    with h5py.File(path, "w") as f:
+        f.attrs.update({
+            "format": "avb-feature-cache", "format_version": 1,
+            "backbone": json.dumps({"name_or_path": "plain-h5py", "model_type": model_type, "config": {}}),
+            "layers": json.dumps(list(dims)), "layer_dims": json.dumps(dims), "pooling": "masked_mean",
+            "dtype": "float16", "sample_rate": 16000, "clip_seconds": 2.5, "frame_layers": "[]", "frame_stride": 1,
+        })
+        if described:
+            f.attrs["tasks"] = json.dumps(tasks.to_json())
+        f.create_dataset("ids", data=np.array(list(ids), dtype=object), dtype=text)
+        f.create_dataset("splits", data=np.array(list(splits), dtype=object), dtype=text)
+        f.create_dataset("n_frames", data=np.full(n, 124, dtype=np.int32))
+        group = f.create_group("labels")
+        for task in tasks:
+            ds = group.create_dataset(task.name, data=np.asarray(labels[task.name], dtype=np.float32))
+            ds.attrs["columns"] = json.dumps(list(task.columns))
+            if task.is_classification:
+                ds.attrs["classes"] = json.dumps(list(task.classes))
+        for layer, x in pooled.items():
+            f.create_dataset(f"pooled/{layer}", data=np.asarray(x).astype(np.float16))
+        f.attrs["n_clips"] = n                                   # last: marks the file complete
+    return Path(path)
+
+
+def write_probe_cache(path: Path, seed: int = 0, tasks: TaskSet | None = None) -> Path:
+    """A cache per cache/FORMAT.md, with nothing but h5py. Labels are functions of a latent z (8-d): a
+    classification task's the arg-max of a projection, a regression task's a squashed projection scaled to
+    its range; `hidden_3` is a random projection of z plus noise, `hidden_2` a weaker (noisier) one, the rest
+    pure noise. Without `tasks`: A-VB's four and no `tasks` attribute (an old cache)."""
     rng = np.random.default_rng(seed)
     n = sum(SIZES)
     splits = np.array(["Train"] * SIZES[0] + ["Val"] * SIZES[1] + ["Test"] * SIZES[2])
     z = rng.normal(size=(n, 8))
-    labels = {"type": np.argmax(z @ rng.normal(size=(8, 8)), 1).astype(np.float32)[:, None]}
-    for name in ("two", "high", "culture"):
-        k = len(TASKS[name].columns)
-        labels[name] = (1 / (1 + np.exp(-(z @ rng.normal(size=(8, k))) * 0.8))).astype(np.float32)
+    labels = {}
+    for task in tasks or AVB:
+        if task.is_classification:
+            labels[task.name] = np.argmax(z @ rng.normal(size=(8, len(task.classes))), 1).astype(np.float32)[:, None]
+        else:
+            unit = 1 / (1 + np.exp(-(z @ rng.normal(size=(8, len(task.columns)))) * 0.8))
+            labels[task.name] = (task.low + (task.high - task.low) * unit).astype(np.float32)
     for values in labels.values():
         values[splits == "Test"] = np.nan
     pooled = {}
@@ -49,7 +95,8 @@ def write_probe_cache(path: Path, seed: int = 0) -> Path:
         strength = {SIGNAL_LAYER: 1.0, "hidden_2": 0.25}.get(layer, 0.0)
         x = strength * (z @ rng.normal(size=(8, dim))) + (0.3 if layer == SIGNAL_LAYER else 1.0) * noise
         pooled[layer] = 3.0 * x + 5.0                              # not standardised
-    return write_plain_h5(path, [f"{i:05d}" for i in range(n)], splits, labels, pooled, model_type="hand-made")
+    return write_plain_h5(path, [f"{i:05d}" for i in range(n)], splits, labels, pooled, model_type="hand-made",
+                          tasks=tasks)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +112,7 @@ def test_the_probe_names_the_layer_that_carries_the_signal_for_every_task(probed
     _, out, printed = probed
     data = json.loads((out / "probe.json").read_text())
     assert data["layers"] == list(DIMS) and (data["n_train"], data["n_val"]) == SIZES[:2]
-    for task in TASKS:
+    for task in TASKS.names:
         assert data["best"][task]["layer"] == SIGNAL_LAYER, task
         scores = {layer: data["scores"][layer][task][TASKS[task].metric] for layer in DIMS}
         noise = [scores[layer] for layer in DIMS if layer not in (SIGNAL_LAYER, "hidden_2")]
@@ -148,7 +195,7 @@ def test_probe_layer_skips_unlabelled_rows_and_tasks_can_be_chosen():
     labels = {"two": 1 / (1 + np.exp(-x[:, :2])), "type": np.argmax(x[:, :3], 1)[:, None].astype(float)}
     labels["two"][:10] = np.nan
     out = probe_layer(x[:80], {k: v[:80] for k, v in labels.items()}, x[80:], {k: v[80:] for k, v in labels.items()},
-                      ProbeConfig(tasks=("two", "type")))
+                      [TASKS["two"], TASKS["type"]], ProbeConfig())
     assert sorted(out.scores) == ["two", "type"] and out.scores["two"]["ccc"] > 0.8
     assert out.scores["type"]["uar"] > 0.7
 
@@ -179,3 +226,54 @@ def test_report_draws_the_probe_heatmap(probed, tmp_path):
     index = (tmp_path / "report" / "index.html").read_text()
     assert f"probe_{out.name}.png" in index and "Linear probes" in index and "<b>" in index
     assert "probe.csv" in index
+
+
+def test_a_corpus_of_its_own_is_probed_task_by_task_and_reported(tmp_path):
+    """A cache whose `tasks` attribute names a 3-class task and a 2-column regression task on [1, 9]: both are
+    probed (logistic / ridge), the signal layer wins both, and the outputs and the report name those tasks."""
+    cache = write_probe_cache(tmp_path / "farm.h5", seed=1, tasks=FARM)
+    out = tmp_path / "probe"
+    result = CliRunner().invoke(avb, ["probe", "--cache", str(cache), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "probe.json").read_text())
+    assert data["tasks"] == ["call", "mood"] and data["config"]["tasks"] == ["call", "mood"]
+    assert TaskSet.from_json(data["task_set"]) == FARM
+    for task in FARM:
+        assert data["best"][task.name]["layer"] == SIGNAL_LAYER, task.name
+        assert data["best"][task.name]["metric"] == task.metric
+        scores = {layer: data["scores"][layer][task.name][task.metric] for layer in DIMS}
+        noise = [scores[layer] for layer in DIMS if layer not in (SIGNAL_LAYER, "hidden_2")]
+        assert scores[SIGNAL_LAYER] > scores["hidden_2"] > max(noise), (task.name, scores)
+        assert scores[SIGNAL_LAYER] > 0.8, (task.name, scores)
+        assert max(noise) < (0.5 if task.is_classification else 0.15), (task.name, scores)   # chance: 1/3 / 0
+        assert f"best layer for {task.title}: {SIGNAL_LAYER} " in result.output
+    # the ridge strength is chosen on the labels' own scale (here [1, 9]) and the logistic C from its grid
+    assert data["regularisation"][SIGNAL_LAYER]["call"] in ProbeConfig().logistic_c_grid
+    with open(out / "probe.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(DIMS) * 3
+    assert {(r["task"], r["metric"]) for r in rows} == {("call", "uar"), ("mood", "ccc"), ("mood", "pearson")}
+    md = (out / "probe.md").read_text()
+    assert md.startswith("| layer | call UAR | mood CCC |\n")
+    assert f"Best layer per task: call {SIGNAL_LAYER}" in md and f"mood {SIGNAL_LAYER}" in md
+    assert "call: multinomial logistic regression" in md and "mood: ridge regression" in md
+    assert "TYPE" not in md and "CULTURE" not in md
+    line = next(x for x in md.splitlines() if x.startswith(f"| {SIGNAL_LAYER} |"))
+    assert line.count("**") == 4
+
+    # One task, named in any case; a name the cache does not know is refused with the cache's names.
+    one = CliRunner().invoke(avb, ["probe", "--cache", str(cache), "--out", str(tmp_path / "one"), "--no-progress",
+                                   "--tasks", "MOOD", "--layers", f"cnn,{SIGNAL_LAYER}"])
+    assert one.exit_code == 0, one.output
+    assert json.loads((tmp_path / "one" / "probe.json").read_text())["tasks"] == ["mood"]
+    bad = CliRunner().invoke(avb, ["probe", "--cache", str(cache), "--out", str(tmp_path / "p"), "--tasks", "type"])
+    assert bad.exit_code == 1
+    assert bad.output.strip() == "Error: unknown task 'type'; expected some of call, mood"
+
+    pytest.importorskip("matplotlib")
+    report = CliRunner().invoke(avb, ["report", str(out), "--out", str(tmp_path / "report")])
+    assert report.exit_code == 0, report.output
+    png = (tmp_path / "report" / f"probe_{out.name}.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    index = (tmp_path / "report" / "index.html").read_text()
+    assert "<title>farm results</title>" in index and "<th>call UAR</th>" in index

@@ -1,5 +1,5 @@
 """`avb report`: the figures are real PNGs, the index links every one of them and the data files, and the
-numbers in the grid and tables are the runs' numbers."""
+numbers in the grid and tables are the runs' numbers -- for A-VB runs and for runs of a corpus of its own."""
 from __future__ import annotations
 
 import json
@@ -19,38 +19,49 @@ from heads.analysis.report import (
     report_command,
 )
 from heads.runs import RUN_FORMAT
+from heads.tasks import AVB, Task, TaskSet
 
 pytest.importorskip("matplotlib")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TASKS = ("type", "two", "high", "culture")
 HEADLINE = {"type": "type_uar", "two": "two_ccc", "high": "high_ccc", "culture": "culture_ccc"}
+# A corpus of its own: a 3-class task and a 2-column regression task rated on [1, 9].
+FARM = TaskSet((Task("call", "classification", ("Call",), ("bark", "meow", "moo")),
+                Task("mood", "regression", ("Valence", "Arousal"), low=1.0, high=9.0)), name="farm")
 
 
-def score(arch: str, weighting: str, seed: int, task: str) -> float:
+def score(arch: str, weighting: str, seed: int, task: str, names: tuple[str, ...] = TASKS) -> float:
     """A deterministic, distinct score per run and task, so grid means can be checked by hand."""
     return round(0.1 * ("vanilla", "chain").index(arch) + 0.01 * ("uniform", "dwa", "druw").index(weighting)
-                 + 0.001 * seed + 0.1 * TASKS.index(task), 6)
+                 + 0.001 * seed + 0.1 * names.index(task), 6)
 
 
-def write_run(folder: Path, arch: str, weighting: str, seed: int, epochs: int = 4, complete: bool = True) -> Path:
+def write_run(folder: Path, arch: str, weighting: str, seed: int, epochs: int = 4, complete: bool = True,
+              tasks: TaskSet | None = None) -> Path:
+    """A run folder; with `tasks`, its config records them with its cache attributes (else an A-VB run that
+    recorded none)."""
     folder.mkdir(parents=True)
     (folder / "predictions" / "val").mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(
-        {"run_format": RUN_FORMAT, "arch": arch, "weighting": weighting, "seed": seed,
-         "cache": "/nowhere/cache.h5"}))
+    config = {"run_format": RUN_FORMAT, "arch": arch, "weighting": weighting, "seed": seed,
+              "cache": "/nowhere/cache.h5"}
+    if tasks is not None:
+        config["cache_attrs"] = {"tasks": tasks.to_json()}
+    (folder / "config.json").write_text(json.dumps(config))
     if not complete:
         return folder
+    tasks = tasks or AVB
+    names, headline = tasks.names, tasks.headline_keys
     history = []
     for epoch in range(1, epochs + 1):
-        val = {HEADLINE[t]: score(arch, weighting, seed, t) * epoch / epochs for t in TASKS}
+        val = {headline[t]: score(arch, weighting, seed, t, names) * epoch / epochs for t in names}
         val["mean"] = float(np.mean(list(val.values())))
         history.append({"epoch": epoch, "loss": 1.0 / epoch,
-                        "task_losses": {t: 1.0 / epoch for t in TASKS},
+                        "task_losses": {t: 1.0 / epoch for t in names},
                         "weights": {t: 1.0 + 0.1 * k * (epoch - 1) * (weighting != "uniform")
-                                    for k, t in enumerate(TASKS)},
+                                    for k, t in enumerate(names)},
                         "lr": 1e-3, "val": val})
-    metrics = {HEADLINE[t]: score(arch, weighting, seed, t) for t in TASKS}
+    metrics = {headline[t]: score(arch, weighting, seed, t, names) for t in names}
     metrics["mean"] = float(np.mean(list(metrics.values())))
     (folder / "metrics.json").write_text(json.dumps({**metrics, "best_epoch": epochs, "history": history}))
     return folder
@@ -125,7 +136,8 @@ def test_index_tables_show_the_runs_scores_and_the_ablations_table_one(inputs):
 def test_ablation_grid_is_the_mean_over_seeds_per_arch_and_weighting(inputs):
     found = collect_inputs([inputs["grid"]])
     assert len(found.runs) == 11  # the incomplete run is left out
-    archs, weightings, grids = ablation_grid(found.runs)
+    assert all(run.tasks == AVB for run in found.runs)   # recorded no tasks: A-VB
+    archs, weightings, grids = ablation_grid(found.runs, AVB)
     assert archs == ["chain", "vanilla"] and weightings == ["druw", "dwa", "uniform"]
     # chain/druw has only seed 0 (seed 1 is incomplete); every other cell averages seeds 0 and 1.
     assert grids["high"][0, 0] == pytest.approx(score("chain", "druw", 0, "high"))
@@ -157,3 +169,91 @@ def test_a_folder_without_runs_is_refused_by_name(tmp_path):
     assert result.exit_code == 1
     assert f"Error: {tmp_path / 'empty'}: not a run, ensemble, probe or ablation dir (no run dirs inside)" \
         in result.output
+
+
+def test_runs_and_an_ensemble_of_a_corpus_of_its_own_get_one_panel_per_task(tmp_path):
+    """Two tasks (a 3-class and a 2-column regression task): the curves, weights, ablation and ensemble
+    figures, the grid and the tables follow the runs' recorded tasks, not A-VB's four."""
+    grid = tmp_path / "farm"
+    for arch in ("vanilla", "chain"):
+        for weighting in ("uniform", "dwa"):
+            for seed in (0, 1):
+                write_run(grid / f"{arch}-{weighting}-s{seed}", arch, weighting, seed, tasks=FARM)
+    ens = tmp_path / "ens"
+    ens.mkdir()
+    runs = [grid / "vanilla-dwa-s0", grid / "chain-dwa-s1"]
+    (ens / "metrics.json").write_text(json.dumps({"call_uar": 0.6, "call_accuracy": 0.7, "call_f1": 0.5,
+                                                  "mood_ccc": 0.4, "mood_pearson": 0.45, "mean": 0.5}))
+    (ens / "members.json").write_text(json.dumps({
+        "strategy": "combined",
+        "tasks": {t: [{"run": str(runs[k % 2]), "weight": 1.0}] for k, t in enumerate(FARM.names)},
+        "runs": [{"run": str(r), "val": json.loads((r / "metrics.json").read_text())} for r in runs],
+    }))
+    out = tmp_path / "report"
+    result = CliRunner().invoke(report_command, [str(grid), str(ens), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    expected = {"curves.png", "weights_uniform.png", "weights_dwa.png", "ablation.png", "ensemble_ens.png"}
+    assert {p.name for p in out.glob("*.png")} == expected
+    for name in expected:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000, name
+
+    found = collect_inputs([grid])
+    assert all(run.tasks == FARM for run in found.runs)
+    archs, weightings, grids = ablation_grid(found.runs, FARM)
+    assert sorted(grids) == ["call", "mean", "mood"]
+    assert archs == ["chain", "vanilla"] and weightings == ["dwa", "uniform"]
+    mood = [score("chain", "uniform", seed, "mood", FARM.names) for seed in (0, 1)]
+    assert grids["mood"][0, 1] == pytest.approx(sum(mood) / 2)
+    expected_mean = np.mean([score("vanilla", "dwa", s, t, FARM.names) for s in (0, 1) for t in FARM.names])
+    assert grids["mean"][1, 0] == pytest.approx(expected_mean)
+
+    index = (out / "index.html").read_text()
+    assert "<title>farm results</title>" in index
+    header = re.search(r"<thead><tr>(.*?)</tr></thead>", index.split("Runs and ensembles")[1]).group(1)
+    assert re.findall(r"<th>(.*?)</th>", header) == ["run", "arch", "weighting", "seed", "best_epoch",
+                                                    "call_uar", "mood_ccc", "mean"]
+    row = re.search(r"<tr><td>chain-dwa-s1</td>(.*?)</tr>", index).group(1)
+    cells = re.findall(r"<td>(.*?)</td>", row)
+    assert [float(c) for c in cells[4:6]] == [score("chain", "dwa", 1, t, FARM.names) for t in FARM.names]
+    ens_row = re.search(r"<tr><td>ens</td>(.*?)</tr>", index).group(1)
+    assert re.findall(r"<td>(.*?)</td>", ens_row)[-3:] == [".6000", ".4000", ".5000"]
+    assert "type_uar" not in index and "culture" not in index
+
+
+def write_described_cache(path: Path, tasks: TaskSet) -> Path:
+    """The smallest cache per cache/FORMAT.md (plain h5py) whose root attribute `tasks` describes `tasks`."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.attrs.update({
+            "format": "avb-feature-cache", "format_version": 1,
+            "backbone": json.dumps({"name_or_path": "plain-h5py", "model_type": "none", "config": {}}),
+            "layers": '["cnn"]', "layer_dims": '{"cnn": 4}', "pooling": "masked_mean", "dtype": "float16",
+            "sample_rate": 16000, "clip_seconds": 2.5, "frame_layers": "[]", "frame_stride": 1,
+            "tasks": json.dumps(tasks.to_json()),
+        })
+        text = h5py.string_dtype("utf-8")
+        f.create_dataset("ids", data=np.array(["a", "b"], dtype=object), dtype=text)
+        f.create_dataset("splits", data=np.array(["Train", "Val"], dtype=object), dtype=text)
+        f.create_dataset("n_frames", data=np.full(2, 10, dtype=np.int32))
+        group = f.create_group("labels")
+        for task in tasks:
+            ds = group.create_dataset(task.name, data=np.zeros((2, task.label_dim), np.float32))
+            ds.attrs["columns"] = json.dumps(list(task.columns))
+            if task.is_classification:
+                ds.attrs["classes"] = json.dumps(list(task.classes))
+        f.create_dataset("pooled/cnn", data=np.zeros((2, 4), np.float16))
+        f.attrs["n_clips"] = 2
+    return path
+
+
+def test_a_run_that_recorded_no_tasks_takes_those_of_its_cache_while_it_matches(tmp_path):
+    cache = write_described_cache(tmp_path / "farm.h5", FARM)
+    for name, layers in (("same", ["cnn"]), ("other", ["hidden_0"])):
+        run = write_run(tmp_path / name / "run", "vanilla", "uniform", 0, tasks=FARM)
+        config = json.loads((run / "config.json").read_text())
+        config.update(cache=str(cache), cache_attrs={"layers": layers})   # compatibility facts, no tasks
+        (run / "config.json").write_text(json.dumps(config))
+    assert collect_inputs([tmp_path / "same"]).runs[0].tasks == FARM
+    assert collect_inputs([tmp_path / "other"]).runs[0].tasks == AVB      # not that cache any more: A-VB

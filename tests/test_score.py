@@ -10,8 +10,8 @@ from sklearn.metrics import recall_score
 
 from extract.app.cli import main
 from extract.synth import synthesize_corpus
-from heads.submission import write_submissions
-from heads.tasks import TASKS
+from heads.submission import PROBS_FILE, write_predictions
+from heads.tasks import AVB
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +28,13 @@ def test_score_matches_independent_references_in_any_row_order(corpus_root, tmp_
     rng = np.random.default_rng(0)
     truth, preds = {}, {}
     ids = None
-    for name, task in TASKS.items():
+    for name, task in zip(AVB.names, AVB):
         ids, truth[name] = val_labels(corpus_root, task)
         if task.is_classification:
             preds[name] = rng.random((len(ids), 8))
         else:
             preds[name] = np.clip(truth[name] * 0.5 + rng.random(truth[name].shape) * 0.5, 0, 1)
-    files = write_submissions(tmp_path, ids, preds, team="t", number=1)
+    files = [p for p in write_predictions(tmp_path, AVB, ids, preds, team="t", number=1) if p.name != PROBS_FILE]
     for path in files:  # shuffle row order: scoring must match by File_ID
         lines = path.read_text().splitlines()
         body = lines[1:]
@@ -44,8 +44,8 @@ def test_score_matches_independent_references_in_any_row_order(corpus_root, tmp_
                                        *map(str, files)])
     assert result.exit_code == 0, result.output
     got = json.loads(result.output)
-    assert list(got) == ["type_uar", "two_ccc", "two_pearson", "high_ccc", "high_pearson",
-                         "culture_ccc", "culture_pearson"]
+    assert list(got) == ["type_uar", "type_accuracy", "type_f1", "two_ccc", "two_pearson", "high_ccc",
+                         "high_pearson", "culture_ccc", "culture_pearson"]
     assert got["type_uar"] == pytest.approx(recall_score(truth["type"], preds["type"].argmax(1), average="macro"),
                                             abs=1e-6)
     for name in ("two", "high", "culture"):
@@ -57,23 +57,23 @@ def test_score_matches_independent_references_in_any_row_order(corpus_root, tmp_
 
 
 def test_score_prints_a_table_for_a_subset_of_tasks(corpus_root, tmp_path):
-    ids, truth = val_labels(corpus_root, TASKS["two"])
-    (path,) = write_submissions(tmp_path, ids, {"two": truth}, team="t", number=1)
+    ids, truth = val_labels(corpus_root, AVB["two"])
+    (path,) = write_predictions(tmp_path, AVB, ids, {"two": truth}, team="t", number=1)
     result = CliRunner().invoke(main, ["score", "--corpus", str(corpus_root), str(path)])
     assert result.exit_code == 0, result.output
     assert "A-VB-TWO" in result.output and "1.0000" in result.output and "A-VB-HIGH" not in result.output
 
 
 def test_missing_extra_and_duplicate_task_files_are_clear_errors(corpus_root, tmp_path):
-    ids, truth = val_labels(corpus_root, TASKS["two"])
-    (short,) = write_submissions(tmp_path / "a", ids[1:], {"two": truth[1:]}, team="t", number=1)
+    ids, truth = val_labels(corpus_root, AVB["two"])
+    (short,) = write_predictions(tmp_path / "a", AVB, ids[1:], {"two": truth[1:]}, team="t", number=1)
     result = CliRunner().invoke(main, ["score", "--corpus", str(corpus_root), str(short)])
     assert result.exit_code != 0
     assert f"File_ID [{ids[0]}] of the Val split has no prediction (1 missing)" in result.output
-    (extra,) = write_submissions(tmp_path / "b", ids + ["99999"], {"two": np.vstack([truth, truth[:1]])},
+    (extra,) = write_predictions(tmp_path / "b", AVB, ids + ["99999"], {"two": np.vstack([truth, truth[:1]])},
                                  team="t", number=1)
     result = CliRunner().invoke(main, ["score", "--corpus", str(corpus_root), str(extra)])
     assert "File_ID [99999] is not in the Val split" in result.output
-    (full,) = write_submissions(tmp_path / "c", ids, {"two": truth}, team="t", number=1)
+    (full,) = write_predictions(tmp_path / "c", AVB, ids, {"two": truth}, team="t", number=1)
     result = CliRunner().invoke(main, ["score", "--corpus", str(corpus_root), str(full), str(full)])
     assert "a second A-VB-TWO file" in result.output

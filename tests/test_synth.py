@@ -24,23 +24,15 @@ from extract.synth import (
     make_clip,
     synthesize_corpus,
 )
-from heads.tasks import (
-    COUNTRIES,
-    CULTURE,
-    EMOTIONS,
-    HIGH,
-    SPLITS,
-    TWO,
-    TYPE,
-    TYPE_CLASSES,
-)
+from heads.tasks import AVB, COUNTRIES, EMOTIONS, SPLITS, TYPE_CLASSES
 
 EXPECTED_HEADERS = {
-    "data_info.csv": ["File_ID", "Split", "Country", *HIGH.columns, *TWO.columns, *CULTURE.columns],
-    "high_info.csv": ["File_ID", "Split", *HIGH.columns],
-    "two_info.csv": ["File_ID", "Split", *TWO.columns],
-    "culture_info.csv": ["File_ID", "Split", *CULTURE.columns],
-    "type_info.csv": ["File_ID", "Split", *TYPE.columns],
+    "data_info.csv": ["File_ID", "Split", "Country", *AVB["high"].columns, *AVB["two"].columns,
+                      *AVB["culture"].columns],
+    "high_info.csv": ["File_ID", "Split", *AVB["high"].columns],
+    "two_info.csv": ["File_ID", "Split", *AVB["two"].columns],
+    "culture_info.csv": ["File_ID", "Split", *AVB["culture"].columns],
+    "type_info.csv": ["File_ID", "Split", *AVB["type"].columns],
 }
 
 
@@ -106,15 +98,15 @@ def test_splits_types_and_hidden_test_labels(corpus: Path) -> None:
 def test_label_ranges_max_normalisation_and_file_agreement(corpus: Path) -> None:
     _, rows = read_csv(corpus / "labels" / "data_info.csv")
     labelled = [r for r in rows if r["Split"] != "Test"]
-    high = np.array([[float(r[c]) for c in HIGH.columns] for r in labelled])
-    two = np.array([[float(r[c]) for c in TWO.columns] for r in labelled])
-    culture = np.array([[float(r[c]) for c in CULTURE.columns] for r in labelled])
+    high = np.array([[float(r[c]) for c in AVB["high"].columns] for r in labelled])
+    two = np.array([[float(r[c]) for c in AVB["two"].columns] for r in labelled])
+    culture = np.array([[float(r[c]) for c in AVB["culture"].columns] for r in labelled])
     for values in (high, two, culture):
         assert values.min() >= 0.0 and values.max() <= 1.0
     np.testing.assert_array_equal(high.max(axis=1), 1.0)
     assert high.std(axis=0).min() > 0.02 and two.std(axis=0).min() > 0.05  # labels vary between clips
     # Each culture column is its High emotion shifted by that country's bias plus small noise.
-    for j, column in enumerate(CULTURE.columns):
+    for j, column in enumerate(AVB["culture"].columns):
         country, emotion = column.rsplit("_", 1)
         expected = np.clip(high[:, EMOTIONS.index(emotion)]
                            + COUNTRY_BIAS[COUNTRIES.index(country), EMOTIONS.index(emotion)], 0, 1)
@@ -270,7 +262,7 @@ def test_round_trip_through_corpus_reader_and_audio_loader(corpus: Path, tmp_pat
     labelled = np.array([r["Split"] != "Test" for r in rows])
     expected_type = [TYPE_CLASSES.index(t["Voc_Type"]) for t in types if t["Voc_Type"]]
     np.testing.assert_array_equal(read.labels["type"][labelled, 0], expected_type)
-    expected_culture = np.array([[float(r[c]) for c in CULTURE.columns] for r in rows if r["Split"] != "Test"])
+    expected_culture = np.array([[float(r[c]) for c in AVB["culture"].columns] for r in rows if r["Split"] != "Test"])
     np.testing.assert_allclose(read.labels["culture"][labelled], expected_culture, atol=1e-6)
     assert np.isnan(read.labels["high"][~labelled]).all() and np.isnan(read.labels["two"][~labelled]).all()
 

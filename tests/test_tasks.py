@@ -1,27 +1,19 @@
 """The task definitions carry the official column names and order (avb-format.md)."""
 import pytest
 
-from heads.tasks import (
-    COUNTRIES,
-    EMOTIONS,
-    TASKS,
-    TYPE_CLASSES,
-    TaskError,
-    get_task,
-    parse_task_order,
-)
+from heads.tasks import AVB, COUNTRIES, EMOTIONS, TYPE_CLASSES, TaskError
 
 
 def test_high_and_two_columns_are_official():
-    assert TASKS["high"].columns == (
+    assert AVB["high"].columns == (
         "Awe", "Excitement", "Amusement", "Awkwardness", "Fear",
         "Horror", "Distress", "Triumph", "Sadness", "Surprise",
     )
-    assert TASKS["two"].columns == ("Valence", "Arousal")
+    assert AVB["two"].columns == ("Valence", "Arousal")
 
 
 def test_culture_columns_have_surprise_last_and_spaces_in_countries():
-    cols = TASKS["culture"].columns
+    cols = AVB["culture"].columns
     assert len(cols) == 40 and len(set(cols)) == 40
     assert cols[:9] == tuple(f"China_{e}" for e in EMOTIONS[:9])
     assert cols[9] == "United States_Awe" and cols[18] == "South Africa_Awe" and cols[27] == "Venezuela_Awe"
@@ -29,17 +21,17 @@ def test_culture_columns_have_surprise_last_and_spaces_in_countries():
 
 
 def test_type_task():
-    task = TASKS["type"]
+    task = AVB["type"]
     assert task.classes == ("Gasp", "Laugh", "Cry", "Scream", "Grunt", "Groan", "Pant", "Other")
     assert task.out_dim == 8 and task.label_dim == 1 and task.columns == ("Voc_Type",)
     assert TYPE_CLASSES == task.classes and len(COUNTRIES) == 4
 
 
 def test_task_order_is_the_papers_and_lookup_errors_are_clear():
-    assert tuple(TASKS) == ("type", "two", "high", "culture")
-    assert get_task("HIGH").name == "high"
+    assert AVB.names == ("type", "two", "high", "culture")
+    assert AVB.get("HIGH").name == "high"
     with pytest.raises(TaskError, match="unknown task 'tone'; expected one of type, two, high, culture"):
-        get_task("tone")
-    assert parse_task_order("culture, high,two,type") == ("culture", "high", "two", "type")
+        AVB.get("tone")
+    assert AVB.parse_order("culture, high,two,type") == ("culture", "high", "two", "type")
     with pytest.raises(TaskError, match="exactly once"):
-        parse_task_order("type,two,high,high")
+        AVB.parse_order("type,two,high,high")

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from extract.app.cli import main as avb
 from heads.runs import RUN_FORMAT, history_entry
-from heads.tasks import METRIC_KEYS, TASK_NAMES
+from heads.tasks import AVB
 from heads.training import tracking
 from heads.training.tracking import (
     HeadsTracker,
@@ -41,8 +41,8 @@ def assert_log_equals_history(folder: Path, run_dir: Path) -> None:
     history = json.loads((run_dir / "metrics.json").read_text())["history"]
     logged = scalars(folder)
     epochs = [h["epoch"] for h in history]
-    expected_tags = {"train/loss", "lr/head", *(f"train/loss_{t}" for t in TASK_NAMES),
-                     *(f"loss_weight/{t}" for t in TASK_NAMES), *(f"val/{k}" for k in (*METRIC_KEYS, "mean"))}
+    expected_tags = {"train/loss", "lr/head", *(f"train/loss_{t}" for t in AVB.names),
+                     *(f"loss_weight/{t}" for t in AVB.names), *(f"val/{k}" for k in (*AVB.metric_keys, "mean"))}
     assert set(logged) == expected_tags
     for tag, values in logged.items():
         assert [s for s, _ in values] == epochs, tag
@@ -157,8 +157,8 @@ def test_heads_train_logs_to_an_offline_wandb_run_that_wandb_reads_back(cache_fi
 
 
 def test_the_users_tracking_uri_and_wandb_mode_win(tmp_path, monkeypatch):
-    entry = history_entry(epoch=1, step=10, loss=1.5, lr={"head": 1e-3}, task_losses=dict.fromkeys(TASK_NAMES, 0.25),
-                          weights=dict.fromkeys(TASK_NAMES, 1.0), val={"type_uar": 0.5, "mean": 0.4})
+    entry = history_entry(epoch=1, step=10, loss=1.5, lr={"head": 1e-3}, task_losses=dict.fromkeys(AVB.names, 0.25),
+                          weights=dict.fromkeys(AVB.names, 1.0), val={"type_uar": 0.5, "mean": 0.4})
     own_store = tmp_path / "elsewhere.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{own_store}")
     monkeypatch.setenv("WANDB_MODE", "disabled")

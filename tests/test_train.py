@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from cache.reader import load_cache
 from heads.metrics import score_all
 from heads.model.architectures import HeadConfig, HeadInputs, build_head
-from heads.submission import read_submission, read_type_probs
-from heads.tasks import METRIC_KEYS, TASK_NAMES
+from heads.submission import read_class_probs, read_submission
+from heads.tasks import AVB
 from heads.training import inputs
 from heads.training import joint as train_mod
 from heads.training.joint import TrainConfig, TrainingError, train_runs
@@ -43,11 +43,11 @@ def _rescore_val(run_dir: Path, cache) -> dict[str, float]:
     rows = {str(i): k for k, i in enumerate(cache.ids)}
     preds, labels = {}, {}
     for path in sorted((run_dir / "predictions" / "val").glob("A-VB-*.csv")):
-        task, ids, values = read_submission(path)
+        task, ids, values = read_submission(path, AVB)
         idx = np.array([rows[i] for i in ids])
         preds[task.name] = values
         labels[task.name] = cache.labels[task.name][idx]
-    return score_all(labels, preds)
+    return score_all(AVB, labels, preds)
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -57,7 +57,7 @@ def test_joint_training_equals_each_run_alone(cache, tmp_path):
     joint = train_runs(cache, configs, [tmp_path / "joint" / c.name for c in configs], progress=False)
     for cfg, together in zip(configs, joint):
         alone = train_runs(cache, [cfg], [tmp_path / "alone" / cfg.name], progress=False)[0]
-        for key in (*METRIC_KEYS, "mean"):
+        for key in (*AVB.metric_keys, "mean"):
             assert together[key] == pytest.approx(alone[key], abs=1e-5), (cfg.name, key)
         assert together["best_epoch"] == alone["best_epoch"]
         for h_joint, h_alone in zip(together["history"], alone["history"]):
@@ -94,19 +94,19 @@ def test_saved_outputs_are_the_best_epoch_not_the_last(tmp_path):
     assert max(h["val"]["mean"] for h in history) == history[best - 1]["val"]["mean"]
     # the files on disk score exactly what metrics.json says, which is the best epoch's score...
     rescored = _rescore_val(out, cache)
-    for key in (*METRIC_KEYS, "mean"):
+    for key in (*AVB.metric_keys, "mean"):
         assert rescored[key] == pytest.approx(stored[key], abs=1e-6), key
         assert stored[key] == pytest.approx(history[best - 1]["val"][key], abs=1e-9), key
     # ...and not the last epoch's
     assert abs(rescored["mean"] - history[-1]["val"]["mean"]) > 1e-3
     # the saved head is the best epoch's too: loading it reproduces the saved Val probabilities
-    model = build_head(cfg.head, cache.layer_dims, [cfg.seed])
+    model = build_head(cfg.head, cache.layer_dims, [cfg.seed], AVB)
     model.load_run_state_dict(0, load_file(out / "head.safetensors"))
     model.eval()
     val = cache.indices("Val")
     with torch.no_grad():
         logits = model(HeadInputs(pooled={k: torch.from_numpy(v[val]).float()[None] for k, v in cache.pooled.items()}))
-    ids, probs = read_type_probs(out / "predictions" / "val" / "type_probs.csv")
+    ids, probs = read_class_probs(out / "predictions" / "val" / "type_probs.csv", AVB, AVB["type"])
     order = np.argsort(cache.ids[val])
     assert ids == list(cache.ids[val][order])
     assert np.allclose(probs, torch.softmax(logits["type"][0], -1).numpy()[order], atol=1e-6)
@@ -124,12 +124,12 @@ def test_outputs_cover_val_and_test_ids_and_config(cache, cache_file, tmp_path):
         names = sorted(p.name for p in (tmp_path / "predictions" / split).iterdir())
         assert names == ["A-VB-Culture_avb_1.csv", "A-VB-High_avb_1.csv", "A-VB-Two_avb_1.csv",
                          "A-VB-Type_avb_1.csv", "type_probs.csv"]
-        task, ids, values = read_submission(tmp_path / "predictions" / split / "A-VB-Culture_avb_1.csv")
+        task, ids, values = read_submission(tmp_path / "predictions" / split / "A-VB-Culture_avb_1.csv", AVB)
         assert values.shape == (n, 40) and ids == sorted(cache.ids[cache.indices(split.title())].tolist())
     history = json.loads((tmp_path / "metrics.json").read_text())["history"]
     assert set(history[0]) == {"epoch", "step", "partial", "loss", "task_losses", "weights", "lr", "val"}
-    assert list(history[0]["weights"]) == list(TASK_NAMES)
-    assert history[0]["weights"] == {t: 1.0 for t in TASK_NAMES}   # DWA: weight 1 in the first two epochs
+    assert list(history[0]["weights"]) == list(AVB.names)
+    assert history[0]["weights"] == {t: 1.0 for t in AVB.names}   # DWA: weight 1 in the first two epochs
     assert history[0]["lr"] == {"head": 1e-3}
     assert [h["partial"] for h in history] == [False, False]
     assert history[0]["step"] > 0 and history[1]["step"] == 2 * history[0]["step"]   # optimiser steps so far
@@ -154,7 +154,7 @@ def test_branch_over_frames_pads_masks_and_learns(tmp_path):
     cfg = TrainConfig(arch="branch", weighting="uniform", epochs=3, head=head)
     with FrameReader(path) as frames:
         # the batch tensors: zero-padded to the longest clip, mask = valid frames
-        model = build_head(cfg.head, cache.layer_dims, [0])
+        model = build_head(cfg.head, cache.layer_dims, [0], AVB)
         feats = inputs.Features(cache, model.required_layers, frames, model.required_frame_layers)
         rows = np.array([0, 1, 2])
         x = feats.shared(rows)      # shared by every run: a run dim of 1 that the head broadcasts
@@ -184,8 +184,8 @@ def test_non_finite_loss_stops_with_run_epoch_and_task(cache, tmp_path, monkeypa
     real = train_mod.task_losses
     calls = {"n": 0}
 
-    def poisoned(outputs, targets):
-        losses = real(outputs, targets)
+    def poisoned(tasks, outputs, targets):
+        losses = real(tasks, outputs, targets)
         calls["n"] += 1
         if calls["n"] > 40:  # inside epoch 2 (38 batches per epoch: 37 of 8 rows, one of 4)
             losses = losses.clone()

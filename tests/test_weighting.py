@@ -45,7 +45,7 @@ def descend(m, losses: list[float], opt: torch.optim.Optimizer, steps: int) -> N
 
 def test_registry_and_build():
     assert list(WEIGHTINGS) == ["uniform", "dwa", "rruw", "druw"]
-    assert isinstance(build_weighting("DWA", 2), DWAWeighting)
+    assert isinstance(build_weighting("DWA", 2, 4), DWAWeighting)
     m = build_weighting("druw", 3, 4, temperature=5.0, phi=2.0)
     assert isinstance(m, DRUWWeighting) and m.dwa.temperature == 5.0 and m.phi == 2.0
     assert weighting_options("rruw") == {"phi": 1.0, "alpha_init": 1.0, "alpha_min": 1e-3, "alpha_max": 1e3}
@@ -55,27 +55,27 @@ def test_registry_and_build():
 def test_build_errors_are_clear():
     with pytest.raises(WeightingError, match=r"^unknown loss weighting 'gradnorm'; expected one of "
                                              r"uniform, dwa, rruw, druw$"):
-        build_weighting("gradnorm", 1)
+        build_weighting("gradnorm", 1, 4)
     with pytest.raises(WeightingError, match=r"^loss weighting 'dwa' has no option 'phi'; its options: temperature$"):
-        build_weighting("dwa", 1, phi=1.0)
+        build_weighting("dwa", 1, 4, phi=1.0)
     with pytest.raises(WeightingError, match=r"^option temperature must be finite and > 0, got 0$"):
-        build_weighting("dwa", 1, temperature=0)
+        build_weighting("dwa", 1, 4, temperature=0)
     with pytest.raises(WeightingError, match=r"alpha_min <= alpha_init <= alpha_max"):
-        build_weighting("rruw", 1, alpha_init=1e-5)
+        build_weighting("rruw", 1, 4, alpha_init=1e-5)
     with pytest.raises(WeightingError, match=r"^uniform weighting expects losses of shape \[2, 4\] \(runs, tasks\), "
                                              r"got \(4,\)$"):
-        build_weighting("uniform", 2)(torch.ones(4))
+        build_weighting("uniform", 2, 4)(torch.ones(4))
 
 
 def test_uniform_sums_losses():
-    m = UniformWeighting(2)
+    m = UniformWeighting(2, 4)
     losses = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.5]])
     torch.testing.assert_close(m(losses), torch.tensor([10.0, 2.0]))
     torch.testing.assert_close(m.weights(), torch.ones(2, 4))
 
 
 def test_dwa_first_two_epochs_are_one_then_eq3():
-    m = DWAWeighting(1)
+    m = DWAWeighting(1, 4)
     losses = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     torch.testing.assert_close(m.weights(), torch.ones(1, 4))
     torch.testing.assert_close(m(losses), torch.tensor([10.0]))
@@ -105,7 +105,7 @@ def test_dwa_temperature_and_runs_get_their_own_lambdas():
 
 
 def test_dwa_zero_or_nonfinite_epoch_losses_stay_finite():
-    m = DWAWeighting(2)
+    m = DWAWeighting(2, 4)
     m.end_epoch(torch.tensor([[0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]))
     m.end_epoch(torch.tensor([[0.5, 1.0, 1.0, 1.0], [float("nan"), float("inf"), 1.0, 1.0]]))
     w = m.weights()
@@ -117,7 +117,7 @@ def test_dwa_zero_or_nonfinite_epoch_losses_stay_finite():
 def test_rruw_total_matches_eq5_with_log1p_regulariser():
     alphas = [[0.5, 1.0, 2.0, 4.0], [1.0, 1.0, 1.0, 1.0]]
     losses = [[0.3, 0.7, 1.2, 2.0], [1.0, 2.0, 3.0, 4.0]]
-    m = RRUWWeighting(2)
+    m = RRUWWeighting(2, 4)
     set_alphas(m, alphas)
     expected = [sum(l / a**2 for l, a in zip(ls, al)) + hand_rruw_regs(al) for ls, al in zip(losses, alphas)]
     # run 0 by hand: 1.2 + 0.7 + 0.3 + 0.125 + log(1.25 * 2 * 5 * 17) + |1 - 4 log 2|
@@ -137,7 +137,7 @@ def test_rruw_phi_option():
 def test_rruw_gradient_matches_hand_derivative():
     # d total / d s_k with s = log alpha^2: -L_k e^{-s_k} + sigmoid(s_k) + d|phi - sum|s_j/2|| / d s_k
     alphas, losses = [0.5, 1.5, 2.0, 3.0], [0.3, 0.7, 1.2, 2.0]
-    m = RRUWWeighting(1)
+    m = RRUWWeighting(1, 4)
     set_alphas(m, [alphas])
     m(torch.tensor([losses])).sum().backward()
     s = [2 * math.log(a) for a in alphas]
@@ -182,7 +182,7 @@ def test_rruw_single_task_zero_loss_stays_bounded():
 
 
 def test_druw_total_matches_eq6():
-    m = DRUWWeighting(2)
+    m = DRUWWeighting(2, 4)
     m.end_epoch(torch.tensor([[2.0, 2.0, 2.0, 2.0], [1.0, 1.0, 1.0, 1.0]]))
     # before two epochs: lambda = 1 -> weights = 1/alpha^2 + 1
     set_alphas(m, [[0.5, 1.0, 2.0, 4.0], [1.0, 2.0, 1.0, 0.5]])
@@ -201,12 +201,12 @@ def test_druw_total_matches_eq6():
 
 def test_runs_are_independent_and_state_has_run_dim():
     for name in WEIGHTINGS:
-        m = build_weighting(name, 3)
+        m = build_weighting(name, 3, 4)
         losses = torch.tensor([[0.3, 0.7, 1.2, 2.0], [1.0, 2.0, 3.0, 4.0], [0.1, 0.1, 0.1, 0.1]])
         m.end_epoch(losses)
         m.end_epoch(losses * torch.tensor([1.0, 0.5, 2.0, 1.0]))
         totals = m(losses)
-        solo = build_weighting(name, 1)
+        solo = build_weighting(name, 1, 4)
         solo.load_state_dict({k: v[1:2] for k, v in m.state_dict().items()})
         torch.testing.assert_close(solo(losses[1:2]), totals[1:2])
         for key, value in m.state_dict().items():

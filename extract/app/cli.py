@@ -12,15 +12,15 @@ import click
 
 # name -> ("module:attribute", one-line help shown by `avb --help` without importing the module)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("extract.synth:synth_command", "Write a generated corpus in the official A-VB layout."),
-    "corpus": ("extract.app.corpus_cli:corpus_group", "Validate and summarise an A-VB corpus."),
+    "synth": ("extract.synth:synth_command", "Write a generated corpus (A-VB layout, or described by a corpus.yaml)."),
+    "corpus": ("extract.app.corpus_cli:corpus_group", "Validate, describe and summarise a corpus."),
     "score": ("extract.app.score:score_command", "Score submission-format prediction CSVs against corpus labels."),
-    "finetune": ("extract.finetune:finetune_command", "Fine-tune a wav2vec2 backbone on the four tasks (stage 1)."),
+    "finetune": ("extract.finetune:finetune_command", "Fine-tune a wav2vec2 backbone on the corpus's tasks (stage 1)."),
     "dump": ("extract.dump:dump_command", "Dump per-layer hidden states of a backbone to an HDF5 cache."),
     "cache": ("cache.cli:cache_group", "Inspect HDF5 feature caches."),
     "heads": ("heads.cli:heads_group", "Train heads x loss weightings from a feature cache (stage 2)."),
-    "ensemble": ("heads.analysis.ensemble:ensemble_command", "Ensemble runs and write challenge submission files."),
-    "predict": ("extract.app.predict:predict_command", "Predict the four tasks for new audio files."),
+    "ensemble": ("heads.analysis.ensemble:ensemble_command", "Ensemble runs and write prediction (A-VB: submission) files."),
+    "predict": ("extract.app.predict:predict_command", "Predict a trained model's tasks for new audio files."),
     "report": ("heads.analysis.report:report_command", "Plot validation curves, loss weights, probes and results (HTML)."),
     "probe": ("heads.analysis.probe:probe_command", "Linear probes of every cached layer for every task."),
     "demo": ("extract.app.demo:demo_command", "Run the whole pipeline on a generated corpus with a tiny model."),

@@ -212,16 +212,16 @@ def stage_predict(cfg: DemoConfig, p: DemoPaths, progress: bool, resume: bool) -
     write_predictions(p.predictions, preds)
     click.echo(f"avb predict --model {p.backbone} --heads {p.ensemble} --out {p.predictions} "
                f"<{len(wavs)} wavs>")
-    for path, name, two in zip(preds.paths, preds.type_names(), preds.values["two"]):
+    for path, name, two in zip(preds.paths, preds.class_names("type"), preds.values["two"]):
         click.echo(f"  {path.name}: {name:<7} valence {two[0]:.3f} arousal {two[1]:.3f}")
     return [p.predictions]
 
 
 def submission_files(p: DemoPaths) -> list[Path]:
     from heads.submission import submission_name  # noqa: PLC0415
-    from heads.tasks import TASKS  # noqa: PLC0415
+    from heads.tasks import AVB  # noqa: PLC0415  (the demo's corpus is a generated A-VB corpus)
 
-    return [p.ensemble / submission_name(task, "avb", 1) for task in TASKS.values()]
+    return [p.ensemble / submission_name(task, "avb", 1) for task in AVB]
 
 
 @dataclass(frozen=True)
@@ -329,13 +329,13 @@ def _run_stages(cfg: DemoConfig, paths: DemoPaths, progress: bool) -> list[Stage
 
 def summary(cfg: DemoConfig, results: list[StageResult], total: float) -> str:
     """The closing text: Table I, the ensemble row, the outputs and the time per stage."""
-    from heads.tasks import HEADLINE_KEYS, TASK_NAMES  # noqa: PLC0415
+    from heads.tasks import AVB  # noqa: PLC0415
 
     p = DemoPaths(Path(cfg.out))
     lines = ["", "=== results (validation split of the generated corpus) ===", "",
              (p.ablation / RESULTS_MD).read_text(encoding="utf-8").rstrip(), ""]
     metrics = read_json_object(p.ensemble / METRICS_FILE)
-    keys = [HEADLINE_KEYS[n] for n in TASK_NAMES] + ["mean"]
+    keys = [*AVB.headline_keys.values(), "mean"]
     lines += ["combined ensemble (Table II): " + "  ".join(f"{k} {metrics[k]:.4f}" for k in keys), "",
               "outputs:",
               f"  corpus            {p.corpus}",

@@ -1,4 +1,4 @@
-"""`avb predict`: the four tasks for new audio files, from a backbone and a trained run or ensemble.
+"""`avb predict`: the tasks of a trained model for new audio files, from a backbone and a trained run or ensemble.
 
     avb predict --model DIR --heads RUN_OR_ENSEMBLE --out FILE.csv AUDIO...
 
@@ -52,7 +52,7 @@ from heads.runs import (
     read_run_config,
 )
 from heads.submission import number_text
-from heads.tasks import CULTURE, HIGH, TASK_NAMES, TWO, TYPE
+from heads.tasks import TaskSet, tasks_of
 
 # Config fields that define what a backbone's layers compute; two configs that differ here give features a
 # head trained on one cannot use. Fields absent from both configs are skipped (HuBERT/WavLM variants).
@@ -67,10 +67,13 @@ class PredictError(AvbError):
     """Inputs `avb predict` cannot use; one line naming the file, run or value at fault."""
 
 
-def csv_columns() -> list[str]:
-    """The output header: path, Voc_Type, p_<class> per TYPE class, then Two, High and Culture columns."""
-    return (["path", TYPE.columns[0]] + [f"p_{c}" for c in TYPE.classes]
-            + list(TWO.columns) + list(HIGH.columns) + list(CULTURE.columns))
+def csv_columns(tasks: TaskSet) -> list[str]:
+    """The output header: path, then per task in order its columns: a classification task's class column and
+    p_<class> per class, a regression task's value columns (A-VB: Voc_Type, p_<type>, Two, High, Culture)."""
+    columns = ["path"]
+    for task in tasks:
+        columns += [task.columns[0], *(f"p_{c}" for c in task.classes)] if task.is_classification else task.columns
+    return columns
 
 
 # ------------------------------------------------------------------------------------------------ heads
@@ -102,6 +105,10 @@ class HeadSet:
     source: Path
     is_ensemble: bool = False
     backbone_dir: Path | None = None              # a fine-tuning output's own backbone (None: heads from a cache)
+
+    @property
+    def tasks(self) -> TaskSet:
+        return self.runs[0].head.tasks
 
     @property
     def clip_seconds(self) -> float:
@@ -172,12 +179,13 @@ def load_finetune_head(ft_dir: str | os.PathLike) -> LoadedRun:
         raise PredictError(f"{ft_dir / CONFIG_FILE}: no head or layer_dims recorded")
     backbone_config = read_json_object(ft_dir / BACKBONE_DIR / CONFIG_FILE)
     try:
+        tasks = tasks_of(config, str(ft_dir / CONFIG_FILE))
         head = build_head(HeadConfig(**config["head"]), {k: int(v) for k, v in dims.items()},
-                          [int(config.get("seed", 0))])
+                          [int(config.get("seed", 0))], tasks)
     except (AvbError, TypeError) as err:   # TypeError: an unknown or missing HeadConfig field
         raise PredictError(f"{ft_dir / CONFIG_FILE}: {err}") from None
     _load_head_weights(head, ft_dir / HEAD_FILE, ft_dir / CONFIG_FILE)
-    attrs = {"layers": list(dims), "layer_dims": dims,
+    attrs = {"layers": list(dims), "layer_dims": dims, "tasks": tasks.to_json(),
              "clip_seconds": float(config.get("clip_seconds", CLIP_SECONDS)),
              "backbone": {"name_or_path": str(ft_dir / BACKBONE_DIR), "config": backbone_config}}
     return LoadedRun(ft_dir, head, attrs)
@@ -197,7 +205,8 @@ def load_run_head(run_dir: str | os.PathLike) -> LoadedRun:
     fields = {k: v for k, v in config.items() if k not in ("run_format", "cache", "cache_attrs")}
     try:
         train_cfg = TrainConfig.from_dict(fields)
-        head = build_head(train_cfg.head, {k: int(v) for k, v in attrs["layer_dims"].items()}, [train_cfg.seed])
+        head = build_head(train_cfg.head, {k: int(v) for k, v in attrs["layer_dims"].items()}, [train_cfg.seed],
+                          tasks_of(attrs, str(run_dir / CONFIG_FILE)))
     except (AvbError, TypeError) as err:   # TypeError: an unknown or missing HeadConfig field
         raise PredictError(f"{run_dir / CONFIG_FILE}: {err}") from None
     _load_head_weights(head, run_dir / HEAD_FILE, run_dir / CONFIG_FILE)
@@ -223,6 +232,14 @@ def load_ensemble_heads(source: Path) -> HeadSet:
             picked.append((index[path], weight))
         total = sum(w for _, w in picked)
         members[name] = [(i, w / total) for i, w in picked]
+    tasks = runs[0].head.tasks
+    for run in runs[1:]:
+        if run.head.tasks != tasks:
+            raise PredictError(f"{source}: member {run.path} predicts {', '.join(run.head.tasks.names)}, another "
+                               f"member {', '.join(tasks.names)}")
+    if sorted(members) != sorted(tasks.names):
+        raise PredictError(f"{source / MEMBERS_FILE}: members are given for {', '.join(members)}; the runs predict "
+                           f"{', '.join(tasks.names)}")
     return HeadSet(runs, members, source, is_ensemble=True)
 
 
@@ -235,12 +252,14 @@ def load_heads(source: str | os.PathLike) -> HeadSet:
                            "output)")
     kind = output_kind(source)
     if kind == FINETUNE:
-        heads = HeadSet([load_finetune_head(source)], {name: [(0, 1.0)] for name in TASK_NAMES}, source,
+        run = load_finetune_head(source)
+        heads = HeadSet([run], {name: [(0, 1.0)] for name in run.head.tasks.names}, source,
                         backbone_dir=source / BACKBONE_DIR)
     elif kind == ENSEMBLE:
         heads = load_ensemble_heads(source)
     elif kind == RUN or (source / CONFIG_FILE).is_file():   # an incomplete run: load_run_head says what is wrong
-        heads = HeadSet([load_run_head(source)], {name: [(0, 1.0)] for name in TASK_NAMES}, source)
+        run = load_run_head(source)
+        heads = HeadSet([run], {name: [(0, 1.0)] for name in run.head.tasks.names}, source)
     else:
         raise PredictError(f"--heads {source}: neither a run dir ({CONFIG_FILE} + {HEAD_FILE}), an ensemble dir "
                            f"({MEMBERS_FILE}) nor a fine-tuning output ({CONFIG_FILE} + {BACKBONE_DIR}/)")
@@ -339,14 +358,16 @@ def find_audio(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 
 @dataclass
 class Predictions:
-    """Per file that was read: the path as listed, and per task [N, out_dim] (TYPE: class probabilities)."""
+    """Per file that was read: the path as listed, and per task [N, out_dim] (classification: probabilities)."""
 
     paths: list[Path]
     values: dict[str, np.ndarray]
+    tasks: TaskSet
     skipped: list[str] = field(default_factory=list)   # one message per file skipped with --skip-bad
 
-    def type_names(self) -> list[str]:
-        return [TYPE.classes[int(i)] for i in self.values["type"].argmax(axis=1)]
+    def class_names(self, task: str) -> list[str]:
+        classes = self.tasks[task].classes
+        return [classes[int(i)] for i in self.values[task].argmax(axis=1)]
 
 
 def apply_heads(heads: HeadSet, pooled: dict[str, Any], frames: dict[str, Any] | None = None,
@@ -366,7 +387,7 @@ def apply_heads(heads: HeadSet, pooled: dict[str, Any], frames: dict[str, Any] |
                 frame_mask=frame_mask[None] if run.frame_layers else None,
             )
             out = run.head.predict(inputs)
-            per_run.append({name: out[name][0].double().numpy() for name in TASK_NAMES})
+            per_run.append({name: out[name][0].double().numpy() for name in run.head.tasks.names})
     return blend(per_run, heads.members)
 
 
@@ -381,7 +402,7 @@ class _AudioFiles:
     def __post_init__(self) -> None:
         self.ids = [str(k) for k in range(len(self.files))]
 
-    def wav_path(self, clip_id: str) -> Path:
+    def audio_path(self, clip_id: str) -> Path:
         return self.files[int(clip_id)]
 
 
@@ -478,7 +499,7 @@ def predict_files(
 
     kept: list[Path] = []
     skipped: list[str] = []
-    chunks: dict[str, list[np.ndarray]] = {name: [] for name in TASK_NAMES}
+    chunks: dict[str, list[np.ndarray]] = {name: [] for name in heads.tasks.names}
     bar = tqdm(total=len(files), desc="predict", unit="file", disable=not progress)
     for tried, batch_paths, batch in clip_batches(files, heads.clip_seconds, batch_size, skip_bad=skip_bad,
                                                   skipped=skipped):
@@ -490,13 +511,13 @@ def predict_files(
                                                frame_layers=frame_layers, frame_stride=stride)
             padded, frame_mask = pad_frames(frames, frame_layers, device) if frame_layers else (None, None)
             out = apply_heads(heads, pooled, padded, frame_mask)
-        for name in TASK_NAMES:
+        for name in heads.tasks.names:
             chunks[name].append(out[name])
         kept.extend(batch_paths)
     bar.close()
     if not kept:
         raise PredictError(f"none of the {len(files)} audio file(s) could be read")
-    return Predictions(kept, {name: np.concatenate(parts) for name, parts in chunks.items()}, skipped)
+    return Predictions(kept, {name: np.concatenate(parts) for name, parts in chunks.items()}, heads.tasks, skipped)
 
 
 
@@ -505,12 +526,14 @@ def predictions_csv(preds: Predictions) -> str:
     """The CSV text: one row per file in the order read, columns as `csv_columns()`."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(csv_columns())
-    names = preds.type_names()
+    writer.writerow(csv_columns(preds.tasks))
+    names = {t.name: preds.class_names(t.name) for t in preds.tasks if t.is_classification}
     for i, path in enumerate(preds.paths):
-        row = [str(path), names[i]] + [number_text(v) for v in preds.values["type"][i]]
-        for name in ("two", "high", "culture"):
-            row += [number_text(v) for v in preds.values[name][i]]
+        row = [str(path)]
+        for task in preds.tasks:
+            if task.is_classification:
+                row.append(names[task.name][i])
+            row += [number_text(v) for v in preds.values[task.name][i]]
         writer.writerow(row)
     return buf.getvalue()
 
@@ -541,9 +564,9 @@ def write_predictions(path: str | os.PathLike, preds: Predictions) -> Path:
 @progress_option()
 def predict_command(audio: tuple[Path, ...], model: str | None, heads_dir: Path, out: Path, batch_size: int,
                     skip_bad: bool, device: str | None, progress: bool) -> None:
-    """Predict type, valence/arousal, 10 emotions and 40 culture-specific emotions for AUDIO (wav files or
-    folders searched recursively for *.wav). One CSV row per file: path, Voc_Type, p_<class>, then the
-    Two, High and Culture columns."""
+    """Predict the heads' tasks for AUDIO (audio files, or folders searched recursively for *.wav). One CSV row
+    per file: path, then per task its columns (a classification task: the class and p_<class> per class).
+    A-VB: Voc_Type, p_<class>, then the Two, High and Culture columns."""
     from extract.backbone import hf_progress_bars  # noqa: PLC0415  (imports torch: only when the command runs)
 
     with command_errors():  # PredictError, AudioError, BackboneLoadError, HeadConfigError, write errors, signals

@@ -1,4 +1,5 @@
-"""`avb score`: score prediction CSVs in the official submission format against a corpus's labels."""
+"""`avb score`: score prediction CSVs against a corpus's labels (A-VB: the official submission files; any other
+corpus: `<task>.csv` files as the runs write them)."""
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ from heads.analysis.bootstrap import (
 )
 from heads.metrics import score_task
 from heads.submission import bracket_id, read_submission
-from heads.tasks import METRIC_KEYS, SPLITS, TASKS
+from heads.tasks import SPLITS, TaskSet
 
 
 class ScoreError(AvbError):
@@ -39,7 +40,7 @@ def read_split_predictions(corpus, split: str, paths: Sequence[Path]
     labels: dict[str, np.ndarray] = {}
     preds: dict[str, np.ndarray] = {}
     for path in paths:
-        task, ids, values = read_submission(path)
+        task, ids, values = read_submission(path, corpus.tasks)
         if task.name in seen_tasks:
             raise ScoreError(f"{path}: a second {task.title} file (first: {seen_tasks[task.name]})")
         seen_tasks[task.name] = path
@@ -62,26 +63,29 @@ def read_split_predictions(corpus, split: str, paths: Sequence[Path]
 
 def score_files(corpus, split: str, paths: Sequence[Path]) -> dict[str, float]:
     """Scores of the given submission files on `split` of `corpus`, rows matched by File_ID."""
-    return score_predictions(*read_split_predictions(corpus, split, paths))
+    return score_predictions(corpus.tasks, *read_split_predictions(corpus, split, paths))
 
 
-def score_predictions(labels: dict[str, np.ndarray], preds: dict[str, np.ndarray]) -> dict[str, float]:
-    """The metric keys of the tasks present, in METRIC_KEYS order (no `mean`: a subset of tasks is allowed)."""
+def score_predictions(tasks: TaskSet, labels: dict[str, np.ndarray], preds: dict[str, np.ndarray]
+                      ) -> dict[str, float]:
+    """The metric keys of the tasks present, in `tasks.metric_keys` order (no `mean`: a subset of tasks is
+    allowed)."""
     scores: dict[str, float] = {}
-    for name in TASKS:
-        if name in preds:
-            scores.update(score_task(TASKS[name], labels[name], preds[name]))
-    return {key: scores[key] for key in METRIC_KEYS if key in scores}
+    for task in tasks:
+        if task.name in preds:
+            scores.update(score_task(task, labels[task.name], preds[task.name]))
+    return {key: scores[key] for key in tasks.metric_keys if key in scores}
 
 
-def format_scores(scores: dict[str, Any], level: float | None = None) -> str:
+def format_scores(tasks: TaskSet, scores: dict[str, Any], level: float | None = None) -> str:
     """The printed table; with `level`, a column of the `<key>_ci` intervals."""
     ci_head = f"{f'{level:.0%} CI':>20}" if level is not None else ""
-    lines = [f"{'task':<14}{'metric':<9}{'score':>8}{ci_head}"]
-    for name, task in TASKS.items():
-        for key in METRIC_KEYS:
-            if key.startswith(name + "_") and key in scores:
-                line = f"{task.title:<14}{key.split('_', 1)[1].upper():<9}{scores[key]:>8.4f}"
+    width = max([14] + [len(t.title) + 2 for t in tasks])
+    lines = [f"{'task':<{width}}{'metric':<10}{'score':>8}{ci_head}"]
+    for task in tasks:
+        for key in task.metric_keys:
+            if key in scores:
+                line = f"{task.title:<{width}}{key[len(task.name) + 1:].upper():<10}{scores[key]:>8.4f}"
                 if level is not None and f"{key}_ci" in scores:
                     low, high = scores[f"{key}_ci"]
                     line += f"{f'[{low:.4f}, {high:.4f}]':>20}"
@@ -90,8 +94,10 @@ def format_scores(scores: dict[str, Any], level: float | None = None) -> str:
 
 
 @click.command("score")
-@click.option("--corpus", "root", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Corpus root in the official layout (labels/ and audio/wav/).")
+@click.option("--corpus", "root", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Corpus root: with a corpus.yaml, or in the official A-VB layout (labels/ and audio/wav/).")
+@click.option("--spec", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="The corpus.yaml describing the corpus, when it is not <corpus>/corpus.yaml.")
 @click.option("--split", default="Val", show_default=True, type=click.Choice(SPLITS[:2]),
               help="Split whose labels the predictions are scored against.")
 @click.option("--ci", "level", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
@@ -103,16 +109,19 @@ def format_scores(scores: dict[str, Any], level: float | None = None) -> str:
               help="Seed of the bootstrap resamples (with --ci).")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON (with --ci: <score>_ci = [low, high]).")
 @click.argument("predictions", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-def score_command(root: Path, split: str, level: float | None, n_boot: int, seed: int, as_json: bool,
-                  predictions: tuple[Path, ...]) -> None:
-    """Score PREDICTIONS (official submission CSVs, any subset of the four tasks, any row order)."""
-    from extract.corpus import read_corpus
+def score_command(root: Path | None, spec: Path | None, split: str, level: float | None, n_boot: int, seed: int,
+                  as_json: bool, predictions: tuple[Path, ...]) -> None:
+    """Score PREDICTIONS (one file per task, any subset of the tasks, any row order; A-VB: the official
+    submission CSVs)."""
+    from extract.description import open_corpus
 
+    if root is None and spec is None:   # a usage error, as `avb corpus check` gives without ROOT or --spec
+        raise click.UsageError("Missing option '--corpus'.")
     with command_errors():
-        corpus = read_corpus(root)
+        corpus = open_corpus(root, spec)
         labels, preds = read_split_predictions(corpus, split, predictions)
-        scores: dict[str, Any] = score_predictions(labels, preds)
+        scores: dict[str, Any] = score_predictions(corpus.tasks, labels, preds)
         if level is not None:
             config = BootstrapConfig(level=level, n_boot=n_boot, seed=seed)
-            scores = with_intervals(scores, score_intervals(labels, preds, config))
-    click.echo(json.dumps(scores, indent=2) if as_json else format_scores(scores, level))
+            scores = with_intervals(scores, score_intervals(corpus.tasks, labels, preds, config))
+    click.echo(json.dumps(scores, indent=2) if as_json else format_scores(corpus.tasks, scores, level))

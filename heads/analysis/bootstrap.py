@@ -8,9 +8,9 @@ How it stays fast (1,000 resamples of 19,396 Val clips in seconds): a resample o
 clip counts, so every metric is a function of count-weighted sums. Resample b is a vector of counts c_b [N]
 (how often each clip was drawn); for a block of resamples the counts form a matrix C [B, N], and one matrix
 product C @ M, where M holds per-clip columns (labels, predictions, their squares and products; one-hot
-classes and hits for UAR), gives every weighted sum of every resample at once. CCC and Pearson follow from
+classes, predicted classes and hits for UAR, accuracy and macro-F1), gives every weighted sum of every resample at once. CCC and Pearson follow from
 the weighted moments (centred on the full-sample means first, so the float64 sums do not cancel), UAR from
-per-class hit and clip counts. The result equals scoring each resampled split with `heads.metrics`, which is
+per-class hit, prediction and clip counts. The result equals scoring each resampled split with `heads.metrics`, which is
 what the tests check against a plain loop.
 
 Resample b of seed s draws its indices with `np.random.default_rng([s, b]).integers(0, N, N)`
@@ -27,8 +27,8 @@ import numpy as np
 
 from cache.command_kit.errors import AvbError
 from heads.analysis.threads import limited_threads
-from heads.metrics import EPS, labelled_rows, type_indices
-from heads.tasks import HEADLINE_KEYS, METRIC_KEYS, TASK_NAMES, TASKS
+from heads.metrics import EPS, class_indices, labelled_rows
+from heads.tasks import SELECTION_KEY, Task, TaskSet
 
 DEFAULT_LEVEL = 0.95
 DEFAULT_N_BOOT = 1000
@@ -76,17 +76,18 @@ def resample_counts(n: int, start: int, stop: int, seed: int = 0) -> np.ndarray:
 class _TaskSums:
     """The per-clip columns of one task and one system, and how its score is read from their weighted sums."""
 
-    def __init__(self, name: str, labels: np.ndarray, preds: np.ndarray) -> None:
-        task = TASKS[name]
-        self.name = name
+    def __init__(self, task: Task, labels: np.ndarray, preds: np.ndarray) -> None:
+        self.task, self.name = task, task.name
         labels = np.asarray(labels, dtype=np.float64)
         labels = labels[:, None] if labels.ndim == 1 else labels
         keep = labelled_rows(task, labels).astype(np.float64)        # unlabelled clips weigh 0
         if task.is_classification:
             truth = np.where(keep > 0, np.nan_to_num(labels[:, 0]), -1).astype(np.int64)
-            guess = type_indices(preds)
-            onehot = (truth[:, None] == np.arange(len(task.classes))[None, :]).astype(np.float64)
-            self.columns = np.hstack([onehot, onehot * (guess == truth)[:, None]])   # [N, 2C]
+            guess = class_indices(preds)
+            classes = np.arange(len(task.classes))[None, :]
+            onehot = (truth[:, None] == classes).astype(np.float64)
+            guessed = (guess[:, None] == classes) * keep[:, None]
+            self.columns = np.hstack([onehot, onehot * (guess == truth)[:, None], guessed])   # [N, 3C]
             self.k = len(task.classes)
         else:
             y = np.where(keep[:, None] > 0, labels, 0.0)
@@ -103,11 +104,15 @@ class _TaskSums:
     def scores(self, sums: np.ndarray) -> dict[str, np.ndarray]:
         """Scores of each resample from its weighted column sums [B, width]."""
         k = self.k
-        if TASKS[self.name].is_classification:
-            clips, hits = sums[:, :k], sums[:, k:]
+        if self.task.is_classification:
+            clips, hits, guessed = sums[:, :k], sums[:, k:2 * k], sums[:, 2 * k:]
             present = clips > 0
+            n_present = np.maximum(present.sum(1), 1)
             recall = np.where(present, hits / np.where(present, clips, 1.0), 0.0)
-            return {"type_uar": recall.sum(1) / np.maximum(present.sum(1), 1)}
+            f1 = np.where(present, 2.0 * hits / np.where(present, clips + guessed, 1.0), 0.0)
+            return {f"{self.name}_uar": recall.sum(1) / n_present,
+                    f"{self.name}_accuracy": hits.sum(1) / np.maximum(clips.sum(1), 1.0),
+                    f"{self.name}_f1": f1.sum(1) / n_present}
         w = np.maximum(sums[:, :1], 1.0)
         my, mp = sums[:, 1:1 + k] / w, sums[:, 1 + k:1 + 2 * k] / w
         vy = sums[:, 1 + 2 * k:1 + 3 * k] / w - my ** 2
@@ -120,18 +125,20 @@ class _TaskSums:
         return {f"{self.name}_ccc": ccc.mean(1), f"{self.name}_pearson": pearson.mean(1)}
 
 
-def score_distributions(labels: Mapping[str, np.ndarray], systems: Sequence[Mapping[str, np.ndarray]],
+def score_distributions(tasks: TaskSet, labels: Mapping[str, np.ndarray],
+                        systems: Sequence[Mapping[str, np.ndarray]],
                         config: BootstrapConfig = BootstrapConfig()) -> list[dict[str, np.ndarray]]:
     """For each system, score key -> its [n_boot] resampled scores (see `_score_distributions`)."""
     with limited_threads(config.threads, torch_threads=False):
-        return _score_distributions(labels, systems, config)
+        return _score_distributions(tasks, labels, systems, config)
 
 
-def _score_distributions(labels: Mapping[str, np.ndarray], systems: Sequence[Mapping[str, np.ndarray]],
+def _score_distributions(tasks: TaskSet, labels: Mapping[str, np.ndarray],
+                         systems: Sequence[Mapping[str, np.ndarray]],
                          config: BootstrapConfig) -> list[dict[str, np.ndarray]]:
     """For each system (predictions per task, rows = the same N clips as `labels`): score key -> [n_boot]
     array of that score on every resample. Every task and every system sees the same resamples; `mean` (of
-    the four headline scores) is included when a system predicts all four tasks.
+    the headline scores) is included when a system predicts every task.
 
     The resample counts are drawn once per block and reused for every system. Each system's sums come from a
     matrix product of its own columns only (same shapes whatever else is scored): a BLAS kernel may sum in a
@@ -140,9 +147,9 @@ def _score_distributions(labels: Mapping[str, np.ndarray], systems: Sequence[Map
     """
     if not systems:
         return []
-    names = [n for n in TASK_NAMES if n in systems[0]]
+    names = [n for n in tasks.names if n in systems[0]]
     for i, system in enumerate(systems):
-        if [n for n in TASK_NAMES if n in system] != names:
+        if [n for n in tasks.names if n in system] != names:
             raise BootstrapError(f"system {i} predicts other tasks than system 0; a paired bootstrap needs the same")
     if not names:
         raise BootstrapError("no task predictions to bootstrap")
@@ -150,7 +157,7 @@ def _score_distributions(labels: Mapping[str, np.ndarray], systems: Sequence[Map
     for name in names:
         for system in systems:
             if len(np.asarray(labels[name])) != n or len(np.asarray(system[name])) != n:
-                raise BootstrapError(f"{TASKS[name].title}: labels and predictions must cover the same {n} clips")
+                raise BootstrapError(f"{tasks[name].title}: labels and predictions must cover the same {n} clips")
     if n == 0:
         raise BootstrapError("no clips to resample")
     block = max(1, BLOCK_CELLS // n)
@@ -158,18 +165,18 @@ def _score_distributions(labels: Mapping[str, np.ndarray], systems: Sequence[Map
     for start in range(0, config.n_boot, block):
         counts = resample_counts(n, start, min(config.n_boot, start + block), config.seed)
         for s, system in enumerate(systems):
-            tasks = [_TaskSums(name, labels[name], system[name]) for name in names]
-            matrix = np.hstack([t.columns for t in tasks])
-            bounds = np.cumsum([0] + [t.columns.shape[1] for t in tasks])
+            parts = [_TaskSums(tasks[name], labels[name], system[name]) for name in names]
+            matrix = np.hstack([t.columns for t in parts])
+            bounds = np.cumsum([0] + [t.columns.shape[1] for t in parts])
             sums = counts @ matrix
-            for j, t in enumerate(tasks):
+            for j, t in enumerate(parts):
                 for key, values in t.scores(sums[:, bounds[j]:bounds[j + 1]]).items():
                     out[s].setdefault(key, []).append(values)
     result = []
     for dist in out:
-        merged = {key: np.concatenate(dist[key]) for key in METRIC_KEYS if key in dist}
-        if len(names) == len(TASK_NAMES):
-            merged["mean"] = np.mean([merged[HEADLINE_KEYS[name]] for name in TASK_NAMES], axis=0)
+        merged = {key: np.concatenate(dist[key]) for key in tasks.metric_keys if key in dist}
+        if len(names) == len(tasks):
+            merged[SELECTION_KEY] = np.mean([merged[task.headline_key] for task in tasks], axis=0)
         result.append(merged)
     return result
 
@@ -185,10 +192,10 @@ def intervals(distributions: Mapping[str, np.ndarray], level: float) -> dict[str
     return {key: percentile_interval(values, level) for key, values in distributions.items()}
 
 
-def score_intervals(labels: Mapping[str, np.ndarray], preds: Mapping[str, np.ndarray],
+def score_intervals(tasks: TaskSet, labels: Mapping[str, np.ndarray], preds: Mapping[str, np.ndarray],
                     config: BootstrapConfig = BootstrapConfig()) -> dict[str, list[float]]:
     """score key -> [low, high] of one system's predictions."""
-    return intervals(score_distributions(labels, [preds], config)[0], config.level)
+    return intervals(score_distributions(tasks, labels, [preds], config)[0], config.level)
 
 
 def with_intervals(scores: Mapping[str, float], cis: Mapping[str, list[float]]) -> dict[str, float | list[float]]:

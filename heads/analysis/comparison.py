@@ -34,12 +34,17 @@ from heads.analysis.ensemble import read_split_predictions
 from heads.metrics import score_text
 from heads.runs import predictions_dir
 from heads.submission import bracket_id
-from heads.tasks import HEADLINE_KEYS, METRIC_KEYS, TASK_NAMES, TASKS
+from heads.tasks import SELECTION_KEY, TaskSet, tasks_of
 
-COMPARED: tuple[tuple[str, str], ...] = tuple(
-    (HEADLINE_KEYS[name], f"{TASKS[name].title} {HEADLINE_KEYS[name].split('_')[1].upper()}") for name in TASK_NAMES
-) + (("mean", "Mean"),)
-CI_KEYS: tuple[str, ...] = (*METRIC_KEYS, "mean")
+
+def compared(tasks: TaskSet) -> tuple[tuple[str, str], ...]:
+    """(key, header) of the scores the paired table compares: each task's headline score, then the mean."""
+    return tuple((t.headline_key, f"{t.title} {t.metric.upper()}") for t in tasks) + ((SELECTION_KEY, "Mean"),)
+
+
+def ci_keys(tasks: TaskSet) -> tuple[str, ...]:
+    """The scores that get bootstrap intervals: every metric and the mean."""
+    return (*tasks.metric_keys, SELECTION_KEY)
 
 
 class ComparisonError(AvbError):
@@ -50,26 +55,27 @@ def val_arrays(cache: Any) -> tuple[list[str], dict[str, np.ndarray]]:
     """The cache's Val ids sorted, and every task's labels in that order."""
     rows = np.asarray(cache.indices("Val"))
     order = rows[np.argsort(np.asarray(cache.ids)[rows], kind="stable")]
-    labels = {name: np.asarray(cache.labels[name], dtype=np.float64)[order] for name in TASK_NAMES}
+    labels = {name: np.asarray(cache.labels[name], dtype=np.float64)[order]
+              for name in tasks_of(cache.attrs, str(cache.path)).names}
     return [str(i) for i in np.asarray(cache.ids)[order]], labels
 
 
-def run_distributions(run_dirs: Sequence[Path], val_ids: Sequence[str], val_labels: dict[str, np.ndarray],
-                      config: BootstrapConfig) -> list[dict[str, np.ndarray]]:
+def run_distributions(tasks: TaskSet, run_dirs: Sequence[Path], val_ids: Sequence[str],
+                      val_labels: dict[str, np.ndarray], config: BootstrapConfig) -> list[dict[str, np.ndarray]]:
     """Per run: score key -> its [n_boot] scores on the shared resamples, from the run's Val prediction files."""
     systems = []
     for run in run_dirs:
         folder = predictions_dir(run, "Val")
-        preds = read_split_predictions(folder)
-        if preds is None or sorted(preds.preds) != sorted(TASK_NAMES):
-            raise ComparisonError(f"{folder}: the Val predictions of all four tasks are needed for the intervals")
+        preds = read_split_predictions(folder, tasks)
+        if preds is None or sorted(preds.preds) != sorted(tasks.names):
+            raise ComparisonError(f"{folder}: the Val predictions of every task are needed for the intervals")
         have, want = set(preds.ids), set(val_ids)
         if have != want:
             odd = sorted(want - have) or sorted(have - want)
             where = "the cache but not the predictions" if odd[0] in want else "the predictions but not the cache"
             raise ComparisonError(f"{folder}: Val File_ID {bracket_id(odd[0])} is in {where}")
         systems.append(preds.reindexed(val_ids))
-    return score_distributions(val_labels, systems, config)
+    return score_distributions(tasks, val_labels, systems, config)
 
 
 def add_uncertainty(rows: list[dict[str, Any]], summary: list[dict[str, Any]], run_dirs: Sequence[Path], cache: Any,
@@ -80,18 +86,20 @@ def add_uncertainty(rows: list[dict[str, Any]], summary: list[dict[str, Any]], r
     """
     if len(rows) != len(run_dirs):
         raise ComparisonError(f"{len(rows)} result rows but {len(run_dirs)} run folders")
+    tasks = tasks_of(cache.attrs, str(cache.path))
+    keys = ci_keys(tasks)
     val_ids, val_labels = val_arrays(cache)
-    dists = run_distributions(run_dirs, val_ids, val_labels, config)
+    dists = run_distributions(tasks, run_dirs, val_ids, val_labels, config)
     for row, dist in zip(rows, dists):
-        for key in CI_KEYS:
+        for key in keys:
             row[f"{key}_ci"] = percentile_interval(dist[key], config.level)
     index = {(r["weighting"], r["arch"], r["seed"]): i for i, r in enumerate(rows)}
     reps = [index[(s["weighting"], s["arch"], s["best_seed"])] for s in summary]
     best: dict[str, str] = {}
     for entry, r in zip(summary, reps):
-        entry["best_ci"] = {key: rows[r][f"{key}_ci"] for key in CI_KEYS}
+        entry["best_ci"] = {key: rows[r][f"{key}_ci"] for key in keys}
         entry["win_fraction"] = {}
-    for key, _ in COMPARED:
+    for key, _ in compared(tasks):
         top = max(range(len(summary)), key=lambda j: (summary[j]["best"][key], -j))   # ties: the first entry
         best[key] = f"{summary[top]['weighting']}-{summary[top]['arch']}"
         for j, entry in enumerate(summary):
@@ -104,12 +112,13 @@ def _fraction(x: float | None) -> str:
     return "best" if x is None else score_text(x, 3)
 
 
-def paired_markdown(summary: Sequence[dict[str, Any]], titles: dict[str, str]) -> str:
+def paired_markdown(tasks: TaskSet, summary: Sequence[dict[str, Any]], titles: dict[str, str]) -> str:
     """The table of win fractions: one row per configuration, one column per task's headline score and the mean."""
     if not summary or "win_fraction" not in summary[0]:
         return ""
-    lines = ["| Configuration | " + " | ".join(h for _, h in COMPARED) + " |", "|---|" + "---|" * len(COMPARED)]
+    columns = compared(tasks)
+    lines = ["| Configuration | " + " | ".join(h for _, h in columns) + " |", "|---|" + "---|" * len(columns)]
     for s in summary:
-        cells = [_fraction(s["win_fraction"][key]) for key, _ in COMPARED]
+        cells = [_fraction(s["win_fraction"][key]) for key, _ in columns]
         lines.append(f"| {titles[s['weighting']]} · {s['arch'].upper()} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

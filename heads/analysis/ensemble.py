@@ -12,9 +12,10 @@ Three strategies, all chosen on the validation split only (the test labels are h
   steps or when no addition improves the score strictly. The first step picks the best single run, so the
   result is never worse than the best member on Val (it can overfit Val; that is the known cost of the method).
 
-Regression outputs are averaged with the members' weights; TYPE averages class probabilities
-(`type_probs.csv`) and takes the arg-max, instead of the reference code's majority vote over labels.
-Rows are always matched by File_ID, never by position, and members must come from the same cache.
+Regression outputs are averaged with the members' weights; a classification task averages class
+probabilities (A-VB: `type_probs.csv`) and takes the arg-max, instead of the reference code's majority vote
+over labels. Rows are always matched by id, never by position, and members must come from the same cache
+(and so predict the same tasks).
 """
 from __future__ import annotations
 
@@ -50,16 +51,8 @@ from heads.runs import (
     read_run,
     write_members,
 )
-from heads.submission import (
-    PROBS_FILE,
-    bracket_id,
-    read_submission,
-    read_type_probs,
-    submission_name,
-    write_submission,
-    write_type_probs,
-)
-from heads.tasks import HEADLINE_KEYS, METRIC_KEYS, TASK_NAMES, TASKS, TYPE
+from heads.submission import bracket_id, read_predictions, write_predictions
+from heads.tasks import SELECTION_KEY, TaskSet, tasks_of
 
 STRATEGIES: tuple[str, ...] = ENSEMBLE_STRATEGIES
 
@@ -86,7 +79,7 @@ class EnsembleConfig:
 class SplitPredictions:
     """One run's predictions of one split: sorted ids and, per task, values in that id order.
 
-    TYPE holds class probabilities [N, 8]; regression tasks hold [N, k].
+    Classification tasks hold class probabilities [N, classes]; regression tasks hold [N, k].
     """
 
     ids: list[str]
@@ -104,6 +97,7 @@ class Run:
     val: SplitPredictions
     test: SplitPredictions | None
     scores: dict[str, float] = field(default_factory=dict)  # re-scored on the cache's Val labels
+    tasks: TaskSet | None = None                            # what the run predicts (from its cache's attributes)
 
     @property
     def path(self) -> Path:
@@ -114,35 +108,26 @@ class Run:
         return self.path.name
 
 
-def read_split_predictions(folder: Path) -> SplitPredictions | None:
+def read_split_predictions(folder: Path, tasks: TaskSet) -> SplitPredictions | None:
     """Read a run's `predictions/<split>/` folder; None when it has no prediction files.
 
-    TYPE probabilities come from `type_probs.csv`; a run that only wrote the label file gets one-hot
+    Class probabilities come from the probabilities file; a run that only wrote the class file gets one-hot
     probabilities, so averaging them is a majority vote (ties to the lowest class index).
     """
     if not folder.is_dir():
         return None
-    preds: dict[str, np.ndarray] = {}
-    ids_of: dict[str, list[str]] = {}
-    for path in sorted(folder.glob("A-VB-*.csv")):
-        task, ids, values = read_submission(path)
-        if task.name in preds:
-            raise EnsembleError(f"{path}: a second {task.title} file in {folder}")
-        if task.is_classification:
-            values = np.eye(len(TYPE.classes))[values]
-        ids_of[task.name], preds[task.name] = ids, values
-    if (folder / PROBS_FILE).is_file():
-        ids, probs = read_type_probs(folder / PROBS_FILE)
-        ids_of["type"], preds["type"] = ids, probs
-    if not preds:
+    found = read_predictions(folder, tasks)
+    if not found:
         return None
-    names = [n for n in TASK_NAMES if n in preds]
+    ids_of = {name: ids for name, (ids, _) in found.items()}
+    preds = {name: values for name, (_, values) in found.items()}
+    names = [n for n in tasks.names if n in preds]
     ref = sorted(ids_of[names[0]])
     for name in names:
         ids = ids_of[name]
         if sorted(ids) != ref:
             missing = sorted(set(ref) - set(ids)) or sorted(set(ids) - set(ref))
-            raise EnsembleError(f"{folder}: {TASKS[name].title} predictions and {TASKS[names[0]].title} "
+            raise EnsembleError(f"{folder}: {tasks[name].title} predictions and {tasks[names[0]].title} "
                                 f"predictions differ in File_ID {bracket_id(missing[0])}")
         order = np.argsort(np.array(ids, dtype=object), kind="stable")
         preds[name] = np.asarray(preds[name], dtype=np.float64)[order]
@@ -151,13 +136,14 @@ def read_split_predictions(folder: Path) -> SplitPredictions | None:
 
 def load_run(path: Path) -> Run:
     folder = read_run(path)
-    val = read_split_predictions(predictions_dir(path, "Val"))
+    tasks = tasks_of(folder.cache_attrs, str(path / CONFIG_FILE))
+    val = read_split_predictions(predictions_dir(path, "Val"), tasks)
     if val is None:
         raise EnsembleError(f"{path}: no Val predictions in {predictions_dir(path, 'Val')}")
-    missing = [TASKS[n].title for n in TASK_NAMES if n not in val.preds]
+    missing = [tasks[n].title for n in tasks.names if n not in val.preds]
     if missing:
         raise EnsembleError(f"{path}: Val predictions lack {', '.join(missing)}")
-    return Run(folder, val, read_split_predictions(predictions_dir(path, "Test")))
+    return Run(folder, val, read_split_predictions(predictions_dir(path, "Test"), tasks), tasks=tasks)
 
 
 # ------------------------------------------------------------------------------------------- cache identity
@@ -194,6 +180,7 @@ class CacheLabels:
     val_ids: list[str]
     val_labels: dict[str, np.ndarray]
     test_ids: list[str]
+    tasks: TaskSet
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -204,7 +191,8 @@ def read_cache_labels(path: str | os.PathLike) -> CacheLabels:
     if not Path(path).is_file():
         raise EnsembleError(f"{path}: no such cache file (pass --cache to point at it)")
     data = load_cache(path, layers=[], splits=["Val", "Test"])
-    missing = [name for name in TASK_NAMES if name not in data.labels]
+    tasks = tasks_of(data.attrs, str(path))
+    missing = [name for name in tasks.names if name not in data.labels]
     if missing:
         raise EnsembleError(f"{path}: the cache has no labels for {', '.join(missing)}")
     val_rows = data.indices("Val")
@@ -213,8 +201,9 @@ def read_cache_labels(path: str | os.PathLike) -> CacheLabels:
     order = val_rows[np.argsort(data.ids[val_rows], kind="stable")]
     return CacheLabels(
         val_ids=[str(i) for i in data.ids[order]],
-        val_labels={name: np.asarray(data.labels[name], dtype=np.float64)[order] for name in TASK_NAMES},
+        val_labels={name: np.asarray(data.labels[name], dtype=np.float64)[order] for name in tasks.names},
         test_ids=sorted(str(i) for i in data.ids[data.indices("Test")]),
+        tasks=tasks,
         attrs=data.attrs,
     )
 
@@ -246,40 +235,40 @@ def blend(preds: Sequence[Mapping[str, np.ndarray]], members: Members) -> dict[s
     return out
 
 
-def _headline(name: str, labels: Mapping[str, np.ndarray], values: np.ndarray) -> float:
-    return score_all(labels, {name: values})[HEADLINE_KEYS[name]]
+def _headline(tasks: TaskSet, name: str, labels: Mapping[str, np.ndarray], values: np.ndarray) -> float:
+    return score_all(tasks, labels, {name: values})[tasks[name].headline_key]
 
 
-def select_combined(scores: Sequence[Mapping[str, float]]) -> Members:
+def select_combined(tasks: TaskSet, scores: Sequence[Mapping[str, float]]) -> Members:
     """Per task the run with the best Val headline score (ties: the earlier run)."""
     members: Members = {}
-    for name in TASK_NAMES:
-        best = max(range(len(scores)), key=lambda i: (scores[i][HEADLINE_KEYS[name]], -i))
-        members[name] = [(best, 1.0)]
+    for task in tasks:
+        best = max(range(len(scores)), key=lambda i: (scores[i][task.headline_key], -i))
+        members[task.name] = [(best, 1.0)]
     return members
 
 
-def select_mean(scores: Sequence[Mapping[str, float]], top_k: int) -> Members:
+def select_mean(tasks: TaskSet, scores: Sequence[Mapping[str, float]], top_k: int) -> Members:
     """The top-k runs by overall Val mean, equal weights, the same set for every task."""
     if top_k < 1:
         raise EnsembleError(f"--top-k must be at least 1, got {top_k}")
-    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i]["mean"], i))[:top_k]
-    return {name: [(i, 1.0 / len(ranked)) for i in ranked] for name in TASK_NAMES}
+    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i][SELECTION_KEY], i))[:top_k]
+    return {name: [(i, 1.0 / len(ranked)) for i in ranked] for name in tasks.names}
 
 
-def select_greedy(preds: Sequence[Mapping[str, np.ndarray]], labels: Mapping[str, np.ndarray],
+def select_greedy(tasks: TaskSet, preds: Sequence[Mapping[str, np.ndarray]], labels: Mapping[str, np.ndarray],
                   rounds: int) -> Members:
     """Caruana forward selection with replacement, per task, on Val; stops when nothing improves."""
     if rounds < 1:
         raise EnsembleError(f"--rounds must be at least 1, got {rounds}")
     members: Members = {}
-    for name in TASK_NAMES:
+    for name in tasks.names:
         counts = np.zeros(len(preds), dtype=np.int64)
         total = np.zeros_like(preds[0][name])
         best_score = -np.inf
         for _ in range(rounds):
             n = counts.sum() + 1
-            trial = [_headline(name, labels, (total + p[name]) / n) for p in preds]
+            trial = [_headline(tasks, name, labels, (total + p[name]) / n) for p in preds]
             pick = int(np.argmax(trial))  # first maximum: ties go to the earlier run
             if trial[pick] <= best_score:
                 break
@@ -301,8 +290,8 @@ class EnsembleResult:
     files: list[Path]
 
 
-def _short_metrics(scores: Mapping[str, float]) -> dict[str, float]:
-    return {key: float(scores[key]) for key in (*METRIC_KEYS, "mean") if key in scores}
+def _short_metrics(tasks: TaskSet, scores: Mapping[str, float]) -> dict[str, float]:
+    return {key: float(scores[key]) for key in (*tasks.metric_keys, SELECTION_KEY) if key in scores}
 
 
 def build_ensemble(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
@@ -322,27 +311,32 @@ def build_ensemble(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike
         raise EnsembleError(f"{runs[0].path / CONFIG_FILE}: no \"cache\" path recorded; pass --cache")
     labels = read_cache_labels(cache_path)
     check_run_matches_cache(runs[0], labels.attrs, cache_path)
+    tasks = labels.tasks
+    for run in runs:
+        if run.tasks != tasks:
+            raise EnsembleError(f"run {run.path} predicts {', '.join(run.tasks.names)} but {cache_path} holds "
+                                f"{', '.join(tasks.names)}")
 
     val_preds = [_align(run, "Val", run.val, labels.val_ids) for run in runs]
     for run, preds in zip(runs, val_preds):
-        run.scores = score_all(labels.val_labels, preds)
+        run.scores = score_all(tasks, labels.val_labels, preds)
         recorded = run.folder.metrics.get("mean")
         if isinstance(recorded, (int, float)) and abs(recorded - run.scores["mean"]) > 1e-3:
             warnings.append(f"{run.path}: {METRICS_FILE} says mean {recorded:.4f} but its Val predictions score "
                             f"{run.scores['mean']:.4f} (predictions not from the best epoch?)")
 
     if config.strategy == "combined":
-        members = select_combined([r.scores for r in runs])
+        members = select_combined(tasks, [r.scores for r in runs])
     elif config.strategy == "mean":
-        members = select_mean([r.scores for r in runs], config.top_k)
+        members = select_mean(tasks, [r.scores for r in runs], config.top_k)
     else:
-        members = select_greedy(val_preds, labels.val_labels, config.rounds)
+        members = select_greedy(tasks, val_preds, labels.val_labels, config.rounds)
 
     out = Path(out)
     (out / METRICS_FILE).unlink(missing_ok=True)  # written last: never leave an old one beside new files
     files: list[Path] = []
     val = blend(val_preds, members)
-    files += _write_predictions(predictions_dir(out, "Val"), labels.val_ids, val, config)
+    files += _write_predictions(predictions_dir(out, "Val"), tasks, labels.val_ids, val, config)
     metrics = _rescore_written(predictions_dir(out, "Val"), labels, config)
 
     test_ids = labels.test_ids or (runs[0].test.ids if runs[0].test else [])
@@ -353,12 +347,7 @@ def build_ensemble(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike
                 raise EnsembleError(f"{run.path}: no Test predictions in {predictions_dir(run.path, 'Test')}")
             test_preds.append(_align(run, "Test", run.test, test_ids))
         test = blend(test_preds, members)
-        for name in TASK_NAMES:
-            path = out / submission_name(TASKS[name], config.team, config.submission)
-            write_submission(TASKS[name], path, test_ids, test[name])
-            files.append(path)
-        write_type_probs(predictions_dir(out, "Test") / PROBS_FILE, test_ids, test["type"])
-        files.append(predictions_dir(out, "Test") / PROBS_FILE)
+        files += _write_test(out, tasks, test_ids, test, config)
     else:
         warnings.append(f"{cache_path}: no Test rows in the cache or the runs; no submission files written")
 
@@ -368,29 +357,33 @@ def build_ensemble(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike
     return EnsembleResult(runs, members, metrics, warnings, files)
 
 
-def _write_predictions(folder: Path, ids: Sequence[str], preds: Mapping[str, np.ndarray],
+def _write_predictions(folder: Path, tasks: TaskSet, ids: Sequence[str], preds: Mapping[str, np.ndarray],
                        config: EnsembleConfig) -> list[Path]:
-    paths = []
-    for name in TASK_NAMES:
-        path = folder / submission_name(TASKS[name], config.team, config.submission)
-        write_submission(TASKS[name], path, ids, preds[name])
-        paths.append(path)
-    write_type_probs(folder / PROBS_FILE, ids, preds["type"])
-    return paths + [folder / PROBS_FILE]
+    return write_predictions(folder, tasks, ids, preds, team=config.team, number=config.submission)
+
+
+def _write_test(out: Path, tasks: TaskSet, ids: Sequence[str], preds: Mapping[str, np.ndarray],
+                config: EnsembleConfig) -> list[Path]:
+    """A-VB: the official submission files at the top of the folder, TYPE's probabilities under
+    predictions/Test; any other corpus: the Test predictions under predictions/Test."""
+    folder = predictions_dir(out, "Test")
+    return write_predictions(folder if not tasks.is_avb else out, tasks, ids, preds, team=config.team,
+                             number=config.submission, probs_folder=folder)
 
 
 def _rescore_written(folder: Path, labels: CacheLabels, config: EnsembleConfig) -> dict[str, Any]:
     """Score the Val files as written, so metrics.json equals what `avb score` reports on them; with
     `config.ci`, each score gets its bootstrap interval `<score>_ci` (what `avb score --ci` reports)."""
+    tasks = labels.tasks
+    written = read_predictions(folder, tasks)
     preds = {}
-    for name in TASK_NAMES:
-        _, ids, values = read_submission(folder / submission_name(TASKS[name], config.team, config.submission))
+    for name, (ids, values) in written.items():
         preds[name] = SplitPredictions(ids, {name: values}).reindexed(labels.val_ids)[name]
-    metrics = _short_metrics(score_all(labels.val_labels, preds))
+    metrics = _short_metrics(tasks, score_all(tasks, labels.val_labels, preds))
     if not config.ci:
         return metrics
     boot = BootstrapConfig(level=config.ci, n_boot=config.n_boot)
-    return with_intervals(metrics, score_intervals(labels.val_labels, preds, boot))
+    return with_intervals(metrics, score_intervals(tasks, labels.val_labels, preds, boot))
 
 
 def _members_record(runs: Sequence[Run], members: Members, config: EnsembleConfig) -> dict[str, Any]:
@@ -398,14 +391,14 @@ def _members_record(runs: Sequence[Run], members: Members, config: EnsembleConfi
         strategy=config.strategy,
         top_k=config.top_k if config.strategy == "mean" else None,
         rounds=config.rounds if config.strategy == "greedy" else None,
-        tasks={name: [(runs[i].path, w) for i, w in members[name]] for name in TASK_NAMES},
-        runs=[(r.path, _short_metrics(r.scores)) for r in runs],
+        tasks={name: [(runs[i].path, w) for i, w in members[name]] for name in members},
+        runs=[(r.path, _short_metrics(r.tasks, r.scores)) for r in runs],
     )
 
 
 def format_table(result: EnsembleResult) -> str:
     """Each member's Val headline score per task, then the ensemble's."""
-    keys = [HEADLINE_KEYS[n] for n in TASK_NAMES] + ["mean"]
+    keys = list(result.runs[0].tasks.headline_keys.values()) + [SELECTION_KEY]
     used = {i for chosen in result.members.values() for i, _ in chosen}
     width = max([len("ensemble")] + [len(r.name) for r in result.runs]) + 2
     lines = [f"{'run':<{width}}" + "".join(f"{k:>13}" for k in keys)]

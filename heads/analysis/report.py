@@ -9,6 +9,11 @@ Figures (each written only when its data exists):
 - `probe_<name>.png`: for a probe folder (`avb probe`), the layer x task heatmap of the linear probes' Val
   scores, coloured per task column (the tasks' metrics have different ranges) with the best layer marked.
 
+The tasks are the runs' own (`heads.tasks.tasks_of` of the cache attributes each run recorded; A-VB's four for a
+run that recorded none): K tasks give K panels (and the mean). Runs trained for different task lists get their
+own curves, weights and ablation figures, suffixed with the corpus name. An ensemble's tasks are those of its
+member runs, a probe's those recorded in its probe.json.
+
 matplotlib is an optional extra (`plot`), imported only here and only when a report is made; figures are drawn
 with the Agg canvas directly (no pyplot, so no global backend state and no display needed).
 """
@@ -20,6 +25,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +57,9 @@ from heads.runs import (
     output_kind,
     read_ensemble,
     read_run,
+    read_run_config,
 )
-from heads.tasks import HEADLINE_KEYS, TASK_NAMES, TASKS
+from heads.tasks import AVB, SELECTION_KEY, TaskSet, tasks_of
 
 # What each weighting logs as its per-task weight (the y-axis label of its figure).
 WEIGHT_MEANING: dict[str, str] = {
@@ -86,6 +93,11 @@ class RunInfo(RunFolder):
     def seed(self) -> Any:
         return self.config.get("seed")
 
+    @cached_property
+    def tasks(self) -> TaskSet:
+        """The tasks the run was trained for (`run_tasks`)."""
+        return run_tasks(self)
+
     @property
     def label(self) -> str:
         if "arch" in self.config and "weighting" in self.config:
@@ -97,6 +109,11 @@ class RunInfo(RunFolder):
 class ProbeInfo:
     path: Path
     data: dict[str, Any]     # probe.json
+
+    @property
+    def tasks(self) -> TaskSet:
+        """The cache's tasks as probe.json records them (A-VB for a probe.json from before task descriptions)."""
+        return probe_tasks(self.data, self.path / PROBE_JSON)
 
 
 @dataclass
@@ -143,18 +160,124 @@ def collect_inputs(dirs: Iterable[str | os.PathLike]) -> ReportInputs:
     return found
 
 
+def run_tasks(run: RunFolder) -> TaskSet:
+    """The tasks a run was trained for: those recorded with its cache attributes; for a run that recorded none,
+    those of the cache it names, while that file is still there and matches the recorded attributes; else
+    A-VB (a run from before task descriptions)."""
+    attrs = run.cache_attrs
+    if "tasks" not in attrs and run.cache:
+        described = _described_tasks(run.cache, attrs)
+        if described is not None:
+            attrs = {**attrs, "tasks": described}
+    return tasks_of(attrs, str(run.path / CONFIG_FILE))
+
+
+def _described_tasks(cache: str, recorded: Mapping[str, Any]) -> Any:
+    """The `tasks` attribute of the cache file `cache` when it exists, is readable and is the cache the
+    attributes `recorded` describe; None otherwise."""
+    try:
+        stat = Path(cache).stat()
+    except OSError:
+        return None
+    attrs = _cache_attrs(str(Path(cache).resolve()), stat.st_mtime_ns, stat.st_size)
+    if attrs is None or "tasks" not in attrs:
+        return None
+    from cache.reader import IncompatibleCache, check_compatible  # noqa: PLC0415 - keeps `avb --help` light
+
+    try:
+        check_compatible(attrs, recorded, source=cache)
+    except IncompatibleCache:
+        return None
+    return attrs["tasks"]
+
+
+@lru_cache(maxsize=16)
+def _cache_attrs(path: str, mtime_ns: int, size: int) -> dict[str, Any] | None:
+    """A cache's root attributes, read once per file version (an ablation's runs share one cache)."""
+    from cache.reader import read_attrs  # noqa: PLC0415
+
+    try:
+        return read_attrs(path)
+    except (AvbError, OSError):
+        return None
+
+
 def _epoch_value(entry: Mapping[str, Any], key: str) -> float | None:
     """A Val metric of one `read_history` entry."""
     value = (entry.get("val") or {}).get(key)
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def _epoch_weights(entry: Mapping[str, Any]) -> list[float] | None:
-    """The loss weights of one `read_history` entry, in task order."""
+def _epoch_weights(entry: Mapping[str, Any], names: Sequence[str]) -> list[float] | None:
+    """The loss weights of one `read_history` entry for the tasks `names`, in that order."""
     weights = entry.get("weights")
-    if isinstance(weights, Mapping) and all(isinstance(weights.get(n), (int, float)) for n in TASK_NAMES):
-        return [float(weights[n]) for n in TASK_NAMES]
+    if names and isinstance(weights, Mapping) and all(isinstance(weights.get(n), (int, float)) for n in names):
+        return [float(weights[n]) for n in names]
     return None
+
+
+def weight_names(run: RunInfo) -> list[str]:
+    """The task names a run's history logs loss weights for: the keys of its first entry with weights, in the
+    order of the run's tasks (names the tasks do not know last, as logged)."""
+    for entry in run.history:
+        weights = entry.get("weights")
+        if isinstance(weights, Mapping) and weights:
+            logged = [str(name) for name in weights]
+            known = [name for name in run.tasks.names if name in logged]
+            return known + [name for name in logged if name not in known]
+    return []
+
+
+def probe_tasks(data: Mapping[str, Any], where: str | os.PathLike = PROBE_JSON) -> TaskSet:
+    """The tasks a probe.json records (`task_set`); A-VB for one written before it recorded them."""
+    return tasks_of({"tasks": data.get("task_set")}, str(where))
+
+
+def _member_tasks(ensemble: EnsembleFolder) -> TaskSet | None:
+    """The tasks of the first member run whose config.json can be read and that knows every task of the
+    ensemble; None when there is none."""
+    seen: set[Path] = set()
+    for members in ensemble.members.values():
+        for run, _ in members:
+            if run in seen:
+                continue
+            seen.add(run)
+            try:
+                folder = ensemble.member_dir(run)
+                tasks = run_tasks(RunFolder(folder, read_run_config(folder), {}))
+            except AvbError:
+                continue
+            if all(name in tasks for name in ensemble.members):
+                return tasks
+    return None
+
+
+def ensemble_tasks(ensemble: EnsembleFolder) -> TaskSet | None:
+    """The tasks of an ensemble's member runs; A-VB's when none can be read and the task names are A-VB's."""
+    tasks = _member_tasks(ensemble)
+    if tasks is None and all(name in AVB for name in ensemble.members):
+        tasks = AVB
+    return tasks
+
+
+def ensemble_headlines(ensemble: EnsembleFolder) -> dict[str, tuple[str, str]]:
+    """Task name -> (title, headline key) for each task of an ensemble, in its tasks' order: from the tasks its
+    member runs were trained for; when none can be read (runs moved), A-VB's when the names are A-VB's, else
+    the task name as title and the key its scores carry (`<task>_uar`, else `<task>_ccc`)."""
+    tasks = ensemble_tasks(ensemble)
+    names = list(ensemble.members)
+    if tasks is not None:
+        names = [n for n in tasks.names if n in ensemble.members] + [n for n in names if n not in tasks]
+    scored = [ensemble.metrics, *(val for _, val in ensemble.runs)]
+    out = {}
+    for name in names:
+        if tasks is not None and name in tasks:
+            out[tasks[name].name] = (tasks[name].title, tasks[name].headline_key)
+        else:
+            key = next((f"{name}_{m}" for m in ("uar", "ccc") if any(f"{name}_{m}" in s for s in scored)),
+                       f"{name}_ccc")
+            out[name] = (name, key)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- plotting
@@ -189,12 +312,12 @@ def _integer_locator() -> Any:
     return MaxNLocator(integer=True)
 
 
-def plot_curves(make: Any, runs: Sequence[RunInfo], path: Path) -> Path | None:
-    """Validation headline score per epoch, one panel per task, one line per run."""
+def plot_curves(make: Any, runs: Sequence[RunInfo], tasks: TaskSet, path: Path) -> Path | None:
+    """Validation headline score per epoch, one panel per task of `tasks`, one line per run."""
     plotted = False
-    fig, axes = make(1, len(TASK_NAMES), 4.2 * len(TASK_NAMES), 3.6)
-    for ax, name in zip(axes[0], TASK_NAMES):
-        key = HEADLINE_KEYS[name]
+    fig, axes = make(1, len(tasks), 4.2 * len(tasks), 3.6)
+    for ax, task in zip(axes[0], tasks):
+        key = task.headline_key
         for run in runs:
             points = [(h.get("epoch", i), _epoch_value(h, key)) for i, h in enumerate(run.history)]
             points = [(e, v) for e, v in points if v is not None]
@@ -203,7 +326,7 @@ def plot_curves(make: Any, runs: Sequence[RunInfo], path: Path) -> Path | None:
                 plotted = True
             if isinstance(run.metrics.get("best_epoch"), int) and isinstance(run.metrics.get(key), (int, float)):
                 ax.plot([run.metrics["best_epoch"]], [run.metrics[key]], marker="*", color="black", ms=8)
-        ax.set_title(f"{TASKS[name].title} (Val {key.split('_')[1].upper()})")
+        ax.set_title(f"{task.title} (Val {task.metric.upper()})")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(_integer_locator())
         ax.grid(alpha=0.3)
@@ -216,8 +339,10 @@ def plot_curves(make: Any, runs: Sequence[RunInfo], path: Path) -> Path | None:
 
 
 def plot_weights(make: Any, weighting: str, runs: Sequence[RunInfo], path: Path) -> Path | None:
-    """One panel per run of this weighting, one line per task: the logged loss weight per epoch."""
-    runs = [r for r in runs if any(_epoch_weights(h) for h in r.history)]
+    """One panel per run of this weighting, one line per task (the tasks its history logs weights for): the
+    logged loss weight per epoch."""
+    names_of = {id(r): weight_names(r) for r in runs}
+    runs = [r for r in runs if any(_epoch_weights(h, names_of[id(r)]) for h in r.history)]
     if not runs:
         return None
     ncols = min(3, len(runs))
@@ -226,12 +351,13 @@ def plot_weights(make: Any, weighting: str, runs: Sequence[RunInfo], path: Path)
     for ax in axes.flat[len(runs):]:
         ax.set_visible(False)
     for ax, run in zip(axes.flat, runs):
-        rows = [(h.get("epoch", i), _epoch_weights(h)) for i, h in enumerate(run.history)]
+        names = names_of[id(run)]
+        rows = [(h.get("epoch", i), _epoch_weights(h, names)) for i, h in enumerate(run.history)]
         rows = [(e, w) for e, w in rows if w is not None]
         epochs = [e for e, _ in rows]
         values = np.array([w for _, w in rows])
-        for k, name in enumerate(TASK_NAMES):
-            ax.plot(epochs, values[:, k], marker=".", label=TASKS[name].title)
+        for k, name in enumerate(names):
+            ax.plot(epochs, values[:, k], marker=".", label=run.tasks[name].title if name in run.tasks else name)
         ax.set_title(run.label, fontsize="medium")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(_integer_locator())
@@ -242,13 +368,14 @@ def plot_weights(make: Any, weighting: str, runs: Sequence[RunInfo], path: Path)
     return _save(fig, path)
 
 
-def ablation_grid(runs: Sequence[RunInfo]) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
-    """Mean Val headline score over seeds per (arch, weighting), per task; NaN where no run exists."""
+def ablation_grid(runs: Sequence[RunInfo], tasks: TaskSet) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
+    """Mean Val headline score over seeds per (arch, weighting), per task of `tasks` and for the mean (key
+    `SELECTION_KEY`); NaN where no run exists."""
     archs = sorted({r.arch for r in runs})
     weightings = sorted({r.weighting for r in runs})
     grids = {}
-    for name in (*TASK_NAMES, "mean"):
-        key = HEADLINE_KEYS.get(name, "mean")
+    for name in (*tasks.names, SELECTION_KEY):
+        key = tasks[name].headline_key if name in tasks else SELECTION_KEY
         grid = np.full((len(archs), len(weightings)), np.nan)
         for i, arch in enumerate(archs):
             for j, weighting in enumerate(weightings):
@@ -260,18 +387,18 @@ def ablation_grid(runs: Sequence[RunInfo]) -> tuple[list[str], list[str], dict[s
     return archs, weightings, grids
 
 
-def plot_ablation(make: Any, runs: Sequence[RunInfo], path: Path) -> Path | None:
-    archs, weightings, grids = ablation_grid(runs)
-    if np.isnan(grids["type"]).all():
+def plot_ablation(make: Any, runs: Sequence[RunInfo], tasks: TaskSet, path: Path) -> Path | None:
+    archs, weightings, grids = ablation_grid(runs, tasks)
+    if all(np.isnan(grid).all() for grid in grids.values()):
         return None
-    panels = (*TASK_NAMES, "mean")
+    panels = (*tasks.names, SELECTION_KEY)
     fig, axes = make(1, len(panels), 3.4 * len(panels), 1.2 + 0.6 * len(archs))
     for ax, name in zip(axes[0], panels):
         grid = grids[name]
         ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(weightings)), weightings, rotation=30)
         ax.set_yticks(range(len(archs)), archs)
-        ax.set_title(TASKS[name].title if name in TASKS else "mean of the four", fontsize="medium")
+        ax.set_title(tasks[name].title if name in tasks else "mean", fontsize="medium")
         finite = grid[np.isfinite(grid)]
         mid = float(finite.mean()) if finite.size else 0.0
         for i in range(len(archs)):
@@ -288,14 +415,16 @@ def plot_ensemble(make: Any, ensemble: EnsembleFolder, path: Path) -> Path | Non
     runs = ensemble.runs
     if not runs and not ensemble.metrics:
         return None
-    names = (*TASK_NAMES, "mean")
+    headlines = ensemble_headlines(ensemble)
+    names = (*headlines, SELECTION_KEY)
     fig, axes = make(1, len(names), 2.6 * len(names), 3.4)
     rng = np.random.default_rng(0)  # fixed jitter: the same inputs give the same picture
     jitter = rng.uniform(-0.3, 0.3, len(runs))
-    tasks = ensemble.members
+    members = ensemble.members
     for ax, name in zip(axes[0], names):
-        key = HEADLINE_KEYS.get(name, "mean")
-        chosen = {run for run, _ in tasks[name]} if name in TASKS else {run for ms in tasks.values() for run, _ in ms}
+        title, key = headlines.get(name, ("mean", SELECTION_KEY))
+        chosen = ({run for run, _ in members[name]} if name in headlines
+                  else {run for ms in members.values() for run, _ in ms})
         for is_member, colour, label in ((False, "tab:blue", "single run"), (True, "tab:orange", "member")):
             points = [(x, float(val[key])) for x, (run, val) in zip(jitter, runs)
                       if (run in chosen) == is_member and isinstance(val.get(key), (int, float))]
@@ -305,7 +434,7 @@ def plot_ensemble(make: Any, ensemble: EnsembleFolder, path: Path) -> Path | Non
             ax.axhline(float(ensemble.metrics[key]), color="tab:red", lw=2.5, label="ensemble", zorder=2)
         ax.set_xlim(-0.5, 0.5)
         ax.set_xticks([])
-        ax.set_title(TASKS[name].title if name in TASKS else "mean", fontsize="medium")
+        ax.set_title(title, fontsize="medium")
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize="x-small", loc="best")
     fig.suptitle(f"{ensemble.path.name}: {ensemble.strategy or '?'} ensemble vs single runs (Val)")
@@ -315,10 +444,11 @@ def plot_ensemble(make: Any, ensemble: EnsembleFolder, path: Path) -> Path | Non
 def probe_grid(data: Mapping[str, Any]) -> tuple[list[str], list[str], np.ndarray]:
     """(layers, tasks, headline scores [layers, tasks]) of a probe.json; NaN where a score is missing."""
     layers, tasks = list(data["layers"]), list(data["tasks"])
+    known = probe_tasks(data)
     grid = np.full((len(layers), len(tasks)), np.nan)
     for i, layer in enumerate(layers):
         for j, task in enumerate(tasks):
-            value = data["scores"].get(layer, {}).get(task, {}).get(TASKS[task].metric)
+            value = data["scores"].get(layer, {}).get(task, {}).get(known[task].metric)
             if isinstance(value, (int, float)):
                 grid[i, j] = float(value)
     return layers, tasks, grid
@@ -328,6 +458,7 @@ def plot_probe(make: Any, probe: ProbeInfo, path: Path) -> Path | None:
     """Layer x task heatmap of the probes' Val scores. Colour is scaled per column (UAR and CCC have different
     ranges and chance levels), the number in each cell is the score itself, the best layer is boxed."""
     layers, tasks, grid = probe_grid(probe.data)
+    known = probe.tasks
     if not np.isfinite(grid).any():
         return None
     low, high = np.nanmin(grid, 0), np.nanmax(grid, 0)
@@ -335,7 +466,7 @@ def plot_probe(make: Any, probe: ProbeInfo, path: Path) -> Path | None:
     fig, axes = make(1, 1, 1.6 + 1.5 * len(tasks), 1.0 + 0.36 * len(layers))
     ax = axes[0][0]
     ax.imshow(np.ma.masked_invalid(shade), cmap="viridis", aspect="auto", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(len(tasks)), [f"{TASKS[t].title}\n{TASKS[t].metric.upper()}" for t in tasks])
+    ax.set_xticks(range(len(tasks)), [f"{known[t].title}\n{known[t].metric.upper()}" for t in tasks])
     ax.set_yticks(range(len(layers)), layers)
     ax.set_ylabel("layer")
     from matplotlib.patches import Rectangle  # noqa: PLC0415 - matplotlib is optional
@@ -358,8 +489,13 @@ def plot_probe(make: Any, probe: ProbeInfo, path: Path) -> Path | None:
 # -------------------------------------------------------------------------------------------------- tables
 
 def results_table(inputs: ReportInputs) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of every run's and ensemble's Val scores (computed from their metrics.json)."""
-    keys = [HEADLINE_KEYS[n] for n in TASK_NAMES] + ["mean"]
+    """Header and rows of every run's and ensemble's Val scores (computed from their metrics.json): the
+    headline score of each of their tasks (the union, in order of appearance), then the mean."""
+    keys: list[str] = []
+    for headline_keys in [list(r.tasks.headline_keys.values()) for r in inputs.runs] \
+            + [[key for _, key in ensemble_headlines(e).values()] for e in inputs.ensembles]:
+        keys += [k for k in headline_keys if k not in keys]
+    keys.append(SELECTION_KEY)
     header = ["run", "arch", "weighting", "seed", "best_epoch", *keys]
     rows = []
     for run in inputs.runs:
@@ -429,12 +565,22 @@ def _rel(path: Path, out: Path) -> str:
     return Path(os.path.relpath(path.resolve(), out.resolve())).as_posix()
 
 
+def report_title(inputs: ReportInputs) -> str:
+    """'<corpus> results' when every run, ensemble and probe is of one corpus ('A-VB results'), else 'Results'."""
+    names = {r.tasks.title for r in inputs.runs} | {p.tasks.title for p in inputs.probes}
+    for ens in inputs.ensembles:
+        tasks = ensemble_tasks(ens)
+        names.add(tasks.title if tasks is not None else "")
+    return f"{names.pop()} results" if len(names) == 1 and "" not in names else "Results"
+
+
 def write_index(out: Path, inputs: ReportInputs, figures: Sequence[tuple[str, Path]]) -> Path:
     header, rows = results_table(inputs)
-    parts = ["<!doctype html>", "<html><head><meta charset='utf-8'><title>A-VB results</title>",
+    title = html.escape(report_title(inputs))
+    parts = ["<!doctype html>", f"<html><head><meta charset='utf-8'><title>{title}</title>",
              "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}</style>",
-             "</head><body>", "<h1>A-VB results</h1>"]
+             "</head><body>", f"<h1>{title}</h1>"]
     for ablation in inputs.ablations:
         if (ablation / RESULTS_MD).is_file():
             parts += [f"<h2>Ablation {html.escape(ablation.name)} (Table I layout, validation)</h2>",
@@ -472,13 +618,23 @@ def make_report(dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> tu
         if path is not None:
             figures.append((title, path))
 
-    if inputs.runs:
-        add("Validation score per epoch", plot_curves(make, inputs.runs, out / "curves.png"))
-        for weighting in sorted({r.weighting for r in inputs.runs}):
-            runs = [r for r in inputs.runs if r.weighting == weighting]
-            add(f"Loss weights: {weighting}", plot_weights(make, weighting, runs, out / f"weights_{weighting}.png"))
-        if len({(r.arch, r.weighting) for r in inputs.runs}) > 1:
-            add("Ablation grid", plot_ablation(make, inputs.runs, out / "ablation.png"))
+    groups: dict[TaskSet, list[RunInfo]] = {}
+    for run in inputs.runs:
+        groups.setdefault(run.tasks, []).append(run)
+    tags: set[str] = set()
+    for k, (tasks, group) in enumerate(groups.items()):
+        # Runs of different task lists cannot share panels: each list gets its own figures, named after it.
+        tag = "" if len(groups) == 1 else f"_{_safe(tasks.title)}"
+        tag = tag if tag not in tags else f"{tag}_{k + 1}"
+        tags.add(tag)
+        of = "" if len(groups) == 1 else f" ({tasks.title}: {', '.join(tasks.names)})"
+        add(f"Validation score per epoch{of}", plot_curves(make, group, tasks, out / f"curves{tag}.png"))
+        for weighting in sorted({r.weighting for r in group}):
+            runs = [r for r in group if r.weighting == weighting]
+            add(f"Loss weights: {weighting}{of}",
+                plot_weights(make, weighting, runs, out / f"weights_{weighting}{tag}.png"))
+        if len({(r.arch, r.weighting) for r in group}) > 1:
+            add(f"Ablation grid{of}", plot_ablation(make, group, tasks, out / f"ablation{tag}.png"))
     for ens in inputs.ensembles:
         add(f"Ensemble {ens.path.name} vs single runs",
             plot_ensemble(make, ens, out / f"ensemble_{_safe(ens.path.name)}.png"))

@@ -14,55 +14,64 @@ import numpy as np
 
 from cache.command_kit.atomic import write_json_atomic, write_text_atomic
 from heads.analysis.bootstrap import BootstrapConfig
-from heads.analysis.comparison import CI_KEYS, add_uncertainty, paired_markdown
+from heads.analysis.comparison import add_uncertainty, ci_keys, paired_markdown
 from heads.metrics import score_text
 from heads.names import ARCHS, WEIGHTING_TITLES, WEIGHTINGS
 from heads.runs import RESULTS_CSV, RESULTS_JSON, RESULTS_MD
-from heads.tasks import METRIC_KEYS, SELECTION_KEY
+from heads.tasks import SELECTION_KEY, TaskSet, tasks_of
 
-# Table columns: (metric key, header); the headline score of each task first, Pearson's r beside it.
-TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("type_uar", "A-VB-TYPE UAR"),
-    ("two_ccc", "A-VB-TWO CCC"), ("two_pearson", "A-VB-TWO ρ"),
-    ("high_ccc", "A-VB-HIGH CCC"), ("high_pearson", "A-VB-HIGH ρ"),
-    ("culture_ccc", "A-VB-CULTURE CCC"), ("culture_pearson", "A-VB-CULTURE ρ"),
-    (SELECTION_KEY, "Mean"),
-)
-RESULT_FIELDS: tuple[str, ...] = ("arch", "weighting", "seed", *METRIC_KEYS, SELECTION_KEY, "best_epoch")
+
+def table_columns(tasks: TaskSet) -> tuple[tuple[str, str], ...]:
+    """Table I's columns, (metric key, header): each task's headline score (UAR or CCC), a regression task's
+    Pearson's r beside it, then the mean (A-VB: TYPE UAR, TWO CCC, TWO ρ, ..., Mean)."""
+    columns = []
+    for t in tasks:
+        columns.append((t.headline_key, f"{t.title} {t.metric.upper()}"))
+        if not t.is_classification:
+            columns.append((f"{t.name}_pearson", f"{t.title} ρ"))
+    return (*columns, (SELECTION_KEY, "Mean"))
+
+
+def result_fields(tasks: TaskSet) -> tuple[str, ...]:
+    """The columns of results.csv (before any interval columns)."""
+    return ("arch", "weighting", "seed", *tasks.metric_keys, SELECTION_KEY, "best_epoch")
+
 
 def write_tables(out: Path, rows: list[dict], run_dirs: Sequence[Path], grid_record: dict[str, Any], cache: Any,
                  bootstrap: BootstrapConfig | None) -> None:
     """results.csv, results.json and results.md of the grid in `out` (`rows[i]` is the run in `run_dirs[i]`),
     with bootstrap intervals and paired comparisons when `bootstrap` is given."""
-    summary = summarise(rows)
+    tasks = tasks_of(cache.attrs, str(cache.path))
+    summary = summarise(tasks, rows)
     uncertainty = None
     if bootstrap is not None:
         uncertainty = add_uncertainty(rows, summary, run_dirs, cache, bootstrap)
-    write_text_atomic(out / RESULTS_CSV, results_csv(rows))
+    write_text_atomic(out / RESULTS_CSV, results_csv(tasks, rows))
     write_json_atomic(out / RESULTS_JSON, {"config": grid_record, "runs": rows, "summary": summary,
                                            **({"bootstrap": uncertainty} if uncertainty else {})})
-    write_text_atomic(out / RESULTS_MD, results_markdown(summary, uncertainty))
+    write_text_atomic(out / RESULTS_MD, results_markdown(tasks, summary, uncertainty))
 
 
 
 # --------------------------------------------------------------------------------------------- tables
 
-def results_csv(rows: Sequence[dict]) -> str:
+def results_csv(tasks: TaskSet, rows: Sequence[dict]) -> str:
     """One line per run; rows carrying bootstrap intervals (`<key>_ci`) get `<key>_ci_low,<key>_ci_high` columns."""
-    ci_keys = [k for k in CI_KEYS if rows and f"{k}_ci" in rows[0]]
-    fields = list(RESULT_FIELDS) + [f"{k}_ci_{end}" for k in ci_keys for end in ("low", "high")]
+    with_ci = [k for k in ci_keys(tasks) if rows and f"{k}_ci" in rows[0]]
+    base = result_fields(tasks)
+    fields = list(base) + [f"{k}_ci_{end}" for k in with_ci for end in ("low", "high")]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        line = {k: row[k] for k in RESULT_FIELDS}  # floats in full (repr) precision
-        for k in ci_keys:
+        line = {k: row[k] for k in base}  # floats in full (repr) precision
+        for k in with_ci:
             line[f"{k}_ci_low"], line[f"{k}_ci_high"] = row[f"{k}_ci"]
         writer.writerow(line)
     return buf.getvalue()
 
 
-def summarise(rows: Sequence[dict]) -> list[dict]:
+def summarise(tasks: TaskSet, rows: Sequence[dict]) -> list[dict]:
     """One entry per (weighting, arch) in table order: the best seed's metrics (by Val mean) and mean/std."""
     out = []
     weightings = [w for w in WEIGHTINGS if any(r["weighting"] == w for r in rows)]
@@ -73,7 +82,7 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
             if not cell:
                 continue
             best = max(cell, key=lambda r: r[SELECTION_KEY])  # first seed wins a tie
-            keys = [k for k, _ in TABLE_COLUMNS]
+            keys = [k for k, _ in table_columns(tasks)]
             values = {k: np.array([r[k] for r in cell], dtype=np.float64) for k in keys}
             out.append({
                 "weighting": w, "arch": a, "n_seeds": len(cell), "best_seed": best["seed"],
@@ -87,22 +96,23 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
 
 
 
-def results_markdown(summary: Sequence[dict], uncertainty: dict | None = None) -> str:
+def results_markdown(tasks: TaskSet, summary: Sequence[dict], uncertainty: dict | None = None) -> str:
     """Table I of the paper: grouped by weighting, one row per architecture, best value per column in bold.
 
     With bootstrap results (`heads.analysis.comparison.add_uncertainty`), each cell also shows the best run's interval
     and a second table gives each configuration's paired win fraction against the best one per task.
     """
-    keys = [k for k, _ in TABLE_COLUMNS]
+    columns = table_columns(tasks)
+    keys = [k for k, _ in columns]
     best_per_col = {k: max(round(s["best"][k], 4) for s in summary) for k in keys} if summary else {}
     several = any(s["n_seeds"] > 1 for s in summary)
-    lines = ["| Model | " + " | ".join(h for _, h in TABLE_COLUMNS) + " |",
-             "|---|" + "---|" * len(TABLE_COLUMNS)]
+    lines = ["| Model | " + " | ".join(h for _, h in columns) + " |",
+             "|---|" + "---|" * len(columns)]
     current = None
     for s in summary:
         if s["weighting"] != current:
             current = s["weighting"]
-            lines.append(f"| **{WEIGHTING_TITLES[current]}** |" + " |" * len(TABLE_COLUMNS))
+            lines.append(f"| **{WEIGHTING_TITLES[current]}** |" + " |" * len(columns))
         cells = []
         for k in keys:
             text = score_text(s["best"][k])
@@ -115,8 +125,8 @@ def results_markdown(summary: Sequence[dict], uncertainty: dict | None = None) -
                 text += f" ({score_text(s['mean'][k])} ± {score_text(s['std'][k])})"
             cells.append(text)
         lines.append(f"| *{s['arch'].upper()}* | " + " | ".join(cells) + " |")
-    paired = paired_markdown(summary, WEIGHTING_TITLES) if uncertainty else ""
-    parts = ["Validation scores. Each cell: the run with the best validation mean of the four headline scores"
+    paired = paired_markdown(tasks, summary, WEIGHTING_TITLES) if uncertainty else ""
+    parts = ["Validation scores. Each cell: the run with the best validation mean of the headline scores"
              + (" (over seeds)" if several else "")]
     if uncertainty:
         parts.append(f"then its {uncertainty['level']:.0%} percentile-bootstrap interval over the "

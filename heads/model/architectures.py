@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from heads.model.layers import (
     per_run,
 )
 from heads.names import ARCHS
-from heads.tasks import TASK_NAMES, TASKS
+from heads.tasks import Task, TaskSet
 
 # Dropout streams are seeded apart from the init streams so masks are not correlated with initial weights.
 DROPOUT_SEED_OFFSET = 0x5EED_D0
@@ -60,7 +60,7 @@ class HeadConfig:
     dropout: float = 0.3
     input_layer: str = "last"             # vanilla/chain: "last" (last hidden_*), "weighted" (learnable
                                           # softmax-weighted sum of all hidden_*), or any layer name
-    chain_order: tuple[str, ...] = ("type", "two", "high", "culture")
+    chain_order: tuple[str, ...] = ()     # chain: a permutation of the corpus's tasks; empty = their order
     n_heads: int = 8                      # branch attention heads
     branch_blocks: int = 4                # attention blocks per task (branch)
     branch_use_frames: bool = False       # attend over frames (needs frame-level cache) instead of layer tokens
@@ -68,7 +68,7 @@ class HeadConfig:
     def __post_init__(self) -> None:
         self.chain_order = tuple(self.chain_order)   # JSON gives a list
 
-    def validate(self) -> None:
+    def validate(self, tasks: TaskSet) -> None:
         """Raise HeadConfigError naming the first bad field."""
         if self.arch not in ARCHS:
             raise HeadConfigError(f"unknown head arch {self.arch!r}; expected one of {', '.join(ARCHS)}")
@@ -76,14 +76,19 @@ class HeadConfig:
             raise HeadConfigError(f"hidden must be >= 1, got {self.hidden}")
         if not 0.0 <= self.dropout < 1.0:
             raise HeadConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if sorted(self.chain_order) != sorted(TASK_NAMES):
+        if self.chain_order and sorted(self.chain_order) != sorted(tasks.names):
             raise HeadConfigError(f"chain_order {list(self.chain_order)} must name each of "
-                                  f"{', '.join(TASK_NAMES)} exactly once")
+                                  f"{', '.join(tasks.names)} exactly once")
         if self.arch == "branch":
             if self.n_heads < 1 or self.hidden % self.n_heads:
                 raise HeadConfigError(f"hidden {self.hidden} must be divisible by n_heads {self.n_heads}")
             if self.branch_blocks < 1:
                 raise HeadConfigError(f"branch_blocks must be >= 1, got {self.branch_blocks}")
+
+
+def with_chain_order(cfg: HeadConfig, tasks: TaskSet) -> HeadConfig:
+    """`cfg` with an empty chain order filled in as the corpus's task order (what a run's config.json records)."""
+    return cfg if cfg.chain_order else replace(cfg, chain_order=tasks.names)
 
 
 @dataclass
@@ -128,24 +133,36 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * w).sum(-2) / w.sum(-2).clamp_min(1.0)
 
 
-def task_values(task: str, raw: Tensor) -> Tensor:
-    """A task network's raw output as values: class probabilities (softmax) or regression values (sigmoid)."""
-    return torch.softmax(raw, dim=-1) if TASKS[task].is_classification else torch.sigmoid(raw)
+def task_values(task: Task, raw: Tensor) -> Tensor:
+    """A task network's raw output as the values the chain feeds: class probabilities (softmax) or regression
+    values in [0, 1] (sigmoid; the task's label range mapped to [0, 1])."""
+    return torch.softmax(raw, dim=-1) if task.is_classification else torch.sigmoid(raw)
+
+
+def in_label_range(task: Task, unit: Tensor) -> Tensor:
+    """Regression values in [0, 1] -> the task's label range (the identity for A-VB's [0, 1] labels)."""
+    return unit if task.unit_range else task.low + (task.high - task.low) * unit
+
+
+def to_unit_range(task: Task, labels: Tensor) -> Tensor:
+    """Inverse of in_label_range, for the ground truth a chain is fed while training."""
+    return labels if task.unit_range else (labels - task.low) / (task.high - task.low)
 
 
 class MultiTaskHead(nn.Module):
     """The part every architecture shares: config, runs, the inputs it reads, per-run state and generators.
 
-    `forward(inputs, targets=None)` returns task -> [R, B, out_dim]: TYPE gives logits (8 classes); TWO, HIGH
-    and CULTURE give sigmoid outputs in [0, 1]. Subclasses build their modules in `__init__` (drawing the
+    `forward(inputs, targets=None)` returns task -> [R, B, out_dim]: logits for a classification task, for a
+    regression task sigmoid outputs mapped to its label range ([0, 1] for A-VB). Subclasses build their modules in `__init__` (drawing the
     initial values from `gens`, one generator per run, in a fixed order) and implement `_forward`.
     """
 
     eval_row_cost = 1   # activation memory of one evaluated row relative to VANILLA's; evaluation chunks shrink by it
 
-    def __init__(self, cfg: HeadConfig, layer_dims: dict[str, int], seeds: Sequence[int]) -> None:
+    def __init__(self, cfg: HeadConfig, layer_dims: dict[str, int], seeds: Sequence[int], tasks: TaskSet) -> None:
         super().__init__()
-        cfg.validate()
+        cfg.validate(tasks)
+        self.tasks = tasks
         seeds = [int(s) for s in seeds]
         if not seeds:
             raise HeadConfigError("a head needs at least one run seed")
@@ -214,15 +231,17 @@ class MultiTaskHead(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: HeadInputs, targets: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """What the losses read: logits for classification tasks, values in [0, 1] for regression tasks."""
+        """What the losses read: logits for classification tasks, values in the label range for regression."""
         raw = self._forward(x, targets)
-        return {t: raw[t] if TASKS[t].is_classification else torch.sigmoid(raw[t]) for t in TASK_NAMES}
+        return {t.name: raw[t.name] if t.is_classification else in_label_range(t, torch.sigmoid(raw[t.name]))
+                for t in self.tasks}
 
     def predict(self, x: HeadInputs) -> dict[str, Tensor]:
         """What a user reads: float32 class probabilities for classification tasks, values for regression tasks
         (call in eval mode; evaluation, ensembles and `avb predict` all take their outputs from here)."""
         raw = self._forward(x, None)
-        return {t: task_values(t, raw[t].float()) for t in TASK_NAMES}
+        return {t.name: task_values(t, raw[t.name].float()) if t.is_classification
+                else in_label_range(t, torch.sigmoid(raw[t.name].float())) for t in self.tasks}
 
     def _forward(self, x: HeadInputs, targets: dict[str, Tensor] | None) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -238,13 +257,13 @@ class TaskNetworks(nn.Module):
     the first FC is exactly the paper's FC over [features, chained values]. Tasks are kept in `tasks` order.
     """
 
-    def __init__(self, n_runs: int, tasks: Sequence[str], in_dim: int, hidden: int, dropout: float,
+    def __init__(self, n_runs: int, tasks: Sequence[Task], in_dim: int, hidden: int, dropout: float,
                  gens: Sequence[torch.Generator], chained: bool = False) -> None:
         super().__init__()
-        self.tasks = tuple(tasks)
+        self.tasks = tuple(t.name for t in tasks)
         n_tasks = len(self.tasks)
         self.fc1 = StackedLinear(n_runs, in_dim, hidden, gens, copies=n_tasks)
-        extra = np.cumsum([0] + [TASKS[t].out_dim for t in self.tasks[:-1]]) if chained else np.zeros(n_tasks, int)
+        extra = np.cumsum([0] + [t.out_dim for t in tasks[:-1]]) if chained else np.zeros(n_tasks, int)
         self.chain_in = nn.ModuleDict({
             task.upper(): StackedLinear(n_runs, int(e), hidden, gens, bias=False)
             for task, e in zip(self.tasks, extra) if e > 0
@@ -260,8 +279,8 @@ class TaskNetworks(nn.Module):
                         self.chain_in[task.upper()].weight.mul_(math.sqrt(e / (in_dim + e)))
         self.norm = StackedLayerNorm(n_runs, hidden, copies=n_tasks)
         self.drop = StackedDropout(dropout)
-        self.fc2 = nn.ModuleDict({task.upper(): StackedLinear(n_runs, hidden, TASKS[task].out_dim, gens)
-                                  for task in self.tasks})
+        self.fc2 = nn.ModuleDict({task.name.upper(): StackedLinear(n_runs, hidden, task.out_dim, gens)
+                                  for task in tasks})
 
     def first_layer(self, features: Tensor) -> Tensor:
         """The features' part of every task's first FC: [R, B, D] -> [R, T, B, H]."""
@@ -287,8 +306,8 @@ class TaskNetworks(nn.Module):
 class VanillaHead(MultiTaskHead):
     """VANILLA: parallel shallow task networks on one (selected or mixed) backbone layer."""
 
-    def __init__(self, cfg: HeadConfig, layer_dims: dict[str, int], seeds: Sequence[int]) -> None:
-        super().__init__(cfg, layer_dims, seeds)
+    def __init__(self, cfg: HeadConfig, layer_dims: dict[str, int], seeds: Sequence[int], tasks: TaskSet) -> None:
+        super().__init__(cfg, layer_dims, seeds, tasks)
         gens = make_generators(self.seeds)
         try:
             self.featurizer = Featurizer(cfg.input_layer, self.layer_dims, self.hidden_layers, self.n_runs)
@@ -296,11 +315,11 @@ class VanillaHead(MultiTaskHead):
             raise HeadConfigError(str(err)) from None
         self.required_layers = list(self.featurizer.required_layers)
         self.order = self._order()
-        self.nets = TaskNetworks(self.n_runs, self.order, self.featurizer.dim, cfg.hidden, cfg.dropout, gens,
-                                 chained=cfg.arch == "chain")
+        self.nets = TaskNetworks(self.n_runs, [tasks[t] for t in self.order], self.featurizer.dim, cfg.hidden,
+                                 cfg.dropout, gens, chained=cfg.arch == "chain")
 
     def _order(self) -> tuple[str, ...]:
-        return TASK_NAMES
+        return self.tasks.names
 
     def _features(self, x: HeadInputs) -> Tensor:
         return self.featurizer([self._pooled(x, n) for n in self.required_layers])
@@ -310,11 +329,12 @@ class VanillaHead(MultiTaskHead):
 
 
 class ChainHead(VanillaHead):
-    """CHAIN: the task networks in sequence (default TYPE -> TWO -> HIGH -> CULTURE), each fed the features plus
-    the earlier tasks' values: ground truth while training (teacher forcing), its own predictions otherwise."""
+    """CHAIN: the task networks in sequence (default: the corpus's task order, for A-VB TYPE -> TWO -> HIGH ->
+    CULTURE), each fed the features plus the earlier tasks' values: ground truth while training (teacher
+    forcing), its own predictions otherwise."""
 
     def _order(self) -> tuple[str, ...]:
-        return tuple(self.cfg.chain_order)
+        return tuple(self.cfg.chain_order) or self.tasks.names
 
     def _forward(self, x: HeadInputs, targets: dict[str, Tensor] | None) -> dict[str, Tensor]:
         nets = self.nets
@@ -327,7 +347,7 @@ class ChainHead(VanillaHead):
             raw = nets.task_output(i, h1[:, i], fed, None if keep is None else keep[:, i])
             out[task] = raw
             if i + 1 < len(self.order):
-                value = task_values(task, raw)
+                value = task_values(self.tasks[task], raw)
                 if teacher and task in targets:
                     value = self._teacher_value(task, targets[task], value)
                 fed.append(value)
@@ -336,7 +356,7 @@ class ChainHead(VanillaHead):
     def _teacher_value(self, task: str, target: Tensor, predicted: Tensor) -> Tensor:
         """Ground truth in the shape the chain feeds; rows (or cells) with an unknown (NaN) label keep the
         prediction, so a partly labelled batch never injects NaN into later tasks."""
-        spec = TASKS[task]
+        spec = self.tasks[task]
         target = self._runs(target.to(predicted.device), f"targets[{task!r}]").expand(predicted.shape[0],
                                                                                         *target.shape[1:])
         if target.dim() == 2:
@@ -348,7 +368,7 @@ class ChainHead(VanillaHead):
             known = ~torch.isnan(idx)
             onehot = F.one_hot(torch.where(known, idx, 0).long(), spec.out_dim).to(predicted.dtype)
             return torch.where(known.unsqueeze(-1), onehot, predicted)
-        target = target.to(predicted.dtype)
+        target = to_unit_range(spec, target.to(predicted.dtype))
         return torch.where(torch.isnan(target), predicted, target)
 
 
@@ -372,9 +392,9 @@ class BranchHead(MultiTaskHead):
 
     eval_row_cost = 4   # every task attends over all layer tokens: [R, tasks, B, tokens, H] per block
 
-    def __init__(self, cfg: HeadConfig, layer_dims: dict[str, int], seeds: Sequence[int]) -> None:
-        super().__init__(cfg, layer_dims, seeds)
-        gens, r, n_tasks = make_generators(self.seeds), self.n_runs, len(TASK_NAMES)
+    def __init__(self, cfg: HeadConfig, layer_dims: dict[str, int], seeds: Sequence[int], tasks: TaskSet) -> None:
+        super().__init__(cfg, layer_dims, seeds, tasks)
+        gens, r, n_tasks = make_generators(self.seeds), self.n_runs, len(tasks)
         if "cnn" not in self.layer_dims:
             raise HeadConfigError(f"BRANCH needs the 'cnn' layer (has: {', '.join(self.layer_dims)})")
         self.groups = branch_groups(len(self.hidden_layers) - 1, cfg.branch_blocks,
@@ -397,12 +417,12 @@ class BranchHead(MultiTaskHead):
                 len(self.required_layers), cfg.hidden, generator=g) * 0.02))
         self.blocks = nn.ModuleList(AttentionBlock(r, n_tasks, cfg.hidden, cfg.n_heads, cfg.dropout, gens)
                                     for _ in self.groups)
-        self.outs = nn.ModuleDict({task.upper(): StackedLinear(r, cfg.hidden, TASKS[task].out_dim, gens)
-                                   for task in TASK_NAMES})
+        self.outs = nn.ModuleDict({task.name.upper(): StackedLinear(r, cfg.hidden, task.out_dim, gens)
+                                   for task in tasks})
 
     def _heads_out(self, summary: Tensor) -> dict[str, Tensor]:
         """summary [R, T, B, H] -> task -> raw output [R, B, out]."""
-        return {task: self.outs[task.upper()](summary[:, i]) for i, task in enumerate(TASK_NAMES)}
+        return {task: self.outs[task.upper()](summary[:, i]) for i, task in enumerate(self.tasks.names)}
 
     def _forward(self, x: HeadInputs, targets: dict[str, Tensor] | None) -> dict[str, Tensor]:
         return self._forward_frames(x) if self.cfg.branch_use_frames else self._forward_tokens(x)
@@ -443,17 +463,17 @@ class BranchHead(MultiTaskHead):
 ARCHITECTURES: dict[str, type[MultiTaskHead]] = {"vanilla": VanillaHead, "chain": ChainHead, "branch": BranchHead}
 
 
-def build_head(cfg: HeadConfig, layer_dims: dict[str, int], seeds: Sequence[int], *,
+def build_head(cfg: HeadConfig, layer_dims: dict[str, int], seeds: Sequence[int], tasks: TaskSet, *,
                device: torch.device | str = "cpu", dropout_generators: Sequence[torch.Generator] | None = None,
                draw_ahead: bool = False) -> MultiTaskHead:
-    """The head of architecture `cfg.arch` for `len(seeds)` stacked runs, on `device`.
+    """The head of architecture `cfg.arch` for `len(seeds)` stacked runs predicting `tasks`, on `device`.
 
     Initial values are drawn on the CPU from each run's seed (the same head on every device); run r's dropout
     masks come from `dropout_generators[r]`, by default one generator per run seeded from its seed and made
     once, on `device` (a GPU's stream differs from the CPU's). `draw_ahead`: see StackedDropout.
     """
-    cfg.validate()
-    head = ARCHITECTURES[cfg.arch](cfg, layer_dims, seeds).to(device)
+    cfg.validate(tasks)
+    head = ARCHITECTURES[cfg.arch](cfg, layer_dims, seeds, tasks).to(device)
     if dropout_generators is None:
         dropout_generators = make_generators(head.seeds, DROPOUT_SEED_OFFSET, device)
     head.set_run_generators(dropout_generators, draw_ahead)

@@ -1,7 +1,7 @@
-"""Training losses of the four tasks, vectorised over R stacked runs.
+"""Training losses of a corpus's tasks, vectorised over R stacked runs.
 
 Regression tasks use 1 - CCC (the challenge metric) per column with POPULATION moments over the batch, averaged
-over the task's columns; TYPE uses cross-entropy on raw logits. The authors' code mixed unbiased variance with
+over the task's columns; classification tasks use cross-entropy on raw logits. The authors' code mixed unbiased variance with
 biased covariance (a perfect prediction on a batch of 8 scored 7/8) and had no epsilon (a constant batch gave
 NaN); this version is exact and finite everywhere.
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from heads.tasks import TASK_NAMES, TASKS
+from heads.tasks import TaskSet
 
 IGNORE_INDEX = -100  # TYPE target value that marks an unknown class (torch's cross_entropy default)
 
@@ -88,9 +88,9 @@ def type_loss(logits: Tensor, target: Tensor) -> Tensor:
     return (ce * known).sum(-1) / known.sum(-1).clamp_min(1.0)
 
 
-def _aligned_target(name: str, out: Tensor, target: Tensor) -> Tensor:
+def _aligned_target(tasks: TaskSet, name: str, out: Tensor, target: Tensor) -> Tensor:
     """Bring a target to [R, B, label_dim]; a target without the run dim ([B, label_dim]) is shared by all runs."""
-    task = TASKS[name]
+    task = tasks[name]
     if out.dim() != 3:
         raise LossInputError(f"output of task {name!r} must be [R, B, {task.out_dim}], got {tuple(out.shape)}")
     r, b = out.shape[:2]
@@ -105,38 +105,41 @@ def _aligned_target(name: str, out: Tensor, target: Tensor) -> Tensor:
     return target
 
 
-def task_losses(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Tensor:
-    """The four raw task losses of each run, stacked in TASK_NAMES order (type, two, high, culture): [R, 4].
+def task_losses(tasks: TaskSet, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Tensor:
+    """The raw task losses of each run, stacked in `tasks` order (A-VB: type, two, high, culture): [R, K].
 
-    outputs: task -> [R, B, out_dim] (TYPE logits, regression values). targets: task -> [R, B, label_dim]
-    (or [B, label_dim], shared by the runs), TYPE holding the class index as a float (NaN = unknown) or long.
-    The regression tasks' columns are scored in one pass (one CCC over their 52 columns, then a mean per task).
+    outputs: task -> [R, B, out_dim] (logits, regression values). targets: task -> [R, B, label_dim] (or
+    [B, label_dim], shared by the runs), a classification task holding the class index as a float (NaN =
+    unknown) or long. The regression tasks' columns are scored in one pass (one CCC over all their columns,
+    then a mean per task).
     """
+    names = tasks.names
     aligned = {}
-    for name in TASK_NAMES:
+    for name in names:
         if name not in outputs:
             raise LossInputError(f"outputs lack task {name!r}; got {', '.join(outputs) or 'none'}")
         if name not in targets:
             raise LossInputError(f"targets lack task {name!r}; got {', '.join(targets) or 'none'}")
         out = outputs[name]
-        if out.dim() == 3 and out.shape[-1] != TASKS[name].out_dim:
+        if out.dim() == 3 and out.shape[-1] != tasks[name].out_dim:
             raise LossInputError(
-                f"output of task {name!r} has width {out.shape[-1]}, expected {TASKS[name].out_dim}")
-        aligned[name] = _aligned_target(name, out, targets[name]).to(out.device)
-    classification = [n for n in TASK_NAMES if TASKS[n].is_classification]
-    regression = [n for n in TASK_NAMES if not TASKS[n].is_classification]
+                f"output of task {name!r} has width {out.shape[-1]}, expected {tasks[name].out_dim}")
+        aligned[name] = _aligned_target(tasks, name, out, targets[name]).to(out.device)
+    classification = [n for n in names if tasks[n].is_classification]
+    regression = [n for n in names if not tasks[n].is_classification]
     losses = {}
     for name in classification:
         index = aligned[name].squeeze(-1)
         if index.is_floating_point():
             index = torch.where(torch.isfinite(index), index, torch.full_like(index, IGNORE_INDEX))
         losses[name] = type_loss(outputs[name], index.long())
-    per_col, col_known = ccc_loss_columns(torch.cat([outputs[n] for n in regression], -1),
-                                          torch.cat([aligned[n] for n in regression], -1))
-    start = 0
-    for name in regression:
-        width = TASKS[name].out_dim
-        part, part_known = per_col[..., start:start + width], col_known[..., start:start + width]
-        losses[name] = (part * part_known).sum(-1) / part_known.sum(-1).clamp_min(1.0)
-        start += width
-    return torch.stack([losses[n] for n in TASK_NAMES], dim=-1)
+    if regression:
+        per_col, col_known = ccc_loss_columns(torch.cat([outputs[n] for n in regression], -1),
+                                              torch.cat([aligned[n] for n in regression], -1))
+        start = 0
+        for name in regression:
+            width = tasks[name].out_dim
+            part, part_known = per_col[..., start:start + width], col_known[..., start:start + width]
+            losses[name] = (part * part_known).sum(-1) / part_known.sum(-1).clamp_min(1.0)
+            start += width
+    return torch.stack([losses[n] for n in names], dim=-1)

@@ -42,7 +42,7 @@ class Weighting(nn.Module):
 
     name: ClassVar[str]
 
-    def __init__(self, n_runs: int, n_tasks: int = 4) -> None:
+    def __init__(self, n_runs: int, n_tasks: int) -> None:
         super().__init__()
         if int(n_runs) < 1 or int(n_tasks) < 1:
             raise WeightingError(f"a weighting needs n_runs >= 1 and n_tasks >= 1, got {n_runs} and {n_tasks}")
@@ -97,7 +97,7 @@ class DWAWeighting(Weighting):
     name = "dwa"
     _FLOOR = 1e-12
 
-    def __init__(self, n_runs: int, n_tasks: int = 4, temperature: float = 2.0) -> None:
+    def __init__(self, n_runs: int, n_tasks: int, temperature: float = 2.0) -> None:
         super().__init__(n_runs, n_tasks)
         self.temperature = _positive("temperature", temperature)
         self.register_buffer("lambdas", torch.ones(self.n_runs, self.n_tasks))
@@ -154,7 +154,7 @@ class RRUWWeighting(Weighting):
     def __init__(
         self,
         n_runs: int,
-        n_tasks: int = 4,
+        n_tasks: int,
         phi: float = 1.0,
         alpha_init: float = 1.0,
         alpha_min: float = 1e-3,
@@ -216,7 +216,7 @@ class DRUWWeighting(RRUWWeighting):
 
     name = "druw"
 
-    def __init__(self, n_runs: int, n_tasks: int = 4, temperature: float = 2.0, **rruw_options: float) -> None:
+    def __init__(self, n_runs: int, n_tasks: int, temperature: float = 2.0, **rruw_options: float) -> None:
         super().__init__(n_runs, n_tasks, **rruw_options)
         self.dwa = DWAWeighting(n_runs, n_tasks, temperature=temperature)
 
@@ -258,7 +258,7 @@ def _lookup(name: str) -> type[Weighting]:
         raise WeightingError(f"unknown loss weighting {name!r}; expected one of {', '.join(WEIGHTINGS)}") from None
 
 
-def build_weighting(name: str, n_runs: int, n_tasks: int = 4, **options: Any) -> Weighting:
+def build_weighting(name: str, n_runs: int, n_tasks: int, **options: Any) -> Weighting:
     """Build the weighting called `name` for `n_runs` stacked runs, checking its options by name."""
     cls = _lookup(name)
     valid = weighting_options(name)

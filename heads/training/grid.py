@@ -30,14 +30,14 @@ from cache.command_kit.jsonable import jsonable
 from cache.command_kit.lock import hold_output
 from heads.analysis.bootstrap import BootstrapConfig
 from heads.analysis.tables import write_tables
-from heads.model.architectures import HeadConfig, build_head
+from heads.model.architectures import HeadConfig, build_head, with_chain_order
 from heads.names import (
     ARCHS,
     DEFAULT_MAX_GROUP_BYTES,
     WEIGHTINGS,
 )
 from heads.runs import CONFIG_FILE, RunDirError, is_complete, read_run
-from heads.tasks import METRIC_KEYS
+from heads.tasks import TaskSet, tasks_of
 from heads.training.device import resolve_device
 from heads.training.distributed import assign_groups, grid_processes
 from heads.training.joint import (
@@ -141,13 +141,13 @@ def _is_finished(run_dir: Path, record: dict[str, Any]) -> bool:
     return stored == jsonable(record)
 
 
-def run_state_bytes(head: HeadConfig, layer_dims: dict[str, int]) -> int:
+def run_state_bytes(head: HeadConfig, layer_dims: dict[str, int], tasks: TaskSet) -> int:
     """Bytes one run adds to a joint call: its parameter count x STATE_ARRAYS float32 arrays.
 
     Counted on a one-run head (built, so the count is exactly what `train_runs` will stack); activations and
     the loss weightings' few parameters are left out: the stacked state dominates at the paper's sizes.
     """
-    model = build_head(head, dict(layer_dims), [0])
+    model = build_head(head, dict(layer_dims), [0], tasks)
     return STATE_ARRAYS * 4 * sum(p.numel() for p in model.parameters())
 
 
@@ -199,9 +199,9 @@ def _interrupted_groups(out: Path, arch: str, finished: set[str]) -> list[list[s
     return groups
 
 
-def _row(cfg: TrainConfig, metrics: dict[str, Any]) -> dict[str, Any]:
+def _row(tasks: TaskSet, cfg: TrainConfig, metrics: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"arch": cfg.arch, "weighting": cfg.weighting, "seed": cfg.seed}
-    for key in (*METRIC_KEYS, SELECTION_KEY):
+    for key in (*tasks.metric_keys, SELECTION_KEY):
         row[key] = float(metrics[key])
     row["best_epoch"] = int(metrics["best_epoch"])
     return row
@@ -236,6 +236,8 @@ def run_grid(grid: GridConfig, out_dir: str | Path, *, device: torch.device | No
     # launch share the lock of rank 0, which leaves last (it writes the tables after every rank has finished).
     with hold_output(out, ranks=procs):
         cache = load_cache(grid.cache)
+        grid = replace(grid, run=replace(grid.run, head=with_chain_order(grid.run.head, tasks_of(cache.attrs,
+                                                                                              grid.cache))))
         rows = _run_locked(grid, cache, out, procs, train_device, progress, tracker)
         if procs.is_main:
             run_dirs = [out / run_name(r["arch"], r["weighting"], r["seed"]) for r in rows]
@@ -264,7 +266,8 @@ def _run_locked(grid: GridConfig, cache: Any, out: Path, procs: Any, device: tor
             frames.close()
     if not procs.is_main:
         return []
-    return [_row(cfg, read_run(out / cfg.name).metrics)
+    tasks = tasks_of(cache.attrs, str(cache.path))
+    return [_row(tasks, cfg, read_run(out / cfg.name).metrics)
             for arch in grid.archs for cfg in grid.run_configs(arch)]
 
 
@@ -295,7 +298,7 @@ def _plan_groups(grid: GridConfig, cache: Any, out: Path) -> list[JointGroup]:
         finished = {cfg.name for i, cfg in enumerate(configs) if i not in todo}
         for names in _interrupted_groups(out, arch, finished):
             todo |= {index[n] for n in names if n in index}
-        per_run = run_state_bytes(configs[0].head, dict(cache.layer_dims))
+        per_run = run_state_bytes(configs[0].head, dict(cache.layer_dims), tasks_of(cache.attrs, str(cache.path)))
         for group in joint_groups(len(configs), per_run, grid.max_group_bytes):
             members = [i for i in group if i in todo]
             if members:

@@ -15,7 +15,7 @@ import torch
 
 from cache.command_kit.errors import AvbError, where
 from heads.model.architectures import HeadInputs
-from heads.tasks import TASK_NAMES
+from heads.tasks import TaskSet
 
 if TYPE_CHECKING:
     from cache.reader import CacheData
@@ -139,18 +139,19 @@ def pad_frames(frames: dict[str, Sequence[Any]], layers: Sequence[str] | None = 
 
 
 class Labels:
-    """All four tasks' labels in one float32 tensor on the device, so a batch's targets are one gather."""
+    """Every task's labels in one float32 tensor on the device, so a batch's targets are one gather."""
 
-    def __init__(self, cache: CacheData, device: torch.device) -> None:
-        parts = [np.asarray(cache.labels[name], dtype=np.float32).reshape(len(cache.ids), -1) for name in TASK_NAMES]
+    def __init__(self, cache: CacheData, tasks: TaskSet, device: torch.device) -> None:
+        self.names = tasks.names
+        parts = [np.asarray(cache.labels[name], dtype=np.float32).reshape(len(cache.ids), -1) for name in self.names]
         self.widths = [p.shape[1] for p in parts]
         self.table = torch.from_numpy(np.concatenate(parts, axis=1)).to(device)
 
     def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Targets for run-specific rows [R, B] -> task -> [R, B, label_dim] (TYPE: class index as float)."""
+        """Targets for run-specific rows [R, B] -> task -> [R, B, label_dim] (classification: class index as float)."""
         r, b = rows.shape
         values = self.table.index_select(0, rows.reshape(-1)).view(r, b, -1)
-        return dict(zip(TASK_NAMES, values.split(self.widths, dim=-1)))
+        return dict(zip(self.names, values.split(self.widths, dim=-1)))
 
 
 def epoch_batches(seeds: Sequence[int], epoch: int, train_rows: np.ndarray, batch_size: int) -> list[np.ndarray]:

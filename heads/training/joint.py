@@ -54,8 +54,8 @@ from heads.runs import (
     history_entry,
     predictions_dir,
 )
-from heads.submission import PROBS_FILE, write_submissions, write_type_probs
-from heads.tasks import METRIC_KEYS, SELECTION_KEY, TASK_NAMES, TASKS
+from heads.submission import write_predictions
+from heads.tasks import SELECTION_KEY, TaskSet, tasks_of
 from heads.training.device import (
     DeviceError,
     autocast,
@@ -167,19 +167,20 @@ def _check_configs(configs: Sequence[TrainConfig], out_dirs: Sequence[Path]) -> 
 @torch.inference_mode()
 def _predict(model: MultiTaskHead, feats: Features, rows: np.ndarray, n_runs: int,
              precision: str = "fp32") -> dict[str, np.ndarray]:
-    """Eval-mode predictions of every run on `rows`: task -> [R, N, k] float32 (TYPE: class probabilities)."""
+    """Eval-mode predictions of every run on `rows`: task -> [R, N, k] float32 (classification: probabilities)."""
     was_training = model.training
     model.eval()
-    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in TASK_NAMES}
+    names = model.tasks.names
+    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     chunk = max(8, feats.eval_batch // model.eval_row_cost)
     for start in range(0, len(rows), chunk):
         with autocast(feats.device, precision):
             out = model.predict(feats.shared(rows[start:start + chunk]))
-        for name in TASK_NAMES:
+        for name in names:
             chunks[name].append(out[name])
     model.train(was_training)
     if len(rows) == 0:
-        return {name: np.zeros((n_runs, 0, TASKS[name].out_dim), np.float32) for name in TASK_NAMES}
+        return {task.name: np.zeros((n_runs, 0, task.out_dim), np.float32) for task in model.tasks}
     return {name: torch.cat(parts, 1).cpu().numpy() for name, parts in chunks.items()}
 
 
@@ -187,7 +188,7 @@ def _run_preds(preds: dict[str, np.ndarray], r: int) -> dict[str, np.ndarray]:
     return {name: value[r] for name, value in preds.items()}
 
 
-def _score_runs(labels: dict[str, np.ndarray], preds: dict[str, np.ndarray], n_runs: int,
+def _score_runs(tasks: TaskSet, labels: dict[str, np.ndarray], preds: dict[str, np.ndarray], n_runs: int,
                 names: Sequence[str], when: str) -> list[dict[str, float]]:
     scores = []
     for r in range(n_runs):
@@ -195,7 +196,7 @@ def _score_runs(labels: dict[str, np.ndarray], preds: dict[str, np.ndarray], n_r
         for task, value in run_preds.items():
             if not np.isfinite(value).all():
                 raise TrainingError(f"run {names[r]}, {when}: non-finite {task} predictions on Val")
-        scores.append(score_all(labels, run_preds))
+        scores.append(score_all(tasks, labels, run_preds))
     return scores
 
 
@@ -219,14 +220,13 @@ def _save_head(path: Path, state: dict[str, torch.Tensor], cfg: TrainConfig) -> 
         save_file(tensors, str(tmp), metadata={"train_config": json.dumps(cfg.to_dict())})
 
 
-def _write_predictions(folder: Path, ids: Sequence[str], preds: dict[str, np.ndarray]) -> None:
-    write_submissions(folder, ids, preds, team="avb", number=1)
-    write_type_probs(folder / PROBS_FILE, ids, preds["type"])
+def _write_predictions(folder: Path, tasks: TaskSet, ids: Sequence[str], preds: dict[str, np.ndarray]) -> None:
+    write_predictions(folder, tasks, ids, preds)
 
 
 # --------------------------------------------------------------------------------------------- training
 
-def _build_weightings(configs: Sequence[TrainConfig]) -> list[tuple[list[int], Any]]:
+def _build_weightings(configs: Sequence[TrainConfig], n_tasks: int) -> list[tuple[list[int], Any]]:
     """One weighting module per (kind, options): [(run indices, module)]."""
     groups: dict[str, list[int]] = {}
     for r, cfg in enumerate(configs):
@@ -236,20 +236,21 @@ def _build_weightings(configs: Sequence[TrainConfig]) -> list[tuple[list[int], A
     for key, runs in groups.items():
         kind, options = json.loads(key)
         try:
-            module = build_weighting(kind, len(runs), len(TASK_NAMES), **options)
+            module = build_weighting(kind, len(runs), n_tasks, **options)
         except WeightingError as err:
             raise TrainingError(f"run {configs[runs[0]].name}: {err}") from None
         out.append((runs, module))
     return out
 
 
-def _check_loss(losses: torch.Tensor, totals: torch.Tensor, configs: Sequence[TrainConfig], epoch: int) -> None:
+def _check_loss(losses: torch.Tensor, totals: torch.Tensor, configs: Sequence[TrainConfig], epoch: int,
+                names: Sequence[str]) -> None:
     """Stop on the first non-finite task loss or weighted total (per run, [R, K] and [R]), naming run and task."""
     bad = ~torch.isfinite(losses)
     if bad.any():
         r, k = (int(i) for i in torch.nonzero(bad)[0])
         raise TrainingError(
-            f"run {configs[r].name}, epoch {epoch}: {TASK_NAMES[k]} loss is {float(losses[r, k])}; training stopped "
+            f"run {configs[r].name}, epoch {epoch}: {names[k]} loss is {float(losses[r, k])}; training stopped "
             "(check the features and labels, or lower the learning rate)")
     bad_total = ~torch.isfinite(totals)
     if bad_total.any():
@@ -277,17 +278,19 @@ class JointTraining:
         if len(self.val_rows) == 0:
             raise TrainingError("cache has no Val clips; model selection needs the Val split")
 
-        self.model = build_head(self.first.head, dict(cache.layer_dims), self.seeds, device=device, draw_ahead=True)
+        self.tasks = tasks_of(cache.attrs, str(cache.path))
+        self.model = build_head(self.first.head, dict(cache.layer_dims), self.seeds, self.tasks, device=device,
+                                draw_ahead=True)
         check_features(cache, self.model.required_layers,
                        np.concatenate([self.train_rows, self.val_rows, self.test_rows]))
         self.model.use_grad_buffers()
         self.feats = Features(cache, self.model.required_layers, frames, self.model.required_frame_layers, self.n_runs,
                                device)
-        self.labels = Labels(cache, device)
+        self.labels = Labels(cache, self.tasks, device)
         self.val_labels = {name: np.asarray(cache.labels[name], dtype=np.float64)[self.val_rows]
-                           for name in TASK_NAMES}
+                           for name in self.tasks.names}
 
-        self.weightings = [(runs, module.to(device)) for runs, module in _build_weightings(configs)]
+        self.weightings = [(runs, module.to(device)) for runs, module in _build_weightings(configs, len(self.tasks))]
         self.weighting_index = [torch.as_tensor(runs, dtype=torch.long, device=device) for runs, _ in self.weightings]
         groups: list[dict] = [{"params": list(self.model.parameters()), "weight_decay": self.first.weight_decay}]
         for runs, module in self.weightings:
@@ -316,12 +319,12 @@ class JointTraining:
         targets = self.labels.batch(rows)
         with autocast(self.device, self.first.precision):
             outputs = self.model(self.feats.batch(rows), targets)
-            losses = task_losses(outputs, targets)                                   # [R, K]
+            losses = task_losses(self.tasks, outputs, targets)                                   # [R, K]
         totals = torch.zeros(self.n_runs, dtype=losses.dtype, device=self.device)
         for index, (_, module) in zip(self.weighting_index, self.weightings):
             totals = totals.index_put((index,), module(losses[index]))
         if self.check_each_step:
-            _check_loss(losses.detach(), totals.detach(), self.configs, epoch)
+            _check_loss(losses.detach(), totals.detach(), self.configs, epoch, self.tasks.names)
         totals.sum().backward()  # runs share no parameter, so each gets exactly its own gradient
         self.optimizer.step()
         self.optimizer.zero_grad()
@@ -333,7 +336,7 @@ class JointTraining:
         for _, module in self.weightings:
             module.train()
         lr_used = self.optimizer.lr.clone()
-        sum_losses = torch.zeros(self.n_runs, len(TASK_NAMES), dtype=torch.float64, device=self.device)
+        sum_losses = torch.zeros(self.n_runs, len(self.tasks), dtype=torch.float64, device=self.device)
         sum_totals = torch.zeros(self.n_runs, dtype=torch.float64, device=self.device)
         batches = device_batches(epoch_batches(self.seeds, epoch, self.train_rows, self.first.batch_size),
                                   self.device)
@@ -343,9 +346,9 @@ class JointTraining:
             sum_losses += losses.double()
             sum_totals += totals.double()
         if not self.check_each_step:   # a non-finite step poisons the epoch's sums
-            _check_loss(sum_losses, sum_totals, self.configs, epoch)
+            _check_loss(sum_losses, sum_totals, self.configs, epoch, self.tasks.names)
         epoch_losses = (sum_losses / len(batches)).float()
-        weights = torch.zeros(self.n_runs, len(TASK_NAMES))
+        weights = torch.zeros(self.n_runs, len(self.tasks))
         for runs, module in self.weightings:
             weights[runs] = module.weights().detach().float().cpu()  # the weights in force during this epoch
             module.end_epoch(epoch_losses[runs])
@@ -355,15 +358,15 @@ class JointTraining:
     def validate(self, epoch: int, stats: dict[str, torch.Tensor]) -> None:
         """Score every run on Val, record the epoch, keep a copy of each run's best epoch, step the schedule."""
         val_preds = _predict(self.model, self.feats, self.val_rows, self.n_runs, self.first.precision)
-        scores = _score_runs(self.val_labels, val_preds, self.n_runs, self.names, f"epoch {epoch}")
+        scores = _score_runs(self.tasks, self.val_labels, val_preds, self.n_runs, self.names, f"epoch {epoch}")
         means = np.array([s[SELECTION_KEY] for s in scores])
         for r in range(self.n_runs):
             self.history[r].append(history_entry(
                 epoch=epoch, step=self.steps, loss=float(stats["totals"][r]),
-                task_losses={t: float(stats["losses"][r, k]) for k, t in enumerate(TASK_NAMES)},
-                weights={t: float(stats["weights"][r, k]) for k, t in enumerate(TASK_NAMES)},
+                task_losses={t: float(stats["losses"][r, k]) for k, t in enumerate(self.tasks.names)},
+                weights={t: float(stats["weights"][r, k]) for k, t in enumerate(self.tasks.names)},
                 lr={"head": float(stats["lr"][r])},
-                val={k: float(scores[r][k]) for k in (*METRIC_KEYS, SELECTION_KEY)},
+                val={k: float(scores[r][k]) for k in (*self.tasks.metric_keys, SELECTION_KEY)},
             ))
             if means[r] > self.best_mean[r]:  # ties keep the earlier epoch
                 self.best_mean[r], self.best_epoch[r] = means[r], epoch
@@ -376,20 +379,20 @@ class JointTraining:
             self.model.load_run_state_dict(r, self.best_state[r])
         final_val = _predict(self.model, self.feats, self.val_rows, self.n_runs, self.first.precision)
         final_test = _predict(self.model, self.feats, self.test_rows, self.n_runs, self.first.precision)
-        final_scores = _score_runs(self.val_labels, final_val, self.n_runs, self.names, "best epoch")
+        final_scores = _score_runs(self.tasks, self.val_labels, final_val, self.n_runs, self.names, "best epoch")
         val_ids = [str(i) for i in self.cache.ids[self.val_rows]]
         test_ids = [str(i) for i in self.cache.ids[self.test_rows]]
         results = []
         for r, (cfg, out) in enumerate(zip(self.configs, self.out_dirs)):
             _save_head(out / HEAD_FILE, self.best_state[r], cfg)
-            _write_predictions(predictions_dir(out, "Val"), val_ids, _run_preds(final_val, r))
+            _write_predictions(predictions_dir(out, "Val"), self.tasks, val_ids, _run_preds(final_val, r))
             if len(test_ids):
                 test_preds = _run_preds(final_test, r)
                 for task, value in test_preds.items():
                     if not np.isfinite(value).all():
                         raise TrainingError(f"run {cfg.name}: non-finite {task} predictions on Test")
-                _write_predictions(predictions_dir(out, "Test"), test_ids, test_preds)
-            metrics: dict[str, Any] = {k: float(final_scores[r][k]) for k in METRIC_KEYS}
+                _write_predictions(predictions_dir(out, "Test"), self.tasks, test_ids, test_preds)
+            metrics: dict[str, Any] = {k: float(final_scores[r][k]) for k in self.tasks.metric_keys}
             metrics[SELECTION_KEY] = float(final_scores[r][SELECTION_KEY])
             metrics["best_epoch"] = int(self.best_epoch[r])
             metrics["run"] = cfg.name

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from cache.command_kit.errors import AvbError
-from heads.tasks import TASK_NAMES
 
 TRACKERS: tuple[str, ...] = ("tensorboard", "wandb", "mlflow")
 REPORT_TO_CHOICES: tuple[str, ...] = ("none", *TRACKERS, "all")
@@ -144,8 +143,8 @@ def epoch_values(entry: Mapping[str, Any]) -> dict[str, float]:
     """A history entry (`heads.runs.history_entry`) -> tracker metrics: `lr/<group>` for each learning rate."""
     values = {"train/loss": float(entry["loss"])}
     values.update({f"lr/{group}": float(lr) for group, lr in entry["lr"].items()})
-    for task in TASK_NAMES:
-        values[f"train/loss_{task}"] = float(entry["task_losses"][task])
+    for task, loss in entry["task_losses"].items():
+        values[f"train/loss_{task}"] = float(loss)
         values[f"loss_weight/{task}"] = float(entry["weights"][task])
     values.update({f"val/{key}": float(v) for key, v in entry["val"].items()})
     return values

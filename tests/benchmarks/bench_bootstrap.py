@@ -28,7 +28,7 @@ from tests.benchmarks.bench_common import (
 def write_labels_only_corpus(root: Path, n_val: int, seed: int = 0) -> list[str]:
     """labels/*.csv for a Val split of n_val clips (and 8 Train clips); returns the Val ids."""
     from extract.synth import Clip, label_tables
-    from heads.tasks import COUNTRIES, CULTURE, TYPE_CLASSES
+    from heads.tasks import AVB, COUNTRIES, TYPE_CLASSES
 
     rng = np.random.default_rng(seed)
     clips = []
@@ -36,7 +36,7 @@ def write_labels_only_corpus(root: Path, n_val: int, seed: int = 0) -> list[str]
         high = rng.random(10)
         clips.append(Clip(clip_id=f"{i:05d}", split="Val" if i < n_val else "Train",
                           voc_type=TYPE_CLASSES[i % 8], country=COUNTRIES[i % 4], seconds=1.0, latent=np.zeros(4),
-                          high=high / high.max(), two=rng.random(2), culture=rng.random(len(CULTURE.columns))))
+                          high=high / high.max(), two=rng.random(2), culture=rng.random(len(AVB["culture"].columns))))
     (root / "labels").mkdir(parents=True)
     for name, text in label_tables(clips).items():
         (root / "labels" / name).write_text(text, encoding="utf-8")
@@ -44,12 +44,13 @@ def write_labels_only_corpus(root: Path, n_val: int, seed: int = 0) -> list[str]
 
 
 def write_predictions(folder: Path, ids: list[str], seed: int = 1) -> list[Path]:
-    from heads.submission import write_submissions
-    from heads.tasks import TASKS
+    from heads.submission import PROBS_FILE
+    from heads.submission import write_predictions as write_files
+    from heads.tasks import AVB
 
     rng = np.random.default_rng(seed)
-    preds = {name: rng.random((len(ids), 8 if t.is_classification else len(t.columns))) for name, t in TASKS.items()}
-    return write_submissions(folder, ids, preds, team="bench", number=1)
+    preds = {t.name: rng.random((len(ids), 8 if t.is_classification else len(t.columns))) for t in AVB}
+    return [p for p in write_files(folder, AVB, ids, preds, team="bench", number=1) if p.name != PROBS_FILE]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -81,12 +82,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         from extract.app.score import read_split_predictions
         from extract.corpus import read_corpus
         from heads.analysis.bootstrap import BootstrapConfig, score_intervals
+        from heads.tasks import AVB
 
         labels, preds = read_split_predictions(read_corpus(tmp / "corpus"), "Val", [Path(f) for f in files])
         best = float("inf")
         for _ in range(args.repeat):
             start = time.perf_counter()
-            score_intervals(labels, preds, BootstrapConfig(level=0.95, n_boot=1000))
+            score_intervals(AVB, labels, preds, BootstrapConfig(level=0.95, n_boot=1000))
             best = min(best, time.perf_counter() - start)
         figs.add("s", "bootstrap intervals alone (1000 resamples, 4 tasks)", best, "s", f"best of {args.repeat}")
     print(machine_line(1), flush=True)

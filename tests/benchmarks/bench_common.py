@@ -141,9 +141,9 @@ def workdir(keep: bool = False, prefix: str = "avb-bench-") -> Iterator[Path]:
 # ------------------------------------------------------------------------------------------- caches
 
 def _label_columns() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    from heads.tasks import TASKS, TYPE_CLASSES
+    from heads.tasks import AVB, TYPE_CLASSES
 
-    return {k: list(t.columns) for k, t in TASKS.items()}, {"type": list(TYPE_CLASSES)}
+    return {k: list(t.columns) for k, t in zip(AVB.names, AVB)}, {"type": list(TYPE_CLASSES)}
 
 
 def make_cache(
@@ -166,14 +166,14 @@ def make_cache(
     around the pooled value and average to it.
     """
     from cache.writer import CacheWriter
-    from heads.tasks import TASKS
+    from heads.tasks import AVB
 
     dims = dict(BASE_DIMS if dims is None else dims)
     columns, classes = _label_columns()
     rng = np.random.default_rng(seed)
     proj = {layer: rng.normal(size=(N_LATENT, d)).astype(np.float32) / math.sqrt(N_LATENT) for layer, d in dims.items()}
-    label_proj = {name: rng.normal(size=(N_LATENT, 8 if name == "type" else len(TASKS[name].columns)))
-                  for name in TASKS}
+    label_proj = {name: rng.normal(size=(N_LATENT, 8 if name == "type" else len(AVB[name].columns)))
+                  for name in AVB.names}
     splits = np.array(["Train"] * sizes[0] + ["Val"] * sizes[1] + ["Test"] * sizes[2])
     n = len(splits)
     kept = -(-n_frames // frame_stride)

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> Figures:
     from extract.corpus import read_corpus
     from extract.dump import DumpConfig, _writer_args, dump_shard, expected_attrs
     from extract.synth import synthesize_corpus
-    from heads.tasks import TASKS
+    from heads.tasks import AVB
 
     hf_logging.disable_progress_bar()   # the save/load bars of the generated model would bury the figures
     fig, threads = begin("dump", args.threads)
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> Figures:
         rows = list(range(len(corpus)))
         cfg = DumpConfig(corpus=str(corpus_dir), model=str(tmp / "model"), out=str(tmp / "dump.h5"),
                          batch_size=batch)
-        attrs = expected_attrs(cfg, model)
+        attrs = expected_attrs(cfg, model, AVB)
 
         def loader() -> DataLoader:
             return DataLoader(ClipDataset(corpus, rows, clip_seconds=cfg.clip_seconds, train=False),
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> Figures:
                 for b, (pooled, n_frames, _) in zip(batches, outputs):
                     r = b["rows"].numpy()
                     writer.append(ids=[corpus.ids[i] for i in r], splits=[str(corpus.splits[i]) for i in r],
-                                  labels={name: corpus.labels[name][r] for name in TASKS},
+                                  labels={name: corpus.labels[name][r] for name in AVB.names},
                                   n_frames=n_frames.cpu().numpy().astype(np.int32),
                                   pooled={k: v.float().cpu().numpy() for k, v in pooled.items()})
             return time.perf_counter() - t

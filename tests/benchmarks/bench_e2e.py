@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> Figures:
     from extract.finetune import FinetuneModel
     from heads.model.architectures import HeadConfig, build_head
     from heads.model.weighting import build_weighting
-    from heads.tasks import TASKS
+    from heads.tasks import AVB
     from tests.benchmarks.bench_common import workdir
 
     hf_logging.disable_progress_bar()   # the save/load bars of the generated model would bury the figures
@@ -55,15 +55,15 @@ def run(args: argparse.Namespace) -> Figures:
     with workdir() as tmp:
         random_wav2vec2(tmp / "model", args.quick)
         backbone = load_backbone(tmp / "model")      # SpecAugment p = 0.05 on time and features, as stage 1
-    head = build_head(HeadConfig(arch="vanilla", hidden=32 if args.quick else 256), layer_dims(backbone), [0])
-    model = FinetuneModel(backbone, head, build_weighting("uniform", n_runs=1))
+    head = build_head(HeadConfig(arch="vanilla", hidden=32 if args.quick else 256), layer_dims(backbone), [0], AVB)
+    model = FinetuneModel(backbone, head, build_weighting("uniform", n_runs=1, n_tasks=4))
     optimizer = torch.optim.AdamW([{"params": list(backbone.parameters()), "lr": 1e-5},
                                    {"params": list(head.parameters()), "lr": 1e-3}], weight_decay=0.01)
     g = torch.Generator().manual_seed(0)
     samples = int(2.5 * 16000)
     waves = 0.1 * torch.randn(BATCH, samples, generator=g)
     mask = torch.ones(BATCH, samples, dtype=torch.long)
-    targets = {name: torch.rand(BATCH, t.label_dim, generator=g) for name, t in TASKS.items() if name != "type"}
+    targets = {name: torch.rand(BATCH, t.label_dim, generator=g) for name, t in zip(AVB.names, AVB) if name != "type"}
     targets["type"] = torch.randint(0, 8, (BATCH, 1), generator=g).float()
 
     def train_step() -> float:

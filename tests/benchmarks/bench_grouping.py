@@ -15,9 +15,10 @@ def step_ms(n_runs: int, steps: int) -> float:
     from heads.model.architectures import HeadConfig, HeadInputs, build_head
     from heads.model.losses import task_losses
     from heads.model.optim import StackedAdamW
+    from heads.tasks import AVB
 
     dims = {"cnn": 512, **{f"hidden_{i}": 768 for i in range(13)}}  # wav2vec2-base's layers
-    model = build_head(HeadConfig(arch="branch"), dims, list(range(n_runs)))
+    model = build_head(HeadConfig(arch="branch"), dims, list(range(n_runs)), AVB)
     opt = StackedAdamW(list(model.parameters()), n_runs)
     batch = 8
     x = HeadInputs(pooled={k: torch.randn(n_runs, batch, d) for k, d in dims.items()})
@@ -27,7 +28,7 @@ def step_ms(n_runs: int, steps: int) -> float:
     for i in range(steps + 3):  # 3 warm-up steps
         if i == 3:
             start = time.perf_counter()
-        loss = task_losses(model(x, targets), targets).sum()
+        loss = task_losses(AVB, model(x, targets), targets).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from heads.names import ARCHS, WEIGHTINGS
+from heads.tasks import AVB
 from tests.benchmarks.bench_common import (
     BASE_DIMS,
     HUME_SIZES,
@@ -94,9 +95,9 @@ def step_cost(cache: Any, head: Any, arch: str, frames: Any = None, group: int |
     all_seeds = [s for _ in WEIGHTINGS for s in SEEDS]
     seeds = all_seeds[:group] if group else all_seeds
     scale = len(all_seeds) / len(seeds)
-    model = build_head(dataclasses.replace(head, arch=arch), dict(cache.layer_dims), seeds).train()
+    model = build_head(dataclasses.replace(head, arch=arch), dict(cache.layer_dims), seeds, AVB).train()
     feats = inputs.Features(cache, model.required_layers, frames, model.required_frame_layers)
-    labels = inputs.Labels(cache, feats.device)
+    labels = inputs.Labels(cache, AVB, feats.device)
     batches = inputs.device_batches(
         inputs.epoch_batches(seeds, 1, np.asarray(cache.indices("Train")), BATCH)[:5], feats.device)
     t = time.perf_counter()
@@ -105,7 +106,7 @@ def step_cost(cache: Any, head: Any, arch: str, frames: Any = None, group: int |
     batch_s = (time.perf_counter() - t) / len(batches)
     targets = labels.batch(batches[0])
     with FlopCounterMode(display=False) as counter:
-        task_losses(model(feats.batch(batches[0]), targets), targets).sum().backward()
+        task_losses(AVB, model(feats.batch(batches[0]), targets), targets).sum().backward()
     return (float(counter.get_total_flops()) * scale, round(sum(p.numel() for p in model.parameters()) * scale),
             batch_s)
 
@@ -177,7 +178,7 @@ def measure_arch(cache: Any, cache_path: Path, out: Path, arch: str, head: Any, 
                for w in WEIGHTINGS for s in SEEDS]
     device = torch.device("cpu") if device is None else device
     budget = default_group_bytes(device) if max_group_bytes is None else max_group_bytes
-    per_run = run_state_bytes(configs[0].head, dict(cache.layer_dims))
+    per_run = run_state_bytes(configs[0].head, dict(cache.layer_dims), AVB)
     groups = joint_groups(len(configs), per_run, budget)
     real_batches, real_predict = train_mod.epoch_batches, train_mod._predict
     totals = {"setup_s": 0.0, "loop_s": 0.0, "eval_s": 0.0, "eval_only_s": 0.0, "final_s": 0.0}

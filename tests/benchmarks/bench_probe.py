@@ -39,7 +39,7 @@ def bench_probe(figs: Figures, cache: Path, threads: int) -> None:
     from cache.reader import load_cache
     from heads.analysis.probe import ProbeConfig, probe_layer, run_probe
     from heads.analysis.threads import limited_threads
-    from heads.tasks import TASK_NAMES
+    from heads.tasks import AVB
 
     result = run_probe(cache, ProbeConfig(threads=threads), progress=False)
     n_layers = len(result.layers)
@@ -49,13 +49,13 @@ def bench_probe(figs: Figures, cache: Path, threads: int) -> None:
     layer = result.layers[-1]
     data = load_cache(cache, layers=[layer], splits=["Train", "Val"])
     train, val = data.indices("Train"), data.indices("Val")
-    labels = {split: {t: np.asarray(data.labels[t][rows], np.float64) for t in TASK_NAMES}
+    labels = {split: {t: np.asarray(data.labels[t][rows], np.float64) for t in AVB.names}
               for split, rows in (("Train", train), ("Val", val))}
     x = data.pooled[layer]
     for name, tasks in (("ridge (two, high, culture)", ("two", "high", "culture")), ("logistic (type)", ("type",))):
         with limited_threads(threads):
             start = time.perf_counter()
-            probe_layer(x[train], labels["Train"], x[val], labels["Val"], ProbeConfig(tasks=tasks))
+            probe_layer(x[train], labels["Train"], x[val], labels["Val"], [AVB[t] for t in tasks])
             figs.add("p", f"one {layer} layer, {name}", time.perf_counter() - start, "s")
     for task, best in result.best().items():
         figs.note(f"best layer for {task}: {best['layer']} ({best['metric']} {best['val_score']:.4f})")

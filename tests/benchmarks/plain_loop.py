@@ -27,7 +27,7 @@ from cache.reader import load_cache  # noqa: E402
 from heads.metrics import score_all  # noqa: E402
 from heads.model.losses import task_losses  # noqa: E402
 from heads.model.weighting import build_weighting  # noqa: E402
-from heads.tasks import TASK_NAMES, TASKS  # noqa: E402
+from heads.tasks import AVB  # noqa: E402
 
 WEIGHTINGS = ("uniform", "dwa", "rruw", "druw")
 
@@ -46,7 +46,7 @@ class Vanilla(nn.Module):
     def __init__(self, dims: dict[str, int], layer: str, hidden: int, heads: int) -> None:
         super().__init__()
         self.layer = layer
-        self.nets = nn.ModuleDict({t.upper(): TaskNet(dims[layer], TASKS[t].out_dim, hidden) for t in TASK_NAMES})
+        self.nets = nn.ModuleDict({t.upper(): TaskNet(dims[layer], AVB[t].out_dim, hidden) for t in AVB.names})
 
     def forward(self, pooled: dict[str, torch.Tensor], targets: dict | None = None) -> dict[str, torch.Tensor]:
         return {t.lower(): net(pooled[self.layer]) for t, net in self.nets.items()}
@@ -56,17 +56,17 @@ class Chain(nn.Module):
     def __init__(self, dims: dict[str, int], layer: str, hidden: int, heads: int) -> None:
         super().__init__()
         self.layer, widths, extra = layer, {}, 0
-        for t in TASK_NAMES:
+        for t in AVB.names:
             widths[t] = extra
-            extra += TASKS[t].out_dim
+            extra += AVB[t].out_dim
         self.norm = nn.LayerNorm(dims[layer], elementwise_affine=False)
         self.nets = nn.ModuleDict({t.upper(): nn.Sequential(nn.Linear(dims[layer] + widths[t], hidden), nn.LayerNorm(hidden),
-                                                    nn.GELU(), nn.Dropout(0.3), nn.Linear(hidden, TASKS[t].out_dim))
-                                   for t in TASK_NAMES})
+                                                    nn.GELU(), nn.Dropout(0.3), nn.Linear(hidden, AVB[t].out_dim))
+                                   for t in AVB.names})
 
     def forward(self, pooled: dict[str, torch.Tensor], targets: dict | None = None) -> dict[str, torch.Tensor]:
         x, fed, out = self.norm(pooled[self.layer]), [], {}
-        for t in TASK_NAMES:
+        for t in AVB.names:
             raw = self.nets[t.upper()](torch.cat([x, *fed], -1))
             out[t] = raw
             if self.training and targets is not None:   # teacher forcing
@@ -98,13 +98,13 @@ class Branch(nn.Module):
         n = len(names) - 1
         self.groups = [list(g) for g in np.array_split(np.arange(1, n + 1), min(4, n // 2))]
         self.blocks = nn.ModuleDict({t.upper(): nn.ModuleList(Block(hidden, heads) for _ in self.groups)
-                                     for t in TASK_NAMES})
-        self.outs = nn.ModuleDict({t.upper(): nn.Linear(hidden, TASKS[t].out_dim) for t in TASK_NAMES})
+                                     for t in AVB.names})
+        self.outs = nn.ModuleDict({t.upper(): nn.Linear(hidden, AVB[t].out_dim) for t in AVB.names})
 
     def forward(self, pooled: dict[str, torch.Tensor], targets: dict | None = None) -> dict[str, torch.Tensor]:
         tokens = torch.stack([F.gelu(self.maps[n](pooled[n])) for n in self.layers], 1) + self.pos
         out = {}
-        for t in TASK_NAMES:
+        for t in AVB.names:
             kv = tokens[:, :2]
             for block, g in zip(self.blocks[t.upper()], self.groups):
                 kv = block(tokens[:, g[0] + 1:g[-1] + 2], kv)
@@ -116,20 +116,20 @@ ARCHS = {"vanilla": Vanilla, "chain": Chain, "branch": Branch}
 
 
 def heads_out(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {t: v if TASKS[t].is_classification else torch.sigmoid(v) for t, v in raw.items()}
+    return {t: v if AVB[t].is_classification else torch.sigmoid(v) for t, v in raw.items()}
 
 
 def train_one(args: argparse.Namespace, cache, pooled, labels, weighting: str, seed: int) -> dict[str, float]:
     torch.manual_seed(seed)
     layer = sorted((n for n in cache.layer_dims if n.startswith("hidden_")), key=lambda n: int(n.split("_")[1]))[-1]
     model = ARCHS[args.arch](dict(cache.layer_dims), layer, args.hidden, args.n_heads).to(args.device)
-    weights = build_weighting(weighting, n_runs=1).to(args.device)
+    weights = build_weighting(weighting, n_runs=1, n_tasks=4).to(args.device)
     opt = torch.optim.AdamW([{"params": model.parameters()},
                              {"params": list(weights.parameters()), "weight_decay": 0.0}], lr=1e-3,
                             weight_decay=0.01)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=5)
     train, val, test = (torch.as_tensor(cache.indices(s), device=args.device) for s in ("Train", "Val", "Test"))
-    val_labels = {t: np.asarray(cache.labels[t], np.float64)[cache.indices("Val")] for t in TASK_NAMES}
+    val_labels = {t: np.asarray(cache.labels[t], np.float64)[cache.indices("Val")] for t in AVB.names}
     gen = torch.Generator().manual_seed(seed)
     best, best_state = -np.inf, None
     for _ in range(args.epochs):
@@ -140,9 +140,9 @@ def train_one(args: argparse.Namespace, cache, pooled, labels, weighting: str, s
             rows = perm[i:i + args.batch_size]
             if len(rows) < 2:
                 continue
-            tg = {t: labels[t][rows] for t in TASK_NAMES}
+            tg = {t: labels[t][rows] for t in AVB.names}
             out = heads_out(model({n: v[rows] for n, v in pooled.items()}, tg))
-            losses = task_losses({t: v[None] for t, v in out.items()}, {t: v[None] for t, v in tg.items()})
+            losses = task_losses(AVB, {t: v[None] for t, v in out.items()}, {t: v[None] for t, v in tg.items()})
             loss = weights(losses).sum()
             opt.zero_grad()
             loss.backward()
@@ -151,7 +151,7 @@ def train_one(args: argparse.Namespace, cache, pooled, labels, weighting: str, s
             epoch_losses, steps = epoch_losses + losses.detach(), steps + 1
         weights.end_epoch(epoch_losses / steps)
         preds = predict(model, pooled, val)
-        score = score_all(val_labels, preds)["mean"]
+        score = score_all(AVB, val_labels, preds)["mean"]
         sched.step(score)
         if score > best:
             best, best_state = score, copy.deepcopy(model.state_dict())
@@ -165,7 +165,7 @@ def train_one(args: argparse.Namespace, cache, pooled, labels, weighting: str, s
 @torch.no_grad()
 def predict(model: nn.Module, pooled: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, np.ndarray]:
     model.eval()
-    parts = {t: [] for t in TASK_NAMES}
+    parts = {t: [] for t in AVB.names}
     for i in range(0, len(rows), 1024):
         out = heads_out(model({n: v[rows[i:i + 1024]] for n, v in pooled.items()}))
         for t, v in out.items():

@@ -76,7 +76,7 @@ def check_heads(ctx: dict[str, Any]) -> dict[str, Any]:
 
     from cache.reader import load_cache
     from heads.model.architectures import HeadConfig
-    from heads.tasks import METRIC_KEYS
+    from heads.tasks import AVB
     from heads.training.joint import TrainConfig, train_runs
 
     device, work = ctx["device"], ctx["work"]
@@ -94,7 +94,7 @@ def check_heads(ctx: dict[str, Any]) -> dict[str, Any]:
             metrics += train_runs(cache, configs, [work / f"heads-{name}" / c.name for c in configs], device=dev,
                                   progress=False)
         out[f"{name}_seconds"] = round(time.perf_counter() - start, 2)
-        scores[name] = [{k: m[k] for k in (*METRIC_KEYS, "mean")} for m in metrics]
+        scores[name] = [{k: m[k] for k in (*AVB.metric_keys, "mean")} for m in metrics]
     ok = True
     for name in ("fp32", "bf16"):
         worst = max(_max_diff(a, b) for a, b in zip(scores["cpu"], scores[name]))

@@ -1,0 +1,156 @@
+"""A corpus described by a corpus.yaml, end to end as a user types it, with no A-VB assumption left:
+synth (described) -> corpus check -> finetune -> dump -> ablate (every arch x weighting) -> probe -> ensemble ->
+predict -> score -> report.
+
+The generated corpus has a 7-class emotion, a 2-class intensity and a 2-column valence/arousal regression on a
+1..9 scale, speakers, and FLAC audio. The one-process commands run in-process through click's CliRunner.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from tiny_model import make_tiny_backbone
+
+from cache.reader import load_cache
+from extract.app.cli import main as avb
+from extract.description import open_corpus
+from heads.metrics import score_all
+from heads.names import ARCHS, WEIGHTINGS
+from heads.tasks import tasks_of
+
+pytestmark = pytest.mark.slow
+
+
+def avb_run(*args: object):
+    res = CliRunner().invoke(avb, [str(a) for a in args])
+    assert res.exit_code == 0, f"avb {' '.join(map(str, args[:6]))} ...\n{res.output[-3000:]}\n{res.exception!r}"
+    return res
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_described_corpus_end_to_end(tmp_path):
+    corpus_dir, ft, cache, grid = tmp_path / "corpus", tmp_path / "ft", tmp_path / "feats.h5", tmp_path / "grid"
+    avb_run("synth", "--out", corpus_dir, "--layout", "described", "--clips", "60", "--max-seconds", "2",
+            "--seed", "5", "--no-progress")
+    corpus = open_corpus(corpus_dir)
+    tasks = corpus.tasks
+    assert tasks.names == ("emotion", "intensity", "affect") and not tasks.is_avb
+    assert not list(corpus_dir.rglob("*.wav"))          # FLAC only: no WAV reader path is involved
+
+    check = avb_run("corpus", "check", "--corpus", corpus_dir)
+    assert "emotion" in check.output and "affect" in check.output
+
+    model = make_tiny_backbone(tmp_path / "pretrained")
+    avb_run("finetune", "--corpus", corpus_dir, "--model", model, "--out", ft, "--epochs", "1", "--batch-size", "4",
+            "--eval-batch-size", "8", "--lr-backbone", "1e-3", "--no-progress")
+    assert tasks_of(json.loads((ft / "config.json").read_text()), "ft") == tasks
+    avb_run("dump", "--corpus", corpus_dir, "--model", ft / "backbone", "--out", cache, "--batch-size", "8", "--no-progress")
+
+    # The cache records the description and holds the corpus's labels.
+    data = load_cache(cache)
+    assert tasks_of(data.attrs) == tasks
+    assert data.ids.tolist() == corpus.ids
+    for name in tasks.names:
+        np.testing.assert_array_equal(data.labels[name], corpus.labels[name])
+
+    avb_run("heads", "ablate", "--cache", cache, "--out", grid, "--epochs", "2", "--hidden", "16", "--n-heads", "2",
+            "--branch-blocks", "2", "--no-progress", "--n-boot", "50")
+    rows = read_csv(grid / "results.csv")
+    assert len(rows) == len(ARCHS) * len(WEIGHTINGS)
+    for key in ("emotion_uar", "emotion_accuracy", "emotion_f1", "intensity_uar", "affect_ccc", "affect_pearson",
+                "mean", "mean_ci_low"):
+        assert key in rows[0]
+    table = (grid / "results.md").read_text()
+    assert "emotion UAR" in table and "affect CCC" in table and "A-VB" not in table
+
+    # A run's prediction files: the id column, class names, probabilities, values on the labels' own scale.
+    run = next(p for p in sorted(grid.iterdir()) if (p / "metrics.json").is_file())
+    val = run / "predictions" / "val"
+    emotion = read_csv(val / "emotion.csv")
+    assert list(emotion[0]) == ["id", "emotion"]
+    assert {r["emotion"] for r in emotion} <= set(tasks["emotion"].classes)
+    probs = read_csv(val / "emotion_probs.csv")
+    assert list(probs[0]) == ["id"] + [f"p_{c}" for c in tasks["emotion"].classes]
+    np.testing.assert_allclose([sum(float(v) for k, v in r.items() if k != "id") for r in probs], 1.0, atol=1e-6)
+    affect = read_csv(val / "affect.csv")
+    values = np.array([[float(r["valence"]), float(r["arousal"])] for r in affect])
+    low, high = tasks["affect"].low, tasks["affect"].high
+    assert high > 1.5 and values.min() >= low and values.max() <= high    # not squeezed into [0, 1]
+
+    # avb score on those files gives the run's own metrics.json figures.
+    files = [val / f"{name}.csv" for name in tasks.names]
+    scored = json.loads(avb_run("score", "--corpus", corpus_dir, "--split", "Val", "--json", *files).output)
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in tasks.metric_keys:
+        assert scored[key] == pytest.approx(metrics[key], abs=1e-6)
+
+    avb_run("probe", "--cache", cache, "--out", tmp_path / "probe")
+    probe_rows = read_csv(tmp_path / "probe" / "probe.csv")
+    assert {r["task"] for r in probe_rows} == set(tasks.names)
+
+    ens = tmp_path / "ens"
+    avb_run("ensemble", grid, "--out", ens, "--n-boot", "50")
+    ens_metrics = json.loads((ens / "metrics.json").read_text())
+    rows_val = data.indices("Val")
+    assert set(ens_metrics) >= set(tasks.metric_keys)
+    assert (ens / "predictions" / "test" / "emotion.csv").is_file()
+    assert not list(ens.glob("A-VB-*.csv"))
+    # The ensemble's figures are those of its written Val files, rescored independently here.
+    preds = {}
+    order = np.argsort(data.ids[rows_val])
+    for task in tasks:
+        written = read_csv(ens / "predictions" / "val" / f"{task.name}.csv")
+        assert [r["id"] for r in written] == sorted(data.ids[rows_val].tolist())
+        if task.is_classification:
+            preds[task.name] = np.array([task.classes.index(r[task.columns[0]]) for r in written])
+        else:
+            preds[task.name] = np.array([[float(r[c]) for c in task.columns] for r in written])
+    labels = {name: data.labels[name][rows_val][order] for name in tasks.names}
+    rescored = score_all(tasks, labels, preds)
+    for key in tasks.metric_keys:
+        assert ens_metrics[key] == pytest.approx(rescored[key], abs=1e-6)
+
+    audio = [corpus.audio_path(i) for i in corpus.ids[:3]]
+    out_csv = tmp_path / "pred.csv"
+    avb_run("predict", *audio, "--model", ft / "backbone", "--heads", ens, "--out", out_csv, "--device", "cpu",
+            "--no-progress")
+    predicted = read_csv(out_csv)
+    assert list(predicted[0]) == (["path", "emotion"] + [f"p_{c}" for c in tasks["emotion"].classes]
+                                  + ["intensity"] + [f"p_{c}" for c in tasks["intensity"].classes]
+                                  + ["valence", "arousal"])
+    assert [Path(r["path"]) for r in predicted] == audio
+
+    avb_run("report", grid, ens, tmp_path / "probe", "--out", tmp_path / "report")
+    assert (tmp_path / "report" / "index.html").is_file()
+
+
+@pytest.mark.parametrize("task_list", ["emotion", "affect"])
+def test_one_task_and_regression_only_corpora_train_and_ensemble(tmp_path, task_list):
+    """K = 1 (a classification task alone, a regression task alone): dump, every architecture and weighting,
+    the ensemble, scores equal to the written predictions rescored."""
+    corpus_dir, cache, grid = tmp_path / "corpus", tmp_path / "feats.h5", tmp_path / "grid"
+    avb_run("synth", "--out", corpus_dir, "--layout", "described", "--clips", "40", "--max-seconds", "1.5",
+            "--seed", "2", "--tasks", task_list, "--audio-format", "wav", "--no-progress")
+    model = make_tiny_backbone(tmp_path / "pretrained")
+    avb_run("dump", "--corpus", corpus_dir, "--model", model, "--out", cache, "--batch-size", "8", "--no-progress")
+    tasks = tasks_of(load_cache(cache, layers=[]).attrs)
+    assert tasks.names == (task_list,)
+    avb_run("heads", "ablate", "--cache", cache, "--out", grid, "--epochs", "1", "--hidden", "16", "--n-heads", "2",
+            "--branch-blocks", "2", "--no-progress", "--n-boot", "20")
+    rows = read_csv(grid / "results.csv")
+    assert len(rows) == len(ARCHS) * len(WEIGHTINGS)
+    headline = tasks[task_list].headline_key
+    for row in rows:       # with one task, the selection score is that task's headline score
+        assert float(row["mean"]) == pytest.approx(float(row[headline]), abs=1e-12)
+    avb_run("ensemble", grid, "--out", tmp_path / "ens", "--strategy", "mean", "--top-k", "3", "--ci", "0")
+    metrics = json.loads((tmp_path / "ens" / "metrics.json").read_text())
+    assert metrics["mean"] == pytest.approx(metrics[headline], abs=1e-12)
