@@ -30,6 +30,11 @@ LABELS = "labels"
 POOLED = "pooled"
 FRAMES = "frames"
 FRAME_OFFSETS = "frame_offsets"
+# Optional per-clip facts beside the labels, in the group `clip_info`: name -> kind. "group" is the clip's
+# speaker (or other group; "" = none), so stage 2 can build speaker-independent folds from one dump;
+# "backbone_trained" is 1 for a clip the backbone was fine-tuned on, so stage 2 can refuse to evaluate there.
+CLIP_INFO = "clip_info"
+CLIP_INFO_KINDS: dict[str, str] = {"group": "text", "backbone_trained": "flag"}
 
 # Root attributes a reader needs; `code_version` is informative only and may be missing.
 REQUIRED_ATTRS: tuple[str, ...] = (

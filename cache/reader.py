@@ -20,6 +20,8 @@ import numpy as np
 
 from cache.command_kit.jsonable import jsonable
 from cache.format import (
+    CLIP_INFO,
+    CLIP_INFO_KINDS,
     COMPAT_ATTRS,
     DTYPES,
     FORMAT_NAME,
@@ -155,7 +157,7 @@ def _check_datasets(f: h5py.File, attrs: dict[str, Any], path: Path) -> None:
         return obj
 
     try:
-        for name in (IDS, SPLITS_DS, N_FRAMES):
+        for name in (IDS, SPLITS_DS, N_FRAMES, *(f"{CLIP_INFO}/{k}" for k in f.get(CLIP_INFO, {}))):
             ds = dataset(name)
             if ds.shape != (n,):
                 raise CacheError(f"{path} is corrupt: dataset '{name}' has shape {ds.shape} but n_clips is {n}")
@@ -216,6 +218,7 @@ class CacheData:
     frame_stride: int
     label_classes: dict[str, list[str]] = field(default_factory=dict)
     rows: np.ndarray | None = None           # file row of each loaded row (for FrameReader.get)
+    clip_info: dict[str, np.ndarray] = field(default_factory=dict)   # optional per-clip facts (CLIP_INFO_KINDS)
 
     def __post_init__(self) -> None:
         if self.rows is None:
@@ -288,6 +291,9 @@ def load_cache(
             frame_stride=int(attrs["frame_stride"]),
             label_classes=classes,
             rows=None if rows is None else rows.astype(np.int64),
+            clip_info={name: take(np.asarray(f[CLIP_INFO][name].asstr()[()], dtype=str))
+                       if CLIP_INFO_KINDS.get(name) == "text" else read(f[CLIP_INFO][name])
+                       for name in f.get(CLIP_INFO, {})},
         )
     return data
 

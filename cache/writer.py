@@ -25,6 +25,8 @@ from cache.command_kit.errors import where
 from cache.command_kit.interrupt import raise_pending
 from cache.command_kit.write_errors import WriteError, write_errno
 from cache.format import (
+    CLIP_INFO,
+    CLIP_INFO_KINDS,
     DTYPES,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -83,9 +85,15 @@ class CacheWriter:
         chunk_rows: int = 1024,
         compression: str | None = None,
         expected_clips: int | None = None,
+        clip_info: Sequence[str] = (),
     ) -> None:
-        """`expected_clips`: how many clips the file will hold, if known; only sizes the hint of a full disk."""
+        """`expected_clips`: how many clips the file will hold, if known; only sizes the hint of a full disk.
+        `clip_info`: which optional per-clip facts (`CLIP_INFO_KINDS`) every `append` gives."""
         self.path = Path(path)
+        self.clip_info = list(clip_info)
+        unknown = [name for name in self.clip_info if name not in CLIP_INFO_KINDS]
+        if unknown:
+            raise CacheError(f"unknown clip_info {unknown[0]!r}; expected some of {', '.join(CLIP_INFO_KINDS)}")
         self.expected_clips = expected_clips
         self.layer_dims = _check_layer_dims(layer_dims)
         self.label_columns = _check_label_columns(label_columns)
@@ -156,6 +164,7 @@ class CacheWriter:
         n_frames: np.ndarray | Sequence[int],
         pooled: Mapping[str, np.ndarray],
         frames: Mapping[str, Sequence[np.ndarray]] | None = None,
+        clip_info: Mapping[str, Sequence[Any]] | None = None,
     ) -> None:
         """Add a batch of B clips. Everything is validated before anything is buffered, so a bad batch
         raises CacheError and leaves the writer as it was."""
@@ -169,6 +178,7 @@ class CacheWriter:
         block[LABELS] = self._label_block(labels, at, b)
         block[POOLED] = self._pooled_block(pooled, at, b)
         block[FRAMES] = self._frame_block(frames, block[N_FRAMES], at)
+        block[CLIP_INFO] = self._clip_info_block(clip_info or {}, b)
         block["nbytes"] = sum(a.nbytes for a in block[POOLED].values()) + sum(
             a.nbytes for clips in block[FRAMES].values() for a in clips)
         self._seen.update(block[IDS])
@@ -351,6 +361,19 @@ class CacheWriter:
             block[layer] = cast
         return block
 
+    def _clip_info_block(self, clip_info: Mapping[str, Sequence[Any]], b: int) -> dict[str, np.ndarray]:
+        _check_keys("clip_info", clip_info, dict.fromkeys(self.clip_info))
+        block = {}
+        for name in self.clip_info:
+            values = list(clip_info[name])
+            if len(values) != b:
+                raise CacheError(f"append: clip_info['{name}'] has {len(values)} values for {b} ids")
+            if CLIP_INFO_KINDS[name] == "text":
+                block[name] = np.array([str(v) for v in values], dtype=object)
+            else:
+                block[name] = np.array([bool(v) for v in values], dtype=np.uint8)
+        return block
+
     def _create(self, final: bool) -> None:
         """Create the datasets on the first flush; if that flush is the last, chunks fit the whole file."""
         rows = chunk_rows_for(self._buffer_rows, self.chunk_rows) if final else self.chunk_rows
@@ -367,6 +390,11 @@ class CacheWriter:
             ds.attrs["columns"] = encode_attr("columns", list(columns))
             if name in self.label_classes:
                 ds.attrs["classes"] = encode_attr("classes", list(self.label_classes[name]))
+        if self.clip_info:
+            group = h5.create_group(CLIP_INFO)
+            for name in self.clip_info:
+                kind = text if CLIP_INFO_KINDS[name] == "text" else np.uint8
+                group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=kind, chunks=(rows,))
         group = h5.create_group(POOLED)
         for layer, dim in self.layer_dims.items():
             group.create_dataset(layer, shape=(0, dim), maxshape=(None, dim), dtype=self.dtype,
@@ -400,6 +428,9 @@ class CacheWriter:
         _write(h5[N_FRAMES], n0, np.concatenate([blk[N_FRAMES] for blk in blocks]), self.chunk_rows)
         for name in self.label_columns:
             _write(h5[LABELS][name], n0, np.concatenate([blk[LABELS][name] for blk in blocks]), self.chunk_rows)
+        for name in self.clip_info:
+            _write(h5[CLIP_INFO][name], n0, np.concatenate([blk[CLIP_INFO][name] for blk in blocks]),
+                   self.chunk_rows)
         for layer in self.layer_dims:
             _write(h5[POOLED][layer], n0, np.concatenate([blk[POOLED][layer] for blk in blocks]), self.chunk_rows)
         if self.frame_layers:
@@ -417,7 +448,7 @@ class CacheWriter:
         """Shrink the datasets from their chunk-rounded capacity to the rows actually written."""
         h5 = self._h5
         per_clip = [h5[IDS], h5[SPLITS_DS], h5[N_FRAMES]] + [h5[LABELS][n] for n in self.label_columns] \
-            + [h5[POOLED][layer] for layer in self.layer_dims]
+            + [h5[POOLED][layer] for layer in self.layer_dims] + [h5[CLIP_INFO][n] for n in self.clip_info]
         for ds in per_clip:
             ds.resize(self._n, axis=0)
         if self.frame_layers:
@@ -545,7 +576,7 @@ def merge_shards(
                              frame_layers=shards.frame_layers, frame_stride=int(ref["frame_stride"]),
                              dtype=ref["dtype"], label_classes=label_classes,
                              chunk_rows=chunk_rows_for(n_total, chunk_rows), compression=compression,
-                             expected_clips=n_total)
+                             expected_clips=n_total, clip_info=list(shards.clip_info))
         with writer:
             for b0 in range(0, n_total, block):
                 writer.append(ids=out_ids[b0:b0 + block],
@@ -629,6 +660,7 @@ class _Shards:
     n_frames: list[np.ndarray]
     labels: dict[str, list[np.ndarray]]
     offsets: list[np.ndarray]          # FRAME_OFFSETS of each shard (empty without frame layers)
+    clip_info: dict[str, list[np.ndarray]]
 
     @classmethod
     def read(cls, files: list[h5py.File], ref: Mapping[str, Any], label_columns: Mapping[str, Any]) -> "_Shards":
@@ -637,7 +669,8 @@ class _Shards:
                    dtype=np.dtype(ref["dtype"]), splits=[f[SPLITS_DS].asstr()[()] for f in files],
                    n_frames=[f[N_FRAMES][()] for f in files],
                    labels={name: [f[LABELS][name][()] for f in files] for name in label_columns},
-                   offsets=[f[FRAME_OFFSETS][()] for f in files] if frame_layers else [])
+                   offsets=[f[FRAME_OFFSETS][()] for f in files] if frame_layers else [],
+                   clip_info={name: [_clip_info(f, name) for f in files] for name in _agreed_clip_info(files)})
 
     def rows(self, shard: np.ndarray, row: np.ndarray) -> dict[str, Any]:
         """CacheWriter.append's arguments (but the ids) for the clips at (shard[k], row[k])."""
@@ -658,7 +691,22 @@ class _Shards:
                 "labels": {name: np.stack([values[s][r] for s, r in pairs]).reshape(n, -1)
                            for name, values in self.labels.items()},
                 "n_frames": np.array([self.n_frames[s][r] for s, r in pairs], dtype=np.int32),
-                "pooled": pooled, "frames": frames if self.frame_layers else None}
+                "pooled": pooled, "frames": frames if self.frame_layers else None,
+                "clip_info": {name: [values[s][r] for s, r in pairs] for name, values in self.clip_info.items()}}
+
+
+def _agreed_clip_info(files: list[h5py.File]) -> list[str]:
+    """The clip_info names of the shards, which must be the same in every one."""
+    names = [sorted(f[CLIP_INFO]) if CLIP_INFO in f else [] for f in files]
+    for f, other in zip(files[1:], names[1:]):
+        if other != names[0]:
+            raise CacheError(f"{f.filename} differs from {files[0].filename} in its clip_info: {other} vs {names[0]}")
+    return names[0]
+
+
+def _clip_info(f: h5py.File, name: str) -> np.ndarray:
+    ds = f[CLIP_INFO][name]
+    return ds.asstr()[()] if CLIP_INFO_KINDS.get(name) == "text" else ds[()]
 
 
 def _block_rows(shards: _Shards, n_total: int, chunk_rows: int) -> int:

@@ -40,6 +40,7 @@ from cache.writer import CacheWriter, merge_shards
 from extract.audio import SAMPLE_RATE
 from extract.run_config import PRECISIONS, ClipRunConfig
 from heads.names import CLIP_SECONDS
+from heads.runs import TRAINED_ON_FILE
 from heads.tasks import TaskSet
 
 SHARD_PATTERN = re.compile(r"\.shard-(\d+)-of-(\d+)$")
@@ -132,6 +133,24 @@ def cache_matches(path: Path, attrs: dict[str, Any], ids: Sequence[str]) -> bool
     return stored.tolist() == list(ids)
 
 
+def clip_info(corpus: Any, model_dir: str) -> dict[str, list[Any]]:
+    """The cache's optional per-clip facts (cache.format.CLIP_INFO_KINDS): each clip's group when the corpus
+    has a group column, and whether the backbone was fine-tuned on it when the backbone folder says what it
+    was trained on (an `avb finetune` export of this corpus)."""
+    info: dict[str, list[Any]] = {}
+    if corpus.groups:
+        info["group"] = list(corpus.groups)
+    record = Path(model_dir) / TRAINED_ON_FILE
+    if record.is_file():
+        try:
+            trained = json.loads(record.read_text(encoding="utf-8"))
+            seen = set(trained["ids"]) if trained.get("corpus") == corpus.name else set()
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise DumpError(f"{record}: not a training record (expected {{\"corpus\", \"ids\"}})") from None
+        info["backbone_trained"] = [clip in seen for clip in corpus.ids]
+    return info
+
+
 def _writer_args(attrs: dict[str, Any]) -> dict[str, Any]:
     derived = ("layers", "layer_dims", "dtype", "frame_layers", "frame_stride")
     columns, classes = TaskSet.from_json(attrs["tasks"]).label_meta()
@@ -173,7 +192,9 @@ def dump_shard(
         batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, collate_fn=collate_clips,
     )
     model.eval()
-    with CacheWriter(path, expected_clips=len(rows), **_writer_args(attrs)) as writer, torch.inference_mode():
+    info = clip_info(corpus, cfg.model)
+    with (CacheWriter(path, expected_clips=len(rows), clip_info=list(info), **_writer_args(attrs)) as writer,
+          torch.inference_mode()):
         for batch in tqdm(loader, desc=f"dump {path.name}", unit="batch", disable=not progress):
             waves, mask = batch["waves"].to(device), batch["mask"].to(device)
             with autocast() if autocast is not None else contextlib.nullcontext():
@@ -188,6 +209,7 @@ def dump_shard(
                 n_frames=n_frames.cpu().numpy().astype(np.int32),
                 pooled={layer: t.float().cpu().numpy() for layer, t in pooled.items()},
                 frames={layer: [t.cpu().numpy() for t in clips] for layer, clips in frames.items()} or None,
+                clip_info={name: [values[r] for r in batch_rows] for name, values in info.items()},
             )
     return path
 
@@ -301,14 +323,16 @@ def parse_layers(text: str) -> tuple[str, ...]:
 @click.option("--num-workers", default=DumpConfig.num_workers, show_default=True, type=int, help="DataLoader workers per process.")
 @click.option("--overwrite", is_flag=True, help="Recompute FILE.h5 and its shards even if they are complete.")
 @progress_option()
-def dump_command(corpus: Path | None, spec: Path | None, model: str, out: Path, frame_layers: str, frame_stride: int, batch_size: int,
+def dump_command(corpus: Path | None, spec: Path | None, model: str, out: Path, frame_layers: str, frame_stride: int,
+                 batch_size: int,
                  clip_seconds: float, dtype: str, mixed_precision: str, num_workers: int, overwrite: bool,
                  progress: bool) -> None:
     """Dump per-layer hidden states (masked mean, optional frames) of a backbone to an HDF5 cache.
 
     Run under `accelerate launch -m extract.dump ...` to shard the clips over processes/GPUs.
     """
-    cfg = DumpConfig(corpus=str(corpus or ""), spec=str(spec or ""), model=str(model), out=str(out), frame_layers=parse_layers(frame_layers),
+    cfg = DumpConfig(corpus=str(corpus or ""), spec=str(spec or ""), model=str(model), out=str(out),
+                     frame_layers=parse_layers(frame_layers),
                      frame_stride=frame_stride, batch_size=batch_size, clip_seconds=clip_seconds, dtype=dtype,
                      mixed_precision=mixed_precision, num_workers=num_workers, overwrite=overwrite)
     with command_errors():  # DumpError, CorpusError, CacheError, AudioError, write errors, SIGINT/SIGTERM

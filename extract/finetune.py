@@ -37,7 +37,7 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ from heads.runs import (
     FINETUNE_KIND,
     HEAD_FILE,
     METRICS_FILE,
+    TRAINED_ON_FILE,
     history_entry,
     read_history,
 )
@@ -105,6 +106,9 @@ class FinetuneConfig(ClipRunConfig):
     mixed_precision: str = "no"
     max_steps: int = 0                # optimizer steps; 0 = no limit
     seed: int = 0
+    folds: int = 0                    # > 0: fine-tune for one round of speaker-independent cross-validation
+    fold: int = 0                     #   (heads.training.folds): train on its train folds, select on its select
+    fold_seed: int = 0                #   fold; the eval fold stays unseen, as stage 2's --folds/--fold expect
     num_workers: int = 0
     keep_checkpoints: int = 2
     resume: bool = False
@@ -265,8 +269,11 @@ def state_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
-def save_best(unwrapped: FinetuneModel, out: Path, step: int | None = None) -> None:
-    """OUT/backbone (save_pretrained) and OUT/head.safetensors, each replaced atomically.
+def save_best(unwrapped: FinetuneModel, out: Path, step: int | None = None,
+              trained_on: dict[str, Any] | None = None) -> None:
+    """OUT/backbone (save_pretrained) and OUT/head.safetensors, each replaced atomically; `trained_on` (the
+    corpus and the ids the backbone was trained on) goes into the backbone folder, so that a dump from it can
+    mark those clips and stage 2 can refuse to evaluate on them.
 
     The head is written last and records the optimizer step it was exported at (`exported_step`), so a resumed
     run can tell whether the export of its newest checkpoint was interrupted.
@@ -280,6 +287,8 @@ def save_best(unwrapped: FinetuneModel, out: Path, step: int | None = None) -> N
         shutil.rmtree(tmp)
     with written_via(tmp, out / BACKBONE_DIR, state_bytes(unwrapped.backbone)):
         unwrapped.backbone.save_pretrained(tmp)
+        if trained_on is not None:
+            (tmp / TRAINED_ON_FILE).write_text(json.dumps(trained_on), encoding="utf-8")
         _replace_dir(tmp, out / BACKBONE_DIR)
     state = {k: v.detach().float().cpu().contiguous() for k, v in unwrapped.head.state_dict().items()}
     size = sum(t.numel() * t.element_size() for t in state.values())
@@ -409,6 +418,11 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any
         _check_resume_config(out / CONFIG_FILE, cfg)
 
     corpus = open_corpus(cfg.corpus or None, cfg.spec or None)
+    if cfg.folds:
+        from heads.training.folds import plan_folds, splits_for_fold
+
+        folds = plan_folds(corpus.groups, corpus.tasks, corpus.labels, cfg.folds, seed=cfg.fold_seed)
+        corpus = replace(corpus, splits=splits_for_fold(folds, cfg.fold, cfg.folds))
     train_rows, val_rows = _train_rows(corpus), corpus.indices("Val")
     if len(val_rows) == 0:
         raise FinetuneError(f"corpus {corpus.root} has no Val clips to select the best epoch on")
@@ -452,6 +466,7 @@ class Finetuning:
                  train_rows: np.ndarray, val_rows: np.ndarray, trackers: list[str], log_dir: Path, *,
                  progress: bool) -> None:
         self.cfg, self.accelerator, self.corpus = cfg, accelerator, corpus
+        self.trained_on = {"corpus": corpus.name, "ids": [corpus.ids[i] for i in train_rows]}
         self.trackers, self.log_dir = trackers, log_dir
         self.out = Path(cfg.out)
         self.ckpt_root = self.out / CHECKPOINTS_DIR
@@ -658,7 +673,8 @@ class Finetuning:
             self.unwrapped.weighting.end_epoch(torch.tensor([task_means], dtype=torch.float32))
             self.plateau.step(score if math.isfinite(score) else float("-inf"))
             state.epoch += 1
-            state.batches_in_epoch, state.loss_sum, state.task_loss_sum, state.n_batches = 0, 0.0, (0.0,) * len(self.corpus.tasks), 0
+            state.batches_in_epoch, state.loss_sum, state.n_batches = 0, 0.0, 0
+            state.task_loss_sum = (0.0,) * len(self.corpus.tasks)
         elif not self.accelerator.is_main_process:
             state.loss_sum, state.task_loss_sum, state.n_batches = 0.0, (0.0,) * len(self.corpus.tasks), 0
         if self.accelerator.is_main_process:
@@ -712,7 +728,7 @@ class Finetuning:
     def export_best(self) -> None:
         """OUT/backbone + OUT/head.safetensors of the current step (rank 0), after its checkpoint."""
         if self.accelerator.is_main_process:
-            save_best(self.unwrapped, self.out, step=self.state.step)
+            save_best(self.unwrapped, self.out, step=self.state.step, trained_on=self.trained_on)
         self.accelerator.wait_for_everyone()
 
     def write_metrics(self) -> dict[str, Any]:
@@ -756,6 +772,13 @@ class Finetuning:
               help="Stop (with a checkpoint) after this many optimizer steps; 0 = no limit.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint under OUT/checkpoints.")
 @click.option("--seed", default=FinetuneConfig.seed, show_default=True, type=int)
+@click.option("--folds", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Speaker-independent cross-validation with this many folds (0: the corpus's splits). With "
+                   "--fold k: train on the folds other than k and k+1, select the epoch on fold k+1; fold k stays "
+                   "unseen for `avb heads ablate --folds K --fold k` on this backbone's dump.")
+@click.option("--fold", default=0, show_default=True, type=click.IntRange(min=0), help="The round k (with --folds).")
+@click.option("--fold-seed", default=0, show_default=True, type=int,
+              help="Seed of the fold assignment; stage 2 must use the same.")
 @click.option("--num-workers", default=FinetuneConfig.num_workers, show_default=True, type=int, help="DataLoader workers per process.")
 @click.option("--report-to", default=FinetuneConfig.report_to, show_default=True, type=click.Choice(REPORT_TO_CHOICES),
               help="Experiment tracker(s) through accelerate: per step the train loss, per-task losses and loss "
@@ -764,23 +787,26 @@ class Finetuning:
 @click.option("--tracking-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the trackers write (default: OUT/tracking; TensorBoard: OUT/tracking/finetune).")
 @progress_option()
-def finetune_command(corpus: Path | None, spec: Path | None, model: str, out: Path, epochs: int, batch_size: int, eval_batch_size: int,
-                     lr_backbone: float, lr_head: float, clip_seconds: float, spec_time_p: float,
-                     spec_feature_p: float, arch: str, weighting: str, freeze_cnn: bool, grad_accum: int,
-                     grad_clip: float, mixed_precision: str, max_steps: int, resume: bool, seed: int,
-                     num_workers: int, report_to: str, tracking_dir: Path | None, progress: bool) -> None:
+def finetune_command(corpus: Path | None, spec: Path | None, model: str, out: Path, epochs: int, batch_size: int,
+                     eval_batch_size: int, lr_backbone: float, lr_head: float, clip_seconds: float,
+                     spec_time_p: float, spec_feature_p: float, arch: str, weighting: str, freeze_cnn: bool,
+                     grad_accum: int, grad_clip: float, mixed_precision: str, max_steps: int, resume: bool,
+                     seed: int, folds: int, fold: int, fold_seed: int, num_workers: int, report_to: str,
+                     tracking_dir: Path | None, progress: bool) -> None:
     """Fine-tune a wav2vec2 backbone and a multi-task head on the corpus's tasks (stage 1).
 
     Run under `accelerate launch -m extract.finetune ...` for several GPUs. Writes OUT/backbone (the best
     epoch, loadable with AutoModel.from_pretrained), OUT/head.safetensors, OUT/config.json, OUT/metrics.json
     and OUT/checkpoints/.
     """
-    cfg = FinetuneConfig(corpus=str(corpus or ""), spec=str(spec or ""), model=str(model), out=str(out), epochs=epochs, batch_size=batch_size,
+    cfg = FinetuneConfig(corpus=str(corpus or ""), spec=str(spec or ""), model=str(model), out=str(out),
+                         epochs=epochs, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, lr_backbone=lr_backbone, lr_head=lr_head,
                          clip_seconds=clip_seconds, spec_time_p=spec_time_p, spec_feature_p=spec_feature_p,
                          arch=arch.lower(), weighting=weighting.lower(), freeze_cnn=freeze_cnn, grad_accum=grad_accum,
                          grad_clip=grad_clip, mixed_precision=mixed_precision, max_steps=max_steps, resume=resume,
-                         seed=seed, num_workers=num_workers, report_to=report_to,
+                         seed=seed, folds=folds, fold=fold, fold_seed=fold_seed, num_workers=num_workers,
+                         report_to=report_to,
                          tracking_dir=str(tracking_dir) if tracking_dir else "")
     with command_errors():  # FinetuneError, CorpusError, BackboneLoadError, write errors, SIGINT/SIGTERM, ...
         metrics = run_finetune(cfg, progress=progress)

@@ -6,8 +6,8 @@ are the config dataclasses' (HeadConfig, TrainConfig, GridConfig), read when cli
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -72,6 +72,32 @@ def _tracking(report_to: str, tracking_dir: Path | None, out: Path, config_path)
             tracker.close()
 
 
+def _fold_options(func):
+    """Speaker-independent cross-validation (heads.training.crossval), shared by `train` and `ablate`."""
+    options = [
+        click.option("--folds", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="Speaker-independent cross-validation with K group-disjoint folds of the cache's clips "
+                          "(0: the cache's own splits): round k trains on the folds other than k and k+1, selects "
+                          "on fold k+1 and is scored on fold k. ablate: OUT/fold-k per round, OUT/crossval.md."),
+        click.option("--fold", default=None, type=click.IntRange(min=0),
+                     help="Only round k (with --folds; train: required), e.g. on the dump of "
+                          "`avb finetune --folds K --fold k`."),
+        click.option("--fold-seed", default=0, show_default=True, type=int,
+                     help="Seed of the fold assignment (the same as the fine-tuning's)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _check_fold_options(folds: int, fold: int | None, *, one_round: bool) -> None:
+    if fold is not None and not folds:
+        raise click.BadParameter("--fold needs --folds K", param_hint="--fold")
+    if one_round and folds and fold is None:
+        raise click.BadParameter("avb heads train runs one round: give --fold k (avb heads ablate --folds K runs "
+                                 "every round)", param_hint="--fold")
+
+
 def _head_options(func):
     """Options shared by `train` and `ablate` that shape the head (defaults = the paper's)."""
     options = [
@@ -134,19 +160,22 @@ def heads_group() -> None:
               help="Loss weighting across the tasks.")
 @click.option("--seed", type=int, default=ConfigDefault(TRAIN + "seed"), show_default=True,
               help="Seeds the head's initialisation, shuffling and dropout.")
+@_fold_options
 @_head_options
-def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: int, hidden: int, dropout: float,
+def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: int, folds: int, fold: int | None,
+                  fold_seed: int, hidden: int, dropout: float,
                   input_layer: str, chain_order: str, n_heads: int, branch_blocks: int, branch_frames: bool,
                   epochs: int, batch_size: int, lr: float, device: str, precision: str, progress: bool,
                   report_to: str, tracking_dir: Path | None) -> None:
     """Train one head run on the cache's Train split, select its best epoch on Val, predict Val and Test."""
+    _check_fold_options(folds, fold, one_round=True)
     head = _head_config(hidden, dropout, input_layer, chain_order, n_heads, branch_blocks, branch_frames)
     with (command_errors(), hold_output(out),   # the run folder is locked while it is written
           _tracking(report_to, tracking_dir, out, lambda run: out / CONFIG_FILE) as tracker):
         from cache.reader import FrameReader, load_cache  # noqa: PLC0415
-        from heads.training.device import resolve_device  # noqa: PLC0415
         from heads.model.architectures import with_chain_order  # noqa: PLC0415
         from heads.tasks import TaskError, tasks_of  # noqa: PLC0415
+        from heads.training.device import resolve_device  # noqa: PLC0415
         from heads.training.joint import TrainConfig, train_runs  # noqa: PLC0415
 
         train_device = resolve_device(device)   # the one resolution; a missing device fails before anything loads
@@ -154,6 +183,11 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
                           head=head, precision=precision)
         cache = load_cache(cache_path)
         tasks = tasks_of(cache.attrs, str(cache_path))
+        if folds:   # one round of cross-validation: the cache's splits as that round sees them
+            from heads.training.crossval import plan  # noqa: PLC0415
+            from heads.training.folds import round_view  # noqa: PLC0415
+
+            cache = round_view(cache, plan(cache, folds, fold, fold_seed)[0], fold, folds, fold_seed)
         if head.chain_order:   # a usage error, as before task descriptions: checkable once the cache's tasks are known
             try:
                 tasks.parse_order(head.chain_order)
@@ -189,15 +223,18 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
                    "comparison with the best configuration; 0: none.")
 @click.option("--n-boot", default=DEFAULT_N_BOOT, show_default=True, type=click.IntRange(min=1),
               help="Bootstrap resamples of the Val clips (with --ci).")
+@_fold_options
 @_head_options
 def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, seeds: str, max_group_mib: int,
-                   ci: float, n_boot: int, hidden: int, dropout: float, input_layer: str, chain_order: str,
+                   ci: float, n_boot: int, folds: int, fold: int | None, fold_seed: int, hidden: int, dropout: float,
+                   input_layer: str, chain_order: str,
                    n_heads: int, branch_blocks: int, branch_frames: bool, epochs: int, batch_size: int, lr: float,
                    device: str, precision: str, progress: bool, report_to: str, tracking_dir: Path | None) -> None:
     """Train every arch x weighting x seed (runs of one arch jointly), resumably; print a Table I-style summary.
 
     `accelerate launch --num_processes N -m heads.ablate` (same options) spreads the joint groups over N
     processes, each on its own GPU (or sharing the CPU cores); process 0 writes and prints the tables."""
+    _check_fold_options(folds, fold, one_round=False)
     arch_list, seed_list = _csv_list(archs, "architecture", ARCHS), _seed_list(seeds)
     weighting_list = _csv_list(weightings, "weighting", WEIGHTINGS)
     head = _head_config(hidden, dropout, input_layer, chain_order, n_heads, branch_blocks, branch_frames)
@@ -212,10 +249,20 @@ def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, see
         grid = GridConfig(
             cache=str(cache_path), archs=tuple(arch_list), weightings=tuple(weighting_list), seeds=tuple(seed_list),
             run=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, head=head, precision=precision),
-            max_group_bytes=None if max_group_mib is None else max_group_mib * 2**20)
+            max_group_bytes=None if max_group_mib is None else max_group_mib * 2**20,
+            folds=folds, fold=fold, fold_seed=fold_seed)
         rows = run_grid(grid, out, device=train_device, progress=progress, tracker=tracker,
                         bootstrap=BootstrapConfig(level=ci, n_boot=n_boot) if ci else None)
     if not rows:   # another process of a multi-process grid: process 0 prints the tables
+        return
+    if folds:
+        from heads.training.crossval import CROSSVAL_MD, fold_dir  # noqa: PLC0415
+
+        summary = out / CROSSVAL_MD
+        tables = summary if summary.is_file() else fold_dir(out, rows[-1]["fold"]) / RESULTS_MD
+        click.echo(tables.read_text(encoding="utf-8"), nl=False)
+        click.echo(f"wrote {len({r['fold'] for r in rows})} round(s) under {out}"
+                   + (f" and {summary}" if summary.is_file() else ""))
         return
     click.echo((out / RESULTS_MD).read_text(encoding="utf-8"), nl=False)
     click.echo(f"wrote {out / RESULTS_CSV}, {out / RESULTS_JSON} and {out / RESULTS_MD}")

@@ -55,6 +55,7 @@ PREDICTIONS_DIR = "predictions"
 FINETUNE_KIND = "finetune"   # config.json "kind" of a fine-tuning output
 FINETUNE_FORMAT = 1          # bump when the files of a fine-tuning output change meaning
 BACKBONE_DIR = "backbone"
+TRAINED_ON_FILE = "avb_trained_on.json"   # in a fine-tuned backbone folder: {"corpus", "ids"} it was trained on
 CHECKPOINTS_DIR = "checkpoints"   # a fine-tuning output's save_state checkpoints
 RESULTS_CSV, RESULTS_JSON, RESULTS_MD = "results.csv", "results.json", "results.md"   # an ablation grid's tables
 PROBE_CSV, PROBE_JSON, PROBE_MD = "probe.csv", "probe.json", "probe.md"               # a probe folder's files

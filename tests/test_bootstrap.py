@@ -58,6 +58,24 @@ def test_vectorised_bootstrap_equals_a_slow_loop_over_resamples(monkeypatch):
             list(np.quantile(slow[key], [0.05, 0.95])), abs=1e-10)
 
 
+def test_group_bootstrap_equals_a_slow_loop_that_draws_whole_speakers(monkeypatch):
+    """Resampling groups: resample b draws G group indices and takes every clip of each drawn group."""
+    labels, preds = random_task_data(90, seed=3)
+    codes = np.random.default_rng(0).integers(0, 12, 90)        # 12 speakers, unevenly sized, interleaved
+    monkeypatch.setattr(boot, "BLOCK_CELLS", 90 * 5)
+    config = BootstrapConfig(n_boot=40, seed=2)
+    fast = score_distributions(AVB, labels, [preds], config, groups=codes)[0]
+    slow: dict[str, list[float]] = {}
+    for b in range(40):
+        idx = np.concatenate([np.flatnonzero(codes == g) for g in resample_indices(12, b, seed=2)])
+        for key, value in score_all(AVB, {k: v[idx] for k, v in labels.items()},
+                                    {k: v[idx] for k, v in preds.items()}).items():
+            slow.setdefault(key, []).append(value)
+    assert sorted(fast) == sorted(slow)
+    for key, values in slow.items():
+        np.testing.assert_allclose(fast[key], values, rtol=0, atol=1e-10, err_msg=key)
+
+
 def test_resamples_are_fixed_by_seed_and_index_and_shared_by_all_tasks():
     a = resample_indices(50, 3, seed=2)
     assert np.array_equal(a, np.random.default_rng([2, 3]).integers(0, 50, 50))

@@ -611,3 +611,40 @@ def test_cli_info_errors_name_the_file(tmp_path):
     assert res.output.strip() == f"Error: {junk} is not an HDF5 file"
     res = CliRunner().invoke(main, ["cache", "info", str(tmp_path / "none.h5")])
     assert res.exit_code != 0 and res.output.strip() == f"Error: {tmp_path / 'none.h5'}: no such file"
+
+
+def _clip_info_cache(path, ids, info, names=("group", "backbone_trained")):
+    with CacheWriter(path, layer_dims={"cnn": 3}, label_columns={}, clip_info=list(names),
+                     attrs={"backbone": {"name_or_path": "x"}, "sample_rate": 16000, "clip_seconds": 1.0}) as w:
+        w.append(ids=ids, splits=["Train"] * len(ids), labels={}, n_frames=np.ones(len(ids), np.int32),
+                 pooled={"cnn": np.zeros((len(ids), 3), np.float32)}, clip_info=info)
+    return path
+
+
+def test_clip_info_is_stored_loaded_by_split_and_merged_in_order(tmp_path):
+    a = _clip_info_cache(tmp_path / "a.h5", ["3", "1"], {"group": ["s3", "s1"], "backbone_trained": [True, False]})
+    b = _clip_info_cache(tmp_path / "b.h5", ["2"], {"group": ["s2"], "backbone_trained": [False]})
+    merged = merge_shards([a, b], tmp_path / "m.h5")
+    data = load_cache(merged)
+    assert data.ids.tolist() == ["1", "2", "3"]
+    assert data.clip_info["group"].tolist() == ["s1", "s2", "s3"]
+    assert data.clip_info["backbone_trained"].tolist() == [0, 0, 1]
+    with h5py.File(merged) as f:
+        assert f["clip_info/group"].shape == (3,) and f["clip_info/backbone_trained"].dtype == np.uint8
+    assert load_cache(tmp_path / "b.h5").clip_info["group"].tolist() == ["s2"]
+    assert load_cache(tmp_path / "m.h5", splits=["Train"]).clip_info["group"].tolist() == ["s1", "s2", "s3"]
+
+
+def test_clip_info_refusals(tmp_path):
+    with pytest.raises(CacheError, match="unknown clip_info 'speaker'; expected some of group, backbone_trained"):
+        CacheWriter(tmp_path / "x.h5", layer_dims={"cnn": 3}, label_columns={}, clip_info=["speaker"],
+                    attrs={"backbone": {}, "sample_rate": 16000, "clip_seconds": 1.0})
+    with pytest.raises(CacheError, match=r"append: clip_info\['group'\] has 1 values for 2 ids"):
+        _clip_info_cache(tmp_path / "y.h5", ["1", "2"], {"group": ["s1"], "backbone_trained": [0, 0]})
+    with pytest.raises(CacheError, match="append: clip_info lacks 'backbone_trained'"):
+        _clip_info_cache(tmp_path / "z.h5", ["1"], {"group": ["s1"]})
+    a = _clip_info_cache(tmp_path / "a.h5", ["1"], {"group": ["s1"]}, names=("group",))
+    b = _clip_info_cache(tmp_path / "b.h5", ["2"], {}, names=())
+    with pytest.raises(CacheError, match="in its clip_info"):
+        merge_shards([a, b], tmp_path / "m.h5")
+    assert not (tmp_path / "m.h5").exists()

@@ -22,6 +22,7 @@ from extract.description import open_corpus
 from heads.metrics import score_all
 from heads.names import ARCHS, WEIGHTINGS
 from heads.tasks import tasks_of
+from heads.training.folds import cache_folds
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +54,8 @@ def test_described_corpus_end_to_end(tmp_path):
     avb_run("finetune", "--corpus", corpus_dir, "--model", model, "--out", ft, "--epochs", "1", "--batch-size", "4",
             "--eval-batch-size", "8", "--lr-backbone", "1e-3", "--no-progress")
     assert tasks_of(json.loads((ft / "config.json").read_text()), "ft") == tasks
-    avb_run("dump", "--corpus", corpus_dir, "--model", ft / "backbone", "--out", cache, "--batch-size", "8", "--no-progress")
+    avb_run("dump", "--corpus", corpus_dir, "--model", ft / "backbone", "--out", cache, "--batch-size", "8",
+            "--no-progress")
 
     # The cache records the description and holds the corpus's labels.
     data = load_cache(cache)
@@ -154,3 +156,127 @@ def test_one_task_and_regression_only_corpora_train_and_ensemble(tmp_path, task_
     avb_run("ensemble", grid, "--out", tmp_path / "ens", "--strategy", "mean", "--top-k", "3", "--ci", "0")
     metrics = json.loads((tmp_path / "ens" / "metrics.json").read_text())
     assert metrics["mean"] == pytest.approx(metrics[headline], abs=1e-12)
+
+
+def test_speaker_independent_folds_from_one_dump_and_the_leakage_guard(tmp_path):
+    """--folds 4 on a described corpus with 8 speakers: group-disjoint folds, round k trains without folds k and
+    k+1, selects on k+1, is scored on k (the tables' figures equal the written predictions rescored here); a
+    backbone fine-tuned for round 1 serves round 1 and is refused wherever it would be scored on its own
+    training clips."""
+    corpus_dir, cache, grid = tmp_path / "corpus", tmp_path / "feats.h5", tmp_path / "cv"
+    avb_run("synth", "--out", corpus_dir, "--layout", "described", "--clips", "64", "--max-seconds", "1.5",
+            "--seed", "4", "--speakers", "8", "--audio-format", "wav", "--no-progress")
+    model = make_tiny_backbone(tmp_path / "pretrained")
+    avb_run("dump", "--corpus", corpus_dir, "--model", model, "--out", cache, "--batch-size", "8", "--no-progress")
+    data = load_cache(cache)
+    tasks = tasks_of(data.attrs)
+    assert data.clip_info["group"].tolist() == open_corpus(corpus_dir).groups
+
+    avb_run("heads", "ablate", "--cache", cache, "--out", grid, "--folds", "4", "--archs", "vanilla,chain",
+            "--weightings", "uniform", "--epochs", "1", "--hidden", "16", "--no-progress", "--n-boot", "30")
+    assignment = read_csv(grid / "folds.csv")
+    assert [r["id"] for r in assignment] == data.ids.tolist()
+    fold_of = np.array([int(r["fold"]) for r in assignment])
+    groups = np.array([r["group"] for r in assignment])
+    assert sorted(set(fold_of)) == [-1, 0, 1, 2, 3]
+    unlabelled = np.all([np.isnan(data.labels[n]).all(axis=1) for n in tasks.names], axis=0)
+    np.testing.assert_array_equal(fold_of == -1, unlabelled)      # the unlabelled Test rows are in no fold
+    for g in set(groups):                      # no speaker in two folds
+        assert len(set(fold_of[groups == g])) == 1
+
+    rounds = read_csv(grid / "crossval.csv")
+    assert len(rounds) == 2 * 4
+    pooled_preds: dict[str, list] = {t: [] for t in tasks.names}
+    pooled_rows = []
+    for k in range(4):
+        run = grid / f"fold-{k}" / "vanilla-uniform-s0"
+        val_ids = [r["id"] for r in read_csv(run / "predictions" / "val" / "emotion.csv")]
+        test_ids = [r["id"] for r in read_csv(run / "predictions" / "test" / "emotion.csv")]
+        assert sorted(val_ids) == sorted(data.ids[fold_of == (k + 1) % 4].tolist())     # selected on fold k+1
+        assert sorted(test_ids) == sorted(data.ids[fold_of == k].tolist())              # scored on fold k
+        rows = np.flatnonzero(fold_of == k)
+        order = rows[np.argsort(data.ids[rows])]
+        preds = {}
+        for task in tasks:
+            written = read_csv(run / "predictions" / "test" / f"{task.name}.csv")
+            if task.is_classification:
+                preds[task.name] = np.array([task.classes.index(r[task.columns[0]]) for r in written])
+            else:
+                preds[task.name] = np.array([[float(r[c]) for c in task.columns] for r in written])
+            pooled_preds[task.name].append(preds[task.name])
+        pooled_rows.append(order)
+        scores = score_all(tasks, {n: data.labels[n][order] for n in tasks.names}, preds)
+        row = next(r for r in rounds if r["run"] == "vanilla-uniform-s0" and int(r["fold"]) == k)
+        for key in tasks.metric_keys:
+            assert float(row[key]) == pytest.approx(scores[key], abs=1e-9)
+    order = np.concatenate(pooled_rows)
+    pooled = score_all(tasks, {n: data.labels[n][order] for n in tasks.names},
+                       {n: np.concatenate(p) for n, p in pooled_preds.items()})
+    summary = json.loads((grid / "crossval.json").read_text())
+    entry = next(s for s in summary["summary"] if s["run"] == "vanilla-uniform-s0")
+    assert entry["pooled"]["mean"] == pytest.approx(pooled["mean"], abs=1e-9)
+    low, high = entry["pooled_ci"]["mean"]
+    assert low <= entry["pooled"]["mean"] <= high
+    assert "pooled" in (grid / "crossval.md").read_text()
+
+    # A round's runs ensemble as that round sees the cache: selected on fold k+1 (its Val), Test = fold k.
+    avb_run("ensemble", grid / "fold-2", "--out", tmp_path / "ens2", "--ci", "0")
+    ens_val = read_csv(tmp_path / "ens2" / "predictions" / "val" / "emotion.csv")
+    assert sorted(r["id"] for r in ens_val) == sorted(data.ids[fold_of == 3].tolist())
+    ens_test = read_csv(tmp_path / "ens2" / "predictions" / "test" / "emotion.csv")
+    assert sorted(r["id"] for r in ens_test) == sorted(data.ids[fold_of == 2].tolist())
+    mixed = CliRunner().invoke(avb, ["ensemble", str(grid / "fold-0" / "vanilla-uniform-s0"),
+                                     str(grid / "fold-1" / "vanilla-uniform-s0"), "--out", str(tmp_path / "mixed")])
+    assert mixed.exit_code == 1 and "different cross-validation rounds" in mixed.output
+
+    # Stage 1 for round 1: fine-tuned without folds 1 (evaluated) and 2 (selection); its dump marks the clips.
+    ft, cache1 = tmp_path / "ft1", tmp_path / "feats1.h5"
+    avb_run("finetune", "--corpus", corpus_dir, "--model", model, "--out", ft, "--epochs", "1", "--batch-size", "4",
+            "--eval-batch-size", "8", "--folds", "4", "--fold", "1", "--no-progress")
+    avb_run("dump", "--corpus", corpus_dir, "--model", ft / "backbone", "--out", cache1, "--batch-size", "8",
+            "--no-progress")
+    trained = load_cache(cache1, layers=[]).clip_info["backbone_trained"].astype(bool)
+    assert set(fold_of[trained]) <= {0, 3} and trained.any()
+    avb_run("heads", "ablate", "--cache", cache1, "--out", tmp_path / "cv1", "--folds", "4", "--fold", "1",
+            "--archs", "vanilla", "--weightings", "uniform", "--epochs", "1", "--hidden", "16", "--no-progress",
+            "--ci", "0")
+    assert (tmp_path / "cv1" / "fold-1" / "vanilla-uniform-s0" / "metrics.json").is_file()
+    for args in (["--folds", "4", "--fold", "0"], []):     # round 0 is scored on fold 0; the corpus's own splits
+        res = CliRunner().invoke(avb, ["heads", "ablate", "--cache", str(cache1), "--out", str(tmp_path / "bad"),
+                                       "--archs", "vanilla", "--weightings", "uniform", "--epochs", "1",
+                                       "--hidden", "16", "--no-progress", *args])
+        assert res.exit_code == 1, res.output
+        assert "the backbone was fine-tuned on it" in res.output and "would leak" in res.output
+        assert len(res.output.strip().splitlines()) == 1
+
+
+def test_fold_requests_the_groups_cannot_serve_are_one_line(tmp_path):
+    corpus_dir, cache = tmp_path / "corpus", tmp_path / "feats.h5"
+    avb_run("synth", "--out", corpus_dir, "--layout", "described", "--clips", "24", "--max-seconds", "1",
+            "--seed", "1", "--speakers", "4", "--audio-format", "wav", "--no-progress")
+    avb_run("dump", "--corpus", corpus_dir, "--model", make_tiny_backbone(tmp_path / "pretrained"), "--out", cache,
+            "--batch-size", "8", "--no-progress")
+    corpus = open_corpus(corpus_dir)
+    labelled = ~np.isnan(corpus.labels["emotion"][:, 0])
+    n_groups = len({g for g, known in zip(corpus.groups, labelled) if known})     # Test speakers are unlabelled
+    assert n_groups == 3
+    for args, message in ((["--folds", "4"], "--folds 4 asks for more folds than the 3 groups in column 'group'"),
+                          (["--folds", "2"], "K must be >= 3"),
+                          (["--folds", "3", "--fold", "3"], "fold 3 is not one of 0..2")):
+        res = CliRunner().invoke(avb, ["heads", "ablate", "--cache", str(cache), "--out", str(tmp_path / "cv"),
+                                       "--archs", "vanilla", "--weightings", "uniform", "--epochs", "1", *args])
+        assert res.exit_code == 1 and message in res.output and len(res.output.strip().splitlines()) == 1, res.output
+        assert not (tmp_path / "cv" / "fold-0").exists()
+    res = CliRunner().invoke(avb, ["heads", "ablate", "--cache", str(cache), "--out", str(tmp_path / "cv"),
+                                   "--fold", "1"])
+    assert res.exit_code == 2 and "--fold needs --folds K" in res.output
+    res = CliRunner().invoke(avb, ["heads", "train", "--cache", str(cache), "--out", str(tmp_path / "r"),
+                                   "--folds", "3"])
+    assert res.exit_code == 2 and "give --fold k" in res.output
+    avb_run("heads", "train", "--cache", cache, "--out", tmp_path / "r", "--folds", "3", "--fold", "2",
+            "--epochs", "1", "--hidden", "8", "--no-progress")
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["cv_round"] == {"folds": 3, "fold": 2, "seed": 0}
+    data = load_cache(cache, layers=[])
+    val_ids = sorted(r["id"] for r in read_csv(tmp_path / "r" / "predictions" / "val" / "emotion.csv"))
+    assert val_ids == sorted(data.ids[cache_folds(data, 3) == 0].tolist())   # select fold of round 2: 0

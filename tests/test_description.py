@@ -139,7 +139,8 @@ def test_path_column_and_label_files_joined_on_the_id(tmp_path):
     (tmp_path / "audio" / "a1").mkdir(parents=True)
     write_wav(tmp_path / "audio" / "a1" / "one.wav", np.zeros(160), 16000)
     write_wav(tmp_path / "audio" / "two.wav", np.zeros(160), 16000)
-    write_csv(tmp_path / "meta.csv", ["key", "file", "split"], [["k2", "two.wav", "Val"], ["k1", "a1/one.wav", "Train"]])
+    write_csv(tmp_path / "meta.csv", ["key", "file", "split"],
+              [["k2", "two.wav", "Val"], ["k1", "a1/one.wav", "Train"]])
     write_csv(tmp_path / "y.csv", ["mood", "key"], [["up", "k1"], ["down", "k2"]])
     spec = tmp_path / "described.yaml"
     spec.write_text("audio: audio\npath: file\nlabels: [meta.csv, y.csv]\nid: key\nsplit: split\n"

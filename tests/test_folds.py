@@ -134,8 +134,27 @@ def test_splits_for_fold_feed_the_train_val_test_code() -> None:
     # Over all rounds each clip is in Test exactly once.
     tests = np.sum([splits_for_fold(folds, f, 4) == "Test" for f in range(4)], axis=0)
     assert tests.tolist() == [1] * len(folds)
-    with pytest.raises(FoldError, match=r"^fold numbers must lie in 0\.\.2, got 0\.\.3$"):
+    with pytest.raises(FoldError, match=r"^fold numbers must lie in 0\.\.2 \(or -1: in no fold\), got 0\.\.3$"):
         splits_for_fold(folds, 0, 3)
+    # A clip in no fold (-1) gets no split: neither trained, selected nor scored on.
+    assert splits_for_fold(np.array([-1, 0, 1, 2]), 0, 3).tolist() == ["", "Test", "Val", "Train"]
+
+
+def test_plan_folds_leaves_unlabelled_clips_out_and_stratifies_by_the_first_classification_task() -> None:
+    from heads.tasks import Task, TaskSet
+    from heads.training.folds import plan_folds
+
+    tasks = TaskSet((Task("v", "regression", ("v",), low=0, high=1), Task("c", "classification", ("c",), ("a", "b"))))
+    n = 40
+    labels = {"v": np.linspace(0, 1, n)[:, None], "c": (np.arange(n) % 2).astype(float)[:, None]}
+    labels["v"][:4] = np.nan
+    labels["c"][:4] = np.nan                 # clips 0..3: no label at all
+    labels["c"][4] = np.nan                  # clip 4: a regression label only -> still in a fold
+    groups = [f"s{i // 4}" for i in range(n)]
+    folds = plan_folds(groups, tasks, labels, 3, seed=1)
+    assert folds[:4].tolist() == [-1] * 4 and (folds[4:] >= 0).all()
+    expected = assign_folds(groups[4:], 3, stratify=labels["c"][4:], seed=1)
+    np.testing.assert_array_equal(folds[4:], expected)
 
 
 def test_error_messages_are_one_line() -> None:

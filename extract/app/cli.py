@@ -12,14 +12,14 @@ import click
 
 # name -> ("module:attribute", one-line help shown by `avb --help` without importing the module)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("extract.synth:synth_command", "Write a generated corpus (A-VB layout, or described by a corpus.yaml)."),
+    "synth": ("extract.synth:synth_command", "Write a generated corpus (A-VB layout, or a corpus.yaml)."),
     "corpus": ("extract.app.corpus_cli:corpus_group", "Validate, describe and summarise a corpus."),
     "score": ("extract.app.score:score_command", "Score submission-format prediction CSVs against corpus labels."),
     "finetune": ("extract.finetune:finetune_command", "Fine-tune a wav2vec2 backbone on the corpus's tasks (stage 1)."),
     "dump": ("extract.dump:dump_command", "Dump per-layer hidden states of a backbone to an HDF5 cache."),
     "cache": ("cache.cli:cache_group", "Inspect HDF5 feature caches."),
     "heads": ("heads.cli:heads_group", "Train heads x loss weightings from a feature cache (stage 2)."),
-    "ensemble": ("heads.analysis.ensemble:ensemble_command", "Ensemble runs and write prediction (A-VB: submission) files."),
+    "ensemble": ("heads.analysis.ensemble:ensemble_command", "Ensemble runs; write predictions (A-VB: submissions)."),
     "predict": ("extract.app.predict:predict_command", "Predict a trained model's tasks for new audio files."),
     "report": ("heads.analysis.report:report_command", "Plot validation curves, loss weights, probes and results (HTML)."),
     "probe": ("heads.analysis.probe:probe_command", "Linear probes of every cached layer for every task."),

@@ -202,7 +202,7 @@ def load_run_head(run_dir: str | os.PathLike) -> LoadedRun:
     if not isinstance(attrs, dict) or not isinstance(attrs.get("layer_dims"), dict):
         raise PredictError(f"{run_dir / CONFIG_FILE}: no cache_attrs.layer_dims recorded, so the features this "
                            "run expects are unknown")
-    fields = {k: v for k, v in config.items() if k not in ("run_format", "cache", "cache_attrs")}
+    fields = {k: v for k, v in config.items() if k not in ("run_format", "cache", "cache_attrs", "cv_round")}
     try:
         train_cfg = TrainConfig.from_dict(fields)
         head = build_head(train_cfg.head, {k: int(v) for k, v in attrs["layer_dims"].items()}, [train_cfg.seed],

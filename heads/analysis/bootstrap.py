@@ -64,6 +64,18 @@ def resample_indices(n: int, b: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng([int(seed), int(b)]).integers(0, n, n)
 
 
+def resample_group_counts(codes: np.ndarray, start: int, stop: int, seed: int = 0) -> np.ndarray:
+    """The cluster bootstrap: resample b draws the G groups (codes 0..G-1, one per clip) with replacement,
+    `np.random.default_rng([seed, b]).integers(0, G, G)`, and a clip counts as often as its group was drawn:
+    float64 [stop - start, n]. Clips of one speaker are not independent; resampling them one by one would
+    give intervals that are too narrow."""
+    codes = np.asarray(codes, dtype=np.int64)
+    n_groups = int(codes.max()) + 1 if len(codes) else 0
+    drawn = np.stack([np.bincount(resample_indices(n_groups, b, seed), minlength=n_groups)
+                      for b in range(start, stop)])
+    return drawn[:, codes].astype(np.float64)
+
+
 def resample_counts(n: int, start: int, stop: int, seed: int = 0) -> np.ndarray:
     """How often each clip is drawn in resamples start..stop-1: float64 [stop - start, n]."""
     idx = np.stack([resample_indices(n, b, seed) for b in range(start, stop)])
@@ -127,15 +139,17 @@ class _TaskSums:
 
 def score_distributions(tasks: TaskSet, labels: Mapping[str, np.ndarray],
                         systems: Sequence[Mapping[str, np.ndarray]],
-                        config: BootstrapConfig = BootstrapConfig()) -> list[dict[str, np.ndarray]]:
-    """For each system, score key -> its [n_boot] resampled scores (see `_score_distributions`)."""
+                        config: BootstrapConfig = BootstrapConfig(),
+                        groups: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+    """For each system, score key -> its [n_boot] resampled scores (see `_score_distributions`); with
+    `groups` (an integer code per clip) whole groups are resampled (`resample_group_counts`)."""
     with limited_threads(config.threads, torch_threads=False):
-        return _score_distributions(tasks, labels, systems, config)
+        return _score_distributions(tasks, labels, systems, config, groups)
 
 
 def _score_distributions(tasks: TaskSet, labels: Mapping[str, np.ndarray],
                          systems: Sequence[Mapping[str, np.ndarray]],
-                         config: BootstrapConfig) -> list[dict[str, np.ndarray]]:
+                         config: BootstrapConfig, groups: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
     """For each system (predictions per task, rows = the same N clips as `labels`): score key -> [n_boot]
     array of that score on every resample. Every task and every system sees the same resamples; `mean` (of
     the headline scores) is included when a system predicts every task.
@@ -160,10 +174,14 @@ def _score_distributions(tasks: TaskSet, labels: Mapping[str, np.ndarray],
                 raise BootstrapError(f"{tasks[name].title}: labels and predictions must cover the same {n} clips")
     if n == 0:
         raise BootstrapError("no clips to resample")
+    if groups is not None and len(groups) != n:
+        raise BootstrapError(f"{len(groups)} group codes for {n} clips")
     block = max(1, BLOCK_CELLS // n)
     out: list[dict[str, list[np.ndarray]]] = [{} for _ in systems]
     for start in range(0, config.n_boot, block):
-        counts = resample_counts(n, start, min(config.n_boot, start + block), config.seed)
+        stop = min(config.n_boot, start + block)
+        counts = (resample_counts(n, start, stop, config.seed) if groups is None
+                  else resample_group_counts(groups, start, stop, config.seed))
         for s, system in enumerate(systems):
             parts = [_TaskSums(tasks[name], labels[name], system[name]) for name in names]
             matrix = np.hstack([t.columns for t in parts])
@@ -193,9 +211,10 @@ def intervals(distributions: Mapping[str, np.ndarray], level: float) -> dict[str
 
 
 def score_intervals(tasks: TaskSet, labels: Mapping[str, np.ndarray], preds: Mapping[str, np.ndarray],
-                    config: BootstrapConfig = BootstrapConfig()) -> dict[str, list[float]]:
-    """score key -> [low, high] of one system's predictions."""
-    return intervals(score_distributions(tasks, labels, [preds], config)[0], config.level)
+                    config: BootstrapConfig = BootstrapConfig(), groups: np.ndarray | None = None
+                    ) -> dict[str, list[float]]:
+    """score key -> [low, high] of one system's predictions (resampling whole `groups` when given)."""
+    return intervals(score_distributions(tasks, labels, [preds], config, groups)[0], config.level)
 
 
 def with_intervals(scores: Mapping[str, float], cis: Mapping[str, list[float]]) -> dict[str, float | list[float]]:

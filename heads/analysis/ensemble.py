@@ -19,6 +19,7 @@ over labels. Rows are always matched by id, never by position, and members must 
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from heads.runs import (
 )
 from heads.submission import bracket_id, read_predictions, write_predictions
 from heads.tasks import SELECTION_KEY, TaskSet, tasks_of
+from heads.training.folds import CV_ROUND, apply_round
 
 STRATEGIES: tuple[str, ...] = ENSEMBLE_STRATEGIES
 
@@ -184,13 +186,17 @@ class CacheLabels:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
-def read_cache_labels(path: str | os.PathLike) -> CacheLabels:
-    """Label-only read of a feature cache (`load_cache` with no layers): Val ids and labels, Test ids."""
+def read_cache_labels(path: str | os.PathLike, cv_round: Mapping[str, Any] | None = None) -> CacheLabels:
+    """Label-only read of a feature cache (`load_cache` with no layers): Val ids and labels, Test ids; with
+    `cv_round` (what runs of a cross-validation round record), the splits as that round sees them."""
     from cache.reader import load_cache  # noqa: PLC0415 - keeps `avb --help` light
 
     if not Path(path).is_file():
         raise EnsembleError(f"{path}: no such cache file (pass --cache to point at it)")
-    data = load_cache(path, layers=[], splits=["Val", "Test"])
+    if cv_round is not None:   # the folds are made over the whole cache
+        data = apply_round(load_cache(path, layers=[]), cv_round)
+    else:
+        data = load_cache(path, layers=[], splits=["Val", "Test"])
     tasks = tasks_of(data.attrs, str(path))
     missing = [name for name in tasks.names if name not in data.labels]
     if missing:
@@ -304,12 +310,16 @@ def build_ensemble(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike
     if not paths:
         raise EnsembleError("no complete runs to ensemble" + (f" ({warnings[0]})" if warnings else ""))
     runs = [load_run(p) for p in paths]
+    rounds = {json.dumps(run.folder.config.get(CV_ROUND), sort_keys=True) for run in runs}
+    if len(rounds) > 1:
+        raise EnsembleError(f"the runs come from different cross-validation rounds ({', '.join(sorted(rounds))}); "
+                            "ensemble the runs of one round")
     check_same_cache(runs)
 
     cache_path = config.cache or runs[0].folder.cache
     if not cache_path:
         raise EnsembleError(f"{runs[0].path / CONFIG_FILE}: no \"cache\" path recorded; pass --cache")
-    labels = read_cache_labels(cache_path)
+    labels = read_cache_labels(cache_path, runs[0].folder.config.get(CV_ROUND))
     check_run_matches_cache(runs[0], labels.attrs, cache_path)
     tasks = labels.tasks
     for run in runs:

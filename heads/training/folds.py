@@ -23,8 +23,9 @@ import io
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,7 @@ from cache.command_kit.atomic import write_text_atomic
 from cache.command_kit.errors import AvbError
 
 FOLDS_HEADER = ("id", "group", "fold")
+CV_ROUND = "cv_round"   # the cache-view attribute (and run config key) naming a cross-validation round
 
 
 class FoldError(AvbError):
@@ -140,6 +142,54 @@ def assign_folds(groups: Sequence[str], k: int, *, stratify: np.ndarray | None =
     return _grouped_folds(codes, k, seed)
 
 
+def plan_folds(groups: Sequence[str], tasks: Any, labels: Mapping[str, np.ndarray], k: int, *, seed: int = 0,
+               column: str = "group") -> np.ndarray:
+    """The folds of a corpus (stage 1) or of its cache (stage 2), the same for both: the labelled clips by group
+    (every clip a group of its own when `groups` is empty), stratified by the first classification task of
+    `tasks`; a clip without any label (an unlabelled Test row) is in no fold (-1)."""
+    n = len(next(iter(labels.values()))) if labels else len(groups)
+    known = np.zeros(n, dtype=bool)
+    for task in tasks:
+        values = np.asarray(labels[task.name], dtype=np.float64).reshape(n, -1)
+        known |= ~np.isnan(values).all(axis=1)
+    rows = np.flatnonzero(known)
+    if len(rows) == 0:
+        raise FoldError("no clip has a label to cross-validate on")
+    groups = list(groups) if len(groups) else [""] * n
+    strat = next((np.asarray(labels[t.name])[rows] for t in tasks if t.is_classification), None)
+    folds = np.full(n, -1, dtype=np.int64)
+    folds[rows] = assign_folds([groups[i] for i in rows], k, stratify=strat, seed=seed, column=column)
+    return folds
+
+
+def cache_folds(cache: Any, k: int, seed: int = 0) -> np.ndarray:
+    """The fold of every clip of a whole cache (by its clip_info/group), the assignment `avb finetune --folds K`
+    makes on the corpus the cache was dumped from."""
+    from heads.tasks import tasks_of  # noqa: PLC0415
+
+    groups = cache.clip_info.get("group")
+    tasks = tasks_of(cache.attrs, str(cache.path))
+    return plan_folds([] if groups is None else [str(g) for g in groups], tasks, cache.labels, k, seed=seed)
+
+
+def round_view(cache: Any, folds: np.ndarray, fold: int, k: int, seed: int = 0) -> Any:
+    """The cache as round `fold` sees it: Train = training folds, Val = select fold, Test = eval fold; its
+    attributes say which round (CV_ROUND), and a run trained on it records that in its config.json."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    return replace(cache, splits=splits_for_fold(folds, fold, k),
+                   attrs={**cache.attrs, CV_ROUND: {"folds": int(k), "fold": int(fold), "seed": int(seed)}})
+
+
+def apply_round(cache: Any, cv_round: Mapping[str, Any]) -> Any:
+    """A whole cache -> the view of the round a run recorded (`CV_ROUND`), for readers of that run."""
+    try:
+        k, fold, seed = int(cv_round["folds"]), int(cv_round["fold"]), int(cv_round["seed"])
+    except (KeyError, TypeError, ValueError):
+        raise FoldError(f"not a cross-validation round: {cv_round!r}") from None
+    return round_view(cache, cache_folds(cache, k, seed), fold, k, seed)
+
+
 def fold_roles(fold: int, k: int) -> tuple[list[int], int, int]:
     """(train folds, select fold, eval fold) of cross-validation round `fold` of `k`: eval = fold,
     select = (fold + 1) mod k, train = the rest (ascending)."""
@@ -157,9 +207,11 @@ def splits_for_fold(folds: np.ndarray, fold: int, k: int) -> np.ndarray:
     """Each clip's split for round `fold`: "Train" (train folds), "Val" (select fold) or "Test" (eval fold)."""
     _, select, evaluate = fold_roles(fold, k)
     folds = np.asarray(folds)
-    if folds.size and (folds.min() < 0 or folds.max() >= k):
-        raise FoldError(f"fold numbers must lie in 0..{k - 1}, got {int(folds.min())}..{int(folds.max())}")
+    if folds.size and (folds.min() < -1 or folds.max() >= k):
+        raise FoldError(f"fold numbers must lie in 0..{k - 1} (or -1: in no fold), got "
+                        f"{int(folds.min())}..{int(folds.max())}")
     out = np.full(folds.shape, "Train", dtype="<U5")
+    out[folds == -1] = ""            # in no fold: neither trained, selected nor scored on
     out[folds == select] = "Val"
     out[folds == evaluate] = "Test"
     return out

@@ -38,8 +38,10 @@ from heads.names import (
 )
 from heads.runs import CONFIG_FILE, RunDirError, is_complete, read_run
 from heads.tasks import TaskSet, tasks_of
+from heads.training import crossval
 from heads.training.device import resolve_device
 from heads.training.distributed import assign_groups, grid_processes
+from heads.training.folds import round_view
 from heads.training.joint import (
     SELECTION_KEY,
     TrainConfig,
@@ -89,6 +91,9 @@ class GridConfig:
     run: TrainConfig = field(default_factory=TrainConfig)
     weighting_options: dict[str, dict] = field(default_factory=dict)   # weighting name -> its options
     max_group_bytes: int | None = None   # training-state budget of one joint call; None: the device's; 0: no limit
+    folds: int = 0                       # > 0: speaker-independent cross-validation (heads.training.crossval)
+    fold: int | None = None              #   only this round (None: every round)
+    fold_seed: int = 0                   #   seed of the fold assignment (avb finetune --folds uses the same)
 
     def __post_init__(self) -> None:
         self.cache = str(Path(self.cache).resolve()) if self.cache else ""
@@ -107,6 +112,9 @@ class GridConfig:
         data = jsonable(asdict(self))
         for key in PER_RUN_FIELDS:
             data["run"].pop(key, None)
+        if not self.folds:   # a plain grid's record stays as it was before cross-validation existed
+            for key in ("folds", "fold", "fold_seed"):
+                data.pop(key)
         data["run"]["head"].pop("arch", None)
         return data
 
@@ -238,10 +246,37 @@ def run_grid(grid: GridConfig, out_dir: str | Path, *, device: torch.device | No
         cache = load_cache(grid.cache)
         grid = replace(grid, run=replace(grid.run, head=with_chain_order(grid.run.head, tasks_of(cache.attrs,
                                                                                               grid.cache))))
+        if grid.folds:
+            return _run_rounds(grid, cache, out, procs, train_device, progress, tracker, bootstrap)
         rows = _run_locked(grid, cache, out, procs, train_device, progress, tracker)
         if procs.is_main:
             run_dirs = [out / run_name(r["arch"], r["weighting"], r["seed"]) for r in rows]
             write_tables(out, rows, run_dirs, grid.to_dict(), cache, bootstrap)
+    return rows if procs.is_main else []
+
+
+def _run_rounds(grid: GridConfig, cache: Any, out: Path, procs: Any, device: torch.device, progress: bool,
+                tracker: Any, bootstrap: BootstrapConfig | None) -> list[dict]:
+    """Cross-validation: the grid once per round on that round's view of the cache, into OUT/fold-k; the
+    summary tables once every round is complete (heads.training.crossval)."""
+    folds, rounds = crossval.plan(cache, grid.folds, grid.fold, grid.fold_seed)
+    if procs.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        crossval.write_folds(out, cache, folds)
+        write_json_atomic(out / CONFIG_FILE, grid.to_dict())
+    rows: list[dict] = []
+    for k in rounds:
+        view = round_view(cache, folds, k, grid.folds, grid.fold_seed)
+        fold_out = crossval.fold_dir(out, k)
+        fold_rows = _run_locked(grid, view, fold_out, procs, device, progress, tracker)
+        if procs.is_main:
+            run_dirs = [fold_out / run_name(r["arch"], r["weighting"], r["seed"]) for r in fold_rows]
+            write_tables(fold_out, fold_rows, run_dirs, grid.to_dict(), view, bootstrap)
+            rows += [{**r, "fold": k} for r in fold_rows]
+    names = [cfg.name for arch in grid.archs for cfg in grid.run_configs(arch)]
+    done = all(is_complete(crossval.fold_dir(out, k) / name) for k in range(grid.folds) for name in names)
+    if procs.is_main and done:
+        crossval.write_summary(out, cache, folds, grid.folds, names, bootstrap)
     return rows if procs.is_main else []
 
 

@@ -62,6 +62,7 @@ from heads.training.device import (
     check_precision,
     describe,
 )
+from heads.training.folds import CV_ROUND
 from heads.training.inputs import (
     Features,
     Labels,
@@ -211,6 +212,7 @@ def run_config_record(cfg: TrainConfig, cache: CacheData) -> dict[str, Any]:
         **cfg.to_dict(),
         "cache": str(Path(cache.path).resolve()),
         "cache_attrs": jsonable(compat_attrs(cache.attrs or {})),
+        **({CV_ROUND: cache.attrs[CV_ROUND]} if CV_ROUND in (cache.attrs or {}) else {}),
     }
 
 
@@ -260,6 +262,22 @@ def _check_loss(losses: torch.Tensor, totals: torch.Tensor, configs: Sequence[Tr
             f"{configs[r].weighting!r} diverged); training stopped")
 
 
+def check_no_leak(cache: CacheData, rows: np.ndarray) -> None:
+    """Refuse to select or score a head on a clip the backbone was fine-tuned on (the cache's
+    clip_info/backbone_trained, written by a dump from an `avb finetune` export): its features have seen the
+    clip's labels, so the score would be inflated. Cross-validation runs the round whose backbone it is."""
+    trained = cache.clip_info.get("backbone_trained")
+    if trained is None or len(rows) == 0:
+        return
+    seen = np.asarray(rows)[np.asarray(trained)[rows] > 0]
+    if len(seen):
+        first = int(seen[0])
+        raise TrainingError(
+            f"{cache.path}: clip {cache.ids[first]} is in the {cache.splits[first]} split here, but the backbone "
+            f"was fine-tuned on it ({len(seen)} such clips); a head scored there would leak. Use the splits (or "
+            "--folds K --fold k) the backbone was fine-tuned for")
+
+
 class JointTraining:
     """The state of one joint `train_runs` call, in the order a reader meets it: setup (`__init__`), one epoch
     of steps (`train_epoch`), validation and best-epoch selection (`validate`), the run folders (`finish`)."""
@@ -275,6 +293,7 @@ class JointTraining:
             np.asarray(cache.indices(split), dtype=np.int64) for split in ("Train", "Val", "Test"))
         if len(self.train_rows) < 2:
             raise TrainingError(f"cache has {len(self.train_rows)} Train clip(s); training needs at least 2")
+        check_no_leak(cache, np.concatenate([self.val_rows, self.test_rows]))
         if len(self.val_rows) == 0:
             raise TrainingError("cache has no Val clips; model selection needs the Val split")
 
