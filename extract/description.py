@@ -11,7 +11,7 @@ and labels, and what each task is.
     tasks:                         # in the default chain order
       emotion:   {kind: classification, columns: [emotion]}
       intensity: {kind: classification, columns: [intensity], classes: [normal, strong]}
-      affect:    {kind: regression, columns: [valence, arousal]}
+      affect:    {kind: regression, columns: [valence, arousal], range: [1, 9]}   # range: optional
 
 `read_described_corpus` turns it into the same `Corpus` the A-VB reader returns, and `open_corpus` is the one
 entry every command uses: an explicit description, else `<root>/corpus.yaml`, else the A-VB layout.
@@ -19,7 +19,8 @@ Without `path`, a clip is the one audio file in the audio folder whose name with
 (one directory listing for the whole corpus).
 
 Classification classes are the listed ones, or the sorted distinct values of the Train rows; a Val or Test
-value must be one of them. Regression values are any finite real numbers. An empty label cell is unknown
+value must be one of them. Regression values are any finite real numbers; the heads predict inside the task's
+range (`range`, else the Train labels' min and max). An empty label cell is unknown
 (NaN), so partial labels are fine; a Test row's regression cell that does not parse is unknown too.
 Every bad description is one line naming the file, the key or the row, column and id.
 `draft_description` (`avb corpus init`) guesses a description from a CSV and an audio folder.

@@ -772,12 +772,13 @@ class Finetuning:
               help="Stop (with a checkpoint) after this many optimizer steps; 0 = no limit.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint under OUT/checkpoints.")
 @click.option("--seed", default=FinetuneConfig.seed, show_default=True, type=int)
-@click.option("--folds", default=0, show_default=True, type=click.IntRange(min=0),
+@click.option("--folds", default=FinetuneConfig.folds, show_default=True, type=click.IntRange(min=0),
               help="Speaker-independent cross-validation with this many folds (0: the corpus's splits). With "
                    "--fold k: train on the folds other than k and k+1, select the epoch on fold k+1; fold k stays "
                    "unseen for `avb heads ablate --folds K --fold k` on this backbone's dump.")
-@click.option("--fold", default=0, show_default=True, type=click.IntRange(min=0), help="The round k (with --folds).")
-@click.option("--fold-seed", default=0, show_default=True, type=int,
+@click.option("--fold", default=FinetuneConfig.fold, show_default=True, type=click.IntRange(min=0),
+              help="The round k (with --folds).")
+@click.option("--fold-seed", default=FinetuneConfig.fold_seed, show_default=True, type=int,
               help="Seed of the fold assignment; stage 2 must use the same.")
 @click.option("--num-workers", default=FinetuneConfig.num_workers, show_default=True, type=int, help="DataLoader workers per process.")
 @click.option("--report-to", default=FinetuneConfig.report_to, show_default=True, type=click.Choice(REPORT_TO_CHOICES),

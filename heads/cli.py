@@ -75,14 +75,14 @@ def _tracking(report_to: str, tracking_dir: Path | None, out: Path, config_path)
 def _fold_options(func):
     """Speaker-independent cross-validation (heads.training.crossval), shared by `train` and `ablate`."""
     options = [
-        click.option("--folds", default=0, show_default=True, type=click.IntRange(min=0),
+        click.option("--folds", default=ConfigDefault(GRID + "folds"), show_default=True, type=click.IntRange(min=0),
                      help="Speaker-independent cross-validation with K group-disjoint folds of the cache's clips "
                           "(0: the cache's own splits): round k trains on the folds other than k and k+1, selects "
                           "on fold k+1 and is scored on fold k. ablate: OUT/fold-k per round, OUT/crossval.md."),
         click.option("--fold", default=None, type=click.IntRange(min=0),
                      help="Only round k (with --folds; train: required), e.g. on the dump of "
                           "`avb finetune --folds K --fold k`."),
-        click.option("--fold-seed", default=0, show_default=True, type=int,
+        click.option("--fold-seed", default=ConfigDefault(GRID + "fold_seed"), show_default=True, type=int,
                      help="Seed of the fold assignment (the same as the fine-tuning's)."),
     ]
     for option in reversed(options):

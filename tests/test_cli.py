@@ -119,7 +119,8 @@ def test_heads_cli_defaults_are_the_config_dataclasses():
 
     unowned = {"device", "report_to", "progress", "quiet_alias"}
     renames = {"branch_use_frames": "branch_frames"}
-    _assert_defaults_come_from(train_command, [TrainConfig, HeadConfig], unowned, renames)
+    # train's --folds/--fold-seed are the grid's (one round of the grid's cross-validation)
+    _assert_defaults_come_from(train_command, [TrainConfig, HeadConfig, GridConfig], unowned, renames)
     _assert_defaults_come_from(ablate_command, [GridConfig, TrainConfig, HeadConfig], unowned | {"ci", "n_boot"},
                                renames)
     # the options named like fields: a renamed or forgotten one would slip through the loop above

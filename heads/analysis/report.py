@@ -25,7 +25,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -161,45 +161,9 @@ def collect_inputs(dirs: Iterable[str | os.PathLike]) -> ReportInputs:
 
 
 def run_tasks(run: RunFolder) -> TaskSet:
-    """The tasks a run was trained for: those recorded with its cache attributes; for a run that recorded none,
-    those of the cache it names, while that file is still there and matches the recorded attributes; else
-    A-VB (a run from before task descriptions)."""
-    attrs = run.cache_attrs
-    if "tasks" not in attrs and run.cache:
-        described = _described_tasks(run.cache, attrs)
-        if described is not None:
-            attrs = {**attrs, "tasks": described}
-    return tasks_of(attrs, str(run.path / CONFIG_FILE))
-
-
-def _described_tasks(cache: str, recorded: Mapping[str, Any]) -> Any:
-    """The `tasks` attribute of the cache file `cache` when it exists, is readable and is the cache the
-    attributes `recorded` describe; None otherwise."""
-    try:
-        stat = Path(cache).stat()
-    except OSError:
-        return None
-    attrs = _cache_attrs(str(Path(cache).resolve()), stat.st_mtime_ns, stat.st_size)
-    if attrs is None or "tasks" not in attrs:
-        return None
-    from cache.reader import IncompatibleCache, check_compatible  # noqa: PLC0415 - keeps `avb --help` light
-
-    try:
-        check_compatible(attrs, recorded, source=cache)
-    except IncompatibleCache:
-        return None
-    return attrs["tasks"]
-
-
-@lru_cache(maxsize=16)
-def _cache_attrs(path: str, mtime_ns: int, size: int) -> dict[str, Any] | None:
-    """A cache's root attributes, read once per file version (an ablation's runs share one cache)."""
-    from cache.reader import read_attrs  # noqa: PLC0415
-
-    try:
-        return read_attrs(path)
-    except (AvbError, OSError):
-        return None
+    """The tasks a run was trained for: those recorded with its cache attributes (A-VB for a run from before
+    task descriptions)."""
+    return tasks_of(run.cache_attrs, str(run.path / CONFIG_FILE))
 
 
 def _epoch_value(entry: Mapping[str, Any], key: str) -> float | None:
