@@ -501,7 +501,9 @@ class Finetuning:
         head = build_head(self.head_cfg, self.dims, [cfg.seed], tasks)
         self.dropout_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * (self.rank + 1))
         head.set_run_generators([self.dropout_gen])
-        return FinetuneModel(backbone, head, build_weighting(cfg.weighting, 1, len(tasks)))
+        weighting = build_weighting(cfg.weighting, 1, len(tasks))
+        weighting.set_run_seeds([cfg.seed])
+        return FinetuneModel(backbone, head, weighting)
 
     def _build_optimizer(self, model: FinetuneModel) -> torch.optim.Optimizer:
         """AdamW: the backbone at its LR, the head and the weighting's alpha (no weight decay) at the head's."""

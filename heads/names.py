@@ -11,13 +11,17 @@ from __future__ import annotations
 
 # ------------------------------------------------------------------------------------------------ names
 ARCHS: tuple[str, ...] = ("vanilla", "chain", "branch")                 # heads.model.architectures.ARCHITECTURES
-WEIGHTINGS: tuple[str, ...] = ("uniform", "dwa", "rruw", "druw")       # heads.model.weighting.WEIGHTINGS
-# Group titles of the loss weightings as the paper's Table I prints them.
+WEIGHTINGS: tuple[str, ...] = ("uniform", "dwa", "rruw", "druw", "uw", "rlw", "gls")  # heads.model.weighting
+PAPER_WEIGHTINGS: tuple[str, ...] = WEIGHTINGS[:4]   # the paper's Table I, and the default grid
+# Group titles of the loss weightings as the paper's Table I prints them (and the three added beside them).
 WEIGHTING_TITLES: dict[str, str] = {
     "uniform": "Uniform Weighting",
     "dwa": "Dynamic Weight Average",
     "rruw": "Restrained Revised Uncertainty Weighting",
     "druw": "Dynamic Restrained Uncertainty Weighting",
+    "uw": "Uncertainty Weighting",
+    "rlw": "Random Loss Weighting",
+    "gls": "Geometric Loss Strategy",
 }
 ENSEMBLE_STRATEGIES: tuple[str, ...] = ("combined", "mean", "greedy")   # heads.analysis.ensemble.STRATEGIES
 

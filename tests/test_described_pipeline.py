@@ -20,7 +20,7 @@ from cache.reader import load_cache
 from extract.app.cli import main as avb
 from extract.description import open_corpus
 from heads.metrics import score_all
-from heads.names import ARCHS, WEIGHTINGS
+from heads.names import ARCHS, PAPER_WEIGHTINGS
 from heads.tasks import tasks_of
 from heads.training.folds import cache_folds
 
@@ -67,7 +67,7 @@ def test_described_corpus_end_to_end(tmp_path):
     avb_run("heads", "ablate", "--cache", cache, "--out", grid, "--epochs", "2", "--hidden", "16", "--n-heads", "2",
             "--branch-blocks", "2", "--no-progress", "--n-boot", "50")
     rows = read_csv(grid / "results.csv")
-    assert len(rows) == len(ARCHS) * len(WEIGHTINGS)
+    assert len(rows) == len(ARCHS) * len(PAPER_WEIGHTINGS)
     for key in ("emotion_uar", "emotion_accuracy", "emotion_f1", "intensity_uar", "affect_ccc", "affect_pearson",
                 "mean", "mean_ci_low"):
         assert key in rows[0]
@@ -149,7 +149,7 @@ def test_one_task_and_regression_only_corpora_train_and_ensemble(tmp_path, task_
     avb_run("heads", "ablate", "--cache", cache, "--out", grid, "--epochs", "1", "--hidden", "16", "--n-heads", "2",
             "--branch-blocks", "2", "--no-progress", "--n-boot", "20")
     rows = read_csv(grid / "results.csv")
-    assert len(rows) == len(ARCHS) * len(WEIGHTINGS)
+    assert len(rows) == len(ARCHS) * len(PAPER_WEIGHTINGS)
     headline = tasks[task_list].headline_key
     for row in rows:       # with one task, the selection score is that task's headline score
         assert float(row["mean"]) == pytest.approx(float(row[headline]), abs=1e-12)

@@ -22,7 +22,8 @@ def test_every_registry_has_exactly_the_names_in_their_order():
     from heads.model.weighting import WEIGHTINGS
 
     assert tuple(ARCHITECTURES) == names.ARCHS == ("vanilla", "chain", "branch")
-    assert tuple(WEIGHTINGS) == names.WEIGHTINGS == ("uniform", "dwa", "rruw", "druw")
+    assert tuple(WEIGHTINGS) == names.WEIGHTINGS == ("uniform", "dwa", "rruw", "druw", "uw", "rlw", "gls")
+    assert names.PAPER_WEIGHTINGS == ("uniform", "dwa", "rruw", "druw")
     assert tuple(names.WEIGHTING_TITLES) == names.WEIGHTINGS
     assert tuple(STRATEGIES) == names.ENSEMBLE_STRATEGIES
     for name, cls in WEIGHTINGS.items():
@@ -37,4 +38,4 @@ def test_shared_defaults_reach_every_config():
     assert FinetuneConfig.epochs == TrainConfig.epochs == GridConfig().run.epochs == names.DEFAULT_EPOCHS == 30
     assert FinetuneConfig.clip_seconds == names.CLIP_SECONDS == 2.5
     assert GridConfig.max_group_bytes is None   # the device's budget: DEFAULT_MAX_GROUP_BYTES on the CPU
-    assert GridConfig.archs == names.ARCHS and GridConfig.weightings == names.WEIGHTINGS
+    assert GridConfig.archs == names.ARCHS and GridConfig.weightings == names.PAPER_WEIGHTINGS

@@ -24,7 +24,7 @@ from tiny_model import make_tiny_backbone
 from cache.reader import load_cache, read_attrs
 from extract.app.cli import main as avb
 from extract.corpus import read_corpus
-from heads.names import ARCHS, WEIGHTINGS
+from heads.names import ARCHS, PAPER_WEIGHTINGS
 from heads.tasks import AVB
 
 pytestmark = pytest.mark.slow
@@ -79,7 +79,7 @@ def test_synth_finetune_dump_ablate_score(tmp_path):
     assert not list(tmp_path.glob("feats.h5.shard-*"))
 
     # The ablation: 3 architectures x 4 weightings, a table with 12 rows, every run complete.
-    runs = [f"{a}-{w}-s0" for a in ARCHS for w in WEIGHTINGS]
+    runs = [f"{a}-{w}-s0" for a in ARCHS for w in PAPER_WEIGHTINGS]
     assert sorted(p.name for p in grid.iterdir() if p.is_dir()) == sorted(runs)
     table = (grid / "results.md").read_text()
     body = [line for line in table.splitlines() if line.startswith("| *") and not line.startswith("| **")]

@@ -67,6 +67,22 @@ def test_joint_training_equals_each_run_alone(cache, tmp_path):
     assert len({round(m["mean"], 6) for m in joint}) == 3
 
 
+def test_the_added_weightings_and_druws_balance_train_jointly_as_alone(cache, tmp_path):
+    """UW, RLW (random weights from each run's own generator), GLS and DRUW with beta = 0.5, in one stack."""
+    configs = [_cfg("vanilla", "uw", 0, epochs=2), _cfg("vanilla", "rlw", 1, epochs=2),
+               _cfg("vanilla", "gls", 2, epochs=2), _cfg("vanilla", "druw", 3, epochs=2,
+                                                         weighting_options={"beta": 0.5})]
+    joint = train_runs(cache, configs, [tmp_path / "joint" / c.name for c in configs], progress=False)
+    for cfg, together in zip(configs, joint):
+        alone = train_runs(cache, [cfg], [tmp_path / "alone" / cfg.name], progress=False)[0]
+        for key in (*AVB.metric_keys, "mean"):
+            assert together[key] == pytest.approx(alone[key], abs=1e-5), (cfg.name, key)
+        for h_joint, h_alone in zip(together["history"], alone["history"]):
+            assert h_joint["weights"] == pytest.approx(h_alone["weights"], abs=1e-5), cfg.name
+    rlw = [h["weights"] for h in joint[1]["history"]]
+    assert rlw[0] != rlw[1] and sum(rlw[0].values()) == pytest.approx(4.0)   # redrawn: K * softmax
+
+
 def test_same_seed_gives_identical_files(cache, tmp_path):
     cfg = _cfg("vanilla", "rruw", seed=7, epochs=2)
     for name in ("a", "b"):

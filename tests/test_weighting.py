@@ -10,8 +10,11 @@ from heads.model.weighting import (
     WEIGHTINGS,
     DRUWWeighting,
     DWAWeighting,
+    GLSWeighting,
+    RLWWeighting,
     RRUWWeighting,
     UniformWeighting,
+    UWWeighting,
     WeightingError,
     build_weighting,
     weighting_options,
@@ -44,7 +47,7 @@ def descend(m, losses: list[float], opt: torch.optim.Optimizer, steps: int) -> N
 
 
 def test_registry_and_build():
-    assert list(WEIGHTINGS) == ["uniform", "dwa", "rruw", "druw"]
+    assert list(WEIGHTINGS) == ["uniform", "dwa", "rruw", "druw", "uw", "rlw", "gls"]
     assert isinstance(build_weighting("DWA", 2, 4), DWAWeighting)
     m = build_weighting("druw", 3, 4, temperature=5.0, phi=2.0)
     assert isinstance(m, DRUWWeighting) and m.dwa.temperature == 5.0 and m.phi == 2.0
@@ -54,7 +57,7 @@ def test_registry_and_build():
 
 def test_build_errors_are_clear():
     with pytest.raises(WeightingError, match=r"^unknown loss weighting 'gradnorm'; expected one of "
-                                             r"uniform, dwa, rruw, druw$"):
+                                             r"uniform, dwa, rruw, druw, uw, rlw, gls$"):
         build_weighting("gradnorm", 1, 4)
     with pytest.raises(WeightingError, match=r"^loss weighting 'dwa' has no option 'phi'; its options: temperature$"):
         build_weighting("dwa", 1, 4, phi=1.0)
@@ -202,12 +205,85 @@ def test_druw_total_matches_eq6():
 def test_runs_are_independent_and_state_has_run_dim():
     for name in WEIGHTINGS:
         m = build_weighting(name, 3, 4)
+        m.set_run_seeds([10, 11, 12])
         losses = torch.tensor([[0.3, 0.7, 1.2, 2.0], [1.0, 2.0, 3.0, 4.0], [0.1, 0.1, 0.1, 0.1]])
         m.end_epoch(losses)
         m.end_epoch(losses * torch.tensor([1.0, 0.5, 2.0, 1.0]))
-        totals = m(losses)
         solo = build_weighting(name, 1, 4)
+        solo.set_run_seeds([11])
         solo.load_state_dict({k: v[1:2] for k, v in m.state_dict().items()})
+        totals = m(losses)
         torch.testing.assert_close(solo(losses[1:2]), totals[1:2])
         for key, value in m.state_dict().items():
             assert value.shape[0] == 3, (name, key)
+
+
+def test_druw_beta_balances_the_dwa_term_and_its_ends_are_druw_and_rruw():
+    alphas = [[0.5, 1.0, 2.0, 4.0]]
+    losses = torch.tensor([[0.3, 0.7, 1.2, 2.0]])
+    epochs = [torch.tensor([[2.0, 2.0, 2.0, 2.0]]), torch.tensor([[1.0, 2.0, 3.0, 4.0]])]
+
+    def built(cls, **options):
+        m = cls(1, 4, **options)
+        for e in epochs:
+            m.end_epoch(e)
+        set_alphas(m, alphas)
+        return m
+
+    lam = hand_dwa([1, 2, 3, 4], [2, 2, 2, 2])
+    expected = sum((1 / a**2 + 0.5 * lk) * x for a, lk, x in zip(alphas[0], lam, losses[0].tolist()))
+    torch.testing.assert_close(built(DRUWWeighting, beta=0.5)(losses),
+                               torch.tensor([expected + hand_rruw_regs(alphas[0])]))
+    assert torch.equal(built(DRUWWeighting, beta=1.0)(losses), built(DRUWWeighting)(losses))
+    rruw, druw0 = built(RRUWWeighting), built(DRUWWeighting, beta=0.0)
+    assert torch.equal(druw0(losses), rruw(losses)) and torch.equal(druw0.weights(), rruw.weights())
+    rruw(losses).sum().backward()
+    druw0(losses).sum().backward()
+    assert torch.equal(druw0.log_alpha_sq.grad, rruw.log_alpha_sq.grad)
+    with pytest.raises(WeightingError, match=r"^option beta must be finite and >= 0, got -1$"):
+        build_weighting("druw", 1, 4, beta=-1)
+
+
+def test_uw_is_kendalls_uncertainty_weighting_with_rruws_bounds():
+    m = UWWeighting(1, 3)
+    set_alphas(m, [[0.5, 1.0, 2.0]])
+    losses = [0.4, 1.0, 3.0]
+    expected = sum(x / a**2 + math.log(a**2) for a, x in zip([0.5, 1.0, 2.0], losses))
+    torch.testing.assert_close(m(torch.tensor([losses])), torch.tensor([expected]))
+    torch.testing.assert_close(m.weights(), torch.tensor([[4.0, 1.0, 0.25]]))
+    assert weighting_options("uw") == {"alpha_init": 1.0, "alpha_min": 1e-3, "alpha_max": 1e3}
+    # a vanishing loss pulls its weight up (s -> log L) only to the bound: finite
+    zero = UWWeighting(1, 2)
+    descend(zero, [0.0, 1.0], torch.optim.SGD(zero.parameters(), lr=50.0), steps=200)
+    w = zero.weights()
+    assert torch.isfinite(w).all() and w[0, 0] <= 1 / 1e-3**2 * 1.0001 and w[0, 0] > 1e5
+
+
+def test_rlw_draws_k_times_softmax_of_normals_from_each_runs_generator():
+    m = RLWWeighting(2, 3)
+    with pytest.raises(WeightingError, match="needs the runs' seeds"):
+        m(torch.ones(2, 3))
+    m.set_run_seeds([4, 9])
+    gens = [torch.Generator().manual_seed(s + RLWWeighting.SEED_OFFSET) for s in (4, 9)]
+    losses = torch.tensor([[0.5, 1.0, 2.0], [1.0, 1.0, 1.0]])
+    for _ in range(3):   # a new draw every step
+        total = m(losses)
+        z = torch.stack([torch.randn(3, generator=g) for g in gens])
+        lam = 3 * torch.exp(z) / torch.exp(z).sum(-1, keepdim=True)
+        torch.testing.assert_close(m.weights(), lam)
+        torch.testing.assert_close(total, (lam * losses).sum(-1))
+        torch.testing.assert_close(m.weights().sum(-1), torch.tensor([3.0, 3.0]))
+
+
+def test_gls_is_the_geometric_mean_and_finite_at_zero_loss():
+    m = GLSWeighting(2, 3)
+    losses = torch.tensor([[0.5, 2.0, 4.0], [1.0, 1.0, 1.0]], requires_grad=True)
+    total = m(losses)
+    torch.testing.assert_close(total, torch.tensor([(0.5 * 2.0 * 4.0) ** (1 / 3), 1.0]))
+    torch.testing.assert_close(m.weights(), total.detach().unsqueeze(-1) / (3 * losses.detach()))
+    total.sum().backward()
+    torch.testing.assert_close(losses.grad, m.weights())   # the logged weight is d total / d L_k
+    zero = torch.tensor([[0.0, 1.0, 1.0]], requires_grad=True)
+    out = GLSWeighting(1, 3)(zero)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(zero.grad).all()

@@ -1,4 +1,5 @@
-"""The four ways of combining the task losses into one: uniform, DWA, RRUW and DRUW (paper eqs. 3-6).
+"""Ways of combining the task losses into one: the paper's uniform, DWA, RRUW and DRUW (eqs. 3-6), and three
+loss-based methods from the literature that cost nothing extra per step: UW, RLW and GLS.
 
 Each weighting is an `nn.Module` vectorised over R runs that share the weighting kind: `forward` maps the raw
 task losses [R, K] to one total per run [R] (regularisers included), `weights()` gives the effective multiplier
@@ -7,8 +8,9 @@ Every parameter and buffer has leading dim R and row r depends only on run r, so
 the same run trained jointly. Learnable parameters (the RRUW/DRUW uncertainty) train with the head's
 optimiser at the head learning rate; give them no weight decay (it would pull every alpha towards 1).
 
-The paper applies weighting across the four tasks only (the authors' code also weighted every dimension
-inside each regression task); so does this module.
+The paper applies weighting across the tasks only (the authors' code also weighted every dimension inside
+each regression task); so does this module. A weighting that draws random numbers (RLW) gets one generator
+per run from `set_run_seeds`, so it too gives the same run jointly and alone.
 """
 from __future__ import annotations
 
@@ -65,6 +67,9 @@ class Weighting(nn.Module):
     def end_epoch(self, epoch_losses: Tensor) -> None:
         """Receive the epoch-average raw task losses [R, K]; only the dynamic weightings use them."""
         self._check(epoch_losses, "epoch losses")
+
+    def set_run_seeds(self, seeds: list[int]) -> None:
+        """The runs' seeds, for a weighting that draws random numbers (the others ignore them)."""
 
     def extra_repr(self) -> str:
         return f"n_runs={self.n_runs}, n_tasks={self.n_tasks}"
@@ -206,35 +211,125 @@ class RRUWWeighting(Weighting):
 class DRUWWeighting(RRUWWeighting):
     """Dynamic Restrained Uncertainty Weighting (paper eq. 6): RRUW plus DWA's lambda on each task,
 
-        total = sum_k (1/alpha_k^2 + lambda_k(t)) L_k + sum_k log(1 + alpha_k^2) + |phi - sum_k |log alpha_k||,
+        total = sum_k (1/alpha_k^2 + beta * lambda_k(t)) L_k + sum_k log(1 + alpha_k^2) + |phi - sum_k |log alpha_k||,
 
+    beta balances the DWA term against the uncertainty term (the paper's open question): beta = 1 is the
+    paper's DRUW, beta = 0 is RRUW exactly.
     with the same regulariser departure and alpha parametrisation as `RRUWWeighting`, and lambda from a
     contained `DWAWeighting` (epoch-average losses, temperature 2, lambda = 1 for the first two epochs).
-    Its options are RRUW's (phi, alpha_init, alpha_min, alpha_max; passed on as `rruw_options`) and DWA's
-    temperature.
+    Its options are RRUW's (phi, alpha_init, alpha_min, alpha_max; passed on as `rruw_options`), DWA's
+    temperature and beta.
     """
 
     name = "druw"
 
-    def __init__(self, n_runs: int, n_tasks: int, temperature: float = 2.0, **rruw_options: float) -> None:
+    def __init__(self, n_runs: int, n_tasks: int, temperature: float = 2.0, beta: float = 1.0,
+                 **rruw_options: float) -> None:
         super().__init__(n_runs, n_tasks, **rruw_options)
+        self.beta = _positive("beta", beta, allow_zero=True)
         self.dwa = DWAWeighting(n_runs, n_tasks, temperature=temperature)
 
     def forward(self, losses: Tensor) -> Tensor:
         losses = self._check(losses, "losses")
         self._project()
         s = self._s()
-        return self.dwa(losses) + (torch.exp(-s) * losses).sum(-1) + self.regularisers(s)
+        rruw = (torch.exp(-s) * losses).sum(-1) + self.regularisers(s)
+        if self.beta == 0.0:              # exactly RRUW
+            return rruw
+        dwa = self.dwa(losses)
+        return (dwa if self.beta == 1.0 else self.beta * dwa) + rruw
 
     def weights(self) -> Tensor:
-        return super().weights() + self.dwa.weights()
+        return super().weights() + self.beta * self.dwa.weights()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, beta={self.beta}"
 
     def end_epoch(self, epoch_losses: Tensor) -> None:
         self.dwa.end_epoch(epoch_losses)
 
 
+class UWWeighting(RRUWWeighting):
+    """Uncertainty Weighting (Kendall et al. 2018), the method RRUW revises:
+
+        total = sum_k L_k / alpha_k^2 + sum_k log alpha_k^2,
+
+    i.e. exp(-s_k) L_k + s_k with s = log alpha^2 learnable (the classification form of Kendall et al.; their
+    regression form only halves both terms). Without RRUW's softplus regulariser and restraint the optimum
+    s_k = log L_k follows a vanishing loss to -inf, so s is kept in [log alpha_min^2, log alpha_max^2] as in
+    RRUW: finite weights on degenerate losses. Starts at weight 1 per task (alpha_init = 1), as RRUW.
+    """
+
+    name = "uw"
+
+    def __init__(self, n_runs: int, n_tasks: int, alpha_init: float = 1.0, alpha_min: float = 1e-3,
+                 alpha_max: float = 1e3) -> None:
+        super().__init__(n_runs, n_tasks, phi=0.0, alpha_init=alpha_init, alpha_min=alpha_min, alpha_max=alpha_max)
+
+    def regularisers(self, s: Tensor) -> Tensor:
+        return s.sum(-1)
+
+    def extra_repr(self) -> str:
+        return (f"n_runs={self.n_runs}, n_tasks={self.n_tasks}, alpha_init={self.alpha_init}, "
+                f"alpha_min={self.alpha_min}, alpha_max={self.alpha_max}")
+
+
+class RLWWeighting(Weighting):
+    """Random Loss Weighting (Lin et al. 2022): at every step lambda = K * softmax(z), z ~ N(0, I_K), drawn from
+    each run's own generator; total = sum_k lambda_k L_k. Lin et al. normalise the weights to sum 1; the
+    factor K keeps them on the scale of uniform weighting and DWA (mean 1), so the learning rate means the same.
+    """
+
+    name = "rlw"
+    SEED_OFFSET = 0x51_7A11   # the draws are seeded apart from the head's init and dropout streams
+
+    def __init__(self, n_runs: int, n_tasks: int) -> None:
+        super().__init__(n_runs, n_tasks)
+        self.generators: list[torch.Generator] = []
+        self.register_buffer("last", torch.ones(self.n_runs, self.n_tasks))
+
+    def set_run_seeds(self, seeds: list[int]) -> None:
+        if len(seeds) != self.n_runs:
+            raise WeightingError(f"rlw weighting got {len(seeds)} seeds for {self.n_runs} runs")
+        self.generators = [torch.Generator().manual_seed(int(seed) + self.SEED_OFFSET) for seed in seeds]
+
+    def forward(self, losses: Tensor) -> Tensor:
+        losses = self._check(losses, "losses")
+        if not self.generators:
+            raise WeightingError("rlw weighting needs the runs' seeds (set_run_seeds) before its first step")
+        z = torch.stack([torch.randn(self.n_tasks, generator=g) for g in self.generators])   # [R, K], one per step
+        self.last = self.n_tasks * torch.softmax(z, dim=-1)
+        return (self.last.to(losses) * losses).sum(-1)
+
+    def weights(self) -> Tensor:
+        return self.last.detach().clone()
+
+
+class GLSWeighting(Weighting):
+    """Geometric Loss Strategy (Chennupati et al. 2019): total = (prod_k L_k)^(1/K), computed as
+    exp(mean_k log L_k) with each loss floored at 1e-12, so a loss of exactly 0 gives a finite total and
+    gradient. Its effective weight on task k is d total / d L_k = total / (K L_k), logged per step."""
+
+    name = "gls"
+    _FLOOR = 1e-12
+
+    def __init__(self, n_runs: int, n_tasks: int) -> None:
+        super().__init__(n_runs, n_tasks)
+        self.register_buffer("last", torch.ones(self.n_runs, self.n_tasks))
+
+    def forward(self, losses: Tensor) -> Tensor:
+        losses = self._check(losses, "losses").clamp_min(self._FLOOR)
+        total = torch.exp(torch.log(losses).mean(-1))
+        self.last = (total.detach().unsqueeze(-1) / (self.n_tasks * losses.detach())).float().cpu()
+        return total
+
+    def weights(self) -> Tensor:
+        return self.last.detach().clone()
+
+
 WEIGHTINGS: dict[str, type[Weighting]] = {
-    cls.name: cls for cls in (UniformWeighting, DWAWeighting, RRUWWeighting, DRUWWeighting)
+    cls.name: cls for cls in (UniformWeighting, DWAWeighting, RRUWWeighting, DRUWWeighting, UWWeighting,
+                              RLWWeighting, GLSWeighting)
 }
 
 

@@ -34,6 +34,7 @@ from heads.model.architectures import HeadConfig, build_head, with_chain_order
 from heads.names import (
     ARCHS,
     DEFAULT_MAX_GROUP_BYTES,
+    PAPER_WEIGHTINGS,
     WEIGHTINGS,
 )
 from heads.runs import CONFIG_FILE, RunDirError, is_complete, read_run
@@ -86,7 +87,7 @@ class GridConfig:
 
     cache: str = ""
     archs: tuple[str, ...] = ARCHS
-    weightings: tuple[str, ...] = WEIGHTINGS
+    weightings: tuple[str, ...] = PAPER_WEIGHTINGS
     seeds: tuple[int, ...] = (0,)
     run: TrainConfig = field(default_factory=TrainConfig)
     weighting_options: dict[str, dict] = field(default_factory=dict)   # weighting name -> its options

@@ -239,6 +239,7 @@ def _build_weightings(configs: Sequence[TrainConfig], n_tasks: int) -> list[tupl
         kind, options = json.loads(key)
         try:
             module = build_weighting(kind, len(runs), n_tasks, **options)
+            module.set_run_seeds([configs[r].seed for r in runs])
         except WeightingError as err:
             raise TrainingError(f"run {configs[runs[0]].name}: {err}") from None
         out.append((runs, module))
