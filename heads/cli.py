@@ -211,7 +211,7 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
 @click.option("--archs", type=str, default=ConfigDefault(GRID + "archs", csv_text), show_default=True,
               help="Architectures, comma-separated.")
 @click.option("--weightings", type=str, default=ConfigDefault(GRID + "weightings", csv_text), show_default=True,
-              help="Loss weightings, comma-separated.")
+              help=f"Loss weightings, comma-separated (any of {', '.join(WEIGHTINGS)}).")
 @click.option("--seeds", type=str, default=ConfigDefault(GRID + "seeds", csv_text), show_default=True,
               help="Seeds, comma-separated (e.g. 0,1,2).")
 @click.option("--max-group-mib", default=None, type=click.IntRange(min=0),
@@ -223,12 +223,17 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
                    "comparison with the best configuration; 0: none.")
 @click.option("--n-boot", default=DEFAULT_N_BOOT, show_default=True, type=click.IntRange(min=1),
               help="Bootstrap resamples of the Val clips (with --ci).")
+@click.option("--vary", "vary", multiple=True, metavar="FIELD=V1,V2,...",
+              help="One more grid axis (repeatable; the grid is the product of all): lr, weight_decay, batch_size, "
+                   "grad_clip, patience, lr_factor, epochs, hidden, dropout, input_layer, chain_order (orders as "
+                   "a+b+c, or 'all': every permutation of the tasks), n_heads, branch_blocks, or a weighting's "
+                   "option as WEIGHTING_OPTION (dwa_temperature, rruw_phi, druw_beta, ...). Each applies only to "
+                   "the runs it changes (chain_order to CHAIN, druw_beta to DRUW, ...).")
 @_fold_options
 @_head_options
 def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, seeds: str, max_group_mib: int,
-                   ci: float, n_boot: int, folds: int, fold: int | None, fold_seed: int, hidden: int, dropout: float,
-                   input_layer: str, chain_order: str,
-                   n_heads: int, branch_blocks: int, branch_frames: bool, epochs: int, batch_size: int, lr: float,
+                   ci: float, n_boot: int, vary: tuple[str, ...], folds: int, fold: int | None, fold_seed: int,
+                   hidden: int, dropout: float, input_layer: str, chain_order: str, n_heads: int, branch_blocks: int, branch_frames: bool, epochs: int, batch_size: int, lr: float,
                    device: str, precision: str, progress: bool, report_to: str, tracking_dir: Path | None) -> None:
     """Train every arch x weighting x seed (runs of one arch jointly), resumably; print a Table I-style summary.
 
@@ -241,6 +246,7 @@ def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, see
     with command_errors(), _tracking(report_to, tracking_dir, out, lambda run: out / run / CONFIG_FILE) as tracker:
         # the grid folder's lock is taken inside run_grid, once the processes of a launch know each other
         from heads.analysis.bootstrap import BootstrapConfig  # noqa: PLC0415
+        from heads.training.axes import parse_vary  # noqa: PLC0415
         from heads.training.device import resolve_device  # noqa: PLC0415
         from heads.training.grid import GridConfig, run_grid  # noqa: PLC0415
         from heads.training.joint import TrainConfig  # noqa: PLC0415
@@ -250,7 +256,7 @@ def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, see
             cache=str(cache_path), archs=tuple(arch_list), weightings=tuple(weighting_list), seeds=tuple(seed_list),
             run=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, head=head, precision=precision),
             max_group_bytes=None if max_group_mib is None else max_group_mib * 2**20,
-            folds=folds, fold=fold, fold_seed=fold_seed)
+            folds=folds, fold=fold, fold_seed=fold_seed, vary=parse_vary(vary))
         rows = run_grid(grid, out, device=train_device, progress=progress, tracker=tracker,
                         bootstrap=BootstrapConfig(level=ci, n_boot=n_boot) if ci else None)
     if not rows:   # another process of a multi-process grid: process 0 prints the tables

@@ -79,7 +79,7 @@ def run_distributions(tasks: TaskSet, run_dirs: Sequence[Path], val_ids: Sequenc
 
 
 def add_uncertainty(rows: list[dict[str, Any]], summary: list[dict[str, Any]], run_dirs: Sequence[Path], cache: Any,
-                    config: BootstrapConfig) -> dict[str, Any]:
+                    config: BootstrapConfig, varied: Sequence[str] = ()) -> dict[str, Any]:
     """Add `<key>_ci` to every row, and `best_ci` / `win_fraction` to every summary entry (in place).
 
     Returns what results.json records about it: the bootstrap settings and the best configuration per key.
@@ -93,15 +93,15 @@ def add_uncertainty(rows: list[dict[str, Any]], summary: list[dict[str, Any]], r
     for row, dist in zip(rows, dists):
         for key in keys:
             row[f"{key}_ci"] = percentile_interval(dist[key], config.level)
-    index = {(r["weighting"], r["arch"], r["seed"]): i for i, r in enumerate(rows)}
-    reps = [index[(s["weighting"], s["arch"], s["best_seed"])] for s in summary]
+    index = {(r["weighting"], r["arch"], r["seed"], *(r[n] for n in varied)): i for i, r in enumerate(rows)}
+    reps = [index[(s["weighting"], s["arch"], s["best_seed"], *(s["vary"][n] for n in varied))] for s in summary]
     best: dict[str, str] = {}
     for entry, r in zip(summary, reps):
         entry["best_ci"] = {key: rows[r][f"{key}_ci"] for key in keys}
         entry["win_fraction"] = {}
     for key, _ in compared(tasks):
         top = max(range(len(summary)), key=lambda j: (summary[j]["best"][key], -j))   # ties: the first entry
-        best[key] = f"{summary[top]['weighting']}-{summary[top]['arch']}"
+        best[key] = _label(summary[top], varied)
         for j, entry in enumerate(summary):
             entry["win_fraction"][key] = (None if j == top
                                           else win_fraction(dists[reps[j]][key], dists[reps[top]][key]))
@@ -112,7 +112,15 @@ def _fraction(x: float | None) -> str:
     return "best" if x is None else score_text(x, 3)
 
 
-def paired_markdown(tasks: TaskSet, summary: Sequence[dict[str, Any]], titles: dict[str, str]) -> str:
+def _label(entry: dict[str, Any], varied: Sequence[str]) -> str:
+    """A configuration's name: `weighting-arch` and the values of the axes that apply to it."""
+    values = entry.get("vary", {})
+    return f"{entry['weighting']}-{entry['arch']}" + "".join(
+        f"-{name}={values[name]}" for name in varied if values.get(name, "") != "")
+
+
+def paired_markdown(tasks: TaskSet, summary: Sequence[dict[str, Any]], titles: dict[str, str],
+                    varied: Sequence[str] = ()) -> str:
     """The table of win fractions: one row per configuration, one column per task's headline score and the mean."""
     if not summary or "win_fraction" not in summary[0]:
         return ""
@@ -120,5 +128,7 @@ def paired_markdown(tasks: TaskSet, summary: Sequence[dict[str, Any]], titles: d
     lines = ["| Configuration | " + " | ".join(h for _, h in columns) + " |", "|---|" + "---|" * len(columns)]
     for s in summary:
         cells = [_fraction(s["win_fraction"][key]) for key, _ in columns]
-        lines.append(f"| {titles[s['weighting']]} · {s['arch'].upper()} | " + " | ".join(cells) + " |")
+        axes = ", ".join(f"{n}={s['vary'][n]}" for n in varied if s["vary"][n] != "")
+        lines.append(f"| {titles[s['weighting']]} · {s['arch'].upper()}{f' {axes}' if axes else ''} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -32,33 +32,34 @@ def table_columns(tasks: TaskSet) -> tuple[tuple[str, str], ...]:
     return (*columns, (SELECTION_KEY, "Mean"))
 
 
-def result_fields(tasks: TaskSet) -> tuple[str, ...]:
-    """The columns of results.csv (before any interval columns)."""
-    return ("arch", "weighting", "seed", *tasks.metric_keys, SELECTION_KEY, "best_epoch")
+def result_fields(tasks: TaskSet, varied: Sequence[str] = ()) -> tuple[str, ...]:
+    """The columns of results.csv (before any interval columns): a column per varied field after the seed."""
+    return ("arch", "weighting", "seed", *varied, *tasks.metric_keys, SELECTION_KEY, "best_epoch")
 
 
 def write_tables(out: Path, rows: list[dict], run_dirs: Sequence[Path], grid_record: dict[str, Any], cache: Any,
-                 bootstrap: BootstrapConfig | None) -> None:
+                 bootstrap: BootstrapConfig | None, varied: Sequence[str] = ()) -> None:
     """results.csv, results.json and results.md of the grid in `out` (`rows[i]` is the run in `run_dirs[i]`),
-    with bootstrap intervals and paired comparisons when `bootstrap` is given."""
+    with bootstrap intervals and paired comparisons when `bootstrap` is given; `varied` names the grid's extra
+    axes (heads.training.axes), whose values the rows carry."""
     tasks = tasks_of(cache.attrs, str(cache.path))
-    summary = summarise(tasks, rows)
+    summary = summarise(tasks, rows, varied)
     uncertainty = None
     if bootstrap is not None:
-        uncertainty = add_uncertainty(rows, summary, run_dirs, cache, bootstrap)
-    write_text_atomic(out / RESULTS_CSV, results_csv(tasks, rows))
+        uncertainty = add_uncertainty(rows, summary, run_dirs, cache, bootstrap, varied)
+    write_text_atomic(out / RESULTS_CSV, results_csv(tasks, rows, varied))
     write_json_atomic(out / RESULTS_JSON, {"config": grid_record, "runs": rows, "summary": summary,
                                            **({"bootstrap": uncertainty} if uncertainty else {})})
-    write_text_atomic(out / RESULTS_MD, results_markdown(tasks, summary, uncertainty))
+    write_text_atomic(out / RESULTS_MD, results_markdown(tasks, summary, uncertainty, varied))
 
 
 
 # --------------------------------------------------------------------------------------------- tables
 
-def results_csv(tasks: TaskSet, rows: Sequence[dict]) -> str:
+def results_csv(tasks: TaskSet, rows: Sequence[dict], varied: Sequence[str] = ()) -> str:
     """One line per run; rows carrying bootstrap intervals (`<key>_ci`) get `<key>_ci_low,<key>_ci_high` columns."""
     with_ci = [k for k in ci_keys(tasks) if rows and f"{k}_ci" in rows[0]]
-    base = result_fields(tasks)
+    base = result_fields(tasks, varied)
     fields = list(base) + [f"{k}_ci_{end}" for k in with_ci for end in ("low", "high")]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
@@ -71,32 +72,37 @@ def results_csv(tasks: TaskSet, rows: Sequence[dict]) -> str:
     return buf.getvalue()
 
 
-def summarise(tasks: TaskSet, rows: Sequence[dict]) -> list[dict]:
-    """One entry per (weighting, arch) in table order: the best seed's metrics (by Val mean) and mean/std."""
+def summarise(tasks: TaskSet, rows: Sequence[dict], varied: Sequence[str] = ()) -> list[dict]:
+    """One entry per configuration -- (weighting, arch) and the values of the varied axes -- in table order: the
+    best seed's metrics (by Val mean) and mean/std over seeds."""
     out = []
     weightings = [w for w in WEIGHTINGS if any(r["weighting"] == w for r in rows)]
     archs = [a for a in ARCHS if any(r["arch"] == a for r in rows)]
+    keys = [k for k, _ in table_columns(tasks)]
     for w in weightings:
         for a in archs:
-            cell = [r for r in rows if r["weighting"] == w and r["arch"] == a]
-            if not cell:
-                continue
-            best = max(cell, key=lambda r: r[SELECTION_KEY])  # first seed wins a tie
-            keys = [k for k, _ in table_columns(tasks)]
-            values = {k: np.array([r[k] for r in cell], dtype=np.float64) for k in keys}
-            out.append({
-                "weighting": w, "arch": a, "n_seeds": len(cell), "best_seed": best["seed"],
-                "best": {k: best[k] for k in keys},
-                "mean": {k: float(values[k].mean()) for k in keys},
-                # sample std over seeds (ddof=1); undefined for one seed
-                "std": {k: float(values[k].std(ddof=1)) if len(cell) > 1 else None for k in keys},
-            })
+            combos = list(dict.fromkeys(tuple(r[n] for n in varied) for r in rows
+                                        if r["weighting"] == w and r["arch"] == a))
+            for combo in combos:
+                cell = [r for r in rows if r["weighting"] == w and r["arch"] == a
+                        and tuple(r[n] for n in varied) == combo]
+                best = max(cell, key=lambda r: r[SELECTION_KEY])  # first seed wins a tie
+                values = {k: np.array([r[k] for r in cell], dtype=np.float64) for k in keys}
+                out.append({
+                    "weighting": w, "arch": a, **({"vary": dict(zip(varied, combo))} if varied else {}),
+                    "n_seeds": len(cell), "best_seed": best["seed"],
+                    "best": {k: best[k] for k in keys},
+                    "mean": {k: float(values[k].mean()) for k in keys},
+                    # sample std over seeds (ddof=1); undefined for one seed
+                    "std": {k: float(values[k].std(ddof=1)) if len(cell) > 1 else None for k in keys},
+                })
     return out
 
 
 
 
-def results_markdown(tasks: TaskSet, summary: Sequence[dict], uncertainty: dict | None = None) -> str:
+def results_markdown(tasks: TaskSet, summary: Sequence[dict], uncertainty: dict | None = None,
+                     varied: Sequence[str] = ()) -> str:
     """Table I of the paper: grouped by weighting, one row per architecture, best value per column in bold.
 
     With bootstrap results (`heads.analysis.comparison.add_uncertainty`), each cell also shows the best run's interval
@@ -124,8 +130,9 @@ def results_markdown(tasks: TaskSet, summary: Sequence[dict], uncertainty: dict 
             if s["n_seeds"] > 1:
                 text += f" ({score_text(s['mean'][k])} ± {score_text(s['std'][k])})"
             cells.append(text)
-        lines.append(f"| *{s['arch'].upper()}* | " + " | ".join(cells) + " |")
-    paired = paired_markdown(tasks, summary, WEIGHTING_TITLES) if uncertainty else ""
+        axes = ", ".join(f"{n}={s['vary'][n]}" for n in varied if s["vary"][n] != "")
+        lines.append(f"| *{s['arch'].upper()}*{f' {axes}' if axes else ''} | " + " | ".join(cells) + " |")
+    paired = paired_markdown(tasks, summary, WEIGHTING_TITLES, varied) if uncertainty else ""
     parts = ["Validation scores. Each cell: the run with the best validation mean of the headline scores"
              + (" (over seeds)" if several else "")]
     if uncertainty:

@@ -183,6 +183,15 @@ class MultiTaskHead(nn.Module):
             if isinstance(m, StackedDropout):
                 m.set_generators(gens, draw_ahead)
 
+    def set_run_dropout(self, ps: Sequence[float]) -> None:
+        """Run r's dropout probability, in every dropout module (the runs of a joint group may differ in it)."""
+        ps = [float(p) for p in ps]
+        if len(ps) != self.n_runs:
+            raise HeadConfigError(f"set_run_dropout got {len(ps)} probabilities for {self.n_runs} runs")
+        for m in self.modules():
+            if isinstance(m, StackedDropout):
+                m.set_run_probabilities(ps)
+
     def use_grad_buffers(self, on: bool = True) -> None:
         """Let every stacked linear layer write its weight gradient in place (see heads/model/layers.py)."""
         for m in self.modules():
@@ -340,7 +349,7 @@ class ChainHead(VanillaHead):
         nets = self.nets
         h1 = nets.first_layer(self._features(x))                          # [R, T, B, H]
         teacher = self.training and targets is not None
-        keep = nets.drop.mask(h1.shape[1:], h1) if self.training and nets.drop.p > 0 else None
+        keep = nets.drop.mask(h1.shape[1:], h1) if self.training and nets.drop.active else None
         out: dict[str, Tensor] = {}
         fed: list[Tensor] = []
         for i, task in enumerate(self.order):

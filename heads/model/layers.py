@@ -252,10 +252,27 @@ class StackedDropout(nn.Module):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p = p
+        self.run_p: list[float] | None = None   # per-run probabilities (set_run_probabilities), else p for all
         self.draw_ahead = False
         self.generators: list[torch.Generator] | None = None
         self.set_generators(generators)
 
+    def set_run_probabilities(self, ps: Sequence[float] | None) -> None:
+        """Run r drops with probability ps[r] (runs of a joint group may differ in dropout); None: `p` for all.
+        Run r's mask is then exactly its mask alone: the same draws from its generator, compared with its p."""
+        if ps is not None:
+            ps = [float(p) for p in ps]
+            if not all(0.0 <= p < 1.0 for p in ps):
+                raise ValueError(f"dropout probabilities must be in [0, 1), got {ps}")
+            if len(set(ps)) == 1:
+                self.p, ps = ps[0], None
+        self.run_p = ps
+        self._ahead = None
+
+    @property
+    def active(self) -> bool:
+        """Whether any run drops anything."""
+        return any(p > 0 for p in self.run_p) if self.run_p is not None else self.p > 0
     def set_generators(self, generators: Sequence[torch.Generator] | None, draw_ahead: bool = False) -> None:
         self.generators = list(generators) if generators is not None else None
         self.draw_ahead = draw_ahead and generators is not None
@@ -271,7 +288,12 @@ class StackedDropout(nn.Module):
             draws = torch.empty((len(gens), steps, *shape), device=gens[0].device)
             for r, g in enumerate(gens):   # one draw per run: the same values as torch.rand with that generator
                 torch.rand((steps, *shape), generator=g, device=g.device, out=draws[r])
-        return (draws >= self.p).to(device=like.device, dtype=like.dtype) * (1.0 / (1.0 - self.p))
+        if self.run_p is None:
+            return (draws >= self.p).to(device=like.device, dtype=like.dtype) * (1.0 / (1.0 - self.p))
+        view = (len(self.run_p),) + (1,) * (draws.dim() - 1)                       # [R, 1, ...]
+        p = torch.tensor(self.run_p, dtype=draws.dtype, device=draws.device).view(view)
+        scale = torch.tensor([1.0 / (1.0 - q) for q in self.run_p], dtype=like.dtype, device=like.device).view(view)
+        return (draws >= p).to(device=like.device, dtype=like.dtype) * scale
 
     def mask(self, shape: Sequence[int], like: Tensor) -> Tensor:
         """Scaled keep-mask [R, *shape] in `like`'s dtype and device."""
@@ -289,14 +311,14 @@ class StackedDropout(nn.Module):
         return ahead[:, self._used - 1]
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
+        if not self.training or not self.active:
             return x
         if self.generators is not None:
             _check_runs(x, len(self.generators), "StackedDropout input")
         return x * self.mask(x.shape[1:], x)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.run_p if self.run_p is not None else self.p}"
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, n_heads: int, key_padding_mask: Tensor | None = None) -> Tensor:

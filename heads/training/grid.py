@@ -39,7 +39,7 @@ from heads.names import (
 )
 from heads.runs import CONFIG_FILE, RunDirError, is_complete, read_run
 from heads.tasks import TaskSet, tasks_of
-from heads.training import crossval
+from heads.training import axes, crossval
 from heads.training.device import resolve_device
 from heads.training.distributed import assign_groups, grid_processes
 from heads.training.folds import round_view
@@ -47,12 +47,12 @@ from heads.training.joint import (
     SELECTION_KEY,
     TrainConfig,
     run_config_record,
-    run_name,
+    shape_key,
     train_runs,
 )
 
 # TrainConfig fields that the grid sets per run (the rest of its `run` template is shared by every run).
-PER_RUN_FIELDS: tuple[str, ...] = ("arch", "weighting", "seed", "weighting_options")
+PER_RUN_FIELDS: tuple[str, ...] = ("arch", "weighting", "seed", "weighting_options", "variant")
 # Beside the run folders while a joint `train_runs` call runs: the names of its runs (one file per call, named
 # after its first run, so the calls of several processes never share one).
 GROUP_MARKER = ".training-{first}.json"
@@ -95,6 +95,7 @@ class GridConfig:
     folds: int = 0                       # > 0: speaker-independent cross-validation (heads.training.crossval)
     fold: int | None = None              #   only this round (None: every round)
     fold_seed: int = 0                   #   seed of the fold assignment (avb finetune --folds uses the same)
+    vary: dict[str, tuple] = field(default_factory=dict)   # more axes: field -> values (heads.training.axes)
 
     def __post_init__(self) -> None:
         self.cache = str(Path(self.cache).resolve()) if self.cache else ""
@@ -116,14 +117,28 @@ class GridConfig:
         if not self.folds:   # a plain grid's record stays as it was before cross-validation existed
             for key in ("folds", "fold", "fold_seed"):
                 data.pop(key)
+        if not self.vary:    # ... and before axes existed
+            data.pop("vary")
         data["run"]["head"].pop("arch", None)
         return data
 
     def run_configs(self, arch: str) -> list[TrainConfig]:
-        """The runs of one architecture, in grid order (weighting-major, then seed)."""
-        return [replace(self.run, arch=arch, weighting=w, seed=s, head=replace(self.run.head, arch=arch),
-                        weighting_options=dict(self.weighting_options.get(w, {})))
-                for w in self.weightings for s in self.seeds]
+        """The runs of one architecture, in grid order (weighting-major, then the axes' combinations, then seed)."""
+        out = []
+        for w in self.weightings:
+            base = replace(self.run, arch=arch, weighting=w, head=replace(self.run.head, arch=arch),
+                           weighting_options=dict(self.weighting_options.get(w, {})))
+            for values in axes.variants(self.vary, arch, w):
+                if values.get("chain_order") == axes.ALL_ORDERS:
+                    raise AblationError("chain_order=all is resolved against the cache's tasks (run_grid does it)")
+                varied = axes.apply(base, values) if values else base
+                out += [replace(varied, seed=s) for s in self.seeds]
+        return out
+
+    @property
+    def varied(self) -> list[str]:
+        """The names of the extra axes, in the order given (a column each in the result tables)."""
+        return list(self.vary)
 
 
 def _unique(kind: str, values: Sequence[Any], valid: Sequence[Any] | None = None) -> tuple[Any, ...]:
@@ -208,8 +223,16 @@ def _interrupted_groups(out: Path, arch: str, finished: set[str]) -> list[list[s
     return groups
 
 
-def _row(tasks: TaskSet, cfg: TrainConfig, metrics: dict[str, Any]) -> dict[str, Any]:
+def _run_dirs(grid: GridConfig, out: Path) -> list[Path]:
+    """Every run's folder, in grid order (the order of `_run_locked`'s rows)."""
+    return [out / cfg.name for arch in grid.archs for cfg in grid.run_configs(arch)]
+
+
+def _row(tasks: TaskSet, cfg: TrainConfig, metrics: dict[str, Any], varied: Sequence[str]) -> dict[str, Any]:
     row: dict[str, Any] = {"arch": cfg.arch, "weighting": cfg.weighting, "seed": cfg.seed}
+    for name in varied:   # '' where the axis does not apply to this run (e.g. chain_order for VANILLA)
+        row[name] = axes.value_text(axes.axis_value(cfg, name)) if axes.applies(name, cfg.arch, cfg.weighting) \
+            else ""
     for key in (*tasks.metric_keys, SELECTION_KEY):
         row[key] = float(metrics[key])
     row["best_epoch"] = int(metrics["best_epoch"])
@@ -245,14 +268,14 @@ def run_grid(grid: GridConfig, out_dir: str | Path, *, device: torch.device | No
     # launch share the lock of rank 0, which leaves last (it writes the tables after every rank has finished).
     with hold_output(out, ranks=procs):
         cache = load_cache(grid.cache)
-        grid = replace(grid, run=replace(grid.run, head=with_chain_order(grid.run.head, tasks_of(cache.attrs,
-                                                                                              grid.cache))))
+        tasks = tasks_of(cache.attrs, grid.cache)
+        grid = replace(grid, run=replace(grid.run, head=with_chain_order(grid.run.head, tasks)),
+                       vary=axes.resolve(grid.vary, tasks))
         if grid.folds:
             return _run_rounds(grid, cache, out, procs, train_device, progress, tracker, bootstrap)
         rows = _run_locked(grid, cache, out, procs, train_device, progress, tracker)
         if procs.is_main:
-            run_dirs = [out / run_name(r["arch"], r["weighting"], r["seed"]) for r in rows]
-            write_tables(out, rows, run_dirs, grid.to_dict(), cache, bootstrap)
+            write_tables(out, rows, _run_dirs(grid, out), grid.to_dict(), cache, bootstrap, grid.varied)
     return rows if procs.is_main else []
 
 
@@ -271,8 +294,8 @@ def _run_rounds(grid: GridConfig, cache: Any, out: Path, procs: Any, device: tor
         fold_out = crossval.fold_dir(out, k)
         fold_rows = _run_locked(grid, view, fold_out, procs, device, progress, tracker)
         if procs.is_main:
-            run_dirs = [fold_out / run_name(r["arch"], r["weighting"], r["seed"]) for r in fold_rows]
-            write_tables(fold_out, fold_rows, run_dirs, grid.to_dict(), view, bootstrap)
+            write_tables(fold_out, fold_rows, _run_dirs(grid, fold_out), grid.to_dict(), view, bootstrap,
+                         grid.varied)
             rows += [{**r, "fold": k} for r in fold_rows]
     names = [cfg.name for arch in grid.archs for cfg in grid.run_configs(arch)]
     done = all(is_complete(crossval.fold_dir(out, k) / name) for k in range(grid.folds) for name in names)
@@ -303,7 +326,7 @@ def _run_locked(grid: GridConfig, cache: Any, out: Path, procs: Any, device: tor
     if not procs.is_main:
         return []
     tasks = tasks_of(cache.attrs, str(cache.path))
-    return [_row(tasks, cfg, read_run(out / cfg.name).metrics)
+    return [_row(tasks, cfg, read_run(out / cfg.name).metrics, grid.varied)
             for arch in grid.archs for cfg in grid.run_configs(arch)]
 
 
@@ -334,12 +357,17 @@ def _plan_groups(grid: GridConfig, cache: Any, out: Path) -> list[JointGroup]:
         finished = {cfg.name for i, cfg in enumerate(configs) if i not in todo}
         for names in _interrupted_groups(out, arch, finished):
             todo |= {index[n] for n in names if n in index}
-        per_run = run_state_bytes(configs[0].head, dict(cache.layer_dims), tasks_of(cache.attrs, str(cache.path)))
-        for group in joint_groups(len(configs), per_run, grid.max_group_bytes):
-            members = [i for i in group if i in todo]
-            if members:
-                planned.append(JointGroup(arch, [configs[i] for i in members], [dirs[i] for i in members],
-                                          float(per_run * len(members))))
+        shapes: dict[tuple, list[int]] = {}   # runs that can stack (heads.training.joint.shape_key), in order
+        for i, cfg in enumerate(configs):
+            shapes.setdefault(shape_key(cfg), []).append(i)
+        for stack in shapes.values():
+            per_run = run_state_bytes(configs[stack[0]].head, dict(cache.layer_dims),
+                                      tasks_of(cache.attrs, str(cache.path)))
+            for group in joint_groups(len(stack), per_run, grid.max_group_bytes):
+                members = [stack[i] for i in group if stack[i] in todo]
+                if members:
+                    planned.append(JointGroup(arch, [configs[i] for i in members], [dirs[i] for i in members],
+                                              float(per_run * len(members))))
     return planned
 
 

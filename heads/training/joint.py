@@ -76,9 +76,17 @@ if TYPE_CHECKING:
     from cache.reader import CacheData
 
 # Fields every jointly trained run must share: they shape the stacked module, the batches or the schedule.
+# Per run, besides arch-weighting-seed: lr, weighting_options and the head's dropout probability.
 SHARED_FIELDS: tuple[str, ...] = (
     "arch", "head", "epochs", "batch_size", "weight_decay", "patience", "lr_factor", "grad_clip", "precision",
 )
+
+
+def shape_key(cfg: TrainConfig) -> tuple[Any, ...]:
+    """What runs trained jointly must have in common (SHARED_FIELDS, the head's dropout left out)."""
+    return tuple(json.dumps(jsonable(getattr(cfg, name) if name != "head" else
+                                     dataclasses.replace(cfg.head, dropout=0.0)), sort_keys=True)
+                 for name in SHARED_FIELDS)
 
 
 @dataclass
@@ -101,6 +109,7 @@ class TrainConfig:
     precision: str = "fp32"      # "bf16": the heads' matmuls under bf16 autocast (a GPU option)
     head: HeadConfig = field(default_factory=HeadConfig)
     weighting_options: dict = field(default_factory=dict)
+    variant: str = ""            # a grid's varied fields, `-<field>=<value>...` (heads.training.axes): name suffix
 
     def __post_init__(self) -> None:
         if isinstance(self.head, dict):
@@ -126,11 +135,15 @@ class TrainConfig:
     @property
     def name(self) -> str:
         """The run's directory name in an ablation grid."""
-        return run_name(self.arch, self.weighting, self.seed)
+        return run_name(self.arch, self.weighting, self.seed) + self.variant
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types (tuples become lists), so a stored config compares equal to a fresh one."""
-        return jsonable(dataclasses.asdict(self))
+        """Plain JSON types (tuples become lists), so a stored config compares equal to a fresh one; no
+        `variant` outside a varied grid (the record of every run from before axes existed)."""
+        data = jsonable(dataclasses.asdict(self))
+        if not self.variant:
+            data.pop("variant")
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -154,13 +167,12 @@ def _check_configs(configs: Sequence[TrainConfig], out_dirs: Sequence[Path]) -> 
         raise TrainingError(f"{len(configs)} configs but {len(out_dirs)} output folders")
     if len({Path(d).resolve() for d in out_dirs}) != len(out_dirs):
         raise TrainingError("two runs share one output folder")
-    first = configs[0]
+    first, key = configs[0], shape_key(configs[0])
     for cfg in configs[1:]:
-        for name in SHARED_FIELDS:
-            a, b = getattr(first, name), getattr(cfg, name)
+        for name, a, b in zip(SHARED_FIELDS, key, shape_key(cfg)):
             if a != b:
                 raise TrainingError(
-                    f"runs trained jointly must share {name}: {first.name} has {a!r}, {cfg.name} has {b!r}")
+                    f"runs trained jointly must share {name}: {first.name} has {a}, {cfg.name} has {b}")
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -301,6 +313,7 @@ class JointTraining:
         self.tasks = tasks_of(cache.attrs, str(cache.path))
         self.model = build_head(self.first.head, dict(cache.layer_dims), self.seeds, self.tasks, device=device,
                                 draw_ahead=True)
+        self.model.set_run_dropout([c.head.dropout for c in configs])
         check_features(cache, self.model.required_layers,
                        np.concatenate([self.train_rows, self.val_rows, self.test_rows]))
         self.model.use_grad_buffers()
