@@ -90,6 +90,20 @@ def _fold_options(func):
     return func
 
 
+def _weighting_options(specs: tuple[str, ...]) -> dict[str, float]:
+    """KEY=VALUE pairs of --weighting-option (checked against the weighting when it is built)."""
+    options = {}
+    for spec in specs:
+        key, sep, value = spec.partition("=")
+        try:
+            options[key.strip()] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"expected KEY=NUMBER, got {spec!r}", param_hint="--weighting-option") from None
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=NUMBER, got {spec!r}", param_hint="--weighting-option")
+    return options
+
+
 def _check_fold_options(folds: int, fold: int | None, *, one_round: bool) -> None:
     if fold is not None and not folds:
         raise click.BadParameter("--fold needs --folds K", param_hint="--fold")
@@ -124,6 +138,14 @@ def _head_options(func):
                      help="Training batch size."),
         click.option("--lr", type=float, default=ConfigDefault(TRAIN + "lr"), show_default=True,
                      help="Head learning rate (AdamW)."),
+        click.option("--weight-decay", type=float, default=ConfigDefault(TRAIN + "weight_decay"), show_default=True,
+                     help="AdamW weight decay of the heads (never of the loss-weighting parameters)."),
+        click.option("--grad-clip", type=float, default=ConfigDefault(TRAIN + "grad_clip"), show_default=True,
+                     help="Per-run maximum gradient norm (0: no clipping)."),
+        click.option("--patience", type=int, default=ConfigDefault(TRAIN + "patience"), show_default=True,
+                     help="Epochs without a better Val mean before the LR is multiplied by --lr-factor."),
+        click.option("--lr-factor", type=float, default=ConfigDefault(TRAIN + "lr_factor"), show_default=True,
+                     help="The plateau schedule's LR factor."),
         click.option("--device", default="auto", show_default=True,
                      help="Where the heads train: auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps. "
                           "Under `accelerate launch` each process takes its own GPU."),
@@ -160,13 +182,16 @@ def heads_group() -> None:
               help="Loss weighting across the tasks.")
 @click.option("--seed", type=int, default=ConfigDefault(TRAIN + "seed"), show_default=True,
               help="Seeds the head's initialisation, shuffling and dropout.")
+@click.option("--weighting-option", "weighting_option", multiple=True, metavar="KEY=VALUE",
+              help="An option of the loss weighting (repeatable), e.g. beta=0.5 for druw, temperature=2 for dwa.")
 @_fold_options
 @_head_options
-def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: int, folds: int, fold: int | None,
-                  fold_seed: int, hidden: int, dropout: float,
+def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: int, weighting_option: tuple[str, ...],
+                  folds: int, fold: int | None, fold_seed: int, hidden: int, dropout: float,
                   input_layer: str, chain_order: str, n_heads: int, branch_blocks: int, branch_frames: bool,
-                  epochs: int, batch_size: int, lr: float, device: str, precision: str, progress: bool,
-                  report_to: str, tracking_dir: Path | None) -> None:
+                  epochs: int, batch_size: int, lr: float, weight_decay: float, grad_clip: float, patience: int,
+                  lr_factor: float, device: str, precision: str, progress: bool, report_to: str,
+                  tracking_dir: Path | None) -> None:
     """Train one head run on the cache's Train split, select its best epoch on Val, predict Val and Test."""
     _check_fold_options(folds, fold, one_round=True)
     head = _head_config(hidden, dropout, input_layer, chain_order, n_heads, branch_blocks, branch_frames)
@@ -180,7 +205,8 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
 
         train_device = resolve_device(device)   # the one resolution; a missing device fails before anything loads
         cfg = TrainConfig(arch=arch, weighting=weighting, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
-                          head=head, precision=precision)
+                          weight_decay=weight_decay, grad_clip=grad_clip, patience=patience, lr_factor=lr_factor,
+                          head=head, precision=precision, weighting_options=_weighting_options(weighting_option))
         cache = load_cache(cache_path)
         tasks = tasks_of(cache.attrs, str(cache_path))
         if folds:   # one round of cross-validation: the cache's splits as that round sees them
@@ -233,8 +259,10 @@ def train_command(cache_path: Path, out: Path, arch: str, weighting: str, seed: 
 @_head_options
 def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, seeds: str, max_group_mib: int,
                    ci: float, n_boot: int, vary: tuple[str, ...], folds: int, fold: int | None, fold_seed: int,
-                   hidden: int, dropout: float, input_layer: str, chain_order: str, n_heads: int, branch_blocks: int, branch_frames: bool, epochs: int, batch_size: int, lr: float,
-                   device: str, precision: str, progress: bool, report_to: str, tracking_dir: Path | None) -> None:
+                   hidden: int, dropout: float, input_layer: str, chain_order: str, n_heads: int, branch_blocks: int,
+                   branch_frames: bool, epochs: int, batch_size: int, lr: float, weight_decay: float, grad_clip: float,
+                   patience: int, lr_factor: float, device: str, precision: str, progress: bool, report_to: str,
+                   tracking_dir: Path | None) -> None:
     """Train every arch x weighting x seed (runs of one arch jointly), resumably; print a Table I-style summary.
 
     `accelerate launch --num_processes N -m heads.ablate` (same options) spreads the joint groups over N
@@ -254,7 +282,9 @@ def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, see
         train_device = resolve_device(device)   # the one resolution; a missing device fails before anything loads
         grid = GridConfig(
             cache=str(cache_path), archs=tuple(arch_list), weightings=tuple(weighting_list), seeds=tuple(seed_list),
-            run=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, head=head, precision=precision),
+            run=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                            grad_clip=grad_clip, patience=patience, lr_factor=lr_factor, head=head,
+                            precision=precision),
             max_group_bytes=None if max_group_mib is None else max_group_mib * 2**20,
             folds=folds, fold=fold, fold_seed=fold_seed, vary=parse_vary(vary))
         rows = run_grid(grid, out, device=train_device, progress=progress, tracker=tracker,
@@ -272,3 +302,70 @@ def ablate_command(cache_path: Path, out: Path, archs: str, weightings: str, see
         return
     click.echo((out / RESULTS_MD).read_text(encoding="utf-8"), nl=False)
     click.echo(f"wrote {out / RESULTS_CSV}, {out / RESULTS_JSON} and {out / RESULTS_MD}")
+
+
+@heads_group.command("search")
+@click.option("--cache", "cache_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="HDF5 feature cache written by `avb dump`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Search folder: study.db (the Optuna study), trials.csv, one run folder per finished trial.")
+@click.option("--space", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML: each field with {low, high[, log]} or a list (arch, weighting, seed, and every --vary "
+                   "field; chain_order: all).")
+@click.option("--trials", required=True, type=click.IntRange(min=1), help="Finished trials to reach.")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Trials asked at once; those of one shape train as one stacked model.")
+@click.option("--sampler", type=click.Choice(("tpe", "random")), default="tpe", show_default=True)
+@click.option("--pruner", type=click.Choice(("median", "hyperband", "none")), default="median", show_default=True)
+@click.option("--seed", "study_seed", default=0, show_default=True, type=int,
+              help="Seed of the sampler: the same seed gives the same study.")
+@click.option("--arch", type=click.Choice(ARCHS, case_sensitive=False), default=ConfigDefault(TRAIN + "arch"),
+              show_default=True, help="The architecture of every trial (unless the space lists arch).")
+@click.option("--weighting", type=click.Choice(WEIGHTINGS, case_sensitive=False),
+              default=ConfigDefault(TRAIN + "weighting"), show_default=True,
+              help="The loss weighting of every trial (unless the space lists weighting).")
+@_head_options
+def search_command(cache_path: Path, out: Path, space: Path, trials: int, batch: int, sampler: str, pruner: str,
+                   study_seed: int, arch: str, weighting: str, hidden: int, dropout: float, input_layer: str,
+                   chain_order: str, n_heads: int, branch_blocks: int, branch_frames: bool, epochs: int,
+                   batch_size: int, lr: float, weight_decay: float, grad_clip: float, patience: int,
+                   lr_factor: float, device: str, precision: str, progress: bool, report_to: str,
+                   tracking_dir: Path | None) -> None:
+    """Search the space with Optuna, trials asked in batches and trained as stacked runs; resumable (SQLite).
+
+    The options a trial does not draw from the space are fixed for all (the same as `avb heads train`'s)."""
+    head = _head_config(hidden, dropout, input_layer, chain_order, n_heads, branch_blocks, branch_frames)
+    with command_errors(), hold_output(out):
+        from cache.reader import load_cache  # noqa: PLC0415
+        from heads.tasks import tasks_of  # noqa: PLC0415
+        from heads.training.device import resolve_device  # noqa: PLC0415
+        from heads.training.joint import TrainConfig  # noqa: PLC0415
+        from heads.training.search import (  # noqa: PLC0415
+            SearchSettings,
+            read_space,
+            run_search,
+            train_command_of,
+            trial_dir,
+        )
+
+        if report_to != "none":
+            raise click.BadParameter("trials are followed in trials.csv and study.db", param_hint="--report-to")
+        del tracking_dir
+        train_device = resolve_device(device)
+        cache = load_cache(cache_path)
+        dims = read_space(space, tasks_of(cache.attrs, str(cache_path)))
+        fixed = TrainConfig(arch=arch, weighting=weighting, epochs=epochs, batch_size=batch_size, lr=lr,
+                            weight_decay=weight_decay, grad_clip=grad_clip, patience=patience, lr_factor=lr_factor,
+                            head=head, precision=precision)
+        study = run_search(cache, out, dims, fixed, SearchSettings(trials, batch, sampler, pruner, study_seed),
+                           device=train_device, progress=progress, say=click.echo)
+    best = study.best_trial
+    from heads.runs import read_run_config  # noqa: PLC0415
+    from heads.training.joint import TrainConfig  # noqa: PLC0415
+
+    config = read_run_config(trial_dir(out, best.number))
+    cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k not in ("run_format", "cache", "cache_attrs")})
+    click.echo(f"best: trial {best.number} (Val mean {best.value:.4f}) in {trial_dir(out, best.number)}; "
+               f"{', '.join(f'{k}={v}' for k, v in best.params.items())}")
+    click.echo("reproduce it alone with:")
+    click.echo("  " + train_command_of(cache_path, cfg, out / "best"))

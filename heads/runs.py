@@ -59,6 +59,8 @@ TRAINED_ON_FILE = "avb_trained_on.json"   # in a fine-tuned backbone folder: {"c
 CHECKPOINTS_DIR = "checkpoints"   # a fine-tuning output's save_state checkpoints
 RESULTS_CSV, RESULTS_JSON, RESULTS_MD = "results.csv", "results.json", "results.md"   # an ablation grid's tables
 PROBE_CSV, PROBE_JSON, PROBE_MD = "probe.csv", "probe.json", "probe.md"               # a probe folder's files
+STUDY_FILE, TRIALS_CSV = "study.db", "trials.csv"   # a search folder's Optuna study (SQLite) and trial list
+STUDY_NAME = "avb-heads-search"                    # the study's name inside study.db
 
 
 # What `output_kind` calls each folder.

@@ -155,3 +155,17 @@ def test_dropout_drawn_ahead_gives_the_masks_of_one_draw_per_step(monkeypatch):
     joint_out = [again(x) for _ in range(7)] + [again(x[:, :3]) for _ in range(3)]
     for j, s_ in zip(joint_out, solo_out):       # run 1 of the pair equals run 1 alone
         torch.testing.assert_close(j[1:], s_, rtol=0, atol=0)
+
+
+@pytest.mark.benchmark
+@pytest.mark.slow
+def test_bench_search_quick_prints_both_sides_and_their_ratio():
+    proc = subprocess.run([sys.executable, "-m", "tests.benchmarks.bench_search", "--quick", "--rounds", "1",
+                           "--trials", "4", "--batch", "4", "--epochs", "2", "--threads", "1"],
+                          check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    figures = {name: float(value) for name, value in
+               re.findall(r"\] (batches of \d+ \(.+?\)|ratio): (-?[0-9.]+)", proc.stdout)}
+    stacked, one_by_one = figures["batches of 4 (stacked)"], figures["batches of 1 (one by one)"]
+    assert stacked > 0 and one_by_one > 0
+    assert figures["ratio"] == pytest.approx(one_by_one / stacked, rel=2e-3)

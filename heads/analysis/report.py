@@ -19,10 +19,12 @@ with the Agg canvas directly (no pyplot, so no global backend state and no displ
 """
 from __future__ import annotations
 
+import csv
 import html
 import io
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -50,6 +52,9 @@ from heads.runs import (
     RESULTS_JSON,
     RESULTS_MD,
     RUN,
+    STUDY_FILE,
+    STUDY_NAME,
+    TRIALS_CSV,
     EnsembleFolder,
     RunFolder,
     find_runs,
@@ -122,6 +127,7 @@ class ReportInputs:
     ensembles: list[EnsembleFolder] = field(default_factory=list)
     ablations: list[Path] = field(default_factory=list)
     probes: list[ProbeInfo] = field(default_factory=list)
+    searches: list[Path] = field(default_factory=list)   # `avb heads search` folders (trials.csv, study.db)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -138,7 +144,9 @@ def collect_inputs(dirs: Iterable[str | os.PathLike]) -> ReportInputs:
             raise ReportError(f"{path}: not a directory")
         kind = output_kind(path)
         if kind in (RUN, ABLATION):
-            if kind == ABLATION:
+            if (path / TRIALS_CSV).is_file():
+                found.searches.append(path)
+            elif kind == ABLATION:
                 found.ablations.append(path)
             runs, warnings = find_runs([path])
             found.warnings += [w for w in warnings if w not in found.warnings]
@@ -405,6 +413,53 @@ def plot_ensemble(make: Any, ensemble: EnsembleFolder, path: Path) -> Path | Non
     return _save(fig, path)
 
 
+def read_trials(search: Path) -> list[dict[str, str]]:
+    with open(search / TRIALS_CSV, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def search_importances(search: Path) -> dict[str, float]:
+    """Optuna's parameter importances of a search's study ({} without Optuna or with too few trials)."""
+    try:
+        import optuna  # noqa: PLC0415
+    except ImportError:
+        return {}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{(search / STUDY_FILE).resolve()}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(complete) < 2 or not any(t.params for t in complete):
+        return {}
+    with warnings.catch_warnings():   # "some regimes have less than 2 trials": the figure says how many there are
+        warnings.simplefilter("ignore")
+        return dict(optuna.importance.get_param_importances(study))
+
+
+def plot_search(make: Any, search: Path, path: Path) -> Path | None:
+    """The optimisation history (each finished trial's Val mean, the best so far) and the parameter importances."""
+    rows = [r for r in read_trials(search) if r["state"] == "COMPLETE" and r["value"]]
+    if not rows:
+        return None
+    importances = search_importances(search)
+    fig, axes = make(1, 2 if importances else 1, 11 if importances else 6, 3.8)
+    numbers = [int(r["number"]) for r in rows]
+    values = [float(r["value"]) for r in rows]
+    ax = axes[0][0]
+    ax.plot(numbers, values, "o", label="trial")
+    ax.step(numbers, np.maximum.accumulate(values), where="post", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("Val mean")
+    ax.set_title(f"{search.name}: {len(rows)} finished trials", fontsize="medium")
+    ax.xaxis.set_major_locator(_integer_locator())
+    ax.legend(fontsize="small")
+    if importances:
+        ax = axes[0][1]
+        names = list(importances)[::-1]
+        ax.barh(names, [importances[n] for n in names])
+        ax.set_xlabel("importance (Optuna)")
+        ax.set_title("parameter importances", fontsize="medium")
+    return _save(fig, path)
+
+
 def probe_grid(data: Mapping[str, Any]) -> tuple[list[str], list[str], np.ndarray]:
     """(layers, tasks, headline scores [layers, tasks]) of a probe.json; NaN where a score is missing."""
     layers, tasks = list(data["layers"]), list(data["tasks"])
@@ -522,6 +577,7 @@ def _data_links(inputs: ReportInputs, out: Path) -> list[Path]:
         files += [run.path / METRICS_FILE, run.path / CONFIG_FILE]
     for probe in inputs.probes:
         files += [probe.path / n for n in (PROBE_CSV, PROBE_JSON, PROBE_MD)]
+    files += [search / TRIALS_CSV for search in inputs.searches]
     return [f for f in files if f.is_file()]
 
 
@@ -602,6 +658,9 @@ def make_report(dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> tu
     for ens in inputs.ensembles:
         add(f"Ensemble {ens.path.name} vs single runs",
             plot_ensemble(make, ens, out / f"ensemble_{_safe(ens.path.name)}.png"))
+    for search in inputs.searches:
+        add(f"Search {search.name}: optimisation history and parameter importances",
+            plot_search(make, search, out / f"search_{_safe(search.name)}.png"))
     for probe in inputs.probes:
         add(f"Linear probes {probe.path.name}: Val score per layer and task",
             plot_probe(make, probe, out / f"probe_{_safe(probe.path.name)}.png"))

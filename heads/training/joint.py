@@ -446,6 +446,7 @@ def train_runs(
     frames: Any = None,
     provenance: dict | None = None,
     tracker: Callable[[str, int, dict], None] | None = None,
+    should_stop: Callable[[int], bool] | None = None,
 ) -> list[dict]:
     """Train `configs` jointly on `cache` and write one run folder each; returns each run's metrics dict.
 
@@ -454,7 +455,8 @@ def train_runs(
     (`heads.training.device.resolve_device`); metrics.json records it under "trained_on", with `provenance`
     (e.g. the grid process that trained it). `frames` is a frame reader (`cache.reader.FrameReader`) for a
     BRANCH head that attends over frames. `tracker` (e.g. `heads.training.tracking.HeadsTracker`) is called
-    once per run and epoch with (run name, epoch, that epoch's history entry).
+    once per run and epoch with (run name, epoch, that epoch's history entry); `should_stop(epoch)`, asked
+    after each epoch, ends the training there (each run keeps its best epoch so far).
     """
     out_dirs = [Path(d) for d in out_dirs]
     job = JointTraining(cache, configs, out_dirs, frames=frames, device=torch.device(device), provenance=provenance)
@@ -467,5 +469,7 @@ def train_runs(
             for r, name in enumerate(job.names):
                 tracker(name, epoch, job.history[r][-1])
         bar.set_postfix(best_mean=f"{job.best_mean.max():.4f}")
+        if should_stop is not None and should_stop(epoch):
+            break
     bar.close()
     return job.finish()

@@ -1,0 +1,166 @@
+"""`avb heads search`: Optuna trials asked in batches and trained as stacked runs, resumable, deterministic."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import make_signal_cache
+
+optuna = pytest.importorskip("optuna")
+
+from cache.reader import load_cache  # noqa: E402
+from extract.app.cli import main as avb  # noqa: E402
+from heads.model.architectures import HeadConfig  # noqa: E402
+from heads.training import search as search_mod  # noqa: E402
+from heads.training.joint import TrainConfig, train_runs  # noqa: E402
+from heads.training.search import SearchError, SearchSettings, read_space, run_search  # noqa: E402
+
+torch.set_num_threads(1)
+
+SPACE = """\
+lr: {low: 1.0e-4, high: 3.0e-3, log: true}
+dropout: {low: 0.0, high: 0.5}
+weighting: [uniform, dwa, rruw, druw]
+druw_beta: {low: 0.0, high: 2.0}
+"""
+FIXED = TrainConfig(epochs=2, batch_size=8, head=HeadConfig(hidden=16, chain_order=("type", "two", "high",
+                                                                                     "culture")))
+
+
+@pytest.fixture(scope="module")
+def cache_file(tmp_path_factory) -> Path:
+    return make_signal_cache(tmp_path_factory.mktemp("cache") / "signal.h5", sizes=(96, 48, 16))
+
+
+def trials(path: Path) -> list[dict[str, str]]:
+    with open(path / "trials.csv", newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def search(cache, out, n, batch=8, pruner="none", space=SPACE):
+    (out.parent / "space.yaml").write_text(space)
+    dims = read_space(out.parent / "space.yaml", search_mod.tasks_of(cache.attrs))
+    return run_search(cache, out, dims, FIXED, SearchSettings(n, batch, "tpe", pruner, seed=3), device="cpu",
+                      progress=False, say=lambda _: None)
+
+
+def test_sixteen_trials_in_batches_of_eight_are_two_stacks_and_each_trial_equals_its_run_alone(
+        cache_file, tmp_path, monkeypatch):
+    calls = []
+    real = search_mod.train_runs
+    monkeypatch.setattr(search_mod, "train_runs", lambda cache, configs, dirs, **kw: (
+        calls.append(len(configs)), real(cache, configs, dirs, **kw))[1])
+    cache = load_cache(cache_file)
+    study = search(cache, tmp_path / "s", 16)
+    assert calls == [8, 8]                       # lr, dropout, weighting and its options all stack
+    loaded = optuna.load_study(study_name=search_mod.STUDY_NAME, storage=f"sqlite:///{tmp_path / 's' / 'study.db'}")
+    assert len(loaded.trials) == 16 and all(t.state.name == "COMPLETE" for t in loaded.trials)
+    rows = trials(tmp_path / "s")
+    assert [int(r["number"]) for r in rows] == list(range(16))
+    assert all((tmp_path / "s" / r["run"] / "metrics.json").is_file() for r in rows)
+    assert {r["druw_beta"] != "" for r in rows if r["weighting"] == "druw"} <= {True}
+    assert all(r["druw_beta"] == "" for r in rows if r["weighting"] != "druw")
+    best = study.best_trial
+    run = tmp_path / "s" / f"trial-{best.number:04d}"
+    config = json.loads((run / "config.json").read_text())
+    cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k not in ("run_format", "cache", "cache_attrs")})
+    assert cfg.lr == pytest.approx(best.params["lr"]) and cfg.head.dropout == pytest.approx(best.params["dropout"])
+    alone = train_runs(cache, [cfg], [tmp_path / "alone"], progress=False)[0]
+    assert alone["mean"] == pytest.approx(best.value, abs=1e-5)
+    # the best trial is an ordinary run folder: avb ensemble takes it
+    res = CliRunner().invoke(avb, ["ensemble", str(run), "--out", str(tmp_path / "ens"), "--ci", "0"])
+    assert res.exit_code == 0, res.output
+
+
+def test_the_same_seed_gives_the_same_study_and_a_killed_search_resumes(cache_file, tmp_path):
+    cache = load_cache(cache_file)
+    search(cache, tmp_path / "a", 8, batch=4)
+    search(cache, tmp_path / "b", 4, batch=4)                 # stopped after one batch ...
+    study = optuna.load_study(study_name=search_mod.STUDY_NAME, storage=f"sqlite:///{tmp_path / 'b' / 'study.db'}")
+    killed = study.ask()                                      # ... and a trial left RUNNING by a kill
+    killed.suggest_float("lr", 1e-4, 3e-3, log=True)
+    search(cache, tmp_path / "b", 8, batch=4)                 # the same command again
+    a, b = trials(tmp_path / "a"), trials(tmp_path / "b")
+    assert [r["lr"] for r in a[:4]] == [r["lr"] for r in b[:4]]            # same seed, same trials
+    assert b[4]["state"] == "FAIL" and sum(r["state"] == "COMPLETE" for r in b) == 8
+    rerun = next(r for r in b[5:] if r["lr"] == b[4]["lr"])                 # enqueued again, same params
+    assert rerun["state"] == "COMPLETE" and (tmp_path / "b" / rerun["run"]).is_dir()
+
+
+def test_pruned_trials_stop_the_stack_and_leave_no_run_folder(cache_file, tmp_path, monkeypatch):
+    epochs = []
+    real = search_mod.train_runs
+
+    def recording(cache, configs, dirs, **kw):
+        results = real(cache, configs, dirs, **kw)
+        epochs.extend(len(m["history"]) for m in results)
+        return results
+
+    monkeypatch.setattr(search_mod, "train_runs", recording)
+    real_study = search_mod._study
+
+    def pruning_study(optuna_, out, settings):   # prunes every trial at its first report: a mean never reaches 2
+        study = real_study(optuna_, out, settings)
+        study.pruner = optuna.pruners.ThresholdPruner(lower=2.0)
+        return study
+
+    monkeypatch.setattr(search_mod, "_study", pruning_study)
+    study = search(load_cache(cache_file), tmp_path / "p", 4, batch=4)
+    assert all(t.state.name == "PRUNED" for t in study.trials)
+    assert epochs == [1, 1, 1, 1]                                   # the stack stopped after the first epoch
+    assert not list((tmp_path / "p").glob("trial-*"))
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ("colour: [1, 2]\n", "field colour: unknown field"),
+    ("lr: {low: 3, high: 1}\n", "field lr: expected low < high"),
+    ("lr: {low: 0, high: 1, log: true}\n", "field lr: a log range needs low > 0"),
+    ("weighting: [uniform, gradnorm]\n", "field weighting: unknown value 'gradnorm'"),
+    ("chain_order: [type+two]\n", "field chain_order: task order"),
+    ("- lr\n", "a space file maps fields to ranges or lists"),
+])
+def test_bad_space_files_are_one_line(tmp_path, space, message):
+    from heads.tasks import AVB
+
+    (tmp_path / "space.yaml").write_text(space)
+    with pytest.raises(SearchError, match=message.replace("(", r"\(")):
+        read_space(tmp_path / "space.yaml", AVB)
+
+
+def test_cli_prints_the_best_trial_as_a_train_command(cache_file, tmp_path):
+    (tmp_path / "space.yaml").write_text("lr: [0.001, 0.003]\nchain_order: all\narch: [chain]\n")
+    res = CliRunner().invoke(avb, ["heads", "search", "--cache", str(cache_file), "--out", str(tmp_path / "s"),
+                                   "--space", str(tmp_path / "space.yaml"), "--trials", "4", "--batch", "4",
+                                   "--epochs", "1", "--hidden", "16", "--sampler", "random", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    command = res.output.strip().splitlines()[-1].strip()
+    assert command.startswith("avb heads train --cache") and "--arch chain" in command
+    args = command.split()[1:]
+    out = tmp_path / "again"
+    args[args.index("--out") + 1] = str(out)
+    assert CliRunner().invoke(avb, args + ["--no-progress"]).exit_code == 0
+    rows = trials(tmp_path / "s")
+    top = max((r for r in rows if r["state"] == "COMPLETE"), key=lambda r: float(r["value"]))
+    assert json.loads((out / "metrics.json").read_text())["mean"] == pytest.approx(float(top["value"]), abs=1e-5)
+    assert np.isfinite(float(top["value"]))
+
+
+def test_report_draws_the_optimisation_history_and_importances(cache_file, tmp_path):
+    pytest.importorskip("matplotlib")
+    search(load_cache(cache_file), tmp_path / "s", 6, batch=3)
+    res = CliRunner().invoke(avb, ["report", str(tmp_path / "s"), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    figure = tmp_path / "r" / "search_s.png"
+    assert figure.is_file() and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    index = (tmp_path / "r" / "index.html").read_text()
+    assert "optimisation history and parameter importances" in index and "trials.csv" in index
+    from heads.analysis.report import search_importances
+
+    importances = search_importances(tmp_path / "s")
+    assert set(importances) <= {"lr", "dropout", "weighting", "druw_beta"} and importances
+    assert sum(importances.values()) == pytest.approx(1.0)
