@@ -84,10 +84,12 @@ def test_the_same_seed_gives_the_same_study_and_a_killed_search_resumes(cache_fi
     study = optuna.load_study(study_name=search_mod.STUDY_NAME, storage=f"sqlite:///{tmp_path / 'b' / 'study.db'}")
     killed = study.ask()                                      # ... and a trial left RUNNING by a kill
     killed.suggest_float("lr", 1e-4, 3e-3, log=True)
+    (tmp_path / "b" / f"trial-{killed.number:04d}").mkdir()  # with a half-written folder
     search(cache, tmp_path / "b", 8, batch=4)                 # the same command again
     a, b = trials(tmp_path / "a"), trials(tmp_path / "b")
     assert [r["lr"] for r in a[:4]] == [r["lr"] for r in b[:4]]            # same seed, same trials
     assert b[4]["state"] == "FAIL" and sum(r["state"] == "COMPLETE" for r in b) == 8
+    assert not (tmp_path / "b" / "trial-0004").exists()
     rerun = next(r for r in b[5:] if r["lr"] == b[4]["lr"])                 # enqueued again, same params
     assert rerun["state"] == "COMPLETE" and (tmp_path / "b" / rerun["run"]).is_dir()
 

@@ -201,6 +201,7 @@ def run_search(cache: Any, out: Path, dims: list[Dimension], fixed: TrainConfig,
     for stale in study.get_trials(deepcopy=False, states=(state.RUNNING,)):   # a killed batch: train it again
         study.tell(stale.number, state=state.FAIL)
         study.enqueue_trial(stale.params)
+        shutil.rmtree(trial_dir(out, stale.number), ignore_errors=True)      # its half-written run folder
     while True:
         done = len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED)))
         if done >= settings.trials:
