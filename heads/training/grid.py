@@ -106,6 +106,11 @@ class GridConfig:
         unknown = sorted(set(self.weighting_options) - set(WEIGHTINGS))
         if unknown:
             raise AblationError(f"options given for unknown weighting(s) {', '.join(unknown)}")
+        unknown = [name for name in self.vary if name not in axes.valid_names()]
+        if unknown:
+            raise AblationError(f"vary names unknown field {unknown[0]!r}; expected one of "
+                                f"{', '.join(axes.valid_names())}")
+        self.vary = {name: tuple(values) for name, values in self.vary.items()}
         if self.max_group_bytes is not None and self.max_group_bytes < 0:
             raise AblationError(f"max_group_bytes must be >= 0 (0: no limit), got {self.max_group_bytes}")
 
