@@ -117,11 +117,13 @@ def test_chain_orders_resume_and_a_grown_grid_reuses_its_runs(cache_file, tmp_pa
 
 def test_cli_vary_and_its_errors(cache_file, tmp_path):
     res = CliRunner().invoke(avb, ["heads", "ablate", "--cache", str(cache_file), "--out", str(tmp_path / "g"),
-                                   "--archs", "chain", "--weightings", "druw", "--epochs", "1", "--hidden", "16",
-                                   "--vary", "chain_order=all", "--vary", "druw_beta=0,1", "--ci", "0",
-                                   "--no-progress"])
+                                   "--archs", "chain,vanilla", "--weightings", "druw", "--epochs", "1", "--hidden",
+                                   "16", "--vary", "chain_order=all", "--vary", "druw_beta=0,1", "--ci", "0",
+                                   "--batch-size", "16", "--no-progress"])
     assert res.exit_code == 0, res.output
-    assert len([p for p in (tmp_path / "g").iterdir() if p.is_dir()]) == 48
+    folders = sorted(p.name for p in (tmp_path / "g").iterdir() if p.is_dir())
+    assert len(folders) == 24 * 2 + 2            # CHAIN: every order x beta; VANILLA: beta only
+    assert "vanilla-druw-s0-druw_beta=1" in folders
     res = CliRunner().invoke(avb, ["heads", "ablate", "--cache", str(cache_file), "--out", str(tmp_path / "h"),
                                    "--vary", "colour=red"])
     assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1

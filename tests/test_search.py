@@ -75,6 +75,23 @@ def test_sixteen_trials_in_batches_of_eight_are_two_stacks_and_each_trial_equals
     # the best trial is an ordinary run folder: avb ensemble takes it
     res = CliRunner().invoke(avb, ["ensemble", str(run), "--out", str(tmp_path / "ens"), "--ci", "0"])
     assert res.exit_code == 0, res.output
+    check_report(tmp_path / "s", tmp_path / "r")
+
+
+def check_report(search_dir: Path, out: Path) -> None:
+    """avb report draws the optimisation history and Optuna's parameter importances of a search."""
+    pytest.importorskip("matplotlib")
+    res = CliRunner().invoke(avb, ["report", str(search_dir), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    figure = out / f"search_{search_dir.name}.png"
+    assert figure.is_file() and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    index = (out / "index.html").read_text()
+    assert "optimisation history and parameter importances" in index and "trials.csv" in index
+    from heads.analysis.report import search_importances
+
+    importances = search_importances(search_dir)
+    assert set(importances) <= {"lr", "dropout", "weighting", "druw_beta"} and importances
+    assert sum(importances.values()) == pytest.approx(1.0)
 
 
 def test_the_same_seed_gives_the_same_study_and_a_killed_search_resumes(cache_file, tmp_path):
@@ -150,19 +167,3 @@ def test_cli_prints_the_best_trial_as_a_train_command(cache_file, tmp_path):
     top = max((r for r in rows if r["state"] == "COMPLETE"), key=lambda r: float(r["value"]))
     assert json.loads((out / "metrics.json").read_text())["mean"] == pytest.approx(float(top["value"]), abs=1e-5)
     assert np.isfinite(float(top["value"]))
-
-
-def test_report_draws_the_optimisation_history_and_importances(cache_file, tmp_path):
-    pytest.importorskip("matplotlib")
-    search(load_cache(cache_file), tmp_path / "s", 6, batch=3)
-    res = CliRunner().invoke(avb, ["report", str(tmp_path / "s"), "--out", str(tmp_path / "r")])
-    assert res.exit_code == 0, res.output
-    figure = tmp_path / "r" / "search_s.png"
-    assert figure.is_file() and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    index = (tmp_path / "r" / "index.html").read_text()
-    assert "optimisation history and parameter importances" in index and "trials.csv" in index
-    from heads.analysis.report import search_importances
-
-    importances = search_importances(tmp_path / "s")
-    assert set(importances) <= {"lr", "dropout", "weighting", "druw_beta"} and importances
-    assert sum(importances.values()) == pytest.approx(1.0)
