@@ -167,3 +167,20 @@ def test_cli_prints_the_best_trial_as_a_train_command(cache_file, tmp_path):
     top = max((r for r in rows if r["state"] == "COMPLETE"), key=lambda r: float(r["value"]))
     assert json.loads((out / "metrics.json").read_text())["mean"] == pytest.approx(float(top["value"]), abs=1e-5)
     assert np.isfinite(float(top["value"]))
+
+
+def test_a_trial_whose_settings_cannot_train_fails_alone(cache_file, tmp_path):
+    tasks = search_mod.tasks_of(load_cache(cache_file, layers=[]).attrs)
+    fixed = TrainConfig(arch="branch", epochs=1, head=HeadConfig(n_heads=4, branch_blocks=1,
+                                                                 chain_order=("type", "two", "high", "culture")))
+    (tmp_path / "space.yaml").write_text("hidden: [6, 8]\n")          # BRANCH with 4 heads: 6 cannot split
+    lines: list[str] = []
+    study = run_search(load_cache(cache_file), tmp_path / "s", read_space(tmp_path / "space.yaml", tasks), fixed,
+                       SearchSettings(3, 4, "random", "none"), device="cpu", progress=False, say=lines.append)
+    states = [(t.state.name, t.params["hidden"]) for t in study.trials]
+    assert {h for s, h in states if s == "FAIL"} == {6} and {h for s, h in states if s == "COMPLETE"} == {8}
+    assert any("hidden 6 must be divisible by n_heads 4" in line for line in lines)
+    (tmp_path / "bad.yaml").write_text("hidden: [6]\n")
+    with pytest.raises(SearchError, match="every trial of a batch has settings that cannot train"):
+        run_search(load_cache(cache_file), tmp_path / "t", read_space(tmp_path / "bad.yaml", tasks), fixed,
+                   SearchSettings(2, 2, "random", "none"), device="cpu", progress=False, say=lines.append)

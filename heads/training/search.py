@@ -163,7 +163,9 @@ def suggest(trial: Any, dims: list[Dimension], fixed: TrainConfig, tasks: TaskSe
             values[dim.name] = trial.suggest_float(dim.name, dim.low, dim.high, log=dim.log)
     cfg = replace(fixed, arch=arch, weighting=weighting, seed=int(seed), head=replace(fixed.head, arch=arch))
     cfg = replace(axes.apply(cfg, values), variant=f"-trial{trial.number}")
-    return replace(cfg, head=with_chain_order(cfg.head, tasks))
+    cfg = replace(cfg, head=with_chain_order(cfg.head, tasks))
+    cfg.head.validate(tasks)   # a combination that cannot build (BRANCH's hidden % n_heads) fails here, alone
+    return cfg
 
 
 def trial_dir(out: Path, number: int) -> Path:
@@ -206,8 +208,19 @@ def run_search(cache: Any, out: Path, dims: list[Dimension], fixed: TrainConfig,
         done = len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED)))
         if done >= settings.trials:
             break
-        trials = [study.ask() for _ in range(min(settings.batch, settings.trials - done))]
-        configs = {t.number: suggest(t, dims, fixed, tasks) for t in trials}
+        asked = [study.ask() for _ in range(min(settings.batch, settings.trials - done))]
+        configs, trials, refused = {}, [], []
+        for t in asked:   # a combination the settings refuse (e.g. hidden not divisible by n_heads) fails alone
+            try:
+                configs[t.number] = suggest(t, dims, fixed, tasks)
+                trials.append(t)
+            except AvbError as err:
+                study.tell(t, state=state.FAIL)
+                refused.append(f"trial {t.number}: {err}")
+        if not trials:
+            raise SearchError(f"every trial of a batch has settings that cannot train ({refused[0]})")
+        for line in refused:
+            say(f"failed {line}")
         stacks: dict[tuple, list[Any]] = {}
         for t in trials:
             stacks.setdefault(shape_key(configs[t.number]), []).append(t)
