@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -289,3 +290,13 @@ def wandb_offline_runs(tracking_dir: Path) -> dict[str, dict[str, Any]]:
                    for r in records if r["type"] == "history"]
         runs[run["display_name"]] = {"project": run["project"], "config": config, "history": history}
     return runs
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]]) -> Path:
+    """A label CSV (header, then rows), its folder made first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path

@@ -1,5 +1,6 @@
 """A feature cache written with nothing but h5py, following cache/FORMAT.md rather than the project's writer,
-so tests show that a cache anyone can make by hand works (pooled layers only, float16)."""
+so tests show that a cache anyone can make by hand works (pooled layers only, float16), of A-VB or of any
+described task list."""
 from __future__ import annotations
 
 import json
@@ -9,12 +10,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from heads.tasks import AVB
+from heads.tasks import AVB, TaskSet
 
 
 def write_plain_h5(path: str | Path, ids: Sequence[str], splits: Sequence[str], labels: Mapping[str, np.ndarray],
-                   pooled: Mapping[str, np.ndarray], model_type: str = "none") -> Path:
-    """ids/splits [N]; labels: task -> [N, label_dim] (NaN unknown); pooled: layer -> [N, D] (any float)."""
+                   pooled: Mapping[str, np.ndarray], model_type: str = "none", tasks: TaskSet | None = None) -> Path:
+    """A cache per cache/FORMAT.md with nothing but h5py (pooled layers only, float16): ids/splits [N]; labels:
+    task -> [N, label_dim] (NaN unknown); pooled: layer -> [N, D]. With `tasks`, the root attribute `tasks`
+    describes them (the labels follow their columns and classes); without, the cache predates task descriptions
+    and is read as A-VB."""
+    described = tasks is not None
+    tasks = tasks or AVB
     dims = {layer: int(x.shape[1]) for layer, x in pooled.items()}
     n = len(ids)
     text = h5py.string_dtype("utf-8")
@@ -25,13 +31,14 @@ def write_plain_h5(path: str | Path, ids: Sequence[str], splits: Sequence[str], 
             "layers": json.dumps(list(dims)), "layer_dims": json.dumps(dims), "pooling": "masked_mean",
             "dtype": "float16", "sample_rate": 16000, "clip_seconds": 2.5, "frame_layers": "[]", "frame_stride": 1,
         })
+        if described:
+            f.attrs["tasks"] = json.dumps(tasks.to_json())
         f.create_dataset("ids", data=np.array(list(ids), dtype=object), dtype=text)
         f.create_dataset("splits", data=np.array(list(splits), dtype=object), dtype=text)
         f.create_dataset("n_frames", data=np.full(n, 124, dtype=np.int32))
         group = f.create_group("labels")
-        for task in AVB:
-            name = task.name
-            ds = group.create_dataset(name, data=np.asarray(labels[name], dtype=np.float32))
+        for task in tasks:
+            ds = group.create_dataset(task.name, data=np.asarray(labels[task.name], dtype=np.float32))
             ds.attrs["columns"] = json.dumps(list(task.columns))
             if task.is_classification:
                 ds.attrs["classes"] = json.dumps(list(task.classes))

@@ -1,10 +1,10 @@
 """`avb corpus init`: a corpus.yaml drafted from a label CSV and an audio folder, which then reads as a corpus."""
-import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import write_csv
 
 from extract.app.cli import main
 from extract.audio import write_wav
@@ -17,15 +17,6 @@ from extract.description import (
 
 EMOTIONS = ["angry", "happy", "sad", "calm"]
 HEADER = ["row", "file", "Split", "Actor", "Emotion", "Valence (mean)", "intensity", "yes", "notes"]
-
-
-def write_csv(path: Path, header, rows) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 def make_data(root: Path, n: int = 24) -> tuple[Path, Path, list[list[str]]]:

@@ -1,6 +1,5 @@
 """A corpus described by a corpus.yaml: reading it, one clear line for every bad description, `open_corpus`'s
 choice of reader, audio in formats other than WAV, and `avb corpus check` on a described corpus."""
-import csv
 import json
 import os
 from pathlib import Path
@@ -8,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import write_csv
 
 from extract.app.cli import main
 from extract.audio import (
@@ -49,15 +49,6 @@ tasks:
   emotion: {kind: classification, columns: [emotion]}
   affect: {kind: regression, columns: [valence, arousal]}
 """
-
-
-def write_csv(path: Path, header, rows) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 def write_clips(folder: Path, ids, seconds: float = 0.1) -> None:

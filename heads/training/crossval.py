@@ -40,10 +40,7 @@ def fold_dir(out: Path, fold: int) -> Path:
 
 def plan(cache: Any, k: int, fold: int | None, seed: int) -> tuple[np.ndarray, list[int]]:
     """(folds, the rounds to run); checks K and the round before anything trains."""
-    if fold is not None:
-        fold_roles(fold, k)
-    else:
-        fold_roles(0, k)
+    fold_roles(0 if fold is None else fold, k)   # refuses K < 3 and a round outside 0..K-1
     folds = cache_folds(cache, k, seed)
     return folds, list(range(k)) if fold is None else [int(fold)]
 

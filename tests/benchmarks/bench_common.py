@@ -12,7 +12,9 @@ import math
 import os
 import resource
 import shutil
+import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ HUME_SIZES: tuple[int, int, int] = (19_990, 19_396, 19_815)
 BASE_DIMS: dict[str, int] = {"cnn": 512, **{f"hidden_{i}": 768 for i in range(13)}}
 N_LATENT = 8
 LINE_PREFIX = "[{item}] "
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -53,6 +56,17 @@ class Figures:
         if path is not None:
             Path(path).write_text(json.dumps({"bench": self.bench, "figures": self.values, "notes": self.notes},
                                              indent=1), encoding="utf-8")
+
+
+def timed(cmd: list[str], threads: int) -> float:
+    """Wall seconds of a whole command run from the repository (a fresh process, `threads` BLAS threads)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, env=env)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed:\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}")
+    return wall
 
 
 def set_threads(n: int) -> int:

@@ -12,15 +12,18 @@ time and trains those of one shape as one stacked model; `--batch 1` trains them
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from tests.benchmarks.bench_common import BASE_DIMS, Figures, machine_line, make_cache_in_child, workdir
+from tests.benchmarks.bench_common import (
+    BASE_DIMS,
+    Figures,
+    machine_line,
+    make_cache_in_child,
+    timed,
+    workdir,
+)
 
-REPO = Path(__file__).resolve().parents[2]
 QUICK_DIMS = {"cnn": 16, **{f"hidden_{i}": 24 for i in range(5)}}
 SPACE = """\
 lr: {low: 1.0e-4, high: 3.0e-3, log: true}
@@ -28,16 +31,6 @@ dropout: {low: 0.0, high: 0.5}
 weighting: [uniform, dwa, rruw, druw]
 druw_beta: {low: 0.0, high: 2.0}
 """
-
-
-def timed(cmd: list[str], threads: int) -> float:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, env=env)
-    wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed:\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}")
-    return wall
 
 
 def main(argv: list[str] | None = None) -> Figures:

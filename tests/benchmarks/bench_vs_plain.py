@@ -14,10 +14,7 @@ which damps the noise of a shared machine.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from tests.benchmarks.bench_common import (
@@ -25,21 +22,11 @@ from tests.benchmarks.bench_common import (
     Figures,
     machine_line,
     make_cache_in_child,
+    timed,
     workdir,
 )
 
-REPO = Path(__file__).resolve().parents[2]
 QUICK_DIMS = {"cnn": 16, **{f"hidden_{i}": 24 for i in range(5)}}
-
-
-def timed(cmd: list[str], threads: int) -> float:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, env=env)
-    wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed:\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}")
-    return wall
 
 
 def main(argv: list[str] | None = None) -> Figures:
