@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from extract.audio import AUDIO_EXTENSIONS
 from extract.corpus import Corpus, CorpusError, _read_table, _Table, read_corpus
 from heads.tasks import KINDS, SPLITS, Task, TaskError, TaskSet
 
@@ -45,11 +46,6 @@ SPEC_FILE = "corpus.yaml"
 KEYS = ("name", "audio", "path", "labels", "id", "split", "group", "tasks")
 REQUIRED = ("audio", "labels", "id", "tasks")
 TASK_KEYS = ("kind", "columns", "classes", "range")
-# What counts as an audio file when a clip is found by its id (a transcript `x.txt` beside `x.wav` is not).
-AUDIO_EXTENSIONS = frozenset({
-    ".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".snd",
-    ".caf", ".w64", ".rf64",
-})
 _SPLIT_NAMES = {s.lower(): s for s in SPLITS}
 _UNSAFE_ID = ("/", "\\", "\x00")
 

@@ -34,7 +34,7 @@ from cache.reader import (
 )
 from cache.writer import CacheWriter
 from extract.app.cli import main
-from extract.audio import SAMPLE_RATE, AudioError, load_wav, write_wav
+from extract.audio import SAMPLE_RATE, AudioError, load_audio, write_wav
 from extract.corpus import read_corpus
 from extract.synth import synthesize_corpus
 
@@ -132,9 +132,9 @@ def test_empty_zero_sample_truncated_and_non_wav_files_are_listed_by_corpus_chec
     for clip, reason in reasons.items():  # the first five unreadable files are listed with their reason
         assert f"  {wav / (clip + '.wav')}: {reason}" in lines
     assert result.stderr == f"Error: 0 missing and 5 unreadable wav files (first: {wav / '00002.wav'})\n"
-    for clip, reason in reasons.items():  # load_wav (fine-tuning, dump, predict) says the same, in one line
+    for clip, reason in reasons.items():  # load_audio (fine-tuning, dump, predict) says the same, in one line
         with pytest.raises(AudioError) as err:
-            load_wav(wav / f"{clip}.wav")
+            load_audio(wav / f"{clip}.wav")
         assert str(err.value) == f"{wav / (clip + '.wav')}: {reason}"
 
 
@@ -161,7 +161,7 @@ def test_clip_longer_than_60_s_is_refused(corpus):
     assert result.exit_code == 1
     assert f"  {long}: 61.00 s long, more than the 60 s maximum" in result.stdout.splitlines()
     with pytest.raises(AudioError) as err:
-        load_wav(long)
+        load_audio(long)
     assert str(err.value) == f"{long}: clip is 61.00 s long, more than the 60 s maximum"
 
 
@@ -181,7 +181,7 @@ def test_8_bit_24_bit_float_stereo_and_44k1_wavs_are_converted(corpus):
     for clip, (wave, rate, subtype, _) in variants.items():
         write_wav(wav / f"{clip}.wav", wave, rate, subtype)
     for clip, (_, _, subtype, tol) in variants.items():
-        got = load_wav(wav / f"{clip}.wav")
+        got = load_audio(wav / f"{clip}.wav")
         assert got.dtype == np.float32 and got.shape == reference.shape, (clip, got.shape)
         core = slice(200, -200)  # away from the resampler's edge transients
         np.testing.assert_allclose(got[core], reference[core], atol=tol, err_msg=f"{clip} {subtype}")

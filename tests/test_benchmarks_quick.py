@@ -169,3 +169,21 @@ def test_bench_search_quick_prints_both_sides_and_their_ratio():
     stacked, one_by_one = figures["batches of 4 (stacked)"], figures["batches of 1 (one by one)"]
     assert stacked > 0 and one_by_one > 0
     assert figures["ratio"] == pytest.approx(one_by_one / stacked, rel=2e-3)
+
+
+@pytest.mark.benchmark
+@pytest.mark.slow
+def test_bench_long_audio_quick_reads_the_windows_in_less_memory_than_the_whole_decode():
+    proc = subprocess.run([sys.executable, "-m", "tests.benchmarks.bench_long_audio", "--quick"],
+                          check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    figures = {name: float(value) for name, value in
+               re.findall(r"^\[1 min 48 kHz stereo WAV\] (.+?): (-?[0-9.]+(?:e[+-]?[0-9]+)?)", proc.stdout,
+                          re.MULTILINE)}
+    assert figures["windows read"] == 47                          # 1 + (60 - 2.5) / 1.25
+    assert figures["window checksum relative difference"] <= 1e-9  # the same samples as the whole decode's
+    assert figures["windowed read seconds"] > 0 and figures["whole-file decode seconds"] > 0
+    # the whole decode holds the minute as float64 stereo (44 MiB) at least; 5 s blocks hold a twelfth of that
+    assert figures["whole-file peak RSS"] > figures["windowed peak RSS"] > 0
+    assert figures["peak RSS whole / windowed"] == pytest.approx(
+        figures["whole-file peak RSS"] / figures["windowed peak RSS"], rel=5e-3)

@@ -14,7 +14,6 @@ from extract.audio import (
     AudioError,
     audio_info,
     load_audio,
-    load_wav,
     wav_info,
     write_wav,
 )
@@ -370,11 +369,11 @@ def test_flac_decodes_exactly_as_the_same_samples_in_a_wav(tmp_path, rate, chann
     write_wav(tmp_path / "a.wav", wave, rate, "PCM_16")
     ints = soundfile.read(tmp_path / "a.wav", dtype="int16")[0]
     soundfile.write(tmp_path / "a.flac", ints, rate, subtype="PCM_16")   # lossless: the same int16 samples
-    from_wav, from_flac = load_wav(tmp_path / "a.wav"), load_audio(tmp_path / "a.flac")
+    from_wav, from_flac = load_audio(tmp_path / "a.wav"), load_audio(tmp_path / "a.flac")
     assert from_flac.dtype == np.float32 and from_flac.ndim == 1
     assert len(from_flac) == len(from_wav) == round(len(wave) * 16000 / rate)
     np.testing.assert_allclose(from_flac, from_wav, atol=1e-6)
-    np.testing.assert_array_equal(load_audio(tmp_path / "a.wav"), from_wav)   # .wav goes through load_wav
+    np.testing.assert_array_equal(load_audio(tmp_path / "a.wav"), from_wav)   # .wav goes through load_audio
     assert audio_info(tmp_path / "a.flac") == wav_info(tmp_path / "a.wav")
     assert audio_info(tmp_path / "a.flac").n_channels == channels
 
@@ -392,7 +391,7 @@ def test_ogg_and_upper_case_extensions(tmp_path):
 
 def load_wav_of(folder: Path, wave: np.ndarray, rate: int) -> np.ndarray:
     write_wav(folder / "ref.wav", wave, rate, "FLOAT")
-    return load_wav(folder / "ref.wav")
+    return load_audio(folder / "ref.wav")
 
 
 def test_audio_errors_for_other_formats_are_one_line(tmp_path):

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from helpers import S, accelerate_launch, conv_frames, corpus_and_backbone
 
 from cache.reader import FrameReader, load_cache, read_attrs
-from extract.audio import crop_or_pad, load_wav
+from extract.audio import crop_or_pad, load_audio
 from extract.corpus import read_corpus
 from extract.dump import DumpConfig, dump_command, run_dump, shard_path
 from heads.tasks import AVB, TYPE_CLASSES
@@ -50,7 +50,7 @@ def direct_states(model_dir: Path, corpus_root: Path, clip_id: str) -> tuple[int
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(model_dir).eval()
-    wave = load_wav(corpus_root / "audio" / "wav" / f"{clip_id}.wav")
+    wave = load_audio(corpus_root / "audio" / "wav" / f"{clip_id}.wav")
     clip, _ = crop_or_pad(wave, S)
     with torch.no_grad():
         out = model(torch.from_numpy(clip)[None], output_hidden_states=True)
@@ -94,7 +94,7 @@ def test_cache_equals_direct_forward_pass(setup, dumps):
     assert attrs["backbone"]["config"]["hidden_size"] == 32
     assert (attrs["sample_rate"], attrs["clip_seconds"], attrs["pooling"]) == (16000, 2.5, "masked_mean")
     assert (attrs["frame_layers"], attrs["frame_stride"], attrs["dtype"]) == (["hidden_1"], 4, "float16")
-    lengths = [len(load_wav(corpus_root / "audio" / "wav" / f"{i}.wav")) for i in cache.ids]
+    lengths = [len(load_audio(corpus_root / "audio" / "wav" / f"{i}.wav")) for i in cache.ids]
     # a short (padded) clip and a long (cut) one
     picks = [int(np.argmin(lengths)), int(np.argmax(lengths))]
     assert lengths[picks[0]] < S < lengths[picks[1]]

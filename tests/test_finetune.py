@@ -94,7 +94,7 @@ def _direct_val_scores(out: Path, corpus_root: Path) -> dict[str, float]:
     """Val metrics of OUT/backbone + OUT/head.safetensors, one clip at a time, without accelerate."""
     from transformers import AutoModel
 
-    from extract.audio import crop_or_pad, load_wav
+    from extract.audio import crop_or_pad, load_audio
     from extract.backbone import forward_layers
     from heads.model.architectures import HeadConfig, HeadInputs, build_head
 
@@ -108,7 +108,7 @@ def _direct_val_scores(out: Path, corpus_root: Path) -> dict[str, float]:
     preds: dict[str, list] = {t: [] for t in AVB.names}
     with torch.no_grad():
         for row in rows:
-            clip, mask = crop_or_pad(load_wav(corpus.audio_path(corpus.ids[row])), S)
+            clip, mask = crop_or_pad(load_audio(corpus.audio_path(corpus.ids[row])), S)
             pooled, _, _ = forward_layers(backbone, torch.from_numpy(clip)[None], torch.from_numpy(mask)[None])
             outputs = head(HeadInputs(pooled={k: v[None] for k, v in pooled.items()}))
             for t in AVB.names:
@@ -209,17 +209,17 @@ def test_one_process_finetune_beats_chance_on_type(tmp_path):
 
 
 def test_clip_dataset_crops_are_seeded_per_epoch_and_row(setup):
-    from extract.audio import load_wav
+    from extract.audio import load_audio
     from extract.clips import ClipDataset, EpochShuffleSampler, collate_clips
 
     _, corpus_root, _ = setup
     corpus = read_corpus(corpus_root)
-    lengths = np.array([len(load_wav(corpus.audio_path(i))) for i in corpus.ids])
+    lengths = np.array([len(load_audio(corpus.audio_path(i))) for i in corpus.ids])
     long_row, short_row = int(np.argmax(lengths)), int(np.argmin(lengths))
     assert lengths[long_row] > S > lengths[short_row]
     rows = [long_row, short_row]
     train = ClipDataset(corpus, rows, train=True, seed=3)
-    wave = load_wav(corpus.audio_path(corpus.ids[long_row]))
+    wave = load_audio(corpus.audio_path(corpus.ids[long_row]))
 
     def start_of(clip: torch.Tensor) -> int:  # where in the file the window was cut
         starts = [s for s in range(len(wave) - S + 1) if np.array_equal(wave[s:s + S], clip.numpy())]

@@ -4,7 +4,7 @@ Already asserted elsewhere and not repeated here: 1 - CCC of constant prediction
 (test_losses), single-class TYPE batches (test_losses), RRUW alpha at log alpha^2 = +-200 (test_weighting), DWA
 with zero or non-finite epoch losses (test_weighting), per-run clipping equal to `clip_grad_norm_` (test_train),
 CCC/Pearson of constant inputs (test_metrics), NaN features refused by `train_runs` and a poisoned loss in
-epoch 2 (test_train), NaN/inf samples refused by `load_wav` and `ClipDataset` (test_audio, test_bad_input).
+epoch 2 (test_train), NaN/inf samples refused by `load_audio` and `ClipDataset` (test_audio, test_bad_input).
 What is added: the same degenerate cases through whole training runs, DRUW at its alpha bounds, what a huge
 gradient does to the optimisers (heads and fine-tuning), real divergence, NaN labels and features through the
 CLI, and silent or NaN audio through the backbone and the dump.
@@ -25,7 +25,7 @@ from tiny_model import make_tiny_backbone
 
 from cache.reader import load_cache
 from extract.app.cli import main as avb
-from extract.audio import SAMPLE_RATE, crop_or_pad, load_wav, write_wav
+from extract.audio import SAMPLE_RATE, crop_or_pad, load_audio, write_wav
 from extract.corpus import read_corpus
 from heads.metrics import score_all
 from heads.model.architectures import HeadConfig
@@ -262,7 +262,7 @@ def test_all_zero_audio_gives_finite_features_through_load_crop_and_forward(corp
     _, group_dir, layer_dir = corpus_and_models
     path = tmp_path / "silence.wav"
     write_wav(path, np.zeros(int(0.7 * SAMPLE_RATE)))
-    wave = load_wav(path)
+    wave = load_audio(path)
     assert wave.dtype == np.float32 and not wave.any()
     clip, mask = crop_or_pad(wave, 16000)
     waves, masks = torch.from_numpy(np.stack([clip, clip])), torch.from_numpy(np.stack([mask, mask]))

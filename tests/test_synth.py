@@ -269,6 +269,6 @@ def test_round_trip_through_corpus_reader_and_audio_loader(corpus: Path, tmp_pat
     small = synthesize_corpus(tmp_path / "sr8k", clips=3, seed=1, max_seconds=1.0, sample_rate=8000,
                               progress=False)
     rate, pcm = wavfile.read(small / "audio" / "wav" / "00001.wav")
-    wave = audio_mod.load_wav(small / "audio" / "wav" / "00001.wav")
+    wave = audio_mod.load_audio(small / "audio" / "wav" / "00001.wav")
     assert rate == 8000 and len(wave) == 2 * len(pcm)  # resampled to 16 kHz
     np.testing.assert_allclose(np.sqrt(np.mean(wave ** 2)), np.sqrt(np.mean((pcm / 32768.0) ** 2)), rtol=0.05)
