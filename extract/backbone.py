@@ -140,34 +140,18 @@ def frame_counts(model: nn.Module, n_samples: Tensor) -> Tensor:
     return fn(n_samples).long()
 
 
-def forward_layers(
-    model: nn.Module,
-    waves: Tensor,
-    sample_mask: Tensor,
-    *,
-    frame_layers: Sequence[str] = (),
-    frame_stride: int = 1,
-) -> tuple[dict[str, Tensor], Tensor, dict[str, list[Tensor]]]:
-    """One backbone forward pass -> (pooled, n_frames, frames).
+def layer_states(model: nn.Module, waves: Tensor, sample_mask: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """One backbone forward pass -> (states, n_frames): layer -> [B, T, D] for every `layer_names` layer (in the
+    model's dtype), and [B] long valid frames per clip (at least 1, so a tiny clip still has a defined mean).
 
-    pooled: layer -> [B, D] float32, the mean over each clip's valid frames only.
-    n_frames: [B] long, valid frames per clip (at least 1, so a tiny clip still has a defined mean).
-    frames: layer -> list of B float32 tensors [ceil(n_i / frame_stride), D] for each of `frame_layers`:
-    the valid frames 0, s, 2s, ... of that clip.
-    Works under autocast: states may come out in half precision, and pooling is done in float32.
+    Tensor operations only (no Python value read from a tensor), so `torch.onnx.export` traces it with a
+    dynamic batch and length; `forward_layers` and the exported graph (`extract.serve.model`) both pool from it.
     """
     if waves.ndim != 2 or tuple(sample_mask.shape) != tuple(waves.shape):
         raise ValueError(
             f"forward_layers needs waves [B, S] and a mask of the same shape, got {tuple(waves.shape)} and "
             f"{tuple(sample_mask.shape)}"
         )
-    if frame_stride < 1:
-        raise BackboneError(f"frame_stride must be >= 1, got {frame_stride}")
-    names = layer_names(model)
-    unknown = [layer for layer in frame_layers if layer not in names]
-    if unknown:
-        raise BackboneError(f"unknown frame layer(s) {', '.join(unknown)}; this backbone has {', '.join(names)}")
-
     # HuBERT-style models return no `extract_features`: for them "cnn" is the CNN output itself, caught here.
     captured: dict[str, Tensor] = {}
     hook = model.feature_extractor.register_forward_hook(
@@ -192,17 +176,56 @@ def forward_layers(
     cnn = getattr(out, "extract_features", None)
     states = {"cnn": cnn if cnn is not None else captured["cnn"]}
     states.update({f"hidden_{i}": h for i, h in enumerate(out.hidden_states)})
-
     n_steps = states["hidden_0"].shape[1]
     n_frames = frame_counts(model, sample_mask.long().sum(-1)).clamp(min=1, max=n_steps)
-    valid = (torch.arange(n_steps, device=n_frames.device)[None, :] < n_frames[:, None]).float()
+    return states, n_frames
+
+
+def valid_frames(n_frames: Tensor, n_steps: int | Tensor, stride: int = 1) -> Tensor:
+    """[B, ceil(n_steps / stride)] bool: which of the frames 0, s, 2s, ... of each clip are real (not padding)."""
+    steps = torch.arange(0, n_steps, stride, device=n_frames.device)
+    return steps[None, :] < n_frames[:, None]
+
+
+def pool_states(states: dict[str, Tensor], n_frames: Tensor) -> dict[str, Tensor]:
+    """layer -> [B, D] float32: the mean over each clip's valid frames only (every layer has the same frames)."""
+    valid = valid_frames(n_frames, next(iter(states.values())).shape[1]).float()
     denom = n_frames.float()[:, None]
-    pooled = {name: (h.float() * valid[..., None]).sum(1) / denom for name, h in states.items()}
+    return {name: (h.float() * valid[..., None]).sum(1) / denom for name, h in states.items()}
+
+
+def check_frame_layers(model: nn.Module, frame_layers: Sequence[str], frame_stride: int) -> None:
+    if frame_stride < 1:
+        raise BackboneError(f"frame_stride must be >= 1, got {frame_stride}")
+    names = layer_names(model)
+    unknown = [layer for layer in frame_layers if layer not in names]
+    if unknown:
+        raise BackboneError(f"unknown frame layer(s) {', '.join(unknown)}; this backbone has {', '.join(names)}")
+
+
+def forward_layers(
+    model: nn.Module,
+    waves: Tensor,
+    sample_mask: Tensor,
+    *,
+    frame_layers: Sequence[str] = (),
+    frame_stride: int = 1,
+) -> tuple[dict[str, Tensor], Tensor, dict[str, list[Tensor]]]:
+    """One backbone forward pass -> (pooled, n_frames, frames).
+
+    pooled: layer -> [B, D] float32, the mean over each clip's valid frames only.
+    n_frames: [B] long, valid frames per clip (at least 1, so a tiny clip still has a defined mean).
+    frames: layer -> list of B float32 tensors [ceil(n_i / frame_stride), D] for each of `frame_layers`:
+    the valid frames 0, s, 2s, ... of that clip.
+    Works under autocast: states may come out in half precision, and pooling is done in float32.
+    """
+    check_frame_layers(model, frame_layers, frame_stride)
+    states, n_frames = layer_states(model, waves, sample_mask)
     frames = {
         layer: [states[layer][b, : int(n) : frame_stride].float() for b, n in enumerate(n_frames.tolist())]
         for layer in frame_layers
     }
-    return pooled, n_frames, frames
+    return pool_states(states, n_frames), n_frames, frames
 
 
 

@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 _TRACKER_HOME = tempfile.mkdtemp(prefix="avb-tests-trackers-")
 for _var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
     os.environ[_var] = _TRACKER_HOME
@@ -34,3 +36,11 @@ def pytest_sessionfinish(session, exitstatus):
 TESTS = str(Path(__file__).resolve().parent)
 if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
+
+
+@pytest.fixture(scope="session")
+def predict_world(tmp_path_factory):
+    """A corpus, a tiny backbone, its dump and three trained runs, shared by test_predict and test_export."""
+    from predict_world import make_world  # noqa: PLC0415
+
+    return make_world(tmp_path_factory.mktemp("predict"))

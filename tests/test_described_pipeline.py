@@ -131,6 +131,24 @@ def test_described_corpus_end_to_end(tmp_path):
                                   + ["valence", "arousal"])
     assert [Path(r["path"]) for r in predicted] == audio
 
+    # Export: the ensemble (with the backbone its cache came from) and the fine-tuning output (its own backbone)
+    # each become a folder whose ONNX graph, run without torch's path, predicts what PyTorch predicts.
+    for source, model_args in ((ens, ["--model", ft / "backbone"]), (ft, [])):
+        folder, onnx_csv, torch_csv = tmp_path / f"export-{source.name}", tmp_path / "o.csv", tmp_path / "t.csv"
+        avb_run("export", "--heads", source, *model_args, "--out", folder, "--no-progress")
+        config = json.loads((folder / "config.json").read_text())
+        assert tasks_of(config, "export") == tasks and config["parity"]["max_abs_diff"] <= 1e-4
+        avb_run("predict", *audio, "--model-dir", folder, "--out", onnx_csv, "--no-progress")
+        avb_run("predict", *audio, "--heads", source, *model_args, "--out", torch_csv, "--no-progress")
+        for a, b in zip(read_csv(onnx_csv), read_csv(torch_csv), strict=True):
+            assert a["emotion"] == b["emotion"] and a["intensity"] == b["intensity"]
+            for column in a:
+                if column not in ("path", "emotion", "intensity"):
+                    assert abs(float(a[column]) - float(b[column])) <= 1e-4, column
+        assert 1.0 <= min(float(r["valence"]) for r in read_csv(onnx_csv))   # labels on 1..9 come out on 1..9
+    card = (tmp_path / f"export-{ft.name}" / "README.md").read_text()
+    assert "fine-tuned end to end with its backbone" in card and "no intervals" in card
+
     avb_run("report", grid, ens, tmp_path / "probe", "--out", tmp_path / "report")
     assert (tmp_path / "report" / "index.html").is_file()
 

@@ -2,51 +2,28 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from helpers import TOL, read_csv, row_values, run_val_predictions
+from predict_world import val_wavs
 from tiny_model import make_tiny_backbone
 
-from cache.reader import FrameReader, load_cache
 from extract.app.cli import main as avb
-from extract.audio import load_wav, write_wav
-from extract.dump import DumpConfig, run_dump
-from extract.synth import synthesize_corpus
+from extract.audio import AUDIO_EXTENSIONS, write_wav
 from heads.analysis.ensemble import EnsembleConfig, build_ensemble
-from heads.model.architectures import HeadConfig
 from heads.tasks import AVB, COUNTRIES, EMOTIONS, TYPE_CLASSES
-from heads.training.joint import TrainConfig, train_runs
 
 torch.set_num_threads(1)
 
-HEAD = HeadConfig(hidden=16, n_heads=2, branch_blocks=2, dropout=0.1)
 # Float16 features in the cache vs float32 features here: outputs agree to ~5e-5 (measured); 10x margin.
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A corpus, a tiny backbone, its dump (pooled + frames) and three runs: vanilla, chain, frame-mode branch."""
-    root = tmp_path_factory.mktemp("predict")
-    corpus = synthesize_corpus(root / "corpus", 30, seed=5, min_seconds=0.6, max_seconds=4.0, progress=False)
-    model = make_tiny_backbone(root / "model")
-    cache = root / "cache.h5"
-    run_dump(DumpConfig(corpus=str(corpus), model=str(model), out=str(cache), batch_size=5,
-                        frame_layers=("cnn", "hidden_1", "hidden_2"), frame_stride=2), progress=False)
-    data = load_cache(cache)
-    runs = {}
-    for arch in ("vanilla", "chain"):
-        runs[arch] = root / f"run-{arch}"
-        train_runs(data, [TrainConfig(arch=arch, seed=1, epochs=3, head=HEAD)], [runs[arch]], progress=False)
-    runs["branch"] = root / "run-branch"
-    branch = TrainConfig(arch="branch", seed=2, epochs=2, head=HeadConfig(**{**HEAD.__dict__, "arch": "branch",
-                                                                              "branch_use_frames": True}))
-    with FrameReader(cache) as frames:
-        train_runs(data, [branch], [runs["branch"]], frames=frames, progress=False)
-    return {"root": root, "corpus": corpus, "model": model, "cache": cache, "data": data, "runs": runs}
+@pytest.fixture
+def world(predict_world):
+    return predict_world
 
 
 def invoke(*args) -> object:
@@ -59,22 +36,10 @@ def error_line(result) -> str:
 
 
 def expected_columns() -> list[str]:
-    """Built from the official lists (not from csv_columns): 2 + 8 + 2 + 10 + 40 = 62 columns."""
+    """Built from the official lists (not from Predictions.columns): 2 + 8 + 2 + 10 + 40 = 62 columns."""
     culture = [f"{c}_{e}" for c in COUNTRIES for e in EMOTIONS if e != "Surprise"]
     culture += [f"{c}_Surprise" for c in COUNTRIES]
     return ["path", "Voc_Type"] + [f"p_{c}" for c in TYPE_CLASSES] + ["Valence", "Arousal"] + list(EMOTIONS) + culture
-
-
-def val_wavs(world, n: int = 6) -> list[Path]:
-    """Val clips, both longer than 2.5 s (cropped) and shorter (padded)."""
-    data = world["data"]
-    ids = sorted(str(i) for i in data.ids[data.indices("Val")])
-    wav_dir = world["corpus"] / "audio" / "wav"
-    seconds = {clip: len(load_wav(wav_dir / f"{clip}.wav")) / 16000 for clip in ids}
-    long = [c for c in ids if seconds[c] > 2.5][: n // 2]
-    short = [c for c in ids if seconds[c] < 2.5][: n - len(long)]
-    assert long and short
-    return [wav_dir / f"{clip}.wav" for clip in long + short]
 
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -200,7 +165,8 @@ def test_missing_audio_and_non_head_dirs_are_named(world, tmp_path):
     assert error_line(result) == f"Error: {tmp_path / 'nope.wav'}: no such file or folder"
     (tmp_path / "empty").mkdir()
     result = invoke(tmp_path / "empty", "--model", model, "--heads", run, "--out", tmp_path / "p.csv")
-    assert error_line(result) == f"Error: {tmp_path / 'empty'}: folder holds no .wav files"
+    assert error_line(result) == (f"Error: {tmp_path / 'empty'}: folder holds no audio files "
+                                  f"({', '.join(sorted(AUDIO_EXTENSIONS))})")
     wav = val_wavs(world, 2)[0]
     result = invoke(wav, "--model", model, "--heads", tmp_path / "empty", "--out", tmp_path / "p.csv")
     assert result.exit_code != 0

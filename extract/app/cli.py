@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "heads": ("heads.cli:heads_group", "Train heads x loss weightings from a feature cache (stage 2)."),
     "ensemble": ("heads.analysis.ensemble:ensemble_command", "Ensemble runs; write predictions (A-VB: submissions)."),
     "predict": ("extract.app.predict:predict_command", "Predict a trained model's tasks for new audio files."),
+    "export": ("extract.serve.export:export_command", "Export a model as ONNX + a Hub-ready folder (model card)."),
     "report": ("heads.analysis.report:report_command", "Plot validation curves, loss weights, probes and results (HTML)."),
     "probe": ("heads.analysis.probe:probe_command", "Linear probes of every cached layer for every task."),
     "demo": ("extract.app.demo:demo_command", "Run the whole pipeline on a generated corpus with a tiny model."),

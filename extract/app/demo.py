@@ -205,15 +205,17 @@ def stage_report(cfg: DemoConfig, p: DemoPaths, progress: bool, resume: bool) ->
 
 
 def stage_predict(cfg: DemoConfig, p: DemoPaths, progress: bool, resume: bool) -> list[Path]:
-    from extract.app.predict import predict_files, write_predictions  # noqa: PLC0415
+    from extract.app.predict import write_predictions  # noqa: PLC0415
+    from extract.serve.predictor import Predictor  # noqa: PLC0415
 
     wavs = sorted((p.corpus / "audio" / "wav").glob("*.wav"))[: cfg.predict_files]
-    preds = predict_files(p.backbone, p.ensemble, wavs, progress=progress)
+    predictor = Predictor.load(p.ensemble, model=p.backbone, device="auto", progress=progress)
+    preds = predictor.predict(wavs, progress=progress)
     write_predictions(p.predictions, preds)
     click.echo(f"avb predict --model {p.backbone} --heads {p.ensemble} --out {p.predictions} "
                f"<{len(wavs)} wavs>")
-    for path, name, two in zip(preds.paths, preds.class_names("type"), preds.values["two"]):
-        click.echo(f"  {path.name}: {name:<7} valence {two[0]:.3f} arousal {two[1]:.3f}")
+    for path, name, two in zip(preds.names, preds.class_names("type"), preds.values["two"]):
+        click.echo(f"  {Path(path).name}: {name:<7} valence {two[0]:.3f} arousal {two[1]:.3f}")
     return [p.predictions]
 
 

@@ -270,6 +270,7 @@ class TaskNetworks(nn.Module):
                  gens: Sequence[torch.Generator], chained: bool = False) -> None:
         super().__init__()
         self.tasks = tuple(t.name for t in tasks)
+        self.in_dim = in_dim     # a static width: the ONNX tracer needs layer_norm's shape as a constant
         n_tasks = len(self.tasks)
         self.fc1 = StackedLinear(n_runs, in_dim, hidden, gens, copies=n_tasks)
         extra = np.cumsum([0] + [t.out_dim for t in tasks[:-1]]) if chained else np.zeros(n_tasks, int)
@@ -293,7 +294,7 @@ class TaskNetworks(nn.Module):
 
     def first_layer(self, features: Tensor) -> Tensor:
         """The features' part of every task's first FC: [R, B, D] -> [R, T, B, H]."""
-        x = F.layer_norm(features, (features.shape[-1],))
+        x = F.layer_norm(features, (self.in_dim,))
         return self.fc1(x.unsqueeze(1))
 
     def parallel(self, features: Tensor) -> dict[str, Tensor]:
