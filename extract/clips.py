@@ -5,10 +5,15 @@ dense tensor and a clip's features never depend on its batch-mates (see `extract
 are random but reproducible: the window of clip i in epoch e comes from a generator seeded by (seed, e, i),
 so it is the same whatever the number of processes, workers or the batch a clip lands in, and a resumed run
 sees the same crops as an uninterrupted one. Evaluation and dumping take the first window (deterministic).
+
+A clip comes from the corpus's decoded-audio store when one is given (`extract.decoded_audio`: decoded once,
+equal to decoding the file), else from its file. `loader_options` sizes the DataLoader around it.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +22,7 @@ from torch.utils.data import Dataset, Sampler
 from cache.command_kit.errors import AvbError
 from extract.audio import SAMPLE_RATE, crop_or_pad, load_audio
 from extract.corpus import Corpus
+from extract.run_config import AUTO_WORKERS
 from heads.names import CLIP_SECONDS
 
 
@@ -46,8 +52,10 @@ class ClipDataset(Dataset):
         clip_seconds: float = CLIP_SECONDS,
         train: bool = False,
         seed: int = 0,
+        store: Any = None,
     ) -> None:
         self.corpus = corpus
+        self.store = store          # extract.decoded_audio.DecodedAudio, or None: decode the files
         self.rows = np.asarray(rows, dtype=np.int64)
         self.n_samples = clip_samples(clip_seconds)
         self.train = train
@@ -63,7 +71,8 @@ class ClipDataset(Dataset):
 
     def __getitem__(self, k: int) -> dict:
         row = int(self.rows[k])
-        wave = load_audio(self.corpus.audio_path(self.corpus.ids[row]))
+        clip = self.corpus.ids[row]
+        wave = self.store.wave(clip) if self.store is not None else load_audio(self.corpus.audio_path(clip))
         rng = np.random.default_rng([self.seed, self.epoch, row]) if self.train else None
         clip, mask = crop_or_pad(wave, self.n_samples, rng)
         return {
@@ -72,6 +81,29 @@ class ClipDataset(Dataset):
             "row": torch.tensor(row, dtype=torch.long),
             "labels": {task: torch.from_numpy(values[row]) for task, values in self.corpus.labels.items()},
         }
+
+
+def default_workers(device: Any) -> int:
+    """DataLoader workers when --num-workers is not given. On a GPU: this process's share of the cores (under
+    `accelerate launch` LOCAL_WORLD_SIZE processes share them) less the one driving the GPU, at most 8, so
+    loading overlaps the GPU's step. On a CPU run: 0, because the model's own threads use every core and workers
+    would compete with them for the same cores."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, min(8, (os.cpu_count() or 1) // max(local, 1) - 1))
+
+
+def loader_options(num_workers: int, device: Any) -> dict[str, Any]:
+    """DataLoader keyword arguments: the workers (AUTO_WORKERS: `default_workers`), kept alive across epochs
+    and prefetching, and pinned memory when batches go to a GPU."""
+    workers = default_workers(device) if num_workers == AUTO_WORKERS else int(num_workers)
+    options: dict[str, Any] = {"num_workers": workers}
+    if workers > 0:
+        options.update(persistent_workers=True, prefetch_factor=4)
+    if getattr(device, "type", str(device)) == "cuda":
+        options["pin_memory"] = True
+    return options
 
 
 def collate_clips(items: Sequence[dict]) -> dict:

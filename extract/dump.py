@@ -38,7 +38,12 @@ from cache.format import CacheError
 from cache.reader import check_compatible, load_cache, read_attrs
 from cache.writer import CacheWriter, merge_shards
 from extract.audio import SAMPLE_RATE
-from extract.run_config import PRECISIONS, ClipRunConfig
+from extract.run_config import (
+    PRECISIONS,
+    ClipRunConfig,
+    clip_input_options,
+    decoded_audio_setting,
+)
 from heads.names import CLIP_SECONDS
 from heads.runs import TRAINED_ON_FILE
 from heads.tasks import TaskSet
@@ -61,7 +66,6 @@ class DumpConfig(ClipRunConfig):
     clip_seconds: float = CLIP_SECONDS
     dtype: str = "float16"
     mixed_precision: str = "no"   # autocast for the forward pass; features are stored as `dtype` either way
-    num_workers: int = 0
     overwrite: bool = False
 
     def validate(self) -> None:
@@ -185,11 +189,14 @@ def dump_shard(
     from tqdm.auto import tqdm
 
     from extract.backbone import forward_layers
-    from extract.clips import ClipDataset, collate_clips
+    from extract.clips import ClipDataset, collate_clips, loader_options
+    from extract.decoded_audio import open_store
 
+    store = open_store(corpus, cfg.decoded_audio, say=_log if progress else None)
     loader = DataLoader(
-        ClipDataset(corpus, rows, clip_seconds=cfg.clip_seconds, train=False),
-        batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, collate_fn=collate_clips,
+        ClipDataset(corpus, rows, clip_seconds=cfg.clip_seconds, train=False, store=store),
+        batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_clips,
+        **loader_options(cfg.num_workers, torch.device(device)),
     )
     model.eval()
     info = clip_info(corpus, cfg.model)
@@ -320,12 +327,13 @@ def parse_layers(text: str) -> tuple[str, ...]:
 @click.option("--dtype", default=DumpConfig.dtype, show_default=True, type=click.Choice(DTYPES), help="Stored feature dtype.")
 @click.option("--mixed-precision", default=DumpConfig.mixed_precision, show_default=True, type=click.Choice(PRECISIONS),
               help="Autocast for the backbone pass.")
-@click.option("--num-workers", default=DumpConfig.num_workers, show_default=True, type=int, help="DataLoader workers per process.")
+@clip_input_options
 @click.option("--overwrite", is_flag=True, help="Recompute FILE.h5 and its shards even if they are complete.")
 @progress_option()
 def dump_command(corpus: Path | None, spec: Path | None, model: str, out: Path, frame_layers: str, frame_stride: int,
                  batch_size: int,
-                 clip_seconds: float, dtype: str, mixed_precision: str, num_workers: int, overwrite: bool,
+                 clip_seconds: float, dtype: str, mixed_precision: str, num_workers: int, decoded_audio: str | None,
+                 no_decoded_audio: bool, overwrite: bool,
                  progress: bool) -> None:
     """Dump per-layer hidden states (masked mean, optional frames) of a backbone to an HDF5 cache.
 
@@ -334,7 +342,8 @@ def dump_command(corpus: Path | None, spec: Path | None, model: str, out: Path, 
     cfg = DumpConfig(corpus=str(corpus or ""), spec=str(spec or ""), model=str(model), out=str(out),
                      frame_layers=parse_layers(frame_layers),
                      frame_stride=frame_stride, batch_size=batch_size, clip_seconds=clip_seconds, dtype=dtype,
-                     mixed_precision=mixed_precision, num_workers=num_workers, overwrite=overwrite)
+                     mixed_precision=mixed_precision, num_workers=num_workers,
+                     decoded_audio=decoded_audio_setting(decoded_audio, no_decoded_audio), overwrite=overwrite)
     with command_errors():  # DumpError, CorpusError, CacheError, AudioError, write errors, SIGINT/SIGTERM
         run_dump(cfg, progress=progress)
 

@@ -52,8 +52,19 @@ from cache.command_kit.errors import AvbError
 from cache.command_kit.jsonable import jsonable
 from cache.command_kit.lock import hold_output
 from cache.command_kit.options import progress_option
-from extract.clips import ClipDataset, EpochShuffleSampler, collate_clips
-from extract.run_config import PRECISIONS, ClipRunConfig
+from extract.clips import (
+    ClipDataset,
+    EpochShuffleSampler,
+    collate_clips,
+    loader_options,
+)
+from extract.run_config import (
+    AUTO_WORKERS,
+    PRECISIONS,
+    ClipRunConfig,
+    clip_input_options,
+    decoded_audio_setting,
+)
 from heads.names import ARCHS, CLIP_SECONDS, DEFAULT_EPOCHS, WEIGHTINGS
 from heads.runs import (
     BACKBONE_DIR,
@@ -109,14 +120,13 @@ class FinetuneConfig(ClipRunConfig):
     folds: int = 0                    # > 0: fine-tune for one round of speaker-independent cross-validation
     fold: int = 0                     #   (heads.training.folds): train on its train folds, select on its select
     fold_seed: int = 0                #   fold; the eval fold stays unseen, as stage 2's --folds/--fold expect
-    num_workers: int = 0
     keep_checkpoints: int = 2
     resume: bool = False
     report_to: str = "none"           # trackers (heads.training.tracking): none, tensorboard, wandb, mlflow, all
     tracking_dir: str = ""            # where they write; "" = OUT/tracking
 
     # Fields that may change between a run and its --resume; every other field must match.
-    RESUMABLE_CHANGES = ("epochs", "max_steps", "num_workers", "eval_batch_size", "keep_checkpoints", "resume",
+    RESUMABLE_CHANGES = ("epochs", "max_steps", "num_workers", "decoded_audio", "eval_batch_size", "keep_checkpoints", "resume",
                          "report_to", "tracking_dir")
 
     def validate(self) -> None:
@@ -125,7 +135,10 @@ class FinetuneConfig(ClipRunConfig):
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "keep_checkpoints", "hidden"):
             if getattr(self, name) < 1:
                 raise FinetuneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "num_workers", "plateau_patience"):
+        if self.num_workers < AUTO_WORKERS:
+            raise FinetuneError(f"--num-workers must be >= 0 (or {AUTO_WORKERS}: from the machine), got "
+                                f"{self.num_workers}")
+        for name in ("max_steps", "plateau_patience"):
             if getattr(self, name) < 0:
                 raise FinetuneError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for name in ("lr_backbone", "lr_head", "clip_seconds"):
@@ -519,15 +532,18 @@ class Finetuning:
         """Random crops in a (seed, epoch) order for training; the whole of Val, first windows, for validation."""
         from torch.utils.data import DataLoader
 
+        from extract.decoded_audio import open_store
+
         cfg = self.cfg
+        store = open_store(self.corpus, cfg.decoded_audio, say=self.accelerator.print)   # said by rank 0 only
+        options = loader_options(cfg.num_workers, self.accelerator.device)
         self.train_set = ClipDataset(self.corpus, train_rows, clip_seconds=cfg.clip_seconds, train=True,
-                                     seed=cfg.seed)
+                                     seed=cfg.seed, store=store)
         train_loader = DataLoader(self.train_set, batch_size=cfg.batch_size, drop_last=True, collate_fn=collate_clips,
-                                  sampler=EpochShuffleSampler(len(self.train_set), cfg.seed),
-                                  num_workers=cfg.num_workers)
-        val_set = ClipDataset(self.corpus, val_rows, clip_seconds=cfg.clip_seconds)
+                                  sampler=EpochShuffleSampler(len(self.train_set), cfg.seed), **options)
+        val_set = ClipDataset(self.corpus, val_rows, clip_seconds=cfg.clip_seconds, store=store)
         val_loader = DataLoader(val_set, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate_clips,
-                                num_workers=cfg.num_workers)
+                                **options)
         return train_loader, val_loader
 
     # ------------------------------------------------------------------ resume
@@ -782,7 +798,7 @@ class Finetuning:
               help="The round k (with --folds).")
 @click.option("--fold-seed", default=FinetuneConfig.fold_seed, show_default=True, type=int,
               help="Seed of the fold assignment; stage 2 must use the same.")
-@click.option("--num-workers", default=FinetuneConfig.num_workers, show_default=True, type=int, help="DataLoader workers per process.")
+@clip_input_options
 @click.option("--report-to", default=FinetuneConfig.report_to, show_default=True, type=click.Choice(REPORT_TO_CHOICES),
               help="Experiment tracker(s) through accelerate: per step the train loss, per-task losses and loss "
                    "weights and the learning rates, per epoch every Val score; offline by default ('all': every "
@@ -794,7 +810,8 @@ def finetune_command(corpus: Path | None, spec: Path | None, model: str, out: Pa
                      eval_batch_size: int, lr_backbone: float, lr_head: float, clip_seconds: float,
                      spec_time_p: float, spec_feature_p: float, arch: str, weighting: str, freeze_cnn: bool,
                      grad_accum: int, grad_clip: float, mixed_precision: str, max_steps: int, resume: bool,
-                     seed: int, folds: int, fold: int, fold_seed: int, num_workers: int, report_to: str,
+                     seed: int, folds: int, fold: int, fold_seed: int, num_workers: int, decoded_audio: str | None,
+                     no_decoded_audio: bool, report_to: str,
                      tracking_dir: Path | None, progress: bool) -> None:
     """Fine-tune a wav2vec2 backbone and a multi-task head on the corpus's tasks (stage 1).
 
@@ -809,6 +826,7 @@ def finetune_command(corpus: Path | None, spec: Path | None, model: str, out: Pa
                          arch=arch.lower(), weighting=weighting.lower(), freeze_cnn=freeze_cnn, grad_accum=grad_accum,
                          grad_clip=grad_clip, mixed_precision=mixed_precision, max_steps=max_steps, resume=resume,
                          seed=seed, folds=folds, fold=fold, fold_seed=fold_seed, num_workers=num_workers,
+                     decoded_audio=decoded_audio_setting(decoded_audio, no_decoded_audio),
                          report_to=report_to,
                          tracking_dir=str(tracking_dir) if tracking_dir else "")
     with command_errors():  # FinetuneError, CorpusError, BackboneLoadError, write errors, SIGINT/SIGTERM, ...

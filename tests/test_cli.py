@@ -137,13 +137,15 @@ def test_probe_demo_and_finetune_cli_defaults_are_their_configs():
 
     _assert_defaults_come_from(probe_command, [ProbeConfig], {"progress", "quiet_alias"})
     _assert_defaults_come_from(demo_command, [DemoConfig], {"progress", "quiet_alias", "quick"})
-    _assert_defaults_come_from(finetune_command, [FinetuneConfig], {"progress", "quiet_alias"})
+    # --no-decoded-audio is the off switch of the decoded_audio field (run_config.decoded_audio_setting)
+    _assert_defaults_come_from(finetune_command, [FinetuneConfig], {"progress", "quiet_alias", "no_decoded_audio"})
 
 
 def test_dump_cli_defaults_are_its_config():
     from extract.dump import DumpConfig, dump_command
 
-    _assert_defaults_come_from(dump_command, [DumpConfig], {"progress", "quiet_alias", "frame_layers"})
+    _assert_defaults_come_from(dump_command, [DumpConfig], {"progress", "quiet_alias", "frame_layers",
+                                                            "no_decoded_audio"})
 
 
 def test_score_cli_defaults_are_the_bootstrap_config():

@@ -23,9 +23,14 @@ import numpy as np
 
 from cache.command_kit.command import command_errors
 from cache.command_kit.errors import AvbError
-from cache.command_kit.options import OptionOrArgumentCommand, option_or_argument
+from cache.command_kit.options import (
+    OptionOrArgumentCommand,
+    option_or_argument,
+    progress_option,
+)
 from extract.audio import MAX_SECONDS, AudioError, audio_info, wav_info
 from extract.corpus import Corpus, missing_wavs
+from extract.decoded_audio import store_status
 from extract.description import SPEC_FILE, open_corpus, write_draft
 from heads.tasks import AVB, COUNTRIES, SPLITS
 
@@ -230,7 +235,13 @@ def check_command(root: Path | None, spec: Path | None, as_json: bool, no_audio:
         corpus = open_corpus(root, spec)
         summary = summarise(corpus)
         summary["audio"] = {"checked": False} if no_audio else audit_audio(corpus)
+        summary["decoded_audio"] = store_status(corpus)
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+    store = summary["decoded_audio"]
+    if store is not None and not as_json:
+        click.echo(f"decoded audio: {store['path']}, " + (f"matches the corpus ({store['clips']} clips, "
+                   f"{store['dtype']}): finetune and dump read it" if store["fresh"] else
+                   f"does NOT match the corpus ({store['why']}): avb corpus decode --rebuild"))
     audio = summary["audio"]
     if audio["checked"] and (audio["n_missing"] or audio["n_unreadable"]):
         first = audio["missing"][0] if audio["missing"] else audio["unreadable"][0]["path"]
@@ -268,3 +279,31 @@ def init_command(labels: Path, audio: Path, out: Path, force: bool) -> None:
     else:
         click.echo(f"it reads as a corpus of {len(corpus)} clips and {len(corpus.tasks)} tasks; next: "
                    f"avb corpus check --spec {out}")
+
+
+@corpus_group.command("decode")
+@click.option("--corpus", "root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help=f"Corpus folder: its {SPEC_FILE} when it has one, else the A-VB layout.")
+@click.option("--spec", type=click.Path(dir_okay=False, path_type=Path),
+              help=f"A corpus description ({SPEC_FILE}) kept elsewhere.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The store to write (default: CORPUS/audio-16k.h5, where finetune and dump look for it).")
+@click.option("--rebuild", is_flag=True, help="Decode every clip again (a store that no longer matches the corpus).")
+@progress_option()
+def decode_command(root: Path | None, spec: Path | None, out: Path | None, rebuild: bool, progress: bool) -> None:
+    """Decode every clip once to 16 kHz mono into one HDF5 file that fine-tuning and the dump read instead of
+    the audio files (int16 where that is lossless, else float32). Resumes a killed decode."""
+    from extract.decoded_audio import decode_corpus
+
+    if root is None and spec is None:
+        raise click.UsageError("give --corpus or --spec")
+    with command_errors():
+        corpus = open_corpus(root, spec)
+        done = decode_corpus(corpus, out, rebuild=rebuild, progress=progress)
+    if done.skipped:
+        click.echo(f"{done.path} is complete and matches the corpus ({done.clips} clips, {done.dtype}); nothing to do "
+                   "(--rebuild decodes again)")
+        return
+    resumed = f", resumed after {done.resumed_from}" if done.resumed_from else ""
+    click.echo(f"wrote {done.path} ({done.clips} clips, {done.samples / 16000 / 3600:.2f} h of audio as "
+               f"{done.dtype}{resumed})")

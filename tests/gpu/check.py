@@ -14,7 +14,8 @@ holds every figure the README's "GPU check" table quotes.
 2. grid step time at wav2vec2-base widths: `tests.benchmarks.bench_heads --device DEVICE --skip-frames` on its
    HUME-VB-sized pooled cache (ms per 12-run step per architecture, the extrapolated 36-run x 30-epoch grid).
 3. fine-tuning: one epoch of `accelerate launch -m extract.finetune` with bf16 mixed precision (fp32 on the CPU)
-   on the generated corpus; wall time, steps, steps/s, finite losses.
+   on the generated corpus; wall time, steps, steps/s, finite losses; then the same epoch reading the
+   decoded-audio store (`avb corpus decode`) instead of the WAVs: its steps/s and the speed-up.
 4. the dump of the fine-tuned backbone (`accelerate launch -m extract.dump`) on DEVICE: clips/s; the pooled
    features against a CPU dump of the same clips (largest absolute and relative difference).
 5. `avb predict --device DEVICE` against `--device cpu` on the same files with a head run trained on the dump:
@@ -136,8 +137,19 @@ def check_finetune(ctx: dict[str, Any]) -> dict[str, Any]:
     steps = metrics["history"][-1]["step"]
     finite = all(math.isfinite(h["loss"]) for h in metrics["history"])
     ctx["corpus"], ctx["ft"] = corpus, ft
+    # the same epoch reading the decoded-audio store (avb corpus decode) instead of decoding the WAVs
+    _run([sys.executable, "-m", "extract.app.cli", "corpus", "decode", "--corpus", str(corpus), "--no-progress"],
+         work / "decode.log")
+    store_seconds = _run(accelerate_command("extract.finetune", 1, precision) + [
+        "--quiet", "--corpus", str(corpus), "--model", str(model), "--out", str(work / "ft-store"), "--epochs", "1",
+        "--batch-size", "8", "--eval-batch-size", "16", "--mixed-precision", precision],
+        work / "finetune-store.log", cpu_only=not ctx["cuda"])
+    (corpus / "audio-16k.h5").unlink()      # the later steps read the WAVs, as before
     return {"precision": precision, "clips": int(clips), "steps": steps, "wall_seconds": round(seconds, 1),
-            "steps_per_s_with_startup": round(steps / seconds, 3), "finite_losses": finite, "ok": finite}
+            "steps_per_s_with_startup": round(steps / seconds, 3),
+            "store_wall_seconds": round(store_seconds, 1),
+            "store_steps_per_s_with_startup": round(steps / store_seconds, 3),
+            "store_speedup": round(seconds / store_seconds, 3), "finite_losses": finite, "ok": finite}
 
 
 def check_dump(ctx: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,275 @@
+"""The decoded-audio store: every clip of a corpus decoded once to 16 kHz mono, in one HDF5 file.
+
+Stage 1 reads each clip once per epoch; decoding and resampling it every time (10 ms for a 48 kHz clip here)
+leaves a GPU waiting, and over 30 epochs decodes every clip 30 times. `avb corpus decode` does it once:
+
+    DIR/audio-16k.h5   /audio           1-D, every clip's samples one after another (chunked, uncompressed)
+                       /offsets         int64 [N + 1]: clip i is audio[offsets[i]:offsets[i + 1]]
+                       /ids             the corpus ids, in its order
+                       /source_size     int64 [N]: each source file's size in bytes when it was decoded
+                       /source_mtime_ns int64 [N]: and its modification time
+                       attrs: format, sample_rate, dtype, dtype_reason, complete
+
+Samples are int16 when every source is 16-bit PCM, mono, at 16 kHz: the decoder's float is then int16 / 32768
+exactly, so the store is lossless at half the size of float32. Otherwise float32, which is what the decoder
+returns, so the store is lossless then too (float16 would halve it again at about -66 dB of rounding noise,
+which would make the dump from the store differ from the dump from the files). Either way a clip read from the
+store equals `load_audio` of its file, and so does every crop and every dumped feature (tested).
+
+A store is used only while it matches the corpus: the same ids, and for every clip the size and modification
+time its file had when decoded. Anything else is refused in one line naming the first differing clip
+(`avb corpus decode --rebuild` remakes it, `--no-decoded-audio` ignores it). The file is written as
+`.audio-16k.h5.partial` beside it and renamed when complete; a killed decode resumes from the clips already in
+the partial file. Readers open the file read-only, once per process (each DataLoader worker its own handle).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cache.command_kit.errors import AvbError
+from extract.audio import SAMPLE_RATE, AudioError, load_audio
+
+STORE_FILE = "audio-16k.h5"
+STORE_FORMAT = 1
+CHUNK = 1 << 18                  # samples per HDF5 chunk of /audio (512 KiB of int16)
+
+
+class DecodedAudioError(AvbError):
+    """A decoded-audio store that cannot be used or written; one line naming the file and the clip."""
+
+
+def default_store(corpus: Any) -> Path:
+    return Path(corpus.root) / STORE_FILE
+
+
+def source_stats(paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """(size in bytes, modification time in ns) of every file; a missing file is named."""
+    sizes = np.zeros(len(paths), dtype=np.int64)
+    mtimes = np.zeros(len(paths), dtype=np.int64)
+    for i, path in enumerate(paths):
+        try:
+            stat = os.stat(path)
+        except OSError as err:
+            raise AudioError(f"{path}: cannot read ({err.strerror or err})") from None
+        sizes[i], mtimes[i] = stat.st_size, stat.st_mtime_ns
+    return sizes, mtimes
+
+
+def _lossless_int16(paths: Sequence[Path]) -> bool:
+    """Every source is 16-bit PCM, mono, 16 kHz: its samples fit int16 exactly."""
+    import soundfile
+
+    for path in paths:
+        try:
+            info = soundfile.info(str(path))
+        except Exception:  # noqa: BLE001 -- the decode itself then gives the file's one-line error
+            return False
+        if (info.samplerate, info.channels, info.subtype) != (SAMPLE_RATE, 1, "PCM_16"):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+class DecodedAudio:
+    """A store, opened read-only in each process that reads it (h5py handles do not survive a fork)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        import h5py
+
+        self.path = Path(path)
+        try:
+            with h5py.File(self.path, "r") as f:
+                if f.attrs.get("format") != STORE_FORMAT or not f.attrs.get("complete", False):
+                    raise DecodedAudioError(f"{self.path}: not a complete decoded-audio store of format "
+                                            f"{STORE_FORMAT} (rebuild it: avb corpus decode --rebuild)")
+                self.ids = [s.decode() if isinstance(s, bytes) else str(s) for s in f["ids"][()]]
+                self.offsets = np.asarray(f["offsets"][()], dtype=np.int64)
+                self.sizes = np.asarray(f["source_size"][()], dtype=np.int64)
+                self.mtimes = np.asarray(f["source_mtime_ns"][()], dtype=np.int64)
+                self.dtype = str(f.attrs["dtype"])
+        except (OSError, KeyError) as err:
+            raise DecodedAudioError(f"{self.path}: not a readable decoded-audio store ({err})") from None
+        self.row = {clip: i for i, clip in enumerate(self.ids)}
+        self._file: Any = None
+        self._pid = -1
+
+    def __getstate__(self) -> dict[str, Any]:      # a DataLoader worker gets the index, not the handle
+        return {**self.__dict__, "_file": None, "_pid": -1}
+
+    def _audio(self) -> Any:
+        import h5py
+
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
+        return self._file["audio"]
+
+    def wave(self, clip_id: str) -> np.ndarray:
+        """Clip `clip_id` as float32 at 16 kHz: equal to `load_audio` of its source file."""
+        i = self.row[clip_id]
+        samples = self._audio()[self.offsets[i]:self.offsets[i + 1]]
+        if self.dtype == "int16":
+            return samples.astype(np.float32) / np.float32(32768.0)
+        return samples
+
+    def stale(self, corpus: Any) -> str | None:
+        """None when the store matches the corpus, else what differs first (one clip, named)."""
+        if self.ids != list(corpus.ids):
+            mine, theirs = set(self.ids), set(corpus.ids)
+            added = [c for c in corpus.ids if c not in mine]
+            if added:
+                return f"clip {added[0]} is in the corpus but not in the store ({len(added)} such)"
+            removed = [c for c in self.ids if c not in theirs]
+            return f"clip {removed[0]} is in the store but no longer in the corpus ({len(removed)} such)" \
+                if removed else "the clips are in another order"
+        paths = [corpus.audio_path(c) for c in corpus.ids]
+        sizes, mtimes = source_stats(paths)
+        changed = np.flatnonzero((sizes != self.sizes) | (mtimes != self.mtimes))
+        if changed.size:
+            i = int(changed[0])
+            what = "size" if sizes[i] != self.sizes[i] else "modification time"
+            return f"clip {corpus.ids[i]} changed since it was decoded ({paths[i]}: {what}; {changed.size} such)"
+        return None
+
+
+def open_store(corpus: Any, setting: str | None = "auto", *, say: Any = None) -> DecodedAudio | None:
+    """The store fine-tuning and the dump read clips from, or None to decode the files.
+
+    `setting`: "auto" (the corpus's DIR/audio-16k.h5 when present), "none", or a store's path (must exist).
+    A store that does not match the corpus is refused in one line; `say(message)` hears which store is used."""
+    if setting in (None, "", "none"):
+        return None
+    path = default_store(corpus) if setting == "auto" else Path(setting)
+    if not path.is_file():
+        if setting == "auto":
+            return None
+        raise DecodedAudioError(f"--decoded-audio {path}: no such file (avb corpus decode writes it)")
+    store = DecodedAudio(path)
+    why = store.stale(corpus)
+    if why is not None:
+        raise DecodedAudioError(f"{path} no longer matches the corpus: {why}; rebuild it (avb corpus decode "
+                                "--rebuild) or pass --no-decoded-audio")
+    if say is not None:
+        say(f"reading clips from {path} ({len(store.ids)} clips decoded at 16 kHz, {store.dtype}); "
+            "--no-decoded-audio decodes the files instead")
+    return store
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+@dataclass
+class DecodeSummary:
+    path: Path
+    clips: int
+    samples: int
+    dtype: str
+    resumed_from: int
+    skipped: bool = False      # already complete and fresh: nothing written
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial")
+
+
+def decode_corpus(corpus: Any, out: str | os.PathLike | None = None, *, rebuild: bool = False,
+                  progress: bool = True) -> DecodeSummary:
+    """Write (or finish, or leave alone) the store of `corpus`; see the module docstring."""
+    import h5py
+    from tqdm.auto import tqdm
+
+    from cache.command_kit.lock import hold_output
+
+    path = Path(out) if out else default_store(corpus)
+    paths = [corpus.audio_path(c) for c in corpus.ids]
+    with hold_output(path, is_file=True):
+        if path.is_file() and not rebuild:
+            try:
+                why = DecodedAudio(path).stale(corpus)
+            except DecodedAudioError:
+                why = "unreadable"
+            if why is None:
+                return DecodeSummary(path, len(paths), 0, DecodedAudio(path).dtype, len(paths), skipped=True)
+            raise DecodedAudioError(f"{path} no longer matches the corpus: {why}; pass --rebuild to decode it "
+                                    "again")
+        sizes, mtimes = source_stats(paths)
+        partial = partial_path(path)
+        start = _resumable(partial, corpus.ids, sizes, mtimes) if not rebuild else 0
+        if start == 0:
+            partial.unlink(missing_ok=True)
+            dtype = "int16" if _lossless_int16(paths) else "float32"
+            _create(partial, corpus.ids, sizes, mtimes, dtype)
+        with h5py.File(partial, "r+") as f:
+            dtype, audio, offsets = str(f.attrs["dtype"]), f["audio"], f["offsets"]
+            end = int(offsets[start])
+            bar = tqdm(total=len(paths), initial=start, desc=f"decode {path.name}", unit="clip",
+                       disable=not progress)
+            for i in range(start, len(paths)):
+                wave = _samples(paths[i], dtype)
+                audio.resize((end + len(wave),))
+                audio[end:end + len(wave)] = wave
+                end += len(wave)
+                offsets[i + 1] = end
+                f.attrs["done"] = i + 1       # what a resumed decode trusts
+                if (i + 1) % 1000 == 0:
+                    f.flush()                 # so a kill loses at most the last thousand clips
+                bar.update(1)
+            bar.close()
+            f.attrs["complete"] = True
+        os.replace(partial, path)
+    return DecodeSummary(path, len(paths), end, dtype, start)
+
+
+def _samples(path: Path, dtype: str) -> np.ndarray:
+    """The decoder's output (its checks and one-line errors), as int16 where that is exact: 16-bit PCM decodes
+    to k / 32768, which float32 holds exactly, so k comes back unchanged."""
+    wave = load_audio(path)
+    return np.round(wave * np.float32(32768.0)).astype(np.int16) if dtype == "int16" else wave
+
+
+def _create(partial: Path, ids: Sequence[str], sizes: np.ndarray, mtimes: np.ndarray, dtype: str) -> None:
+    import h5py
+
+    with h5py.File(partial, "w") as f:
+        f.create_dataset("audio", shape=(0,), maxshape=(None,), dtype=dtype, chunks=(CHUNK,))
+        f.create_dataset("offsets", data=np.zeros(len(ids) + 1, dtype=np.int64))
+        f.create_dataset("ids", data=np.array(list(ids), dtype=object), dtype=h5py.string_dtype())
+        f.create_dataset("source_size", data=sizes)
+        f.create_dataset("source_mtime_ns", data=mtimes)
+        f.attrs.update(format=STORE_FORMAT, sample_rate=SAMPLE_RATE, dtype=dtype, complete=False, done=0,
+                       dtype_reason="every source is 16-bit PCM mono at 16 kHz: int16 is exact" if dtype == "int16"
+                       else "some source is not 16-bit PCM mono at 16 kHz: float32, the decoder's own output")
+
+
+def _resumable(partial: Path, ids: Sequence[str], sizes: np.ndarray, mtimes: np.ndarray) -> int:
+    """How many clips of a partial store from a killed decode can be kept (0: start over)."""
+    import h5py
+
+    if not partial.is_file():
+        return 0
+    try:
+        with h5py.File(partial, "r") as f:
+            same = ([s.decode() if isinstance(s, bytes) else str(s) for s in f["ids"][()]] == list(ids)
+                    and np.array_equal(f["source_size"][()], sizes)
+                    and np.array_equal(f["source_mtime_ns"][()], mtimes))
+            return int(f.attrs.get("done", 0)) if same else 0
+    except (OSError, KeyError):
+        return 0
+
+
+def store_status(corpus: Any) -> dict[str, Any] | None:
+    """What `avb corpus check` says of the corpus's store: None when there is none."""
+    path = default_store(corpus)
+    if not path.is_file():
+        return None
+    try:
+        store = DecodedAudio(path)
+        why = store.stale(corpus)
+    except (DecodedAudioError, AudioError) as err:
+        return {"path": str(path), "fresh": False, "why": str(err)}
+    return {"path": str(path), "fresh": why is None, "why": why, "clips": len(store.ids), "dtype": store.dtype}
