@@ -449,6 +449,12 @@ def _windows(path: Path, sound: Any, window: int, hop: int, block: int) -> Itera
         k += 1
 
 
+def crop_start(length: int, n_samples: int, rng: np.random.Generator | None = None) -> int:
+    """Where `crop_or_pad` cuts a clip of `length` samples: a random start when `rng` is given and the clip is
+    longer than the window, else 0. Separate so a reader can fetch only the window (`extract.clips`)."""
+    return int(rng.integers(0, length - n_samples + 1)) if rng is not None and length >= n_samples else 0
+
+
 def crop_or_pad(
     wave: np.ndarray, n_samples: int, rng: np.random.Generator | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -465,7 +471,7 @@ def crop_or_pad(
         raise ValueError(f"expected a mono 1-D waveform, got shape {wave.shape}")
     mask = np.zeros(n_samples, dtype=np.int64)
     if len(wave) >= n_samples:
-        start = int(rng.integers(0, len(wave) - n_samples + 1)) if rng is not None else 0
+        start = crop_start(len(wave), n_samples, rng)
         mask[:] = 1
         return wave[start:start + n_samples].copy(), mask
     clip = np.zeros(n_samples, dtype=np.float32)

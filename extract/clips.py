@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from cache.command_kit.errors import AvbError
-from extract.audio import SAMPLE_RATE, crop_or_pad, load_audio
+from extract.audio import SAMPLE_RATE, crop_or_pad, crop_start, load_audio
 from extract.corpus import Corpus
 from extract.run_config import AUTO_WORKERS
 from heads.names import CLIP_SECONDS
@@ -71,10 +71,13 @@ class ClipDataset(Dataset):
 
     def __getitem__(self, k: int) -> dict:
         row = int(self.rows[k])
-        clip = self.corpus.ids[row]
-        wave = self.store.wave(clip) if self.store is not None else load_audio(self.corpus.audio_path(clip))
+        clip_id = self.corpus.ids[row]
         rng = np.random.default_rng([self.seed, self.epoch, row]) if self.train else None
-        clip, mask = crop_or_pad(wave, self.n_samples, rng)
+        if self.store is not None:   # only the window is read: the same crop as from the whole clip
+            start = crop_start(self.store.length(clip_id), self.n_samples, rng)
+            clip, mask = crop_or_pad(self.store.wave(clip_id, start, start + self.n_samples), self.n_samples)
+        else:
+            clip, mask = crop_or_pad(load_audio(self.corpus.audio_path(clip_id)), self.n_samples, rng)
         return {
             "wave": torch.from_numpy(clip),
             "mask": torch.from_numpy(mask),

@@ -20,7 +20,8 @@ A store is used only while it matches the corpus: the same ids, and for every cl
 time its file had when decoded. Anything else is refused in one line naming the first differing clip
 (`avb corpus decode --rebuild` remakes it, `--no-decoded-audio` ignores it). The file is written as
 `.audio-16k.h5.partial` beside it and renamed when complete; a killed decode resumes from the clips already in
-the partial file. Readers open the file read-only, once per process (each DataLoader worker its own handle).
+the partial file (chunked, so it can grow); the finished store lays /audio out contiguous, so every process and
+DataLoader worker memory-maps it read-only and a training crop reads only its window.
 """
 from __future__ import annotations
 
@@ -97,26 +98,41 @@ class DecodedAudio:
         except (OSError, KeyError) as err:
             raise DecodedAudioError(f"{self.path}: not a readable decoded-audio store ({err})") from None
         self.row = {clip: i for i, clip in enumerate(self.ids)}
-        self._file: Any = None
+        self._samples: np.ndarray | None = None
         self._pid = -1
 
-    def __getstate__(self) -> dict[str, Any]:      # a DataLoader worker gets the index, not the handle
-        return {**self.__dict__, "_file": None, "_pid": -1}
+    def __getstate__(self) -> dict[str, Any]:      # a DataLoader worker gets the index, not the mapping
+        return {**self.__dict__, "_samples": None, "_pid": -1}
 
-    def _audio(self) -> Any:
-        import h5py
+    def _audio(self) -> np.ndarray:
+        """/audio as a read-only memory map (it is stored contiguous), made once per process."""
+        if self._samples is None or self._pid != os.getpid():
+            import h5py
 
-        if self._file is None or self._pid != os.getpid():
-            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
-        return self._file["audio"]
+            with h5py.File(self.path, "r") as f:
+                ds = f["audio"]
+                offset, shape, dtype = ds.id.get_offset(), ds.shape, ds.dtype
+            if offset is None:      # an empty store: nothing was ever written
+                self._samples = np.zeros(0, dtype=dtype)
+            else:
+                self._samples = np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape)
+            self._pid = os.getpid()
+        return self._samples
 
-    def wave(self, clip_id: str) -> np.ndarray:
-        """Clip `clip_id` as float32 at 16 kHz: equal to `load_audio` of its source file."""
+    def length(self, clip_id: str) -> int:
         i = self.row[clip_id]
-        samples = self._audio()[self.offsets[i]:self.offsets[i + 1]]
+        return int(self.offsets[i + 1] - self.offsets[i])
+
+    def wave(self, clip_id: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Samples [start:stop] of clip `clip_id` as float32 at 16 kHz: equal to that slice of `load_audio` of
+        its source file (only those samples are read)."""
+        i = self.row[clip_id]
+        first, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        lo, hi = first + max(start, 0), end if stop is None else min(first + stop, end)
+        samples = self._audio()[lo:max(lo, hi)]
         if self.dtype == "int16":
             return samples.astype(np.float32) / np.float32(32768.0)
-        return samples
+        return np.array(samples, dtype=np.float32)
 
     def stale(self, corpus: Any) -> str | None:
         """None when the store matches the corpus, else what differs first (one clip, named)."""
@@ -220,9 +236,27 @@ def decode_corpus(corpus: Any, out: str | os.PathLike | None = None, *, rebuild:
                     f.flush()                 # so a kill loses at most the last thousand clips
                 bar.update(1)
             bar.close()
-            f.attrs["complete"] = True
-        os.replace(partial, path)
+        _finalise(partial, path)
     return DecodeSummary(path, len(paths), end, dtype, start)
+
+
+def _finalise(partial: Path, path: Path, block: int = 1 << 24) -> None:
+    """The complete store: the partial file's datasets with /audio laid out contiguous (so readers memory-map
+    it), copied in blocks of `block` samples under a temporary name and renamed into place."""
+    import h5py
+
+    from cache.command_kit.atomic import atomic_path
+
+    with atomic_path(path, suffix=".h5") as tmp, h5py.File(partial, "r") as src, h5py.File(tmp, "w") as dst:
+        audio = src["audio"]
+        out = dst.create_dataset("audio", shape=audio.shape, dtype=audio.dtype)     # contiguous
+        for lo in range(0, audio.shape[0], block):
+            out[lo:lo + block] = audio[lo:lo + block]
+        for name in ("offsets", "ids", "source_size", "source_mtime_ns"):
+            src.copy(src[name], dst, name)
+        dst.attrs.update(dict(src.attrs))
+        dst.attrs["complete"] = True
+    partial.unlink()
 
 
 def _samples(path: Path, dtype: str) -> np.ndarray:

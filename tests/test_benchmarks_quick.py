@@ -187,3 +187,39 @@ def test_bench_long_audio_quick_reads_the_windows_in_less_memory_than_the_whole_
     assert figures["whole-file peak RSS"] > figures["windowed peak RSS"] > 0
     assert figures["peak RSS whole / windowed"] == pytest.approx(
         figures["whole-file peak RSS"] / figures["windowed peak RSS"], rel=5e-3)
+
+
+@pytest.mark.benchmark
+@pytest.mark.slow
+def test_bench_input_quick_prints_every_input_path_and_the_ratios_of_its_sides():
+    proc = subprocess.run([sys.executable, "-m", "tests.benchmarks.bench_input", "--quick", "--rounds", "1"],
+                          check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    figures = {(item, name): float(value) for item, name, value in
+               re.findall(r"^\[(.+?)\] (.+?): (-?[0-9.]+(?:e[+-]?[0-9]+)?)", proc.stdout, re.MULTILINE)}
+    one = {name[:-len(" clips/s")]: v for (item, name), v in figures.items()
+           if item == "one process" and name.endswith(" clips/s")}
+    assert sorted(one) == sorted(["16 kHz WAV", "48 kHz WAV", "16 kHz store (int16)", "48 kHz store (float32)"])
+    assert all(math.isfinite(v) and v > 0 for v in figures.values()), figures
+    assert figures[("one process", "48 kHz store / 48 kHz WAV")] == pytest.approx(
+        one["48 kHz store (float32)"] / one["48 kHz WAV"], rel=2e-3)
+    assert figures[("one process", "16 kHz store / 16 kHz WAV")] == pytest.approx(
+        one["16 kHz store (int16)"] / one["16 kHz WAV"], rel=2e-3)
+    for workers in (0, 2):
+        loader = {path: figures[("DataLoader", f"{path}, {workers} workers clips/s")] for path in one if path != "16 kHz WAV"}
+        assert figures[("DataLoader", f"48 kHz store / 48 kHz WAV, {workers} workers")] == pytest.approx(
+            loader["48 kHz store (float32)"] / loader["48 kHz WAV"], rel=2e-3)
+    # the GPU's demand is arithmetic: 3 x 2 x 94,371,712 parameters x 124 frames, and 200 TFLOP/s over the
+    # layer-by-layer count; every path's share of it is its clips/s over that demand
+    gpu = {name: v for (item, name), v in figures.items() if item == "GPU estimate"}
+    assert gpu["training FLOP per clip, rule of thumb"] == pytest.approx(3 * 2 * 94_371_712 * 124, rel=1e-6)
+    flop = gpu["training FLOP per clip, layer by layer"]
+    assert gpu["training FLOP per clip, rule of thumb"] < flop < 2 * gpu["training FLOP per clip, rule of thumb"]
+    assert gpu["training TFLOP per batch of 8"] == pytest.approx(8 * flop / 1e12, rel=2e-3)
+    assert gpu["GPU demand"] == pytest.approx(gpu["assumed effective GPU throughput"] * 1e12 / flop, rel=2e-3)
+    for path, clips_s in one.items():
+        assert gpu[f"{path} / GPU demand"] == pytest.approx(clips_s / gpu["GPU demand"], rel=2e-3)
+    dump = {name: v for (item, name), v in figures.items() if item == "avb dump"}
+    assert dump["WAVs / store"] == pytest.approx(dump["whole process from the 48 kHz WAVs (--no-decoded-audio)"]
+                                                 / dump["whole process from the store (audio-16k.h5)"], rel=2e-3)
+    assert "bit-for-bit equal" in proc.stdout and "==== goals" in proc.stdout
