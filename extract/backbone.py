@@ -149,7 +149,7 @@ def layer_states(model: nn.Module, waves: Tensor, sample_mask: Tensor) -> tuple[
     """
     if waves.ndim != 2 or tuple(sample_mask.shape) != tuple(waves.shape):
         raise ValueError(
-            f"forward_layers needs waves [B, S] and a mask of the same shape, got {tuple(waves.shape)} and "
+            f"the backbone needs waves [B, S] and a mask of the same shape, got {tuple(waves.shape)} and "
             f"{tuple(sample_mask.shape)}"
         )
     # HuBERT-style models return no `extract_features`: for them "cnn" is the CNN output itself, caught here.
