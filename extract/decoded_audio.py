@@ -3,7 +3,7 @@
 Stage 1 reads each clip once per epoch; decoding and resampling it every time (10 ms for a 48 kHz clip here)
 leaves a GPU waiting, and over 30 epochs decodes every clip 30 times. `avb corpus decode` does it once:
 
-    DIR/audio-16k.h5   /audio           1-D, every clip's samples one after another (chunked, uncompressed)
+    DIR/audio-16k.h5   /audio           1-D, every clip's samples one after another (contiguous, uncompressed)
                        /offsets         int64 [N + 1]: clip i is audio[offsets[i]:offsets[i + 1]]
                        /ids             the corpus ids, in its order
                        /source_size     int64 [N]: each source file's size in bytes when it was decoded
@@ -18,10 +18,11 @@ store equals `load_audio` of its file, and so does every crop and every dumped f
 
 A store is used only while it matches the corpus: the same ids, and for every clip the size and modification
 time its file had when decoded. Anything else is refused in one line naming the first differing clip
-(`avb corpus decode --rebuild` remakes it, `--no-decoded-audio` ignores it). The file is written as
-`.audio-16k.h5.partial` beside it and renamed when complete; a killed decode resumes from the clips already in
-the partial file (chunked, so it can grow); the finished store lays /audio out contiguous, so every process and
-DataLoader worker memory-maps it read-only and a training crop reads only its window.
+(`avb corpus decode --rebuild` remakes it, `--no-decoded-audio` ignores it). Clips are written into
+`.audio-16k.h5.partial` beside it (chunked, so it can grow), and a killed decode resumes from the clips already
+there. When every clip is in, /audio is copied out contiguous into the store, written under a temporary name
+and renamed into place; so every process and DataLoader worker memory-maps it read-only, and a training crop
+reads only its window.
 """
 from __future__ import annotations
 
