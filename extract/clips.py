@@ -41,7 +41,7 @@ def clip_samples(clip_seconds: float) -> int:
 class ClipDataset(Dataset):
     """Clips of `corpus` at row positions `rows`; item k is corpus row rows[k].
 
-    An item is {"wave": float32 [S], "mask": int64 [S], "row": int64 scalar, "labels": {task: float32 [label_dim]}}.
+    An item is {"wave": float32 [S], "mask": bool [S], "row": int64 scalar, "labels": {task: float32 [label_dim]}}.
     """
 
     def __init__(

@@ -116,7 +116,9 @@ class DecodedAudio:
             if offset is None:      # an empty store: nothing was ever written
                 self._samples = np.zeros(0, dtype=dtype)
             else:
-                self._samples = np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape)
+                # a plain ndarray view of the map (it keeps the map alive): slicing a memmap subclass costs more
+                mapped = np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape)
+                self._samples = mapped.view(np.ndarray)
             self._pid = os.getpid()
         return self._samples
 

@@ -130,7 +130,7 @@ def test_crop_or_pad_shapes_masks_and_windows():
     clip, mask = crop_or_pad(wave, 4)
     np.testing.assert_array_equal(clip, [0, 1, 2, 3])
     np.testing.assert_array_equal(mask, [1, 1, 1, 1])
-    assert clip.dtype == np.float32 and mask.dtype == np.int64
+    assert clip.dtype == np.float32 and mask.dtype == np.bool_
 
     start = int(np.random.default_rng(3).integers(0, 10 - 4 + 1))
     clip, mask = crop_or_pad(wave, 4, rng=np.random.default_rng(3))

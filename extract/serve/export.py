@@ -100,7 +100,7 @@ def audio_batches(paths: list[Path], clip_seconds: float) -> list[tuple[np.ndarr
     for seconds in (clip_seconds, 0.6 * clip_seconds):
         n = int(round(seconds * SAMPLE_RATE))
         pairs = [crop_or_pad(wave, n) for wave in waves]
-        batches.append((np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])))
+        batches.append((np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]).astype(np.int64)))
     return batches
 
 
