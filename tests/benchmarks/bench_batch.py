@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from heads.names import ARCHS, WEIGHTINGS
+from heads.names import ARCHS, PAPER_WEIGHTINGS
 from tests.benchmarks.bench_common import (
     BASE_DIMS,
     Figures,
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> Figures:
             for batch in BATCHES:
                 lr = scaled_lr(batch)
                 t = time.perf_counter()
-                grid = GridConfig(cache=str(cache), archs=(arch,), weightings=WEIGHTINGS, seeds=(0, 1, 2),
+                grid = GridConfig(cache=str(cache), archs=(arch,), weightings=PAPER_WEIGHTINGS, seeds=(0, 1, 2),
                                   run=TrainConfig(epochs=epochs, batch_size=batch, lr=lr, head=head))
                 runs = run_grid(grid, tmp / f"{arch}-b{batch}", device=resolve_device(args.device), progress=False)
                 wall = time.perf_counter() - t

@@ -26,6 +26,7 @@ import numpy as np
 # HUME-VB (A-VB 2022) clip counts per split, and wav2vec2-base's layers (cnn + 13 hidden states).
 HUME_SIZES: tuple[int, int, int] = (19_990, 19_396, 19_815)
 BASE_DIMS: dict[str, int] = {"cnn": 512, **{f"hidden_{i}": 768 for i in range(13)}}
+QUICK_DIMS: dict[str, int] = {"cnn": 16, **{f"hidden_{i}": 24 for i in range(5)}}   # the --quick runs' tiny widths
 N_LATENT = 8
 LINE_PREFIX = "[{item}] "
 REPO = Path(__file__).resolve().parents[2]

@@ -36,11 +36,12 @@ from typing import Any
 
 import numpy as np
 
-from heads.names import ARCHS, WEIGHTINGS
+from heads.names import ARCHS, PAPER_WEIGHTINGS
 from heads.tasks import AVB
 from tests.benchmarks.bench_common import (
     BASE_DIMS,
     HUME_SIZES,
+    QUICK_DIMS,
     Figures,
     begin,
     bench_parser,
@@ -61,7 +62,6 @@ GOAL_GRID_S = 130 * 60.0          # the HUME-VB-scale grid on this 2-core machin
 GOAL_STEP_MS = {"vanilla": 8.0, "chain": 8.0, "branch": 80.0}   # per 12-run step at batch 8
 GOAL_RSS_RATIO = 2.0
 QUICK_SIZES = (160, 96, 48)
-QUICK_DIMS = {"cnn": 16, **{f"hidden_{i}": 24 for i in range(5)}}
 
 
 def _cache_nbytes(cache: Any) -> int:
@@ -92,7 +92,7 @@ def step_cost(cache: Any, head: Any, arch: str, frames: Any = None, group: int |
     from heads.model.losses import task_losses
     from heads.training import inputs
 
-    all_seeds = [s for _ in WEIGHTINGS for s in SEEDS]
+    all_seeds = [s for _ in PAPER_WEIGHTINGS for s in SEEDS]
     seeds = all_seeds[:group] if group else all_seeds
     scale = len(all_seeds) / len(seeds)
     model = build_head(dataclasses.replace(head, arch=arch), dict(cache.layer_dims), seeds, AVB).train()
@@ -175,7 +175,7 @@ def measure_arch(cache: Any, cache_path: Path, out: Path, arch: str, head: Any, 
     n_test = min(test_rows, len(cache.indices("Test")))
     view = _subset(cache, steps * BATCH, n_val, n_test)
     configs = [TrainConfig(arch=arch, weighting=w, seed=s, epochs=1, batch_size=BATCH, head=head)
-               for w in WEIGHTINGS for s in SEEDS]
+               for w in PAPER_WEIGHTINGS for s in SEEDS]
     device = torch.device("cpu") if device is None else device
     budget = default_group_bytes(device) if max_group_bytes is None else max_group_bytes
     per_run = run_state_bytes(configs[0].head, dict(cache.layer_dims), AVB)
@@ -282,7 +282,7 @@ def run(args: argparse.Namespace) -> Figures:
                                              val_rows=args.val_rows, test_rows=args.test_rows, full_sizes=sizes,
                                              max_group_bytes=budget, device=device)
             flops, n_params, _ = step_cost(cache, head, arch, group=max(r["groups"]))
-            n_runs = len(WEIGHTINGS) * len(SEEDS)
+            n_runs = len(PAPER_WEIGHTINGS) * len(SEEDS)
             # The matmuls at the best GEMM rate, the fused AdamW pass over the parameters as measured here (reads
             # p, g, m, v, writes p, m, v), and the gradient's write by backward at the copy bandwidth.
             group = max(r["groups"])

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tests.benchmarks.bench_common import (
     BASE_DIMS,
+    QUICK_DIMS,
     Figures,
     machine_line,
     make_cache_in_child,
@@ -24,7 +25,6 @@ from tests.benchmarks.bench_common import (
     workdir,
 )
 
-QUICK_DIMS = {"cnn": 16, **{f"hidden_{i}": 24 for i in range(5)}}
 SPACE = """\
 lr: {low: 1.0e-4, high: 3.0e-3, log: true}
 dropout: {low: 0.0, high: 0.5}

@@ -19,14 +19,13 @@ from pathlib import Path
 
 from tests.benchmarks.bench_common import (
     BASE_DIMS,
+    QUICK_DIMS,
     Figures,
     machine_line,
     make_cache_in_child,
     timed,
     workdir,
 )
-
-QUICK_DIMS = {"cnn": 16, **{f"hidden_{i}": 24 for i in range(5)}}
 
 
 def main(argv: list[str] | None = None) -> Figures:

@@ -27,9 +27,8 @@ from cache.reader import load_cache  # noqa: E402
 from heads.metrics import score_all  # noqa: E402
 from heads.model.losses import task_losses  # noqa: E402
 from heads.model.weighting import build_weighting  # noqa: E402
+from heads.names import PAPER_WEIGHTINGS  # noqa: E402
 from heads.tasks import AVB  # noqa: E402
-
-WEIGHTINGS = ("uniform", "dwa", "rruw", "druw")
 
 
 class TaskNet(nn.Module):
@@ -189,10 +188,10 @@ def main() -> None:
     cache = load_cache(args.cache)
     pooled = {n: torch.from_numpy(np.asarray(v, np.float32)).to(args.device) for n, v in cache.pooled.items()}
     labels = {t: torch.from_numpy(np.asarray(v, np.float32)).to(args.device) for t, v in cache.labels.items()}
-    for weighting in WEIGHTINGS:
+    for weighting in PAPER_WEIGHTINGS:
         for seed in (int(s) for s in args.seeds.split(",")):
             train_one(args, cache, pooled, labels, weighting, seed)
-    print(f"plain loop: {args.arch}, {len(WEIGHTINGS) * len(args.seeds.split(','))} runs one after another, "
+    print(f"plain loop: {args.arch}, {len(PAPER_WEIGHTINGS) * len(args.seeds.split(','))} runs one after another, "
           f"{args.epochs} epochs: {time.perf_counter() - T0:.2f} s")
 
 
