@@ -209,11 +209,12 @@ def decode_corpus(corpus: Any, out: str | os.PathLike | None = None, *, rebuild:
     with hold_output(path, is_file=True):
         if path.is_file() and not rebuild:
             try:
-                why = DecodedAudio(path).stale(corpus)
+                store = DecodedAudio(path)
+                why = store.stale(corpus)
             except DecodedAudioError:
                 why = "unreadable"
             if why is None:
-                return DecodeSummary(path, len(paths), 0, DecodedAudio(path).dtype, len(paths), skipped=True)
+                return DecodeSummary(path, len(paths), 0, store.dtype, len(paths), skipped=True)
             raise DecodedAudioError(f"{path} no longer matches the corpus: {why}; pass --rebuild to decode it "
                                     "again")
         sizes, mtimes = source_stats(paths)
