@@ -333,9 +333,11 @@ def search_command(cache_path: Path, out: Path, space: Path, trials: int, batch:
                    tracking_dir: Path | None) -> None:
     """Search the space with Optuna, trials asked in batches and trained as stacked runs; resumable (SQLite).
 
-    The options a trial does not draw from the space are fixed for all (the same as `avb heads train`'s)."""
+    The options a trial does not draw from the space are fixed for all (the same as `avb heads train`'s).
+    `accelerate launch --num_processes N -m heads.search` (same options) makes N workers on the one study, each
+    on its own GPU (or sharing the CPU cores); process 0 prints the best trial."""
     head = _head_config(hidden, dropout, input_layer, chain_order, n_heads, branch_blocks, branch_frames)
-    with command_errors(), hold_output(out):
+    with command_errors():   # the search folder's lock is taken inside run_search, once a launch's processes meet
         from cache.reader import load_cache  # noqa: PLC0415
         from heads.tasks import tasks_of  # noqa: PLC0415
         from heads.training.device import resolve_device  # noqa: PLC0415
@@ -359,6 +361,8 @@ def search_command(cache_path: Path, out: Path, space: Path, trials: int, batch:
                             head=head, precision=precision)
         study = run_search(cache, out, dims, fixed, SearchSettings(trials, batch, sampler, pruner, study_seed),
                            device=train_device, progress=progress, say=click.echo)
+    if study is None:   # another process of a launch: process 0 prints the best trial
+        return
     best = study.best_trial
     from heads.runs import read_run_config  # noqa: PLC0415
     from heads.training.joint import TrainConfig  # noqa: PLC0415

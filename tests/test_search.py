@@ -123,8 +123,8 @@ def test_pruned_trials_stop_the_stack_and_leave_no_run_folder(cache_file, tmp_pa
     monkeypatch.setattr(search_mod, "train_runs", recording)
     real_study = search_mod._study
 
-    def pruning_study(optuna_, out, settings):   # prunes every trial at its first report: a mean never reaches 2
-        study = real_study(optuna_, out, settings)
+    def pruning_study(optuna_, out, settings, rank=0):   # prunes every trial at its first report: a mean never reaches 2
+        study = real_study(optuna_, out, settings, rank)
         study.pruner = optuna.pruners.ThresholdPruner(lower=2.0)
         return study
 
@@ -184,3 +184,25 @@ def test_a_trial_whose_settings_cannot_train_fails_alone(cache_file, tmp_path):
     with pytest.raises(SearchError, match="every trial of a batch has settings that cannot train"):
         run_search(load_cache(cache_file), tmp_path / "t", read_space(tmp_path / "bad.yaml", tasks), fixed,
                    SearchSettings(2, 2, "random", "none"), device="cpu", progress=False, say=lines.append)
+
+
+def test_two_launched_processes_share_one_study(cache_file, tmp_path):
+    """`accelerate launch --num_processes 2 -m heads.search`: two workers on one study, together exactly the
+    trials asked for, each trial trained by one of them; process 0 prints the best trial."""
+    from helpers import accelerate_launch
+
+    (tmp_path / "space.yaml").write_text("lr: {low: 1.0e-4, high: 3.0e-3, log: true}\nweighting: [uniform, dwa]\n")
+    out = tmp_path / "s"
+    proc = accelerate_launch("heads.search", [
+        "--cache", str(cache_file), "--out", str(out), "--space", str(tmp_path / "space.yaml"), "--trials", "6",
+        "--batch", "2", "--epochs", "1", "--hidden", "16", "--pruner", "none", "--no-progress"],
+        processes=2, cwd=tmp_path, timeout=300)
+    study = optuna.load_study(study_name=search_mod.STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}")
+    assert sorted(t.number for t in study.trials) == list(range(6))
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    trained_by = [json.loads((out / f"trial-{n:04d}" / "metrics.json").read_text())["trained_on"]["process"]
+                  for n in range(6)]
+    assert set(trained_by) == {"0 of 2", "1 of 2"}
+    assert [r["state"] for r in trials(out)] == ["COMPLETE"] * 6
+    assert proc.stdout.count("reproduce it alone with:") == 1
+    assert len({(t.params["lr"], t.params["weighting"]) for t in study.trials}) == 6   # no trial drawn twice

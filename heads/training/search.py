@@ -11,6 +11,11 @@ The study lives in `DIR/study.db` (SQLite), so the same command resumes a killed
 left RUNNING are failed and enqueued again with the same parameters. Every finished trial is an ordinary run
 folder `DIR/trial-NNNN` (ensemble, predict and report take it); `DIR/trials.csv` lists every trial.
 
+Under `accelerate launch --num_processes N -m heads.search` every process is one more Optuna worker on the same
+study, on its own device: a process asks its batch while holding `DIR/.ask-lock`, so the processes together
+ask exactly the trials still missing, and each samples with seed + its rank (the same seed then gives the same
+study only for one process, as the order in which processes ask varies).
+
 The space file (YAML) maps each field to a range or a list:
 
     lr: {low: 1.0e-4, high: 3.0e-3, log: true}
@@ -25,25 +30,31 @@ the trials it applies to (druw_beta for DRUW trials, chain_order for CHAIN trial
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import itertools
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from cache.command_kit.atomic import write_text_atomic
 from cache.command_kit.errors import AvbError
+from cache.command_kit.lock import hold_output
 from heads.model.architectures import with_chain_order
 from heads.names import ARCHS, WEIGHTINGS
 from heads.runs import STUDY_FILE, STUDY_NAME, TRIALS_CSV
 from heads.tasks import SELECTION_KEY, TaskSet, tasks_of
 from heads.training import axes
+from heads.training.distributed import GridProcesses, grid_processes
 from heads.training.joint import TrainConfig, shape_key, train_runs
 
 SAMPLERS, PRUNERS = ("tpe", "random"), ("median", "hyperband", "none")
+ASK_LOCK = ".ask-lock"      # processes of one launch ask their batches one at a time
+SQLITE_WAIT_S = 120         # how long a process waits on another's write to study.db before failing
 CHOICE_FIELDS: dict[str, tuple[Any, ...]] = {"arch": ARCHS, "weighting": WEIGHTINGS}
 
 
@@ -181,57 +192,107 @@ class SearchSettings:
     seed: int = 0
 
 
-def _study(optuna: Any, out: Path, settings: SearchSettings) -> Any:
-    sampler = (optuna.samplers.TPESampler(seed=settings.seed) if settings.sampler == "tpe"
-               else optuna.samplers.RandomSampler(seed=settings.seed))
+def _study(optuna: Any, out: Path, settings: SearchSettings, rank: int = 0) -> Any:
+    seed = settings.seed + rank   # processes of a launch must not draw the same random trials
+    sampler = (optuna.samplers.TPESampler(seed=seed) if settings.sampler == "tpe"
+               else optuna.samplers.RandomSampler(seed=seed))
     pruner = {"median": optuna.pruners.MedianPruner(n_warmup_steps=1),
               "hyperband": optuna.pruners.HyperbandPruner(), "none": optuna.pruners.NopPruner()}[settings.pruner]
-    return optuna.create_study(study_name=STUDY_NAME, storage=f"sqlite:///{Path(out).resolve() / STUDY_FILE}",
-                               load_if_exists=True, direction="maximize", sampler=sampler, pruner=pruner)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{Path(out).resolve() / STUDY_FILE}",
+                                         engine_kwargs={"connect_args": {"timeout": SQLITE_WAIT_S}})
+    return optuna.create_study(study_name=STUDY_NAME, storage=storage, load_if_exists=True, direction="maximize",
+                               sampler=sampler, pruner=pruner)
+
+
+@contextlib.contextmanager
+def _asking(out: Path) -> Iterator[None]:
+    """One process of a launch at a time counts the trials and asks its batch."""
+    with open(Path(out) / ASK_LOCK, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _recover(study: Any, optuna: Any, out: Path) -> None:
+    """The trials a kill left RUNNING: failed, their half-written folders removed, asked again with the same
+    parameters. Only before any process of this launch has asked, so every RUNNING trial is a dead one."""
+    state = optuna.trial.TrialState
+    for stale in study.get_trials(deepcopy=False, states=(state.RUNNING,)):
+        study.tell(stale.number, state=state.FAIL)
+        study.enqueue_trial(stale.params)
+        shutil.rmtree(trial_dir(out, stale.number), ignore_errors=True)
 
 
 def run_search(cache: Any, out: Path, dims: list[Dimension], fixed: TrainConfig, settings: SearchSettings, *,
                device: Any, progress: bool = True, say: Callable[[str], None] = print) -> Any:
-    """Run (or resume) the study until `settings.trials` trials are finished; returns the Optuna study."""
+    """Run (or resume) the study until `settings.trials` trials are finished; returns the Optuna study (None on
+    the other processes of a launch, which share process 0's).
+
+    The search folder's lock is taken here, once the processes of a launch know each other."""
     optuna = _optuna()
     if settings.trials < 1 or settings.batch < 1:
         raise SearchError(f"--trials and --batch must be >= 1, got {settings.trials} and {settings.batch}")
     tasks = tasks_of(cache.attrs, str(cache.path))
-    out.mkdir(parents=True, exist_ok=True)
-    study = _study(optuna, out, settings)
-    state = optuna.trial.TrialState
-    for stale in study.get_trials(deepcopy=False, states=(state.RUNNING,)):   # a killed batch: train it again
-        study.tell(stale.number, state=state.FAIL)
-        study.enqueue_trial(stale.params)
-        shutil.rmtree(trial_dir(out, stale.number), ignore_errors=True)      # its half-written run folder
-    while True:
-        done = len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED)))
-        if done >= settings.trials:
-            break
-        asked = [study.ask() for _ in range(min(settings.batch, settings.trials - done))]
-        configs, trials, refused = {}, [], []
-        for t in asked:   # a combination the settings refuse (e.g. hidden not divisible by n_heads) fails alone
-            try:
-                configs[t.number] = suggest(t, dims, fixed, tasks)
-                trials.append(t)
-            except AvbError as err:
-                study.tell(t, state=state.FAIL)
-                refused.append(f"trial {t.number}: {err}")
-        if not trials:
-            raise SearchError(f"every trial of a batch has settings that cannot train ({refused[0]})")
-        for line in refused:
-            say(f"failed {line}")
-        stacks: dict[tuple, list[Any]] = {}
-        for t in trials:
-            stacks.setdefault(shape_key(configs[t.number]), []).append(t)
-        for stack in stacks.values():
-            _train_stack(study, optuna, cache, out, stack, configs, device, progress)
+    procs = grid_processes()
+    device = procs.device(device)
+    out = Path(out)
+    with hold_output(out, ranks=procs):
+        if procs.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            _recover(_study(optuna, out, settings), optuna, out)
+        procs.barrier()   # the study exists and holds no stale trial before any process asks
+        study = _study(optuna, out, settings, procs.rank)
+        if procs.world > 1:
+            say = _prefixed(say, f"process {procs.rank}: ")
+        while _search_batch(study, optuna, cache, out, dims, fixed, settings, tasks, procs, device,
+                            progress and procs.is_main, say):
+            if procs.is_main:
+                write_trials_csv(out, study)
+        procs.barrier()   # every process's trials are told before the final table
+        if not procs.is_main:
+            return None
         write_trials_csv(out, study)
-        say(f"{done + len(trials)} of {settings.trials} trials; best so far: "
-            f"{study.best_value:.4f} (trial {study.best_trial.number})" if _has_best(study, optuna)
-            else f"{done + len(trials)} of {settings.trials} trials")
-    write_trials_csv(out, study)
     return study
+
+
+def _prefixed(say: Callable[[str], None], prefix: str) -> Callable[[str], None]:
+    return lambda line: say(prefix + line)
+
+
+def _search_batch(study: Any, optuna: Any, cache: Any, out: Path, dims: list[Dimension], fixed: TrainConfig,
+                  settings: SearchSettings, tasks: TaskSet, procs: GridProcesses, device: Any, progress: bool,
+                  say: Callable[[str], None]) -> bool:
+    """Ask, train and tell one batch of this process; False once the study has (or is training) all its trials."""
+    state = optuna.trial.TrialState
+    with _asking(out):   # the count includes other processes' RUNNING trials: together they ask what is missing
+        counted = len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.RUNNING)))
+        missing = settings.trials - counted
+        asked = [study.ask() for _ in range(min(settings.batch, missing))]
+    if not asked:
+        return False
+    configs, trials, refused = {}, [], []
+    for t in asked:   # a combination the settings refuse (e.g. hidden not divisible by n_heads) fails alone
+        try:
+            configs[t.number] = suggest(t, dims, fixed, tasks)
+            trials.append(t)
+        except AvbError as err:
+            study.tell(t, state=state.FAIL)
+            refused.append(f"trial {t.number}: {err}")
+    if not trials:
+        raise SearchError(f"every trial of a batch has settings that cannot train ({refused[0]})")
+    for line in refused:
+        say(f"failed {line}")
+    stacks: dict[tuple, list[Any]] = {}
+    for t in trials:
+        stacks.setdefault(shape_key(configs[t.number]), []).append(t)
+    for stack in stacks.values():
+        _train_stack(study, optuna, cache, out, stack, configs, device, progress, procs.provenance())
+    done = len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED)))
+    say(f"{done} of {settings.trials} trials; best so far: {study.best_value:.4f} (trial {study.best_trial.number})"
+        if _has_best(study, optuna) else f"{done} of {settings.trials} trials")
+    return True
 
 
 def _has_best(study: Any, optuna: Any) -> bool:
@@ -239,7 +300,7 @@ def _has_best(study: Any, optuna: Any) -> bool:
 
 
 def _train_stack(study: Any, optuna: Any, cache: Any, out: Path, stack: list[Any], configs: dict[int, Any],
-                 device: Any, progress: bool) -> None:
+                 device: Any, progress: bool, provenance: dict) -> None:
     by_name = {configs[t.number].name: t for t in stack}
     pruned: set[int] = set()
 
@@ -253,7 +314,7 @@ def _train_stack(study: Any, optuna: Any, cache: Any, out: Path, stack: list[Any
 
     dirs = [trial_dir(out, t.number) for t in stack]
     results = train_runs(cache, [configs[t.number] for t in stack], dirs, device=device, progress=progress,
-                         tracker=report, should_stop=lambda epoch: len(pruned) == len(stack))
+                         provenance=provenance, tracker=report, should_stop=lambda epoch: len(pruned) == len(stack))
     for trial, run_dir, metrics in zip(stack, dirs, results):
         if trial.number in pruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
