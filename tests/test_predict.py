@@ -173,3 +173,26 @@ def test_missing_audio_and_non_head_dirs_are_named(world, tmp_path):
     assert error_line(result) == (f"Error: --heads {tmp_path / 'empty'}: neither a run dir (config.json + "
                                      "head.safetensors), an ensemble dir (members.json) nor a fine-tuning output "
                                      "(config.json + backbone/)")
+
+
+def test_the_best_trial_of_a_search_predicts_like_its_val_predictions(world, tmp_path):
+    """A search's best trial is an ordinary run folder: `avb predict --heads` takes it and recomputes, from
+    audio, the Val predictions the search saved for it."""
+    pytest.importorskip("optuna")
+    from heads.training.search import trial_dir
+
+    (tmp_path / "space.yaml").write_text("lr: {low: 1.0e-4, high: 3.0e-3, log: true}\narch: [vanilla, chain]\n")
+    search = CliRunner().invoke(avb, ["heads", "search", "--cache", str(world["cache"]), "--out", str(tmp_path / "s"),
+                                      "--space", str(tmp_path / "space.yaml"), "--trials", "2", "--batch", "2",
+                                      "--epochs", "2", "--hidden", "16", "--pruner", "none", "--no-progress"])
+    assert search.exit_code == 0, search.output
+    best = int(search.output.split("best: trial ")[1].split()[0])
+    run = trial_dir(tmp_path / "s", best)
+    wavs = val_wavs(world, 4)
+    result = invoke(*wavs, "--model", world["model"], "--heads", run, "--out", tmp_path / "pred.csv")
+    assert result.exit_code == 0, result.output
+    _, rows = read_csv(tmp_path / "pred.csv")
+    reference = run_val_predictions(run)
+    for wav, row in zip(wavs, rows):
+        for name in AVB.names:
+            np.testing.assert_allclose(row_values(row)[name], reference[wav.stem][name], atol=TOL)
