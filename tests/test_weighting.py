@@ -275,6 +275,34 @@ def test_rlw_draws_k_times_softmax_of_normals_from_each_runs_generator():
         torch.testing.assert_close(m.weights().sum(-1), torch.tensor([3.0, 3.0]))
 
 
+def test_rlw_draws_resume_from_a_checkpoint_written_by_accelerate(tmp_path):
+    """Fine-tuning checkpoints with `accelerator.save_state` (safetensors): the generators' states travel in
+    the module's state dict, so the draws after a resume are the draws an unbroken run makes."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    losses = torch.ones(2, 3)
+    model = torch.nn.Module()
+    model.weighting = RLWWeighting(2, 3)
+    model.weighting.set_run_seeds([4, 9])
+    accelerator = Accelerator(cpu=True)
+    try:
+        model = accelerator.prepare(model)
+        model.weighting(losses)
+        accelerator.save_state(str(tmp_path / "ckpt"))
+        unbroken = [model.weighting(losses).clone() for _ in range(3)]
+        fresh = RLWWeighting(2, 3)
+        fresh.set_run_seeds([0, 0])                       # other generators, until the checkpoint is loaded
+        model.weighting = fresh
+        accelerator.load_state(str(tmp_path / "ckpt"))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)   # no accelerate state leaks into other tests
+    for want in unbroken:
+        torch.testing.assert_close(model.weighting(losses), want, rtol=0, atol=0)
+    with pytest.raises(WeightingError, match="holds 2 generators for 3 runs"):
+        RLWWeighting(3, 3).set_extra_state(model.weighting.get_extra_state())
+
+
 def test_gls_is_the_geometric_mean_and_finite_at_zero_loss():
     m = GLSWeighting(2, 3)
     losses = torch.tensor([[0.5, 2.0, 4.0], [1.0, 1.0, 1.0]], requires_grad=True)

@@ -293,6 +293,22 @@ class RLWWeighting(Weighting):
             raise WeightingError(f"rlw weighting got {len(seeds)} seeds for {self.n_runs} runs")
         self.generators = [torch.Generator().manual_seed(int(seed) + self.SEED_OFFSET) for seed in seeds]
 
+    def get_extra_state(self) -> Tensor:
+        """The generators' states [R, bytes] in the state dict, so a checkpoint (fine-tuning's
+        `accelerator.save_state`) resumes the same draws; a tensor, as safetensors stores only tensors."""
+        if not self.generators:
+            return torch.zeros(0, dtype=torch.uint8)
+        return torch.stack([g.get_state() for g in self.generators])
+
+    def set_extra_state(self, state: Tensor) -> None:
+        if state.numel() == 0:
+            return
+        if state.shape[0] != self.n_runs:
+            raise WeightingError(f"rlw weighting state holds {state.shape[0]} generators for {self.n_runs} runs")
+        self.generators = [torch.Generator() for _ in range(self.n_runs)]
+        for g, row in zip(self.generators, state):
+            g.set_state(row.to(torch.uint8).cpu().clone())   # a copy: set_state on a row view crashes (torch 2.13)
+
     def forward(self, losses: Tensor) -> Tensor:
         losses = self._check(losses, "losses")
         if not self.generators:
