@@ -101,6 +101,34 @@ def test_plateau_halving_matches_reduce_lr_on_plateau():
     assert opt.lr[2].item() == 1e-3           # the always-improving run never was
 
 
+def test_a_cut_to_some_runs_keeps_their_rates_and_plateau_counts():
+    """keep_runs (a pruned search trial leaves its stack): the kept runs' schedules go on as torch's would."""
+    rng = np.random.default_rng(3)
+    runs = [np.concatenate([np.linspace(0.1, 0.5, 5), np.full(25, 0.4)]), rng.uniform(0, 1, 30),
+            np.linspace(-0.5, 0.2, 30)]
+    param = torch.zeros(3, 1, requires_grad=True)
+    opt = StackedAdamW([param], n_runs=3, lr=[1e-3, 2e-3, 3e-3])
+    sched = PlateauHalving(opt, patience=3, factor=0.5)
+    refs = []
+    for lr in (1e-3, 2e-3, 3e-3):
+        ref_opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=lr)
+        refs.append((ref_opt, torch.optim.lr_scheduler.ReduceLROnPlateau(ref_opt, mode="max", factor=0.5,
+                                                                          patience=3)))
+    alive = [0, 1, 2]
+    for epoch in range(30):
+        if epoch == 7:   # run 0 is 2 epochs into its plateau: its count must survive the cut
+            param.data = param.data[[0, 2]]
+            opt.keep_runs([0, 2])
+            sched.keep_runs([0, 2])
+            alive = [0, 2]
+        sched.step([runs[r][epoch] for r in alive])
+        for i, r in enumerate(alive):
+            ref_opt, ref_sched = refs[r]
+            ref_sched.step(runs[r][epoch])
+            assert opt.lr[i].item() == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-12), (r, epoch)
+    assert opt.n_runs == 2 and opt.lr[0].item() <= 1e-3 / 4 and opt.lr[1].item() == 3e-3   # halved; never
+
+
 @pytest.mark.parametrize("sync_free, fused", [(False, True), (True, True), (True, False)],
                          ids=["cpu-path", "cuda-path", "plain-path"])
 def test_fused_stacked_adamw_with_mixed_rates_and_clipping_equals_torch_per_run(sync_free, fused):

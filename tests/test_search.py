@@ -111,27 +111,52 @@ def test_the_same_seed_gives_the_same_study_and_a_killed_search_resumes(cache_fi
     assert rerun["state"] == "COMPLETE" and (tmp_path / "b" / rerun["run"]).is_dir()
 
 
-def test_pruned_trials_stop_the_stack_and_leave_no_run_folder(cache_file, tmp_path, monkeypatch):
-    epochs = []
-    real = search_mod.train_runs
+def _pruning(monkeypatch, pruner) -> list[tuple[int, int]]:
+    """Searches use `pruner`; returns the (trial number, epoch) of every report a trial made."""
+    reports: list[tuple[int, int]] = []
+    real_train, real_study = search_mod.train_runs, search_mod._study
 
-    def recording(cache, configs, dirs, **kw):
-        results = real(cache, configs, dirs, **kw)
-        epochs.extend(len(m["history"]) for m in results)
-        return results
+    def recording(cache, configs, dirs, tracker, **kw):
+        def track(name, epoch, entry):
+            reports.append((int(name.rsplit("-trial", 1)[1]), epoch))
+            tracker(name, epoch, entry)
+        return real_train(cache, configs, dirs, tracker=track, **kw)
 
-    monkeypatch.setattr(search_mod, "train_runs", recording)
-    real_study = search_mod._study
-
-    def pruning_study(optuna_, out, settings, rank=0):   # prunes every trial at its first report: a mean never reaches 2
+    def pruning_study(optuna_, out, settings, rank=0):
         study = real_study(optuna_, out, settings, rank)
-        study.pruner = optuna.pruners.ThresholdPruner(lower=2.0)
+        study.pruner = pruner
         return study
 
+    monkeypatch.setattr(search_mod, "train_runs", recording)
     monkeypatch.setattr(search_mod, "_study", pruning_study)
+    return reports
+
+
+class EvenTrials(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return trial.number % 2 == 0
+
+
+def test_pruned_trials_leave_their_stack_and_the_others_end_as_alone(cache_file, tmp_path, monkeypatch):
+    reports = _pruning(monkeypatch, EvenTrials())
+    cache = load_cache(cache_file)
+    study = search(cache, tmp_path / "p", 4, batch=4)
+    assert [t.state.name for t in study.trials] == ["PRUNED", "COMPLETE"] * 2
+    assert sorted(reports) == [(0, 1), (1, 1), (1, 2), (2, 1), (3, 1), (3, 2)]   # pruned: no epoch 2
+    assert sorted(p.name for p in (tmp_path / "p").glob("trial-*")) == ["trial-0001", "trial-0003"]
+    for trial in study.trials[1::2]:   # trained on beside the pruned ones until epoch 1, alone after
+        config = json.loads((tmp_path / "p" / f"trial-{trial.number:04d}" / "config.json").read_text())
+        cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k not in ("run_format", "cache",
+                                                                                   "cache_attrs")})
+        alone = train_runs(cache, [cfg], [tmp_path / "alone" / cfg.name], progress=False)[0]
+        assert alone["mean"] == pytest.approx(trial.value, abs=1e-5)
+
+
+def test_a_stack_whose_trials_are_all_pruned_ends_there(cache_file, tmp_path, monkeypatch):
+    reports = _pruning(monkeypatch, optuna.pruners.ThresholdPruner(lower=2.0))   # a mean never reaches 2
     study = search(load_cache(cache_file), tmp_path / "p", 4, batch=4)
     assert all(t.state.name == "PRUNED" for t in study.trials)
-    assert epochs == [1, 1, 1, 1]                                   # the stack stopped after the first epoch
+    assert sorted(reports) == [(n, 1) for n in range(4)]
     assert not list((tmp_path / "p").glob("trial-*"))
 
 

@@ -1,6 +1,7 @@
 """Joint training of stacked head runs from a cache: optimiser, schedule, selection, outputs, determinism."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -34,8 +35,8 @@ def cache(cache_file):
     return load_cache(cache_file)
 
 
-def _cfg(arch="vanilla", weighting="uniform", seed=0, epochs=3, **kw) -> TrainConfig:
-    return TrainConfig(arch=arch, weighting=weighting, seed=seed, epochs=epochs, head=SMALL_HEAD, **kw)
+def _cfg(arch="vanilla", weighting="uniform", seed=0, epochs=3, head=SMALL_HEAD, **kw) -> TrainConfig:
+    return TrainConfig(arch=arch, weighting=weighting, seed=seed, epochs=epochs, head=head, **kw)
 
 
 def _rescore_val(run_dir: Path, cache) -> dict[str, float]:
@@ -81,6 +82,51 @@ def test_the_added_weightings_and_druws_balance_train_jointly_as_alone(cache, tm
             assert h_joint["weights"] == pytest.approx(h_alone["weights"], abs=1e-5), cfg.name
     rlw = [h["weights"] for h in joint[1]["history"]]
     assert rlw[0] != rlw[1] and sum(rlw[0].values()) == pytest.approx(4.0)   # redrawn: K * softmax
+
+
+def test_runs_dropped_after_an_epoch_leave_the_stack_and_the_others_train_on_as_alone(cache, tmp_path,
+                                                                                       monkeypatch):
+    """A search's pruned trials leave the stack (`drop`): the model, each weighting (one losing all its runs),
+    the optimiser's moments and the schedule are cut to the kept runs, which end as they would alone."""
+    def cfg(weighting, seed, dropout=SMALL_HEAD.dropout, **kw):
+        return _cfg("vanilla", weighting, seed, head=dataclasses.replace(SMALL_HEAD, dropout=dropout), **kw)
+
+    configs = [cfg("dwa", 0, 0.1), cfg("rruw", 1), cfg("rlw", 2, 0.3, lr=3e-3), cfg("druw", 3),
+               cfg("druw", 4, lr=2e-3)]
+    dropped = {configs[1].name, configs[3].name}
+    cut = []
+    real_keep = train_mod.JointTraining.keep_runs
+
+    def keep_runs(job, keep):
+        real_keep(job, keep)
+        model_group, *weighting_groups = job.optimizer.groups
+        cut.append(({p.shape[0] for p in job.model.parameters()},
+                    {job.optimizer.state[p]["exp_avg"].shape[0] for p in model_group.params},
+                    [(g.run_list, [job.optimizer.state[p]["exp_avg"].shape[0] for p in g.params])
+                     for g in weighting_groups],
+                    [(runs, module.name) for runs, module in job.weightings]))
+
+    monkeypatch.setattr(train_mod.JointTraining, "keep_runs", keep_runs)
+    reported: list[tuple[int, str]] = []
+    dirs = [tmp_path / "joint" / c.name for c in configs]
+    joint = train_runs(cache, configs, dirs, progress=False, tracker=lambda name, epoch, _: reported.append(
+        (epoch, name)), drop=lambda epoch: dropped if epoch == 1 else set())
+    # 3 runs left: the model's rows and moments, DRUW's alpha (1 of its 2 runs), RRUW's module and group gone
+    assert cut == [({3}, {3}, [([2], [1])], [([0], "dwa"), ([1], "rlw"), ([2], "druw")])]
+    assert sorted(n for e, n in reported if e > 1) == sorted([configs[0].name, configs[2].name,
+                                                              configs[4].name] * 2)
+    for cfg, out, together in zip(configs, dirs, joint):
+        if cfg.name in dropped:
+            assert together is None and not (out / "metrics.json").exists()
+            continue
+        alone = train_runs(cache, [cfg], [tmp_path / "alone" / cfg.name], progress=False)[0]
+        for key in (*AVB.metric_keys, "mean"):
+            assert together[key] == pytest.approx(alone[key], abs=1e-5), (cfg.name, key)
+        assert together["best_epoch"] == alone["best_epoch"] and len(together["history"]) == 3
+        for h_joint, h_alone in zip(together["history"], alone["history"]):
+            assert h_joint["loss"] == pytest.approx(h_alone["loss"], abs=1e-5), cfg.name
+            assert h_joint["weights"] == pytest.approx(h_alone["weights"], abs=1e-5), cfg.name
+            assert h_joint["lr"] == h_alone["lr"]
 
 
 def test_same_seed_gives_identical_files(cache, tmp_path):

@@ -192,6 +192,9 @@ class MultiTaskHead(nn.Module):
             if isinstance(m, StackedDropout):
                 m.set_run_probabilities(ps)
 
+    def _keep_runs(self, rows: list[int]) -> None:   # heads.model.layers.keep_runs_
+        self.seeds = [self.seeds[r] for r in rows]
+
     def use_grad_buffers(self, on: bool = True) -> None:
         """Let every stacked linear layer write its weight gradient in place (see heads/model/layers.py)."""
         for m in self.modules():

@@ -61,6 +61,33 @@ def _check_runs(x: Tensor, n_runs: int, what: str) -> None:
         raise RunShapeError(f"{what}: expected leading run dim {n_runs}, got shape {tuple(x.shape)}")
 
 
+def keep_runs_(module: nn.Module, rows: Sequence[int]) -> None:
+    """Keep only the runs `rows` (indices into the leading run dim, in order) of a stacked module, in place.
+
+    Every parameter and buffer below `module` is cut to those rows, every `n_runs` follows, and a module with
+    per-run state off the state dict (generators, masks drawn ahead) cuts it in its `_keep_runs(rows)`. A kept
+    run's slices are unchanged, so it goes on exactly as it would have, and the stack costs what the kept runs
+    do (a pruned search trial leaves its group). Parameters stay the same objects, their data replaced, so an
+    optimiser's state keyed by them still finds them (the optimiser cuts its own state: StackedAdamW.keep_runs).
+    """
+    rows = [int(r) for r in rows]
+    n_runs = getattr(module, "n_runs", None)
+    if not rows or n_runs is None or sorted(set(rows)) != rows or rows[-1] >= n_runs:
+        raise RunShapeError(f"cannot keep runs {rows} of a stack of {n_runs}")
+    index = torch.as_tensor(rows, dtype=torch.long)
+    for m in module.modules():
+        for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+            if t.dim() == 0 or t.shape[0] != n_runs:
+                raise RunShapeError(f"{type(m).__name__}.{name} of shape {tuple(t.shape)} has no run dim {n_runs}")
+            t.data = t.data.index_select(0, index.to(t.device))
+            t.grad = None
+        if hasattr(m, "n_runs"):
+            m.n_runs = len(rows)
+        hook = getattr(m, "_keep_runs", None)
+        if hook is not None:
+            hook(rows)
+
+
 # ------------------------------------------------------------------------------------ gradient buffers
 
 # Below this many weights per matrix, reading the gradient back for its norm costs less than the two Gram matmuls.
@@ -134,6 +161,9 @@ class StackedLinear(nn.Module):
         autograd allocate it. Off by default: the gradient then skips autograd's accumulation hooks, which
         DistributedDataParallel (fine-tuning) relies on to all-reduce gradients; the head trainer turns it on."""
         self.grad_buffer = on
+
+    def _keep_runs(self, rows: list[int]) -> None:
+        self._grad_buffer = None   # made again, at the new size, by the next step
 
     @property
     def n_matrices(self) -> int:
@@ -316,6 +346,15 @@ class StackedDropout(nn.Module):
         if self.generators is not None:
             _check_runs(x, len(self.generators), "StackedDropout input")
         return x * self.mask(x.shape[1:], x)
+
+    def _keep_runs(self, rows: list[int]) -> None:
+        """The kept runs' generators, probabilities and masks drawn ahead (their next masks, already drawn)."""
+        if self.generators is not None:
+            self.generators = [self.generators[r] for r in rows]
+        if self.run_p is not None:
+            self.run_p = [self.run_p[r] for r in rows]
+        if self._ahead is not None:
+            self._ahead = self._ahead[rows]
 
     def extra_repr(self) -> str:
         return f"p={self.run_p if self.run_p is not None else self.p}"

@@ -190,6 +190,32 @@ class StackedAdamW:
                 sq.index_add_(0, g.runs, torch.stack(rows).to(torch.float64).sum(0))
         return sq.sqrt()
 
+    def keep_runs(self, keep: Sequence[int]) -> None:
+        """Go on with the runs `keep` (old indices, in order) only, after their modules were cut to them
+        (heads.model.layers.keep_runs_): every group's rows, moments and rates of the other runs go, and a group
+        left without runs (the weighting module of only dropped runs) goes with them. Renumbers the runs."""
+        new_index = {r: i for i, r in enumerate(keep)}
+        groups = []
+        for g in self.groups:
+            rows = [i for i, r in enumerate(g.run_list) if r in new_index]
+            for p in g.params:
+                state = self.state.pop(p, None)
+                self._views.pop(p, None)
+                if not rows:
+                    continue
+                if p.shape[0] != len(rows):
+                    raise ValueError(f"a parameter of shape {tuple(p.shape)} was not cut to its {len(rows)} kept runs")
+                if state is not None:
+                    index = torch.as_tensor(rows, dtype=torch.long, device=p.device)
+                    self.state[p] = {k: v.index_select(0, index) for k, v in state.items()}
+            if rows:
+                run_list = [new_index[g.run_list[i]] for i in rows]
+                groups.append(_Group(g.params, torch.as_tensor(run_list, dtype=torch.long, device=g.runs.device),
+                                     g.weight_decay, run_list))
+        self.groups, self.n_runs = groups, len(keep)
+        self.lr = self.lr[list(keep)].clone()
+        self.last_grad_norms = self.last_grad_norms[list(keep)].clone()
+
     def _state(self, p: Tensor) -> dict[str, Tensor]:
         state = self.state.get(p)
         if state is None:
@@ -337,6 +363,10 @@ class PlateauHalving:
             self.optimizer.lr.copy_(torch.from_numpy(np.where(apply, new, old)))
             self.num_bad_epochs = np.where(reduce, 0, self.num_bad_epochs)
         return reduce
+
+    def keep_runs(self, keep: Sequence[int]) -> None:
+        """The kept runs' plateau state (the optimiser keeps their rates: StackedAdamW.keep_runs)."""
+        self.best, self.num_bad_epochs = self.best[list(keep)], self.num_bad_epochs[list(keep)]
 
     def state_dict(self) -> dict[str, list]:
         """The per-run bookkeeping as JSON values: `best` (None where no score beat -inf yet) and `num_bad_epochs`."""

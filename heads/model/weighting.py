@@ -293,6 +293,9 @@ class RLWWeighting(Weighting):
             raise WeightingError(f"rlw weighting got {len(seeds)} seeds for {self.n_runs} runs")
         self.generators = [torch.Generator().manual_seed(int(seed) + self.SEED_OFFSET) for seed in seeds]
 
+    def _keep_runs(self, rows: list[int]) -> None:   # heads.model.layers.keep_runs_
+        self.generators = [self.generators[r] for r in rows] if self.generators else []
+
     def get_extra_state(self) -> Tensor:
         """The generators' states [R, bytes] in the state dict, so a checkpoint (fine-tuning's
         `accelerator.save_state`) resumes the same draws; a tensor, as safetensors stores only tensors."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +42,7 @@ from heads.model.architectures import (
     MultiTaskHead,
     build_head,
 )
+from heads.model.layers import keep_runs_
 from heads.model.losses import task_losses
 from heads.model.optim import PlateauHalving, StackedAdamW
 from heads.model.weighting import WeightingError, build_weighting
@@ -406,6 +407,29 @@ class JointTraining:
                 self.best_state[r] = self.model.run_state_dict(r)
         self.scheduler.step(means)
 
+    def keep_runs(self, keep: Sequence[int]) -> None:
+        """Go on with the runs `keep` only (a search drops its pruned trials): the model, each weighting, the
+        optimiser, the schedule and every per-run record are cut to them, so a kept run trains on exactly as it
+        would have, and the stack costs what the kept runs do. A dropped run's folder keeps only config.json."""
+        keep = sorted(int(r) for r in keep)
+        new_index = {r: i for i, r in enumerate(keep)}
+        keep_runs_(self.model, keep)
+        weightings = []
+        for runs, module in self.weightings:
+            rows = [i for i, r in enumerate(runs) if r in new_index]
+            if rows:
+                keep_runs_(module, rows)
+                weightings.append(([new_index[runs[i]] for i in rows], module))
+        self.optimizer.keep_runs(keep)
+        self.scheduler.keep_runs(keep)
+        self.weightings = weightings
+        self.weighting_index = [torch.as_tensor(runs, dtype=torch.long, device=self.device) for runs, _ in weightings]
+        self.configs, self.out_dirs, self.names, self.seeds, self.history, self.best_state = (
+            [items[r] for r in keep] for items in
+            (self.configs, self.out_dirs, self.names, self.seeds, self.history, self.best_state))
+        self.best_mean, self.best_epoch = self.best_mean[keep], self.best_epoch[keep]
+        self.n_runs, self.first = len(keep), self.configs[0]
+
     def finish(self) -> list[dict]:
         """Reload every run's best epoch (real copies), predict Val and Test with it, write each run folder."""
         for r in range(self.n_runs):
@@ -446,8 +470,8 @@ def train_runs(
     frames: Any = None,
     provenance: dict | None = None,
     tracker: Callable[[str, int, dict], None] | None = None,
-    should_stop: Callable[[int], bool] | None = None,
-) -> list[dict]:
+    drop: Callable[[int], Collection[str]] | None = None,
+) -> list[dict | None]:
     """Train `configs` jointly on `cache` and write one run folder each; returns each run's metrics dict.
 
     All configs must share the fields in SHARED_FIELDS (they define the stacked module and the batches);
@@ -455,8 +479,9 @@ def train_runs(
     (`heads.training.device.resolve_device`); metrics.json records it under "trained_on", with `provenance`
     (e.g. the grid process that trained it). `frames` is a frame reader (`cache.reader.FrameReader`) for a
     BRANCH head that attends over frames. `tracker` (e.g. `heads.training.tracking.HeadsTracker`) is called
-    once per run and epoch with (run name, epoch, that epoch's history entry); `should_stop(epoch)`, asked
-    after each epoch, ends the training there (each run keeps its best epoch so far).
+    once per run and epoch with (run name, epoch, that epoch's history entry); `drop(epoch)`, asked after each
+    epoch, names the runs that stop there (a search's pruned trials): they leave the stack (JointTraining.
+    keep_runs), are not written, and are None in the returned list.
     """
     out_dirs = [Path(d) for d in out_dirs]
     job = JointTraining(cache, configs, out_dirs, frames=frames, device=torch.device(device), provenance=provenance)
@@ -469,7 +494,13 @@ def train_runs(
             for r, name in enumerate(job.names):
                 tracker(name, epoch, job.history[r][-1])
         bar.set_postfix(best_mean=f"{job.best_mean.max():.4f}")
-        if should_stop is not None and should_stop(epoch):
-            break
+        stopping = set(drop(epoch)) if drop is not None else set()
+        if stopping & set(job.names):
+            kept = [r for r, name in enumerate(job.names) if name not in stopping]
+            if not kept:
+                bar.close()
+                return [None] * len(configs)
+            job.keep_runs(kept)
     bar.close()
-    return job.finish()
+    finished = dict(zip(job.names, job.finish()))
+    return [finished.get(cfg.name) for cfg in configs]

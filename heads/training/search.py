@@ -3,9 +3,9 @@
 A batch of B trials is asked at once (`study.ask`), its configurations are grouped by the shapes they give the
 stacked model (`heads.training.joint.shape_key`: lr, dropout and weighting options stack, hidden or chain order
 do not), and each group trains as one joint `train_runs` call, so B trials cost about one run each group. A
-trial reports its Val mean after every epoch; a trial the pruner stops is told PRUNED and its folder removed,
-and a group ends early once all its trials are pruned (a pruned trial inside a group still trains with the
-others until then: its own results are discarded and the others' are unchanged, runs being independent).
+trial reports its Val mean after every epoch; a trial the pruner stops leaves the stack there
+(`JointTraining.keep_runs`: the others go on exactly as they would have, at the cost of the runs left), is
+told PRUNED and its folder removed; a group whose trials are all pruned ends.
 
 The study lives in `DIR/study.db` (SQLite), so the same command resumes a killed search: the trials the kill
 left RUNNING are failed and enqueued again with the same parameters. Every finished trial is an ordinary run
@@ -304,19 +304,18 @@ def _train_stack(study: Any, optuna: Any, cache: Any, out: Path, stack: list[Any
     by_name = {configs[t.number].name: t for t in stack}
     pruned: set[int] = set()
 
-    def report(name: str, epoch: int, entry: dict) -> None:
+    def report(name: str, epoch: int, entry: dict) -> None:   # called for the runs still in the stack
         trial = by_name[name]
-        if trial.number in pruned:
-            return
         trial.report(float(entry["val"][SELECTION_KEY]), epoch)
         if trial.should_prune():
             pruned.add(trial.number)
 
     dirs = [trial_dir(out, t.number) for t in stack]
     results = train_runs(cache, [configs[t.number] for t in stack], dirs, device=device, progress=progress,
-                         provenance=provenance, tracker=report, should_stop=lambda epoch: len(pruned) == len(stack))
+                         provenance=provenance, tracker=report,
+                         drop=lambda epoch: {configs[n].name for n in pruned})   # pruned trials leave the stack
     for trial, run_dir, metrics in zip(stack, dirs, results):
-        if trial.number in pruned:
+        if metrics is None:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             shutil.rmtree(run_dir, ignore_errors=True)
         else:
