@@ -246,8 +246,9 @@ def run_search(cache: Any, out: Path, dims: list[Dimension], fixed: TrainConfig,
         study = _study(optuna, out, settings, procs.rank)
         if procs.world > 1:
             say = _prefixed(say, f"process {procs.rank}: ")
-        while _search_batch(study, optuna, cache, out, dims, fixed, settings, tasks, procs, device,
-                            progress and procs.is_main, say):
+        worker = _Worker(study, optuna.trial.TrialState, cache, out, dims, fixed, settings, tasks, procs, device,
+                         progress and procs.is_main, say)
+        while worker.next_batch():
             if procs.is_main:
                 write_trials_csv(out, study)
         procs.barrier()   # every process's trials are told before the final table
@@ -261,65 +262,76 @@ def _prefixed(say: Callable[[str], None], prefix: str) -> Callable[[str], None]:
     return lambda line: say(prefix + line)
 
 
-def _search_batch(study: Any, optuna: Any, cache: Any, out: Path, dims: list[Dimension], fixed: TrainConfig,
-                  settings: SearchSettings, tasks: TaskSet, procs: GridProcesses, device: Any, progress: bool,
-                  say: Callable[[str], None]) -> bool:
-    """Ask, train and tell one batch of this process; False once the study has (or is training) all its trials."""
-    state = optuna.trial.TrialState
-    with _asking(out):   # the count includes other processes' RUNNING trials: together they ask what is missing
-        counted = len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.RUNNING)))
-        missing = settings.trials - counted
-        asked = [study.ask() for _ in range(min(settings.batch, missing))]
-    if not asked:
-        return False
-    configs, trials, refused = {}, [], []
-    for t in asked:   # a combination the settings refuse (e.g. hidden not divisible by n_heads) fails alone
-        try:
-            configs[t.number] = suggest(t, dims, fixed, tasks)
-            trials.append(t)
-        except AvbError as err:
-            study.tell(t, state=state.FAIL)
-            refused.append(f"trial {t.number}: {err}")
-    if not trials:
-        raise SearchError(f"every trial of a batch has settings that cannot train ({refused[0]})")
-    for line in refused:
-        say(f"failed {line}")
-    stacks: dict[tuple, list[Any]] = {}
-    for t in trials:
-        stacks.setdefault(shape_key(configs[t.number]), []).append(t)
-    for stack in stacks.values():
-        _train_stack(study, optuna, cache, out, stack, configs, device, progress, procs.provenance())
-    done = len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED)))
-    say(f"{done} of {settings.trials} trials; best so far: {study.best_value:.4f} (trial {study.best_trial.number})"
-        if _has_best(study, optuna) else f"{done} of {settings.trials} trials")
-    return True
+@dataclass
+class _Worker:
+    """This process's part of a search: the shared study, the space and the fixed settings of its trials, and
+    where they train."""
 
+    study: Any
+    state: Any   # optuna.trial.TrialState
+    cache: Any
+    out: Path
+    dims: list[Dimension]
+    fixed: TrainConfig
+    settings: SearchSettings
+    tasks: TaskSet
+    procs: GridProcesses
+    device: Any
+    progress: bool
+    say: Callable[[str], None]
 
-def _has_best(study: Any, optuna: Any) -> bool:
-    return any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    def next_batch(self) -> bool:
+        """Ask, train and tell one batch; False once the study has (or is training) all its trials."""
+        state, study = self.state, self.study
+        with _asking(self.out):   # counting other processes' RUNNING trials, together they ask what is missing
+            counted = len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.RUNNING)))
+            asked = [study.ask() for _ in range(min(self.settings.batch, self.settings.trials - counted))]
+        if not asked:
+            return False
+        configs, refused = {}, []
+        for t in asked:   # a combination the settings refuse (e.g. hidden not divisible by n_heads) fails alone
+            try:
+                configs[t.number] = suggest(t, self.dims, self.fixed, self.tasks)
+            except AvbError as err:
+                study.tell(t, state=state.FAIL)
+                refused.append(f"trial {t.number}: {err}")
+        if not configs:
+            raise SearchError(f"every trial of a batch has settings that cannot train ({refused[0]})")
+        for line in refused:
+            self.say(f"failed {line}")
+        stacks: dict[tuple, list[Any]] = {}
+        for t in asked:
+            if t.number in configs:
+                stacks.setdefault(shape_key(configs[t.number]), []).append(t)
+        for stack in stacks.values():
+            self._train_stack(stack, configs)
+        done = len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED)))
+        best = (f"; best so far: {study.best_value:.4f} (trial {study.best_trial.number})"
+                if study.get_trials(deepcopy=False, states=(state.COMPLETE,)) else "")
+        self.say(f"{done} of {self.settings.trials} trials{best}")
+        return True
 
+    def _train_stack(self, stack: list[Any], configs: dict[int, TrainConfig]) -> None:
+        """One stacked train_runs call; a trial the pruner stops leaves the stack (train_runs' `drop`)."""
+        by_name = {configs[t.number].name: t for t in stack}
+        pruned: set[int] = set()
 
-def _train_stack(study: Any, optuna: Any, cache: Any, out: Path, stack: list[Any], configs: dict[int, Any],
-                 device: Any, progress: bool, provenance: dict) -> None:
-    by_name = {configs[t.number].name: t for t in stack}
-    pruned: set[int] = set()
+        def report(name: str, epoch: int, entry: dict) -> None:   # called for the runs still in the stack
+            trial = by_name[name]
+            trial.report(float(entry["val"][SELECTION_KEY]), epoch)
+            if trial.should_prune():
+                pruned.add(trial.number)
 
-    def report(name: str, epoch: int, entry: dict) -> None:   # called for the runs still in the stack
-        trial = by_name[name]
-        trial.report(float(entry["val"][SELECTION_KEY]), epoch)
-        if trial.should_prune():
-            pruned.add(trial.number)
-
-    dirs = [trial_dir(out, t.number) for t in stack]
-    results = train_runs(cache, [configs[t.number] for t in stack], dirs, device=device, progress=progress,
-                         provenance=provenance, tracker=report,
-                         drop=lambda epoch: {configs[n].name for n in pruned})   # pruned trials leave the stack
-    for trial, run_dir, metrics in zip(stack, dirs, results):
-        if metrics is None:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            shutil.rmtree(run_dir, ignore_errors=True)
-        else:
-            study.tell(trial, float(metrics[SELECTION_KEY]))
+        dirs = [trial_dir(self.out, t.number) for t in stack]
+        results = train_runs(self.cache, [configs[t.number] for t in stack], dirs, device=self.device,
+                             progress=self.progress, provenance=self.procs.provenance(), tracker=report,
+                             drop=lambda epoch: {configs[n].name for n in pruned})
+        for trial, run_dir, metrics in zip(stack, dirs, results):
+            if metrics is None:
+                self.study.tell(trial, state=self.state.PRUNED)
+                shutil.rmtree(run_dir, ignore_errors=True)
+            else:
+                self.study.tell(trial, float(metrics[SELECTION_KEY]))
 
 
 def write_trials_csv(out: Path, study: Any) -> Path:
