@@ -23,12 +23,20 @@ time its file had when decoded. Anything else is refused in one line naming the 
 there. When every clip is in, /audio is copied out contiguous into the store, written under a temporary name
 and renamed into place; so every process and DataLoader worker memory-maps it read-only, and a training crop
 reads only its window.
+
+Under `accelerate launch --num_processes N -m extract.decode` (any process with WORLD_SIZE > 1) the processes
+meet over gloo (the decode uses no GPU): rank 0 takes the store's lock, decodes and writes (resuming as above),
+and the others wait for it in one collective, then open the finished store and check it against the corpus;
+the outcome is gathered, so every rank either goes on or stops with a one-line error (rank 0's own, relayed to
+the others, or that of the first rank that could not use the store). No rank but 0 ever writes.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +48,9 @@ from extract.audio import SAMPLE_RATE, AudioError, load_audio
 STORE_FILE = "audio-16k.h5"
 STORE_FORMAT = 1
 CHUNK = 1 << 18                  # samples per HDF5 chunk of /audio (512 KiB of int16)
+# Under `accelerate launch` the other ranks wait for rank 0's whole decode in one collective: hours for a big
+# corpus, so not the default 30 minutes.
+WAIT_FOR_RANK_0 = timedelta(days=2)
 
 
 class DecodedAudioError(AvbError):
@@ -190,57 +201,131 @@ class DecodeSummary:
     dtype: str
     resumed_from: int
     skipped: bool = False      # already complete and fresh: nothing written
+    world: int = 1             # processes of the launch; rank 0 alone wrote (or left alone) the store
+    main: bool = True          # this process is rank 0
 
 
 def partial_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
-def decode_corpus(corpus: Any, out: str | os.PathLike | None = None, *, rebuild: bool = False,
-                  progress: bool = True) -> DecodeSummary:
-    """Write (or finish, or leave alone) the store of `corpus`; see the module docstring."""
-    import h5py
-    from tqdm.auto import tqdm
+def launched_processes() -> Any:
+    """accelerate's state of a multi-process `accelerate launch` (over gloo: the decode uses no GPU), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
+    from accelerate import PartialState
 
+    return PartialState(cpu=True, timeout=WAIT_FOR_RANK_0)
+
+
+def decode_corpus(corpus: Any, out: str | os.PathLike | None = None, *, rebuild: bool = False,
+                  progress: bool = True, ranks: Any = None) -> DecodeSummary:
+    """Write (or finish, or leave alone) the store of `corpus`; see the module docstring.
+
+    `ranks`: the processes of an `accelerate launch` (an accelerate PartialState or Accelerator), found by
+    itself when WORLD_SIZE > 1: rank 0 decodes, the others wait and then check the finished store."""
     from cache.command_kit.lock import hold_output
 
     path = Path(out) if out else default_store(corpus)
+    own = ranks is None
+    ranks = launched_processes() if own else ranks
+    if ranks is None or ranks.num_processes <= 1:
+        with hold_output(path, is_file=True):
+            return _decode(corpus, path, rebuild, progress)
+    try:
+        with hold_output(path, is_file=True, ranks=ranks):   # rank 0 takes it for all, or all stop
+            return _decode_on_rank_0(corpus, path, rebuild, progress, ranks)
+    finally:
+        if own:                                               # the group this call formed
+            ranks.destroy_process_group()
+
+
+def _decode_on_rank_0(corpus: Any, path: Path, rebuild: bool, progress: bool, ranks: Any) -> DecodeSummary:
+    """Rank 0 decodes; the others wait in the broadcast of its outcome, then open and check the store."""
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    world, main = ranks.num_processes, ranks.is_main_process
+    failure: BaseException | None = None
+    outcome: list[Any] = [None, None]          # rank 0's summary, or the one line it failed with
+    if main:
+        try:
+            outcome[0] = _decode(corpus, path, rebuild, progress)
+        except BaseException as err:           # a signal too: the others must not wait for it forever
+            failure, outcome[1] = err, _one_line(err)
+    broadcast_object_list(outcome, from_process=0)
+    if failure is not None:
+        raise failure
+    if outcome[1] is not None:
+        raise DecodedAudioError(f"rank 0 of {world} processes, which decodes for all of them, stopped: {outcome[1]}")
+    problems = gather_object([None if main else _unusable(corpus, path)])
+    for rank, problem in enumerate(problems):
+        if problem is not None:
+            raise DecodedAudioError(f"rank {rank} of {world} processes cannot use the store rank 0 wrote: {problem}")
+    return dataclasses.replace(outcome[0], world=world, main=main)
+
+
+def _one_line(err: BaseException) -> str:
+    from cache.command_kit.write_errors import describe
+
+    if isinstance(err, AvbError):
+        return str(err)
+    if isinstance(err, OSError):
+        return describe(err)
+    return f"{type(err).__name__}: {err}"
+
+
+def _unusable(corpus: Any, path: Path) -> str | None:
+    """Why the store rank 0 finished cannot be read here as the corpus's (None: it can)."""
+    try:
+        store = DecodedAudio(path)
+        samples = store._audio().shape[0]
+    except (DecodedAudioError, OSError, ValueError) as err:
+        return str(err)
+    if len(store.offsets) != len(store.ids) + 1 or int(store.offsets[-1]) != samples:
+        return f"{path}: its offsets end at sample {int(store.offsets[-1])} but /audio holds {samples}"
+    return store.stale(corpus)
+
+
+def _decode(corpus: Any, path: Path, rebuild: bool, progress: bool) -> DecodeSummary:
+    """The decode itself, in the one process that holds the store's lock."""
+    import h5py
+    from tqdm.auto import tqdm
+
     paths = [corpus.audio_path(c) for c in corpus.ids]
-    with hold_output(path, is_file=True):
-        if path.is_file() and not rebuild:
-            try:
-                store = DecodedAudio(path)
-                why = store.stale(corpus)
-            except DecodedAudioError:
-                why = "unreadable"
-            if why is None:
-                return DecodeSummary(path, len(paths), 0, store.dtype, len(paths), skipped=True)
-            raise DecodedAudioError(f"{path} no longer matches the corpus: {why}; pass --rebuild to decode it "
-                                    "again")
-        sizes, mtimes = source_stats(paths)
-        partial = partial_path(path)
-        start = _resumable(partial, corpus.ids, sizes, mtimes) if not rebuild else 0
-        if start == 0:
-            partial.unlink(missing_ok=True)
-            dtype = "int16" if _lossless_int16(paths) else "float32"
-            _create(partial, corpus.ids, sizes, mtimes, dtype)
-        with h5py.File(partial, "r+") as f:
-            dtype, audio, offsets = str(f.attrs["dtype"]), f["audio"], f["offsets"]
-            end = int(offsets[start])
-            bar = tqdm(total=len(paths), initial=start, desc=f"decode {path.name}", unit="clip",
-                       disable=not progress)
-            for i in range(start, len(paths)):
-                wave = _samples(paths[i], dtype)
-                audio.resize((end + len(wave),))
-                audio[end:end + len(wave)] = wave
-                end += len(wave)
-                offsets[i + 1] = end
-                f.attrs["done"] = i + 1       # what a resumed decode trusts
-                if (i + 1) % 1000 == 0:
-                    f.flush()                 # so a kill loses at most the last thousand clips
-                bar.update(1)
-            bar.close()
-        _finalise(partial, path)
+    if path.is_file() and not rebuild:
+        try:
+            store = DecodedAudio(path)
+            why = store.stale(corpus)
+        except DecodedAudioError:
+            why = "unreadable"
+        if why is None:
+            return DecodeSummary(path, len(paths), 0, store.dtype, len(paths), skipped=True)
+        raise DecodedAudioError(f"{path} no longer matches the corpus: {why}; pass --rebuild to decode it "
+                                "again")
+    sizes, mtimes = source_stats(paths)
+    partial = partial_path(path)
+    start = _resumable(partial, corpus.ids, sizes, mtimes) if not rebuild else 0
+    if start == 0:
+        partial.unlink(missing_ok=True)
+        dtype = "int16" if _lossless_int16(paths) else "float32"
+        _create(partial, corpus.ids, sizes, mtimes, dtype)
+    with h5py.File(partial, "r+") as f:
+        dtype, audio, offsets = str(f.attrs["dtype"]), f["audio"], f["offsets"]
+        end = int(offsets[start])
+        bar = tqdm(total=len(paths), initial=start, desc=f"decode {path.name}", unit="clip",
+                   disable=not progress)
+        for i in range(start, len(paths)):
+            wave = _samples(paths[i], dtype)
+            audio.resize((end + len(wave),))
+            audio[end:end + len(wave)] = wave
+            end += len(wave)
+            offsets[i + 1] = end
+            f.attrs["done"] = i + 1       # what a resumed decode trusts
+            if (i + 1) % 1000 == 0:
+                f.flush()                 # so a kill loses at most the last thousand clips
+            bar.update(1)
+        bar.close()
+    _finalise(partial, path)
     return DecodeSummary(path, len(paths), end, dtype, start)
 
 

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
 
 import numpy as np
 import pytest
 import soundfile
 import torch
 from click.testing import CliRunner
-from helpers import assert_same_cache
+from helpers import (
+    accelerate_command,
+    accelerate_launch,
+    assert_same_cache,
+    subprocess_env,
+)
 from tiny_model import make_tiny_backbone
 
 import extract.decoded_audio as decoded
@@ -193,6 +199,62 @@ def test_a_killed_decode_resumes_from_the_clips_it_wrote(corpora, tmp_path, monk
     resumed, fresh = DecodedAudio(out), DecodedAudio(tmp_path / "fresh.h5")
     for clip in corpus.ids:
         np.testing.assert_array_equal(resumed.wave(clip), fresh.wave(clip))
+
+
+def store_contents(path):
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return {name: f[name][()] for name in f}, dict(f.attrs)
+
+
+def test_under_accelerate_launch_rank_0_alone_decodes_and_the_others_wait_then_check(corpora, tmp_path, monkeypatch):
+    """`accelerate launch --multi_gpu --num_processes 2 -m extract.decode` for real (gloo): rank 0 resumes a killed
+    decode and writes the store that one process writes; rank 1 waits, then checks it; one line says so. An
+    error of rank 0 stops both ranks in one line each, and the store it refused is left as it was."""
+    root = corpora["described"]
+    corpus = open_corpus(root)
+    decode_corpus(corpus, tmp_path / "one.h5", progress=False)
+    two = tmp_path / "launched" / "store.h5"        # a folder of its own: anything left beside the store shows
+    two.parent.mkdir()
+    real, calls = decoded._samples, []
+
+    def dies_after_ten(path, dtype):
+        calls.append(path)
+        if len(calls) > 10:
+            raise KeyboardInterrupt
+        return real(path, dtype)
+
+    monkeypatch.setattr(decoded, "_samples", dies_after_ten)
+    with pytest.raises(KeyboardInterrupt):
+        decode_corpus(corpus, two, progress=False)
+    assert partial_path(two).is_file()
+
+    args = ["--corpus", str(root), "--out", str(two), "--no-progress"]
+    proc = accelerate_launch("extract.decode", args, 2, tmp_path, timeout=120)
+    said = proc.stdout.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith(f"wrote {two} ({len(corpus)} clips, "), proc.stdout
+    assert said[0].endswith(", resumed after 10); rank 0 wrote it, the other 1 of 2 processes waited and checked it")
+    assert sorted(os.listdir(two.parent)) == ["store.h5"]   # no partial, temporary or lock file left
+    (data, attrs), (data1, attrs1) = store_contents(two), store_contents(tmp_path / "one.h5")
+    assert attrs == attrs1 and attrs["complete"] and sorted(data) == sorted(data1)
+    for name in data:
+        np.testing.assert_array_equal(data[name], data1[name])
+
+    # rank 0 refuses a store of another corpus: both ranks stop (rank 1 with rank 0's line), nothing waits
+    other = ["--corpus", str(corpora["avb"]), "--out", str(two), "--no-progress"]
+    failed = subprocess.run(accelerate_command("extract.decode", 2) + other, cwd=tmp_path, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode != 0 and "wrote" not in failed.stdout
+    refusal = f"{two} no longer matches the corpus: clip "
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("Error:")]
+    assert sum(line.startswith(f"Error: {refusal}") for line in errors) == 1, failed.stderr[-3000:]
+    # rank 1's relayed line (unless the launcher stopped it first, once rank 0 had exited)
+    assert all(line.startswith((f"Error: {refusal}", f"Error: rank 0 of 2 processes, which decodes for all of "
+                                f"them, stopped: {refusal}")) for line in errors), errors
+    assert "decoded_audio.py" not in failed.stderr          # no traceback of this code
+    assert sorted(os.listdir(two.parent)) == ["store.h5"]
+    np.testing.assert_array_equal(store_contents(two)[0]["audio"], data["audio"])
 
 
 def test_loader_workers_come_from_the_machine_on_a_gpu_and_are_zero_on_a_cpu(monkeypatch):

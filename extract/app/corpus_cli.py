@@ -292,7 +292,10 @@ def init_command(labels: Path, audio: Path, out: Path, force: bool) -> None:
 @progress_option()
 def decode_command(root: Path | None, spec: Path | None, out: Path | None, rebuild: bool, progress: bool) -> None:
     """Decode every clip once to 16 kHz mono into one HDF5 file that fine-tuning and the dump read instead of
-    the audio files (int16 where that is lossless, else float32). Resumes a killed decode."""
+    the audio files (int16 where that is lossless, else float32). Resumes a killed decode.
+
+    Under `accelerate launch -m extract.decode ...` rank 0 decodes and writes; the other processes wait, then
+    open and check the finished store."""
     from extract.decoded_audio import decode_corpus
 
     if root is None and spec is None:
@@ -300,10 +303,14 @@ def decode_command(root: Path | None, spec: Path | None, out: Path | None, rebui
     with command_errors():
         corpus = open_corpus(root, spec)
         done = decode_corpus(corpus, out, rebuild=rebuild, progress=progress)
+    if not done.main:           # rank 0 speaks for every process
+        return
+    others = f"the other {done.world - 1} of {done.world} processes" if done.world > 1 else ""
     if done.skipped:
         click.echo(f"{done.path} is complete and matches the corpus ({done.clips} clips, {done.dtype}); nothing to do "
-                   "(--rebuild decodes again)")
+                   f"(--rebuild decodes again){f'; {others} checked it too' if others else ''}")
         return
+    others = f"; rank 0 wrote it, {others} waited and checked it" if others else ""
     resumed = f", resumed after {done.resumed_from}" if done.resumed_from else ""
     click.echo(f"wrote {done.path} ({done.clips} clips, {done.samples / 16000 / 3600:.2f} h of audio as "
-               f"{done.dtype}{resumed})")
+               f"{done.dtype}{resumed}){others}")
