@@ -158,6 +158,12 @@ class FinetuneConfig(ClipRunConfig):
             raise FinetuneError(f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if self.weighting not in WEIGHTINGS:
             raise FinetuneError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        from heads.model.weighting import WEIGHTINGS as WEIGHTING_CLASSES  # noqa: PLC0415
+
+        if WEIGHTING_CLASSES[self.weighting].measures_steps:
+            raise FinetuneError(f"--weighting {self.weighting} measures every step with a second forward pass, "
+                                "through the whole backbone here; it is for heads on cached features (avb heads "
+                                "train, ablate, search)")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

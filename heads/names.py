@@ -11,9 +11,10 @@ from __future__ import annotations
 
 # ------------------------------------------------------------------------------------------------ names
 ARCHS: tuple[str, ...] = ("vanilla", "chain", "branch")                 # heads.model.architectures.ARCHITECTURES
-WEIGHTINGS: tuple[str, ...] = ("uniform", "dwa", "rruw", "druw", "uw", "rlw", "gls")  # heads.model.weighting
+WEIGHTINGS: tuple[str, ...] = (                                          # heads.model.weighting.WEIGHTINGS
+    "uniform", "dwa", "rruw", "druw", "uw", "rlw", "gls", "famo")
 PAPER_WEIGHTINGS: tuple[str, ...] = WEIGHTINGS[:4]   # the paper's Table I, and the default grid
-# Group titles of the loss weightings as the paper's Table I prints them (and the three added beside them).
+# Group titles of the loss weightings as the paper's Table I prints them (and the four added beside them).
 WEIGHTING_TITLES: dict[str, str] = {
     "uniform": "Uniform Weighting",
     "dwa": "Dynamic Weight Average",
@@ -22,6 +23,7 @@ WEIGHTING_TITLES: dict[str, str] = {
     "uw": "Uncertainty Weighting",
     "rlw": "Random Loss Weighting",
     "gls": "Geometric Loss Strategy",
+    "famo": "Fast Adaptive Multitask Optimization",
 }
 ENSEMBLE_STRATEGIES: tuple[str, ...] = ("combined", "mean", "greedy")   # heads.analysis.ensemble.STRATEGIES
 

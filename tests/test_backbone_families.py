@@ -39,7 +39,13 @@ from extract.finetune import FinetuneConfig, run_finetune
 from extract.synth import synthesize_corpus
 from heads.metrics import score_all
 from heads.model.architectures import HeadConfig
-from heads.runs import CONFIG_FILE, RunDirError, find_runs, is_finetune_dir, read_run_config
+from heads.runs import (
+    CONFIG_FILE,
+    RunDirError,
+    find_runs,
+    is_finetune_dir,
+    read_run_config,
+)
 from heads.tasks import AVB, TYPE_CLASSES
 from heads.training.joint import TrainConfig, train_runs
 

@@ -223,3 +223,20 @@ def test_bench_input_quick_prints_every_input_path_and_the_ratios_of_its_sides()
     assert dump["WAVs / store"] == pytest.approx(dump["whole process from the 48 kHz WAVs (--no-decoded-audio)"]
                                                  / dump["whole process from the store (audio-16k.h5)"], rel=2e-3)
     assert "bit-for-bit equal" in proc.stdout and "==== goals" in proc.stdout
+
+
+@pytest.mark.benchmark
+@pytest.mark.slow
+def test_bench_weightings_quick_prints_every_weighting_and_its_ratio_to_uniform():
+    from heads.names import WEIGHTINGS
+
+    proc = subprocess.run([sys.executable, "-m", "tests.benchmarks.bench_weightings", "--quick", "--rounds", "1",
+                           "--stack", "2", "--threads", "1"],
+                          check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = re.findall(r"^\[a\] (\w+): ms per step, (1 run|2 runs stacked): ([0-9.e+-]+) ms  \(([0-9.]+)x uniform\)",
+                      proc.stdout, re.MULTILINE)
+    ms = {(w, label): float(v) for w, label, v, _ in rows}
+    assert sorted({w for w, _ in ms}) == sorted(WEIGHTINGS) and len(ms) == 2 * len(WEIGHTINGS)
+    for w, label, value, ratio in rows:
+        assert float(value) > 0 and float(ratio) == pytest.approx(float(value) / ms[("uniform", label)], abs=6e-3)

@@ -185,6 +185,14 @@ def test_config_defaults_are_the_papers():
     assert (cfg.plateau_patience, cfg.plateau_factor, cfg.arch, cfg.weighting) == (5, 0.5, "vanilla", "uniform")
 
 
+def test_famo_is_refused_for_fine_tuning_in_one_line():
+    from extract.finetune import FinetuneError
+
+    with pytest.raises(FinetuneError, match=r"^--weighting famo measures every step with a second forward pass, "
+                                            r"through the whole backbone here; it is for heads"):
+        FinetuneConfig(corpus="corpus", out="out", weighting="famo").validate()
+
+
 @pytest.mark.slow
 def test_one_process_finetune_beats_chance_on_type(tmp_path):
     corpus_root = synthesize_corpus(tmp_path / "corpus", 96, seed=1, max_seconds=3.0, progress=False)

@@ -4,7 +4,14 @@ import pytest
 from scipy.stats import pearsonr
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 
-from heads.metrics import ccc_per_column, macro_f1, pearson_per_column, score_all, score_task, uar
+from heads.metrics import (
+    ccc_per_column,
+    macro_f1,
+    pearson_per_column,
+    score_all,
+    score_task,
+    uar,
+)
 from heads.tasks import AVB
 
 

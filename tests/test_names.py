@@ -22,7 +22,7 @@ def test_every_registry_has_exactly_the_names_in_their_order():
     from heads.model.weighting import WEIGHTINGS
 
     assert tuple(ARCHITECTURES) == names.ARCHS == ("vanilla", "chain", "branch")
-    assert tuple(WEIGHTINGS) == names.WEIGHTINGS == ("uniform", "dwa", "rruw", "druw", "uw", "rlw", "gls")
+    assert tuple(WEIGHTINGS) == names.WEIGHTINGS == ("uniform", "dwa", "rruw", "druw", "uw", "rlw", "gls", "famo")
     assert names.PAPER_WEIGHTINGS == ("uniform", "dwa", "rruw", "druw")
     assert tuple(names.WEIGHTING_TITLES) == names.WEIGHTINGS
     assert tuple(STRATEGIES) == names.ENSEMBLE_STRATEGIES

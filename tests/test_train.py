@@ -84,6 +84,22 @@ def test_the_added_weightings_and_druws_balance_train_jointly_as_alone(cache, tm
     assert rlw[0] != rlw[1] and sum(rlw[0].values()) == pytest.approx(4.0)   # redrawn: K * softmax
 
 
+def test_famo_measures_each_step_without_moving_anyones_dropout_and_trains_jointly_as_alone(cache, tmp_path):
+    """FAMO sees each batch again after the step (CHAIN's teacher forcing on, dropout off): in one stack with
+    a uniform run, both end as alone, so the extra forward drew no dropout mask of either."""
+    head = dataclasses.replace(SMALL_HEAD, dropout=0.3)
+    configs = [_cfg("chain", "famo", 0, epochs=2, head=head), _cfg("chain", "uniform", 1, epochs=2, head=head)]
+    joint = train_runs(cache, configs, [tmp_path / "joint" / c.name for c in configs], progress=False)
+    for cfg, together in zip(configs, joint):
+        alone = train_runs(cache, [cfg], [tmp_path / "alone" / cfg.name], progress=False)[0]
+        for key in (*AVB.metric_keys, "mean"):
+            assert together[key] == pytest.approx(alone[key], abs=1e-5), (cfg.name, key)
+        for h_joint, h_alone in zip(together["history"], alone["history"]):
+            assert h_joint["weights"] == pytest.approx(h_alone["weights"], abs=1e-5), cfg.name
+    famo = [h["weights"] for h in joint[0]["history"]]
+    assert famo[0] != famo[1] and sum(famo[1].values()) == pytest.approx(4.0)   # K z / (c L): they sum to K
+
+
 def test_runs_dropped_after_an_epoch_leave_the_stack_and_the_others_train_on_as_alone(cache, tmp_path,
                                                                                        monkeypatch):
     """A search's pruned trials leave the stack (`drop`): the model, each weighting (one losing all its runs),

@@ -10,6 +10,7 @@ from heads.model.weighting import (
     WEIGHTINGS,
     DRUWWeighting,
     DWAWeighting,
+    FAMOWeighting,
     GLSWeighting,
     RLWWeighting,
     RRUWWeighting,
@@ -47,7 +48,7 @@ def descend(m, losses: list[float], opt: torch.optim.Optimizer, steps: int) -> N
 
 
 def test_registry_and_build():
-    assert list(WEIGHTINGS) == ["uniform", "dwa", "rruw", "druw", "uw", "rlw", "gls"]
+    assert list(WEIGHTINGS) == ["uniform", "dwa", "rruw", "druw", "uw", "rlw", "gls", "famo"]
     assert isinstance(build_weighting("DWA", 2, 4), DWAWeighting)
     m = build_weighting("druw", 3, 4, temperature=5.0, phi=2.0)
     assert isinstance(m, DRUWWeighting) and m.dwa.temperature == 5.0 and m.phi == 2.0
@@ -57,7 +58,7 @@ def test_registry_and_build():
 
 def test_build_errors_are_clear():
     with pytest.raises(WeightingError, match=r"^unknown loss weighting 'gradnorm'; expected one of "
-                                             r"uniform, dwa, rruw, druw, uw, rlw, gls$"):
+                                             r"uniform, dwa, rruw, druw, uw, rlw, gls, famo$"):
         build_weighting("gradnorm", 1, 4)
     with pytest.raises(WeightingError, match=r"^loss weighting 'dwa' has no option 'phi'; its options: temperature$"):
         build_weighting("dwa", 1, 4, phi=1.0)
@@ -315,3 +316,43 @@ def test_gls_is_the_geometric_mean_and_finite_at_zero_loss():
     out = GLSWeighting(1, 3)(zero)
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(zero.grad).all()
+
+
+def test_famo_follows_the_papers_update_written_with_autograd_and_torch_adam():
+    """Liu et al.'s reference: the loss sum_k z_k log L_k / c (times K here), then xi's gradient
+    autograd.grad(softmax(xi), xi, grad_outputs=log L_before - log L_after) stepped by torch.optim.Adam with
+    weight_decay; each of the two runs on its own."""
+    m = FAMOWeighting(2, 3, lr=0.1, decay=0.01)
+    assert FAMOWeighting.measures_steps and m.weights().sum(-1).tolist() == [3.0, 3.0]
+    xis = [torch.zeros(3, requires_grad=True) for _ in range(2)]
+    adams = [torch.optim.Adam([xi], lr=0.1, weight_decay=0.01) for xi in xis]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        before = torch.rand(2, 3, generator=gen) + 0.1
+        after = before * (torch.rand(2, 3, generator=gen) * 0.5 + 0.5)
+        losses = before.clone().requires_grad_(True)
+        total = m(losses)
+        total.sum().backward()
+        for r, (xi, adam) in enumerate(zip(xis, adams)):
+            z = torch.softmax(xi.detach(), -1)
+            c = (z / before[r]).sum()
+            torch.testing.assert_close(total[r], 3 * (z * before[r].log() / c).sum())
+            torch.testing.assert_close(losses.grad[r], 3 * z / (c * before[r]))     # the effective weights
+            torch.testing.assert_close(m.weights()[r], 3 * z / (c * before[r]))
+        m.after_step(after)
+        for r, (xi, adam) in enumerate(zip(xis, adams)):
+            delta = before[r].log() - after[r].log()
+            xi.grad = torch.autograd.grad(torch.softmax(xi, -1), xi, grad_outputs=delta)[0]
+            adam.step()
+            torch.testing.assert_close(m.logits[r], xi.detach())
+    assert m.logits.abs().sum() > 0.1                                  # the weights really moved
+
+
+def test_famo_is_finite_on_zero_and_non_finite_losses():
+    m = FAMOWeighting(1, 3)
+    losses = torch.tensor([[0.0, 1.0, 2.0]], requires_grad=True)
+    total = m(losses)
+    total.sum().backward()
+    assert torch.isfinite(total).all() and torch.isfinite(losses.grad).all()
+    m.after_step(torch.tensor([[0.0, float("nan"), float("inf")]]))
+    assert torch.isfinite(m.logits).all() and torch.isfinite(m(torch.ones(1, 3))).all()

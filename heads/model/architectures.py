@@ -19,9 +19,10 @@ Departures from the authors' code (all listed in the README under *How it is bui
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -192,6 +193,20 @@ class MultiTaskHead(nn.Module):
             if isinstance(m, StackedDropout):
                 m.set_run_probabilities(ps)
 
+    @contextlib.contextmanager
+    def without_dropout(self) -> Iterator[None]:
+        """The training forward (CHAIN's teacher forcing included) with no dropout mask drawn, so no run's
+        dropout stream moves: how a weighting that measures each step's effect (FAMO) sees the batch again."""
+        drops = [m for m in self.modules() if isinstance(m, StackedDropout)]
+        modes = [m.training for m in drops]
+        for m in drops:
+            m.train(False)
+        try:
+            yield
+        finally:
+            for m, mode in zip(drops, modes):
+                m.train(mode)
+
     def _keep_runs(self, rows: list[int]) -> None:   # heads.model.layers.keep_runs_
         self.seeds = [self.seeds[r] for r in rows]
 
@@ -353,7 +368,7 @@ class ChainHead(VanillaHead):
         nets = self.nets
         h1 = nets.first_layer(self._features(x))                          # [R, T, B, H]
         teacher = self.training and targets is not None
-        keep = nets.drop.mask(h1.shape[1:], h1) if self.training and nets.drop.active else None
+        keep = nets.drop.mask(h1.shape[1:], h1) if nets.drop.training and nets.drop.active else None
         out: dict[str, Tensor] = {}
         fed: list[Tensor] = []
         for i, task in enumerate(self.order):

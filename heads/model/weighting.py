@@ -1,5 +1,6 @@
-"""Ways of combining the task losses into one: the paper's uniform, DWA, RRUW and DRUW (eqs. 3-6), and three
-loss-based methods from the literature that cost nothing extra per step: UW, RLW and GLS.
+"""Ways of combining the task losses into one: the paper's uniform, DWA, RRUW and DRUW (eqs. 3-6), three
+loss-based methods from the literature that cost nothing extra per step (UW, RLW, GLS), and FAMO, which costs
+one gradient-free forward pass per step.
 
 Each weighting is an `nn.Module` vectorised over R runs that share the weighting kind: `forward` maps the raw
 task losses [R, K] to one total per run [R] (regularisers included), `weights()` gives the effective multiplier
@@ -70,6 +71,13 @@ class Weighting(nn.Module):
 
     def set_run_seeds(self, seeds: list[int]) -> None:
         """The runs' seeds, for a weighting that draws random numbers (the others ignore them)."""
+
+    # A weighting that learns from each step's effect (FAMO) sets this: the trainer then measures the same
+    # batch's task losses again after the optimiser's step, without dropout, and hands them to `after_step`.
+    measures_steps: ClassVar[bool] = False
+
+    def after_step(self, losses_after: Tensor) -> None:
+        """The raw task losses [R, K] of the step's batch after the step (only if `measures_steps`)."""
 
     def extra_repr(self) -> str:
         return f"n_runs={self.n_runs}, n_tasks={self.n_tasks}"
@@ -346,9 +354,65 @@ class GLSWeighting(Weighting):
         return self.last.detach().clone()
 
 
+class FAMOWeighting(Weighting):
+    """Fast Adaptive Multitask Optimization (Liu et al., NeurIPS 2023): task logits xi [R, K], z = softmax(xi).
+
+    Each step descends K * sum_k z_k log L_k / c with c = sum_k z_k / L_k held constant, i.e. the task
+    gradients weighted K z_k / (c L_k) (they sum to K, as uniform weighting's, so the learning rate means the
+    same; the paper's weights sum to 1). After the optimiser's step the trainer measures the same batch's losses
+    again (`measures_steps`) and xi takes an Adam step (`lr`, L2 `decay`, the paper's 0.025 and 0.001) along
+    J_softmax(xi)^T (log L_before - log L_after): the tasks whose loss fell least gain weight. Losses are floored
+    at 1e-8 (the paper's offset), so a loss of 0 stays finite. Cost: one forward pass per step, without
+    gradients or dropout, of every run in the stack (measured in the README).
+    """
+
+    name = "famo"
+    measures_steps = True
+    _FLOOR = 1e-8
+    _BETAS = (0.9, 0.999)
+    _EPS = 1e-8
+
+    def __init__(self, n_runs: int, n_tasks: int, lr: float = 0.025, decay: float = 1e-3) -> None:
+        super().__init__(n_runs, n_tasks)
+        self.lr = _positive("lr", lr)
+        self.decay = _positive("decay", decay, allow_zero=True)
+        for name in ("logits", "exp_avg", "exp_avg_sq", "before"):
+            self.register_buffer(name, torch.zeros(self.n_runs, self.n_tasks))
+        self.register_buffer("last", torch.ones(self.n_runs, self.n_tasks))
+        self.register_buffer("steps", torch.zeros(self.n_runs, dtype=torch.long))
+
+    def forward(self, losses: Tensor) -> Tensor:
+        losses = self._check(losses, "losses").clamp_min(self._FLOOR)
+        z = torch.softmax(self.logits, dim=-1).to(losses.dtype)
+        c = (z / losses).sum(-1, keepdim=True).detach()
+        self.before = losses.detach().to(self.before.dtype)
+        self.last = (self.n_tasks * z / (c * losses)).detach().to(self.last.dtype)
+        return self.n_tasks * (z * torch.log(losses) / c).sum(-1)
+
+    @torch.no_grad()
+    def after_step(self, losses_after: Tensor) -> None:
+        after = self._check(losses_after, "losses after the step").to(self.before.dtype).clamp_min(self._FLOOR)
+        delta = torch.log(self.before) - torch.log(after)
+        delta = torch.nan_to_num(delta, nan=0.0, posinf=0.0, neginf=0.0)   # a diverged run moves no logit
+        z = torch.softmax(self.logits, dim=-1)
+        grad = z * (delta - (z * delta).sum(-1, keepdim=True)) + self.decay * self.logits   # J^T delta + L2
+        (b1, b2), self.steps = self._BETAS, self.steps + 1
+        self.exp_avg.mul_(b1).add_(grad, alpha=1 - b1)
+        self.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        t = self.steps.to(grad.dtype).unsqueeze(-1)
+        denom = (self.exp_avg_sq / (1 - b2 ** t)).sqrt() + self._EPS
+        self.logits -= self.lr * self.exp_avg / (1 - b1 ** t) / denom
+
+    def weights(self) -> Tensor:
+        return self.last.detach().clone()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, lr={self.lr}, decay={self.decay}"
+
+
 WEIGHTINGS: dict[str, type[Weighting]] = {
     cls.name: cls for cls in (UniformWeighting, DWAWeighting, RRUWWeighting, DRUWWeighting, UWWeighting,
-                              RLWWeighting, GLSWeighting)
+                              RLWWeighting, GLSWeighting, FAMOWeighting)
 }
 
 

@@ -326,6 +326,7 @@ class JointTraining:
 
         self.weightings = [(runs, module.to(device)) for runs, module in _build_weightings(configs, len(self.tasks))]
         self.weighting_index = [torch.as_tensor(runs, dtype=torch.long, device=device) for runs, _ in self.weightings]
+        self.measured = self._measured()
         groups: list[dict] = [{"params": list(self.model.parameters()), "weight_decay": self.first.weight_decay}]
         for runs, module in self.weightings:
             params = [p for p in module.parameters() if p.requires_grad]
@@ -342,6 +343,11 @@ class JointTraining:
         self.best_epoch = np.zeros(self.n_runs, dtype=np.int64)
         self.best_state: list[dict[str, torch.Tensor] | None] = [None] * self.n_runs
 
+    def _measured(self) -> list[tuple[torch.Tensor, Any]]:
+        """(run index, module) of the weightings that see each step's batch again after the step (FAMO)."""
+        return [(index, module) for index, (_, module) in zip(self.weighting_index, self.weightings)
+                if module.measures_steps]
+
     def write_configs(self) -> None:
         """config.json of every run; a rerun into the same folder must never leave an old metrics.json behind."""
         for cfg, out in zip(self.configs, self.out_dirs):
@@ -351,8 +357,9 @@ class JointTraining:
     def _step(self, rows: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimiser step of every run on its batch rows [R, B]: (task losses [R, K], weighted totals [R])."""
         targets = self.labels.batch(rows)
+        inputs = self.feats.batch(rows)
         with autocast(self.device, self.first.precision):
-            outputs = self.model(self.feats.batch(rows), targets)
+            outputs = self.model(inputs, targets)
             losses = task_losses(self.tasks, outputs, targets)                                   # [R, K]
         totals = torch.zeros(self.n_runs, dtype=losses.dtype, device=self.device)
         for index, (_, module) in zip(self.weighting_index, self.weightings):
@@ -362,6 +369,11 @@ class JointTraining:
         totals.sum().backward()  # runs share no parameter, so each gets exactly its own gradient
         self.optimizer.step()
         self.optimizer.zero_grad()
+        if self.measured:   # FAMO: the batch again, after the step (no gradient, no dropout drawn)
+            with torch.no_grad(), self.model.without_dropout(), autocast(self.device, self.first.precision):
+                after = task_losses(self.tasks, self.model(inputs, targets), targets)
+            for index, module in self.measured:
+                module.after_step(after[index])
         return losses.detach(), totals.detach()
 
     def train_epoch(self, epoch: int) -> dict[str, torch.Tensor]:
@@ -424,6 +436,7 @@ class JointTraining:
         self.scheduler.keep_runs(keep)
         self.weightings = weightings
         self.weighting_index = [torch.as_tensor(runs, dtype=torch.long, device=self.device) for runs, _ in weightings]
+        self.measured = self._measured()
         self.configs, self.out_dirs, self.names, self.seeds, self.history, self.best_state = (
             [items[r] for r in keep] for items in
             (self.configs, self.out_dirs, self.names, self.seeds, self.history, self.best_state))
