@@ -22,10 +22,9 @@ from tiny_model import make_tiny_backbone
 
 import extract.decoded_audio as decoded
 from extract.app.cli import main as avb
-from extract.audio import crop_start, load_audio
+from extract.audio import load_audio
 from extract.clips import (
     ClipDataset,
-    CropSeeds,
     EpochShuffleSampler,
     collate_clips,
     default_workers,
@@ -127,22 +126,6 @@ def test_training_crops_from_the_store_and_any_number_of_workers_are_the_files_c
             np.testing.assert_array_equal(w, w0)
     # the two epochs crop differently (the crops are random, only reproducible)
     assert not all(np.array_equal(a[0], b[0]) for a, b in zip(reference[:6], reference[6:12]))
-
-
-@pytest.mark.parametrize(("seed", "epoch"), [(0, 0), (7, 1), (12345, 29), (2**32 - 1, 2**32 - 1), (2**32, 3)])
-def test_the_stores_crop_starts_are_the_generators(seed, epoch):
-    """CropSeeds (no Generator per clip) gives every row the start `np.random.default_rng([seed, epoch, row])`
-    gives: typical clips, clips no longer than the window, spans where numpy's bounded draw rejects about half of
-    its first draws (2^31 + 1), and numbers outside [0, 2^32) (the generator itself then)."""
-    rows = np.random.default_rng(seed % 97).permutation(4000)[:300]
-    seeds = CropSeeds(seed, epoch, rows)
-    assert (seeds.words is None) == (seed >= 2**32)
-    for k, row in enumerate(rows.tolist()):
-        for length, n in ((59_200, 40_000), (40_001, 40_000), (40_000, 40_000), (100, 40_000), (10**6, 16_000),
-                          (2**31 + 2, 1), (3 << 30, 1)):
-            assert seeds.start(k, row, length, n) == crop_start(length, n, np.random.default_rng([seed, epoch, row]))
-
-
 def test_a_store_that_no_longer_matches_is_refused_naming_the_clip(corpora, tmp_path):
     corpus = open_corpus(corpora["avb"])
     out = tmp_path / "s.h5"
