@@ -7,11 +7,14 @@ Both sides are the whole `avb heads search` process (imports, cache load, the Op
 pass), on the same generated pooled cache (wav2vec2-base widths; 2,400 Train, 800 Val, 400 Test clips), the
 same space (lr, dropout, weighting, DRUW's beta) and sampler seed, pruning off. `--batch 8` asks 8 trials at a
 time and trains those of one shape as one stacked model; `--batch 1` trains them one by one. The sides alternate
-(stacked, one-by-one, one-by-one, stacked) and the ratio is taken from the faster run of each side.
+(stacked, one-by-one, one-by-one, stacked) and the ratio is taken from the faster run of each side. Last, the
+stacked side runs once more with the median pruner (Optuna's: no pruning before 5 trials are finished), whose
+pruned trials leave their stacks: its time and how many trials it pruned.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from pathlib import Path
 
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> Figures:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2, help="runs of each side (alternating)")
+    p.add_argument("--no-pruning", dest="pruning", action="store_false",
+                   help="skip the third run: the stacked side with the median pruner")
     args = p.parse_args(argv)
     fig = Figures("search")
     print(machine_line(args.threads), flush=True)
@@ -65,6 +70,14 @@ def main(argv: list[str] | None = None) -> Figures:
         fig.add(item, f"batches of {args.batch} (stacked)", best["stacked"], "s")
         fig.add(item, "batches of 1 (one by one)", best["one_by_one"], "s")
         fig.add(item, "ratio", best["one_by_one"] / best["stacked"], "x", "goal >= 3")
+        if args.pruning:   # the stacked side again with the median pruner: pruned trials leave their stacks
+            out = tmp / "pruned"
+            pruner = base[:base.index("--pruner") + 1] + ["median"] + base[base.index("--pruner") + 2:]
+            seconds = timed(pruner + ["--batch", str(args.batch), "--out", str(out)], args.threads)
+            with open(out / "trials.csv", newline="", encoding="utf-8") as handle:
+                states = [row["state"] for row in csv.DictReader(handle)]
+            fig.add(item, f"batches of {args.batch}, median pruner", seconds, "s",
+                    f"{states.count('PRUNED')} of {len(states)} trials pruned; one run")
     fig.write(args.json)
     return fig
 
