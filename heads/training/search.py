@@ -13,7 +13,7 @@ folder `DIR/trial-NNNN` (ensemble, predict and report take it); `DIR/trials.csv`
 
 Under `accelerate launch --num_processes N -m heads.search` every process is one more Optuna worker on the same
 study, on its own device: a process asks its batch while holding `DIR/.ask-lock`, so the processes together
-ask exactly the trials still missing, and each samples with seed + its rank (the same seed then gives the same
+ask exactly the trials still missing (and all ask their first batch before any trains), and each samples with seed + its rank (the same seed then gives the same
 study only for one process, as the order in which processes ask varies).
 
 The space file (YAML) maps each field to a range or a list:
@@ -248,9 +248,13 @@ def run_search(cache: Any, out: Path, dims: list[Dimension], fixed: TrainConfig,
             say = _prefixed(say, f"process {procs.rank}: ")
         worker = _Worker(study, optuna.trial.TrialState, cache, out, dims, fixed, settings, tasks, procs, device,
                          progress and procs.is_main, say)
-        while worker.next_batch():
+        asked = worker.ask()
+        procs.barrier()   # every process holds its first batch before any trains: the work is spread from the start
+        while asked:
+            worker.train(asked)
             if procs.is_main:
                 write_trials_csv(out, study)
+            asked = worker.ask()
         procs.barrier()   # every process's trials are told before the final table
         if not procs.is_main:
             return None
@@ -280,14 +284,16 @@ class _Worker:
     progress: bool
     say: Callable[[str], None]
 
-    def next_batch(self) -> bool:
-        """Ask, train and tell one batch; False once the study has (or is training) all its trials."""
+    def ask(self) -> list[Any]:
+        """This process's next batch of trials; none once the study has (or is training) all its trials."""
         state, study = self.state, self.study
         with _asking(self.out):   # counting other processes' RUNNING trials, together they ask what is missing
             counted = len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.RUNNING)))
-            asked = [study.ask() for _ in range(min(self.settings.batch, self.settings.trials - counted))]
-        if not asked:
-            return False
+            return [study.ask() for _ in range(min(self.settings.batch, self.settings.trials - counted))]
+
+    def train(self, asked: list[Any]) -> None:
+        """Train and tell a batch: each group of one shape as one stack; a trial that cannot build fails alone."""
+        state, study = self.state, self.study
         configs, refused = {}, []
         for t in asked:   # a combination the settings refuse (e.g. hidden not divisible by n_heads) fails alone
             try:
@@ -309,7 +315,6 @@ class _Worker:
         best = (f"; best so far: {study.best_value:.4f} (trial {study.best_trial.number})"
                 if study.get_trials(deepcopy=False, states=(state.COMPLETE,)) else "")
         self.say(f"{done} of {self.settings.trials} trials{best}")
-        return True
 
     def _train_stack(self, stack: list[Any], configs: dict[int, TrainConfig]) -> None:
         """One stacked train_runs call; a trial the pruner stops leaves the stack (train_runs' `drop`)."""
