@@ -499,6 +499,7 @@ def train_runs(
     out_dirs = [Path(d) for d in out_dirs]
     job = JointTraining(cache, configs, out_dirs, frames=frames, device=torch.device(device), provenance=provenance)
     job.write_configs()
+    alive = list(range(len(configs)))   # the position in `configs` of each run still in the stack
     bar = tqdm(range(1, job.first.epochs + 1), desc=f"{job.first.arch} x{job.n_runs}", unit="epoch",
                disable=not progress, leave=False)
     for epoch in bar:
@@ -510,10 +511,12 @@ def train_runs(
         stopping = set(drop(epoch)) if drop is not None else set()
         if stopping & set(job.names):
             kept = [r for r, name in enumerate(job.names) if name not in stopping]
+            alive = [alive[r] for r in kept]
             if not kept:
-                bar.close()
-                return [None] * len(configs)
+                break
             job.keep_runs(kept)
     bar.close()
-    finished = dict(zip(job.names, job.finish()))
-    return [finished.get(cfg.name) for cfg in configs]
+    results: list[dict | None] = [None] * len(configs)
+    for i, metrics in zip(alive, job.finish() if alive else []):
+        results[i] = metrics
+    return results
