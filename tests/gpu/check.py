@@ -11,6 +11,8 @@ holds every figure the README's "GPU check" table quotes.
 1. heads: VANILLA, CHAIN and BRANCH x uniform and DRUW (6 runs in joint groups, 4 epochs) on a generated signal
    cache, on the CPU (the reference) and on DEVICE in fp32 and in bf16 autocast; each run's Val scores against
    the CPU's (kernels differ and training amplifies rounding: fp32 within 5e-3, bf16 within 5e-2 on each score).
+   Then, on DEVICE, CHAIN runs with uniform, FAMO and RLW weighting in one stack whose RLW run leaves it after
+   epoch 1 (a pruned search trial): the kept runs against each trained alone (within 1e-4 on each score).
 2. grid step time at wav2vec2-base widths: `tests.benchmarks.bench_heads --device DEVICE --skip-frames` on its
    HUME-VB-sized pooled cache (ms per 12-run step per architecture, the extrapolated 36-run x 30-epoch grid).
 3. fine-tuning: one epoch of `accelerate launch -m extract.finetune` with bf16 mixed precision (fp32 on the CPU)
@@ -104,6 +106,31 @@ def check_heads(ctx: dict[str, Any]) -> dict[str, Any]:
         ok &= worst <= HEADS_TOL[name]
     out["ok"] = bool(ok)
     return out
+
+
+def check_pruned_stack(ctx: dict[str, Any]) -> dict[str, Any]:
+    """On DEVICE: a stack of uniform, FAMO (its forward after each step) and RLW runs whose RLW run is dropped
+    after epoch 1, as a search drops a pruned trial; the two kept runs against each trained alone there."""
+    from cache.reader import load_cache
+    from heads.model.architectures import HeadConfig
+    from heads.tasks import AVB
+    from heads.training.joint import TrainConfig, train_runs
+
+    device, work = ctx["device"], ctx["work"]
+    sizes = (240, 120, 40) if ctx["quick"] else (4000, 1000, 400)
+    cache = load_cache(make_signal_cache(work / "pruned.h5", sizes=sizes))
+    head = HeadConfig(hidden=32 if ctx["quick"] else 256, dropout=0.2)
+    configs = [TrainConfig(arch="chain", weighting=w, seed=s, epochs=3, head=head)
+               for s, w in enumerate(("uniform", "famo", "rlw"))]
+    joint = train_runs(cache, configs, [work / "pruned" / c.name for c in configs], device=device, progress=False,
+                       drop=lambda epoch: {configs[2].name} if epoch == 1 else set())
+    worst = 0.0
+    for cfg, together in zip(configs[:2], joint):
+        alone = train_runs(cache, [cfg], [work / "alone" / cfg.name], device=device, progress=False)[0]
+        worst = max(worst, _max_diff({k: together[k] for k in (*AVB.metric_keys, "mean")},
+                                     {k: alone[k] for k in (*AVB.metric_keys, "mean")}))
+    return {"dropped_is_none": joint[2] is None, "max_score_diff_vs_alone": worst, "tolerance": 1e-4,
+            "ok": joint[2] is None and worst <= 1e-4}
 
 
 def check_grid_step(ctx: dict[str, Any]) -> dict[str, Any]:
@@ -212,7 +239,8 @@ def check_predict(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 STEPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    "heads": check_heads, "grid_step": check_grid_step, "finetune": check_finetune, "dump": check_dump,
+    "heads": check_heads, "pruned_stack": check_pruned_stack, "grid_step": check_grid_step,
+    "finetune": check_finetune, "dump": check_dump,
     "predict": check_predict,
 }
 
