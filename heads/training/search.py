@@ -311,10 +311,10 @@ class _Worker:
                 stacks.setdefault(shape_key(configs[t.number]), []).append(t)
         for stack in stacks.values():
             self._train_stack(stack, configs)
-        done = len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED)))
-        best = (f"; best so far: {study.best_value:.4f} (trial {study.best_trial.number})"
-                if study.get_trials(deepcopy=False, states=(state.COMPLETE,)) else "")
-        self.say(f"{done} of {self.settings.trials} trials{best}")
+        complete = len(study.get_trials(deepcopy=False, states=(state.COMPLETE,)))
+        pruned = len(study.get_trials(deepcopy=False, states=(state.PRUNED,)))
+        best = f"; best so far: {study.best_value:.4f} (trial {study.best_trial.number})" if complete else ""
+        self.say(f"{complete + pruned} of {self.settings.trials} trials{f' ({pruned} pruned)' if pruned else ''}{best}")
 
     def _train_stack(self, stack: list[Any], configs: dict[int, TrainConfig]) -> None:
         """One stacked train_runs call; a trial the pruner stops leaves the stack (train_runs' `drop`)."""
