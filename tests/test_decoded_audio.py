@@ -174,11 +174,9 @@ def test_a_dump_with_a_stale_store_stops_in_one_line(corpora, tmp_path):
         (root / decoded.STORE_FILE).unlink()
 
 
-def test_a_killed_decode_resumes_from_the_clips_it_wrote(corpora, tmp_path, monkeypatch):
-    corpus = open_corpus(corpora["described"])
-    out = tmp_path / "s.h5"
-    real = decoded._samples
-    calls = []
+def kill_a_decode_after_ten_clips(corpus, out, monkeypatch) -> None:
+    """A decode of `corpus` into `out` interrupted (KeyboardInterrupt) as it reads its eleventh clip."""
+    real, calls = decoded._samples, []
 
     def dies_after_ten(path, dtype):
         calls.append(path)
@@ -186,11 +184,17 @@ def test_a_killed_decode_resumes_from_the_clips_it_wrote(corpora, tmp_path, monk
             raise KeyboardInterrupt
         return real(path, dtype)
 
-    monkeypatch.setattr(decoded, "_samples", dies_after_ten)
-    with pytest.raises(KeyboardInterrupt):
-        decode_corpus(corpus, out, progress=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(decoded, "_samples", dies_after_ten)
+        with pytest.raises(KeyboardInterrupt):
+            decode_corpus(corpus, out, progress=False)
     assert not out.exists() and partial_path(out).is_file()
-    monkeypatch.setattr(decoded, "_samples", real)
+
+
+def test_a_killed_decode_resumes_from_the_clips_it_wrote(corpora, tmp_path, monkeypatch):
+    corpus = open_corpus(corpora["described"])
+    out = tmp_path / "s.h5"
+    kill_a_decode_after_ten_clips(corpus, out, monkeypatch)
     result = decode_corpus(corpus, out, progress=False)
     assert result.resumed_from == 10 and not partial_path(out).exists()
     decode_corpus(corpus, tmp_path / "fresh.h5", progress=False)
@@ -215,18 +219,7 @@ def test_under_accelerate_launch_rank_0_alone_decodes_and_the_others_wait_then_c
     decode_corpus(corpus, tmp_path / "one.h5", progress=False)
     two = tmp_path / "launched" / "store.h5"        # a folder of its own: anything left beside the store shows
     two.parent.mkdir()
-    real, calls = decoded._samples, []
-
-    def dies_after_ten(path, dtype):
-        calls.append(path)
-        if len(calls) > 10:
-            raise KeyboardInterrupt
-        return real(path, dtype)
-
-    monkeypatch.setattr(decoded, "_samples", dies_after_ten)
-    with pytest.raises(KeyboardInterrupt):
-        decode_corpus(corpus, two, progress=False)
-    assert partial_path(two).is_file()
+    kill_a_decode_after_ten_clips(corpus, two, monkeypatch)
 
     args = ["--corpus", str(root), "--out", str(two), "--no-progress"]
     proc = accelerate_launch("extract.decode", args, 2, tmp_path, timeout=120)

@@ -53,17 +53,25 @@ def _rescore_val(run_dir: Path, cache) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------- training
 
-def test_joint_training_equals_each_run_alone(cache, tmp_path):
-    configs = [_cfg("chain", "uniform", 0), _cfg("chain", "dwa", 1), _cfg("chain", "druw", 2)]
-    joint = train_runs(cache, configs, [tmp_path / "joint" / c.name for c in configs], progress=False)
-    for cfg, together in zip(configs, joint):
+def assert_each_equals_alone(cache, configs, results, tmp_path, history=("loss", "weights")) -> None:
+    """Each run of a joint call ends as the same run trained alone: scores, best epoch, the history's `history`
+    fields (float32 rounding: 1e-5)."""
+    for cfg, together in zip(configs, results):
         alone = train_runs(cache, [cfg], [tmp_path / "alone" / cfg.name], progress=False)[0]
         for key in (*AVB.metric_keys, "mean"):
             assert together[key] == pytest.approx(alone[key], abs=1e-5), (cfg.name, key)
-        assert together["best_epoch"] == alone["best_epoch"]
+        assert together["best_epoch"] == alone["best_epoch"], cfg.name
+        assert len(together["history"]) == len(alone["history"]), cfg.name
         for h_joint, h_alone in zip(together["history"], alone["history"]):
-            assert h_joint["loss"] == pytest.approx(h_alone["loss"], abs=1e-5)
-            assert h_joint["weights"] == pytest.approx(h_alone["weights"], abs=1e-5)
+            for field in history:
+                assert h_joint[field] == pytest.approx(h_alone[field], abs=1e-5), (cfg.name, field)
+
+
+
+def test_joint_training_equals_each_run_alone(cache, tmp_path):
+    configs = [_cfg("chain", "uniform", 0), _cfg("chain", "dwa", 1), _cfg("chain", "druw", 2)]
+    joint = train_runs(cache, configs, [tmp_path / "joint" / c.name for c in configs], progress=False)
+    assert_each_equals_alone(cache, configs, joint, tmp_path)
     # the runs differ from each other (different seeds / weightings really were used)
     assert len({round(m["mean"], 6) for m in joint}) == 3
 
@@ -74,12 +82,7 @@ def test_the_added_weightings_and_druws_balance_train_jointly_as_alone(cache, tm
                _cfg("vanilla", "gls", 2, epochs=2), _cfg("vanilla", "druw", 3, epochs=2,
                                                          weighting_options={"beta": 0.5})]
     joint = train_runs(cache, configs, [tmp_path / "joint" / c.name for c in configs], progress=False)
-    for cfg, together in zip(configs, joint):
-        alone = train_runs(cache, [cfg], [tmp_path / "alone" / cfg.name], progress=False)[0]
-        for key in (*AVB.metric_keys, "mean"):
-            assert together[key] == pytest.approx(alone[key], abs=1e-5), (cfg.name, key)
-        for h_joint, h_alone in zip(together["history"], alone["history"]):
-            assert h_joint["weights"] == pytest.approx(h_alone["weights"], abs=1e-5), cfg.name
+    assert_each_equals_alone(cache, configs, joint, tmp_path)
     rlw = [h["weights"] for h in joint[1]["history"]]
     assert rlw[0] != rlw[1] and sum(rlw[0].values()) == pytest.approx(4.0)   # redrawn: K * softmax
 
@@ -90,12 +93,7 @@ def test_famo_measures_each_step_without_moving_anyones_dropout_and_trains_joint
     head = dataclasses.replace(SMALL_HEAD, dropout=0.3)
     configs = [_cfg("chain", "famo", 0, epochs=2, head=head), _cfg("chain", "uniform", 1, epochs=2, head=head)]
     joint = train_runs(cache, configs, [tmp_path / "joint" / c.name for c in configs], progress=False)
-    for cfg, together in zip(configs, joint):
-        alone = train_runs(cache, [cfg], [tmp_path / "alone" / cfg.name], progress=False)[0]
-        for key in (*AVB.metric_keys, "mean"):
-            assert together[key] == pytest.approx(alone[key], abs=1e-5), (cfg.name, key)
-        for h_joint, h_alone in zip(together["history"], alone["history"]):
-            assert h_joint["weights"] == pytest.approx(h_alone["weights"], abs=1e-5), cfg.name
+    assert_each_equals_alone(cache, configs, joint, tmp_path)
     famo = [h["weights"] for h in joint[0]["history"]]
     assert famo[0] != famo[1] and sum(famo[1].values()) == pytest.approx(4.0)   # K z / (c L): they sum to K
 
@@ -134,15 +132,8 @@ def test_runs_dropped_after_an_epoch_leave_the_stack_and_the_others_train_on_as_
     for cfg, out, together in zip(configs, dirs, joint):
         if cfg.name in dropped:
             assert together is None and not (out / "metrics.json").exists()
-            continue
-        alone = train_runs(cache, [cfg], [tmp_path / "alone" / cfg.name], progress=False)[0]
-        for key in (*AVB.metric_keys, "mean"):
-            assert together[key] == pytest.approx(alone[key], abs=1e-5), (cfg.name, key)
-        assert together["best_epoch"] == alone["best_epoch"] and len(together["history"]) == 3
-        for h_joint, h_alone in zip(together["history"], alone["history"]):
-            assert h_joint["loss"] == pytest.approx(h_alone["loss"], abs=1e-5), cfg.name
-            assert h_joint["weights"] == pytest.approx(h_alone["weights"], abs=1e-5), cfg.name
-            assert h_joint["lr"] == h_alone["lr"]
+    kept = [(cfg, m) for cfg, m in zip(configs, joint) if cfg.name not in dropped]
+    assert_each_equals_alone(cache, *zip(*kept), tmp_path, history=("loss", "weights", "lr"))
 
 
 def test_same_seed_gives_identical_files(cache, tmp_path):
