@@ -241,9 +241,11 @@ def run_search(cache: Any, out: Path, dims: list[Dimension], fixed: TrainConfig,
     with hold_output(out, ranks=procs):
         if procs.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            _recover(_study(optuna, out, settings), optuna, out)
+            study = _study(optuna, out, settings)
+            _recover(study, optuna, out)
         procs.barrier()   # the study exists and holds no stale trial before any process asks
-        study = _study(optuna, out, settings, procs.rank)
+        if not procs.is_main:
+            study = _study(optuna, out, settings, procs.rank)
         if procs.world > 1:
             say = _prefixed(say, f"process {procs.rank}: ")
         worker = _Worker(study, optuna.trial.TrialState, cache, out, dims, fixed, settings, tasks, procs, device,
